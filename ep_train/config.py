@@ -1,0 +1,325 @@
+"""Run configuration: one dataclass per concern, loaded from YAML/JSON plus command-line overrides.
+
+Precedence: command line > file > dataclass defaults. Unknown keys are errors. The names users
+know from MoE guides (``top_k``, ``experts_per_tok``, ``load_balance_alpha``, ...) are accepted as
+aliases. Every cross-field check lives in :func:`validate`, which raises ``ValueError`` naming the
+field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408  # dense SwiGLU FFN width (and the default expert width)
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    max_seq_len: int = 2048
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # 0 or 1 = dense model
+    num_experts_per_token: int = 2
+    expert_intermediate_size: int | None = None  # defaults to model.intermediate_size
+    moe_layers: list[int] | None = None  # explicit list wins over the frequency rule below
+    moe_layer_frequency: int = 1
+    moe_layer_start: int = 0
+    moe_layer_end: int | None = None  # exclusive; None = num_layers
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int | None = None  # defaults to the expert width
+    router_type: str = "topk"  # "topk" (Mixtral) | "noisy_topk" (learned noise, training only)
+    normalize_top_k: bool = True  # Mixtral renormalises the top-k probabilities
+    router_jitter_noise: float = 0.0  # multiplicative jitter on the router input, training only
+    router_init_std: float = 0.01
+    aux_loss_weight: float = 0.01
+    router_z_loss_weight: float = 0.001
+    capacity_factor: float | None = None  # None = dropless
+    drop_policy: str = "drop"  # "drop" lowest-probability | "overflow" to next-best expert with room
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# Names from MoE guides and Hugging Face configs -> (section, field, converter).
+ALIASES: dict[str, tuple[str, str]] = {
+    "top_k": ("moe", "num_experts_per_token"),
+    "experts_per_tok": ("moe", "num_experts_per_token"),
+    "num_experts_per_tok": ("moe", "num_experts_per_token"),
+    "num_local_experts": ("moe", "num_experts"),
+    "load_balance_alpha": ("moe", "aux_loss_weight"),
+    "router_aux_loss_coef": ("moe", "aux_loss_weight"),
+    "moe_intermediate_size": ("moe", "expert_intermediate_size"),
+    "shared_expert": ("moe", "num_shared_experts"),
+    "shared_expert_enabled": ("moe", "num_shared_experts"),
+    "kv_heads": ("model", "num_kv_heads"),
+    "num_key_value_heads": ("model", "num_kv_heads"),
+    "num_attention_heads": ("model", "num_heads"),
+    "num_hidden_layers": ("model", "num_layers"),
+    "max_position_embeddings": ("model", "max_seq_len"),
+    "tie_word_embeddings": ("model", "tie_embeddings"),
+    "expert_parallel_size": ("parallel", "ep_size"),
+}
+
+
+def _sections(cfg_cls: type = Config) -> dict[str, type]:
+    return {f.name: typing.get_type_hints(cfg_cls)[f.name] for f in dataclasses.fields(cfg_cls)}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _resolve_key(key: str, cfg_cls: type = Config) -> tuple[str, str]:
+    """Map 'section.field', 'field' or an alias onto (section, field); raise on unknown keys."""
+    sections = _sections(cfg_cls)
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in sections:
+            raise ValueError(f"unknown config section '{section}' in '{key}'; known sections: {sorted(sections)}")
+        if name in ALIASES and ALIASES[name][0] == section:
+            return ALIASES[name]
+        if name not in _field_types(sections[section]):
+            raise ValueError(f"unknown config key '{key}'; {section} accepts: {sorted(_field_types(sections[section]))}")
+        return section, name
+    if key in ALIASES:
+        return ALIASES[key]
+    owners = [s for s, cls in sections.items() if key in _field_types(cls)]
+    if len(owners) == 1:
+        return owners[0], key
+    if len(owners) > 1:
+        raise ValueError(f"config key '{key}' is ambiguous ({owners}); write it as section.key, e.g. {owners[0]}.{key}")
+    raise ValueError(f"unknown config key '{key}'; check the spelling or run with --help-config to list the keys")
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check/convert one value against a dataclass field annotation."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: expected {typ}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            value = [yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r} (write e.g. [1, 3] or 1,3)")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {typ} for {where}")
+
+
+def _set(cfg: Any, key: str, value: Any, cfg_cls: type) -> None:
+    section, name = _resolve_key(key, cfg_cls)
+    if key.split(".")[-1] in ("shared_expert", "shared_expert_enabled") and isinstance(value, bool):
+        value = int(value)  # the guides' boolean switch means one shared expert
+    typ = _field_types(type(getattr(cfg, section)))[name]
+    setattr(getattr(cfg, section), name, _coerce(value, typ, f"{section}.{name}"))
+
+
+def _flatten(data: dict[str, Any], cfg_cls: type) -> list[tuple[str, Any]]:
+    """Nested {section: {key: v}} or flat {key: v} -> [(key, v)] in file order."""
+    sections = _sections(cfg_cls)
+    items: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key in sections and isinstance(value, dict):
+            items += [(f"{key}.{k}", v) for k, v in value.items()]
+        elif key in sections:
+            raise ValueError(f"config section '{key}' must be a mapping, got {value!r}")
+        else:
+            items.append((key, value))
+    return items
+
+
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
+    """['--moe.top_k', '2', '--seed=3'] -> [('moe.top_k', 2), ('seed', 3)] (values parsed as YAML scalars)."""
+    out: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.key value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ValueError(f"override {arg} has no value; write {arg} VALUE")
+            key, raw = arg[2:], argv[i + 1]
+            i += 2
+        out.append((key.replace("-", "_"), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None,
+                cfg_cls: type = Config) -> Any:
+    """Defaults <- file <- overrides, then :func:`validate`."""
+    cfg = cfg_cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist; pass an existing --config path")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+        for key, value in _flatten(data, cfg_cls):
+            _set(cfg, key, value, cfg_cls)
+    for key, value in overrides or []:
+        _set(cfg, key, value, cfg_cls)
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any], cfg_cls: type = Config) -> Any:
+    cfg = cfg_cls()
+    for key, value in _flatten(data, cfg_cls):
+        _set(cfg, key, value, cfg_cls)
+    validate(cfg)
+    return cfg
+
+
+def moe_layer_indices(model: ModelConfig, moe: MoEConfig) -> list[int]:
+    """Which decoder layers get an MoE FFN."""
+    if moe.num_experts <= 1:
+        return []
+    if moe.moe_layers is not None:
+        return sorted(set(moe.moe_layers))
+    end = model.num_layers if moe.moe_layer_end is None else moe.moe_layer_end
+    return list(range(moe.moe_layer_start, end, moe.moe_layer_frequency))
+
+
+def _check(ok: bool, name: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} = {value!r} is invalid: {fix}")
+
+
+def validate(cfg: Any, world_size: int | None = None) -> None:
+    """All cross-field checks, in one place. ``world_size`` adds the checks that need it."""
+    m, e, p = cfg.model, cfg.moe, cfg.parallel
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "max_seq_len"):
+        _check(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "must be a positive integer")
+    _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+           f"must divide model.num_heads ({m.num_heads}); pick a divisor such as 1 or {m.num_heads}")
+    head_dim = m.head_dim if m.head_dim is not None else m.hidden_size // m.num_heads
+    if m.head_dim is None:
+        _check(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+               f"must be divisible by model.num_heads ({m.num_heads}), or set model.head_dim")
+    _check(head_dim > 0 and head_dim % 2 == 0, "model.head_dim", head_dim,
+           "must be a positive even number (rotary embeddings rotate pairs)")
+    _check(m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be positive (Mixtral uses 1e6)")
+    _check(m.rms_norm_eps > 0, "model.rms_norm_eps", m.rms_norm_eps, "must be positive, e.g. 1e-5")
+    _check(m.init_std > 0, "model.init_std", m.init_std, "must be positive, e.g. 0.02")
+
+    _check(e.num_experts >= 0, "moe.num_experts", e.num_experts, "must be >= 0 (0 or 1 = dense model)")
+    if e.num_experts > 1:
+        _check(1 <= e.num_experts_per_token <= e.num_experts, "moe.num_experts_per_token", e.num_experts_per_token,
+               f"must be between 1 and moe.num_experts ({e.num_experts})")
+    for name in ("expert_intermediate_size", "shared_expert_intermediate_size"):
+        v = getattr(e, name)
+        _check(v is None or v > 0, f"moe.{name}", v, "must be a positive integer or null")
+    _check(e.num_shared_experts >= 0, "moe.num_shared_experts", e.num_shared_experts, "must be >= 0")
+    _check(e.moe_layer_frequency >= 1, "moe.moe_layer_frequency", e.moe_layer_frequency, "must be >= 1")
+    _check(0 <= e.moe_layer_start < m.num_layers, "moe.moe_layer_start", e.moe_layer_start,
+           f"must be in [0, model.num_layers={m.num_layers})")
+    if e.moe_layer_end is not None:
+        _check(e.moe_layer_start < e.moe_layer_end <= m.num_layers, "moe.moe_layer_end", e.moe_layer_end,
+               f"must be in (moe.moe_layer_start={e.moe_layer_start}, model.num_layers={m.num_layers}]")
+    if e.moe_layers is not None:
+        bad = [i for i in e.moe_layers if not 0 <= i < m.num_layers]
+        _check(not bad, "moe.moe_layers", e.moe_layers,
+               f"layer indices {bad} are out of range; use indices in [0, {m.num_layers - 1}]")
+    _check(e.router_type in ("topk", "noisy_topk"), "moe.router_type", e.router_type, "use 'topk' or 'noisy_topk'")
+    _check(e.router_jitter_noise >= 0 and e.router_jitter_noise < 1, "moe.router_jitter_noise",
+           e.router_jitter_noise, "must be in [0, 1), e.g. 0.01")
+    _check(e.router_init_std > 0, "moe.router_init_std", e.router_init_std, "must be positive (0.01 is typical)")
+    _check(e.aux_loss_weight >= 0, "moe.aux_loss_weight", e.aux_loss_weight, "must be >= 0 (0.01 is typical)")
+    _check(e.router_z_loss_weight >= 0, "moe.router_z_loss_weight", e.router_z_loss_weight,
+           "must be >= 0 (0.001 is typical)")
+    if e.capacity_factor is not None:
+        _check(e.capacity_factor > 0 and math.isfinite(e.capacity_factor), "moe.capacity_factor", e.capacity_factor,
+               "must be a positive number (1.0-1.25 is typical) or null for dropless")
+    _check(e.drop_policy in ("drop", "overflow"), "moe.drop_policy", e.drop_policy, "use 'drop' or 'overflow'")
+
+    _check(p.ep_size >= 1, "parallel.ep_size", p.ep_size, "must be >= 1")
+    if p.ep_size > 1:
+        _check(e.num_experts > 1, "parallel.ep_size", p.ep_size, "expert parallelism needs moe.num_experts > 1")
+        _check(e.num_experts % p.ep_size == 0, "parallel.ep_size", p.ep_size,
+               f"must divide moe.num_experts ({e.num_experts}); pick a divisor of {e.num_experts}")
+    if world_size is not None:
+        _check(world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size,
+               f"must divide the world size ({world_size}); launch a multiple of {p.ep_size} processes")

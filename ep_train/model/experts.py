@@ -1,0 +1,75 @@
+"""Stacked SwiGLU experts, computed over contiguous token groups.
+
+Shape legend: N tokens routed to this rank's experts (grouped by local expert), D model dim,
+F expert FFN dim, E_l experts held here.
+
+Weights follow the layout DeepSpeed AutoEP and Hugging Face Mixtral use (``nn.Linear``-style
+[out, in] per expert): ``w1`` gate [E_l, F, D], ``w3`` up [E_l, F, D], ``w2`` down [E_l, D, F].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    # torch._grouped_mm needs CUDA (sm90+) and 16-byte aligned strides; on CPU the slice loop wins.
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN (the dense layers and the shared experts)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GroupedExperts(nn.Module):
+    """``E_l`` SwiGLU experts with stacked weights; each knows its global expert id."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, first_expert_id: int = 0) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.global_expert_ids: list[int] = list(range(first_expert_id, first_expert_id + num_experts))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def keep_experts(self, start: int, count: int) -> None:
+        """Keep local experts [start, start + count) (used by expert parallelism)."""
+        for name in ("w1", "w2", "w3"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(full.detach()[start:start + count].clone(),
+                                             requires_grad=full.requires_grad))
+        self.global_expert_ids = self.global_expert_ids[start:start + count]
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x: [N, D] grouped by local expert, ``counts[i]`` rows for local expert i -> [N, D].
+
+        Runs (and touches every weight) even when N == 0, so ZeRO-3 gathers and the autograd graph
+        are the same on every rank whatever the routing.
+        """
+        assert len(counts) == self.num_local_experts and sum(counts) == x.shape[0], (counts, x.shape)
+        w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
+        if _grouped_mm_ok(x) and x.shape[0] > 0:
+            offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
+                x, w3.transpose(1, 2), offs=offs)
+            return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+        outs = []
+        for i, xi in enumerate(torch.split(x, counts)):  # loop over groups (E_l), not over tokens
+            h = F.silu(xi @ w1[i].T) * (xi @ w3[i].T)  # [n_i, F]
+            outs.append(h @ w2[i].T)  # [n_i, D]
+        # An empty group still runs its matmuls, so every weight gets a (zero) gradient.
+        return torch.cat(outs)

@@ -1,0 +1,75 @@
+"""The MoE feed-forward layer: router -> dispatcher -> grouped experts -> combine (+ shared experts).
+
+Shape legend: T tokens on this rank, D model dim, F expert FFN dim, E experts in total,
+E_l experts on this rank, K experts per token, N rows handed to the local experts.
+
+The layer holds a dispatcher object, not a process group: it starts with a ``LocalDispatcher``;
+``ep_train.parallel.apply_expert_parallel`` swaps in the all-to-all one and keeps only local experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ep_train.model.experts import GroupedExperts, SwiGLU
+from ep_train.model.router import Router
+from ep_train.parallel.dispatch import LocalDispatcher
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports per forward (tensors; no host sync needed to produce them)."""
+
+    aux_loss: torch.Tensor  # scalar
+    z_loss: torch.Tensor  # scalar
+    tokens_per_expert: torch.Tensor  # [E] kept assignments per global expert on this rank's tokens
+    dropped: torch.Tensor  # scalar, assignments dropped by capacity
+    assignments: torch.Tensor  # scalar, T * K
+    entropy: torch.Tensor  # scalar, mean router entropy (nats)
+
+    def as_tensor(self) -> torch.Tensor:
+        """Pack into one flat fp32 tensor (activation checkpointing returns tensors only)."""
+        scalars = torch.stack([self.aux_loss, self.z_loss, self.dropped, self.assignments, self.entropy])
+        return torch.cat([scalars.float(), self.tokens_per_expert.float()])
+
+    @staticmethod
+    def from_tensor(t: torch.Tensor) -> "RouterStats":
+        return RouterStats(t[0], t[1], t[5:], t[2], t[3], t[4])
+
+
+class MoELayer(nn.Module):
+    def __init__(self, dim: int, expert_hidden: int, num_experts: int, top_k: int, *, router_type: str = "topk",
+                 normalize_top_k: bool = True, jitter_noise: float = 0.0, router_init_std: float = 0.01,
+                 capacity_factor: float | None = None, drop_policy: str = "drop", num_shared_experts: int = 0,
+                 shared_hidden: int | None = None) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = Router(dim, num_experts, top_k, router_type=router_type, normalize_top_k=normalize_top_k,
+                             jitter_noise=jitter_noise, init_std=router_init_std,
+                             capacity_factor=capacity_factor, drop_policy=drop_policy)
+        self.experts = GroupedExperts(dim, expert_hidden, num_experts)
+        # Shared experts are always active: one SwiGLU of width n * F_shared is the same function.
+        self.shared_experts = (SwiGLU(dim, num_shared_experts * (shared_hidden or expert_hidden))
+                               if num_shared_experts > 0 else None)
+        self.dispatcher: LocalDispatcher = LocalDispatcher(num_experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:  # x: [B, S, D]
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [T, D]
+        r = self.router(x)
+        xg, counts, meta = self.dispatcher.dispatch(x, r.expert_ids, r.keep)  # [N, D]; may communicate
+        yg = self.experts(xg, counts)  # always called, even with N == 0 (ZeRO-3 hooks, collective order)
+        y = self.dispatcher.combine(yg, r.weights, meta)  # [T, D]; may communicate
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        kept = r.expert_ids.reshape(-1)[r.keep.reshape(-1)]
+        entropy = -(r.probs * torch.log(r.probs.clamp_min(1e-20))).sum(-1).mean() if x.shape[0] else r.z_loss * 0
+        stats = RouterStats(
+            aux_loss=r.aux_loss, z_loss=r.z_loss,
+            tokens_per_expert=torch.bincount(kept, minlength=self.num_experts).detach(),
+            dropped=(~r.keep).sum().detach(), assignments=torch.tensor(float(r.keep.numel()), device=x.device),
+            entropy=entropy.detach())
+        return y.reshape(shape), stats

@@ -1,0 +1,163 @@
+"""Mixtral-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU or MoE FFNs.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, G kv heads, Hd head dim, V vocab.
+Plain torch: no process groups here; parallelism is applied to this model from outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ep_train.config import ModelConfig, MoEConfig, moe_layer_indices
+from ep_train.model.experts import GroupedExperts, SwiGLU
+from ep_train.model.moe import MoELayer, RouterStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # normalise in fp32
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [S, Hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [S, Hd]  (rotate-half convention, as Llama/Mixtral)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x: [B, h, S, Hd]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.h, self.g = cfg.num_heads, cfg.num_kv_heads
+        self.hd = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.hd, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.g * self.hd, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.g * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x: [B, S, D]
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.h, self.hd).transpose(1, 2)  # [B, H, S, Hd]
+        k = self.k_proj(x).view(b, s, self.g, self.hd).transpose(1, 2)  # [B, G, S, Hd]
+        v = self.v_proj(x).view(b, s, self.g, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.g != self.h)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.h * self.hd))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn: nn.Module
+        if moe is None:
+            self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        else:
+            width = moe.expert_intermediate_size or cfg.intermediate_size
+            self.ffn = MoELayer(
+                cfg.hidden_size, width, moe.num_experts, moe.num_experts_per_token, router_type=moe.router_type,
+                normalize_top_k=moe.normalize_top_k, jitter_noise=moe.router_jitter_noise,
+                router_init_std=moe.router_init_std, capacity_factor=moe.capacity_factor,
+                drop_policy=moe.drop_policy, num_shared_experts=moe.num_shared_experts,
+                shared_hidden=moe.shared_expert_intermediate_size)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if self.is_moe:
+            y, stats = self.ffn(self.ffn_norm(x))
+            return x + y, stats
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    aux_loss: torch.Tensor  # scalar, mean over MoE layers (0 for a dense model)
+    z_loss: torch.Tensor  # scalar, mean over MoE layers
+    router_stats: dict[int, RouterStats] = field(default_factory=dict)  # layer index -> stats
+    lm_loss: torch.Tensor | None = None  # when targets are given
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss_weight * aux_loss + z_loss_weight * z_loss
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe
+        moe_layers = set(moe_layer_indices(cfg, moe))
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, moe if i in moe_layers else None) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
+        # Wraps each block call; the trainer sets it to activation checkpointing (see ep_train.train).
+        self.block_wrapper = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, GroupedExperts):
+                for w in (m.w1, m.w2, m.w3):
+                    nn.init.normal_(w, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for m in self.modules():  # routers last: small init (std 0.01) keeps early routing near uniform
+            if isinstance(m, MoELayer):
+                m.router.reset_parameters()
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, S]; targets [B, S] already shifted (targets[:, i] follows input_ids[:, i]), -100 = ignore."""
+        s = input_ids.shape[1]
+        cos, sin = rope_cos_sin(s, self.head_dim, self.cfg.rope_theta, input_ids.device)
+        x = self.embed(input_ids)  # [B, S, D]
+        stats: dict[int, RouterStats] = {}
+        for i, layer in enumerate(self.layers):
+            x, st = layer(x, cos, sin) if self.block_wrapper is None else self.block_wrapper(layer, x, cos, sin)
+            if st is not None:
+                stats[i] = st
+        logits = self.lm_head(self.norm(x))  # [B, S, V]
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = torch.stack([st.aux_loss for st in stats.values()]).mean() if stats else zero
+        zl = torch.stack([st.z_loss for st in stats.values()]).mean() if stats else zero
+        out = ModelOutput(logits=logits, aux_loss=aux, z_loss=zl, router_stats=stats)
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=-100)
+            out.loss = out.lm_loss + self.moe_cfg.aux_loss_weight * aux + self.moe_cfg.router_z_loss_weight * zl
+        return out
+
+
+def build_model(cfg: ModelConfig, moe: MoEConfig, seed: int | None = None) -> Transformer:
+    """Build on CPU with a fixed seed, so every rank (and a single-process reference) starts identical."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Transformer(cfg, moe)
+    return Transformer(cfg, moe)

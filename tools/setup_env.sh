@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repo root and install ep-train with its test extra. Idempotent.
+# torch is pinned first so pip takes the 2.13.0 wheel (the CPU build on machines without a GPU)
+# instead of letting a dependency pull a multi-GB CUDA build. DeepSpeed ships only an sdist that
+# imports torch at build time, hence --no-build-isolation.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $("$py" --version)"
+  "$py" -m venv .venv
+fi
+stamp=.venv/.ep_train_installed
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+  exit 0
+fi
+echo "[setup] installing torch==2.13.0, then ep-train[test] into .venv"
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+touch "$stamp"
