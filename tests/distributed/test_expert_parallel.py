@@ -1,0 +1,107 @@
+"""Expert parallelism over gloo processes equals a single-process run of the same model, seed and batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ep_train.config import Config
+from ep_train.model import MoELayer, build_model
+from ep_train.parallel import apply_expert_parallel
+from ep_train.parallel.groups import new_ep_groups
+from tests.distributed.harness import run_distributed
+
+B_PER_RANK, S = 2, 12
+
+
+def _cfg(k: int, num_experts: int, cf: float | None) -> Config:
+    c = Config()
+    c.model.vocab_size, c.model.hidden_size, c.model.intermediate_size = 64, 32, 48
+    c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 3, 4, 2
+    c.moe.num_experts, c.moe.num_experts_per_token, c.moe.capacity_factor = num_experts, k, cf
+    c.moe.moe_layers = [0, 2]  # layer 1 stays dense
+    c.moe.num_shared_experts = 1
+    return c
+
+
+def _make(c: Config, idle: bool) -> torch.nn.Module:
+    model = build_model(c.model, c.moe, seed=1234)
+    if idle:  # top-1 always picks expert 0 or 1: the upper half of the experts never gets a token
+        for m in model.modules():
+            if isinstance(m, MoELayer):
+                u = torch.randn(m.router.gate.weight.shape[1], generator=torch.Generator().manual_seed(7))
+                with torch.no_grad():
+                    m.router.gate.weight.zero_()
+                    m.router.gate.weight[0] = 3 * u
+                    m.router.gate.weight[1] = -3 * u
+    return model
+
+
+def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float | None, idle: bool) -> dict:
+    torch.manual_seed(0)
+    c = _cfg(k, num_experts, cf)
+    g = torch.Generator().manual_seed(99)
+    tokens = torch.randint(0, c.model.vocab_size, (world * B_PER_RANK, S + 1), generator=g)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    mine = slice(rank * B_PER_RANK, (rank + 1) * B_PER_RANK)
+
+    # Single-process reference: the full model on every rank's slice (as data parallelism averages it).
+    ref = _make(c, idle)
+    ref_losses, ref_logits = [], None
+    for r in range(world):
+        sl = slice(r * B_PER_RANK, (r + 1) * B_PER_RANK)
+        out = ref(x[sl], y[sl])
+        (out.loss / world).backward()
+        ref_losses.append(out.loss.item())
+        if r == rank:
+            ref_logits = out.logits.detach()
+
+    # Expert-parallel run.
+    ep_group, edp_group = new_ep_groups(ep)
+    model = apply_expert_parallel(_make(c, idle), ep_group)
+    out = model(x[mine], y[mine])
+    out.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    diffs = {"logits": (out.logits - ref_logits).abs().max().item(), "loss": abs(out.loss.item() - ref_losses[rank])}
+    got_tokens = 0
+    for name, p in model.named_parameters():
+        grad = p.grad.clone()
+        if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            dist.all_reduce(grad, group=edp_group)  # same experts, other EP groups
+            owner = next(m for n, m in model.named_modules() if name.startswith(n + ".") and isinstance(m, MoELayer))
+            ids = owner.experts.global_expert_ids
+            ref_grad = ref_params[name].grad[ids[0]: ids[-1] + 1]
+            ref_w = ref_params[name].detach()[ids[0]: ids[-1] + 1]
+            diffs["expert_weights"] = max(diffs.get("expert_weights", 0.0), (p.detach() - ref_w).abs().max().item())
+        else:
+            dist.all_reduce(grad)
+            ref_grad = ref_params[name].grad
+        grad /= world
+        diffs[name] = (grad - ref_grad).abs().max().item()
+    for st in out.router_stats.values():
+        got_tokens += int(st.tokens_per_expert.sum())
+    return {"diffs": diffs, "local_experts": owner.experts.global_expert_ids, "routed": got_tokens,
+            "per_expert": [st.tokens_per_expert.tolist() for st in out.router_stats.values()]}
+
+
+@pytest.mark.parametrize("world,ep,k,num_experts,cf,idle", [
+    (2, 2, 2, 4, None, False),
+    (2, 2, 1, 4, None, True),  # EP rank 1's experts receive no tokens at all
+    (4, 2, 2, 4, None, False),
+    (4, 4, 3, 8, None, False),
+    (4, 4, 1, 4, None, True),  # ranks 2 and 3 hold only idle experts
+    (2, 2, 2, 4, 0.75, False),  # capacity with drops, computed on each rank's own tokens
+])
+def test_expert_parallel_matches_single_process(world: int, ep: int, k: int, num_experts: int,
+                                                 cf: float | None, idle: bool) -> None:
+    results = run_distributed(_worker, world, ep, k, num_experts, cf, idle, timeout=180)
+    for rank, res in enumerate(results):
+        worst = max(res["diffs"].items(), key=lambda kv: kv[1])
+        assert worst[1] < 1e-5, f"rank {rank}: {worst} (all: {res['diffs']})"
+        local = num_experts // ep
+        assert res["local_experts"] == list(range((rank % ep) * local, (rank % ep + 1) * local))
+    if idle:
+        for res in results:
+            for layer_counts in res["per_expert"]:
+                assert sum(layer_counts[2:]) == 0 and sum(layer_counts[:2]) > 0
