@@ -134,24 +134,24 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ValueError:
                 continue
-        raise ValueError(f"{where}: expected {typ}, got {value!r}")
+        raise ValueError(f"{where} = {value!r} is invalid: expected {typ}")
     if origin is list:
         (inner,) = typing.get_args(typ)
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
             value = [yaml.safe_load(v) for v in value]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r} (write e.g. [1, 3] or 1,3)")
+            raise ValueError(f"{where} = {value!r} is invalid: expected a list (write e.g. [1, 3] or 1,3)")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
+        raise ValueError(f"{where} = {value!r} is invalid: expected true/false")
     if typ is int:
         if isinstance(value, bool):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
+            raise ValueError(f"{where} = {value!r} is invalid: expected an integer")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, int):
@@ -161,17 +161,17 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
+        raise ValueError(f"{where} = {value!r} is invalid: expected an integer")
     if typ is float:
         if isinstance(value, bool):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise ValueError(f"{where} = {value!r} is invalid: expected a number")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+            raise ValueError(f"{where} = {value!r} is invalid: expected a number") from None
     if typ is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
+            raise ValueError(f"{where} = {value!r} is invalid: expected a string")
         return value
     raise AssertionError(f"unsupported annotation {typ} for {where}")
 
