@@ -1,0 +1,57 @@
+"""SentencePiece tokenizer training with LLM-style (Llama) defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+from ep_train.data.shards import sha256_file
+
+
+def llm_defaults(vocab_size: int) -> dict[str, Any]:
+    """Options as Llama-family tokenizers use them: BPE, byte fallback, digits split, text kept as is."""
+    return dict(
+        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, character_coverage=0.99995, max_sentencepiece_length=16,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        train_extremely_large_corpus=False, num_threads=2, minloglevel=2,
+        # Whole lines up to this length feed training; longer ones are skipped by sentencepiece.
+        max_sentence_length=16384,
+    )
+
+
+def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, **overrides: Any) -> Path:
+    """Train on local text files; writes ``PREFIX.model``, ``PREFIX.vocab`` and ``PREFIX.json`` (options)."""
+    opts = llm_defaults(vocab_size)
+    unknown = set(overrides) - set(opts)
+    if unknown:
+        raise ValueError(f"unknown tokenizer option(s) {sorted(unknown)}; known: {sorted(opts)}")
+    opts.update(overrides)
+    missing = [p for p in inputs if not Path(p).is_file()]
+    if missing:
+        raise ValueError(f"--input file(s) not found: {missing[:5]}")
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        spm.SentencePieceTrainer.train(input=list(inputs), model_prefix=output_prefix, **opts)
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars", "too high"
+        raise ValueError(f"sentencepiece refused --vocab-size {vocab_size} for this text: "
+                         f"{str(e).split(']')[-1].strip()}") from None
+    model = Path(f"{output_prefix}.model")
+    info = {"options": opts, "inputs": list(inputs), "sha256": sha256_file(model)}
+    Path(f"{output_prefix}.json").write_text(json.dumps(info, indent=2))
+    return model
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    if not Path(path).is_file():
+        raise ValueError(f"tokenizer model {str(path)!r} not found; train one with data_prep_tool train-tokenizer")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{str(path)!r} is not a sentencepiece model ({e})") from None
+    return sp
