@@ -60,6 +60,45 @@ class MoEConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
+    # A file path, or a name of ds_configs/ (zero3_offload, zero3, zero2). The trainer merges batch
+    # sizes, precision and clipping into it and refuses contradictions.
+    ds_config: str = "zero3_offload"
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None  # output of `data_prep_tool build`
+    tokenizer: str | None = None  # if set, must be the model the shards were built with
+    seq_len: int = 512
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 4  # sequences per rank per forward
+    batch_size: int = 32  # global batch in sequences (micro x data-parallel ranks x accumulation)
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    router_lr_multiplier: float = 1.0  # guides recommend 2-5x for the router
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    log_interval: int = 10
+    log_expert_stats: bool = True
+    eval_interval: int = 0  # 0 = never
+    eval_batches: int = 4
+    save_interval: int = 0  # 0 = only at the end (and on a stop signal)
+    keep_last: int = 3
+    resume: str | None = None  # "auto" = the latest checkpoint in run_dir/checkpoints, or a checkpoint folder
+    max_consecutive_skips: int = 5  # non-finite losses in a row before the run stops
+    inject_nonfinite_steps: list[int] | None = None  # fault injection, for testing the skip logic
 
 
 @dataclass
@@ -67,6 +106,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # Names from MoE guides and Hugging Face configs -> (section, field, converter).
@@ -87,6 +128,10 @@ ALIASES: dict[str, tuple[str, str]] = {
     "max_position_embeddings": ("model", "max_seq_len"),
     "tie_word_embeddings": ("model", "tie_embeddings"),
     "expert_parallel_size": ("parallel", "ep_size"),
+    "lr": ("train", "learning_rate"),
+    "global_batch_size": ("train", "batch_size"),
+    "train_micro_batch_size_per_gpu": ("train", "micro_batch_size"),
+    "gradient_clipping": ("train", "grad_clip"),
 }
 
 
@@ -320,6 +365,28 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         _check(e.num_experts > 1, "parallel.ep_size", p.ep_size, "expert parallelism needs moe.num_experts > 1")
         _check(e.num_experts % p.ep_size == 0, "parallel.ep_size", p.ep_size,
                f"must divide moe.num_experts ({e.num_experts}); pick a divisor of {e.num_experts}")
+    t, d = getattr(cfg, "train", None), getattr(cfg, "data", None)
+    if t is not None:
+        for name in ("micro_batch_size", "batch_size", "max_steps", "log_interval", "keep_last", "eval_batches"):
+            _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "must be a positive integer")
+        _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be positive, e.g. 3e-4")
+        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+        _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+        _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 turns clipping off)")
+        _check(t.router_lr_multiplier > 0, "train.router_lr_multiplier", t.router_lr_multiplier,
+               "must be positive (guides recommend 2-5)")
+        _check(t.mixed_precision in ("auto", "bf16", "fp32"), "train.mixed_precision", t.mixed_precision,
+               "use auto, bf16 or fp32")
+        _check(t.batch_size % t.micro_batch_size == 0, "train.batch_size", t.batch_size,
+               f"must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
+        _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", t.max_consecutive_skips, "must be >= 1")
+        if world_size is not None:
+            _check(t.batch_size % (t.micro_batch_size * world_size) == 0, "train.batch_size", t.batch_size,
+                   f"must be a multiple of micro_batch_size x world size ({t.micro_batch_size} x {world_size})")
+    if d is not None:
+        _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be a positive integer")
+        _check(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
+               f"must not exceed model.max_seq_len ({m.max_seq_len})")
     if world_size is not None:
         _check(world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size,
                f"must divide the world size ({world_size}); launch a multiple of {p.ep_size} processes")

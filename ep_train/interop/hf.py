@@ -47,6 +47,7 @@ def config_from_hf(hf: dict[str, Any]) -> Config:
     e.aux_loss_weight = float(hf.get("router_aux_loss_coef", e.aux_loss_weight))
     e.router_jitter_noise = float(hf.get("router_jitter_noise", 0.0))
     e.moe_layers = list(range(m.num_layers))
+    c.data.seq_len = min(c.data.seq_len, m.max_seq_len)
     validate(c)
     return c
 
@@ -91,7 +92,7 @@ def hf_state_to_ep(tensors: dict[str, torch.Tensor], c: Config) -> dict[str, tor
             w2 = torch.stack([t.pop(f"{moe}experts.{j}.w2.weight") for j in range(e)])
             w3 = torch.stack([t.pop(f"{moe}experts.{j}.w3.weight") for j in range(e)])
             gate = t.pop(moe + "gate.weight")
-        out[dst + "ffn.router.gate.weight"] = gate
+        out[dst + "ffn.router.weight"] = gate
         out[dst + "ffn.experts.w1"], out[dst + "ffn.experts.w2"], out[dst + "ffn.experts.w3"] = w1, w2, w3
     leftover = [k for k in t if "rotary_emb" not in k]
     if leftover:

@@ -9,7 +9,7 @@ The layer holds a dispatcher object, not a process group: it starts with a ``Loc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -19,9 +19,10 @@ from ep_train.model.router import Router
 from ep_train.parallel.dispatch import LocalDispatcher
 
 
-@dataclass
-class RouterStats:
-    """What one MoE layer reports per forward (tensors; no host sync needed to produce them)."""
+class RouterStats(NamedTuple):
+    """What one MoE layer reports per forward (tensors; no host sync needed to produce them).
+
+    A NamedTuple so that ZeRO-3's hooks, which look into tuples but not dataclasses, see the tensors."""
 
     aux_loss: torch.Tensor  # scalar
     z_loss: torch.Tensor  # scalar

@@ -7,15 +7,14 @@ All routing math is fp32 whatever the model dtype (softmax over E in bf16 flips 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):  # a NamedTuple, not a dataclass: ZeRO-3 hooks only see tensors inside tuples
     expert_ids: torch.Tensor  # [T, K] int64, global expert ids (after capacity: overflowed slots rerouted)
     weights: torch.Tensor  # [T, K] fp32 combine weights, 0 where the assignment was dropped
     keep: torch.Tensor  # [T, K] bool, False = dropped by capacity
@@ -138,24 +137,26 @@ class Router(nn.Module):
         self.normalize_top_k, self.jitter_noise = normalize_top_k, jitter_noise
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.init_std = init_std
-        self.gate = nn.Linear(dim, num_experts, bias=False)  # weight [E, D]
+        # Parameters owned directly (no nn.Linear child): ZeRO-3 gathers a module's own parameters
+        # around its forward and backward, and the fp32 matmul below must happen inside this module.
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))  # [E, D]
         # Noisy top-k (Shazeer et al. 2017): learned per-expert noise scale, training only.
-        self.noise = nn.Linear(dim, num_experts, bias=False) if router_type == "noisy_topk" else None
+        self.noise_weight = nn.Parameter(torch.empty(num_experts, dim)) if router_type == "noisy_topk" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate.weight, std=self.init_std)
-        if self.noise is not None:
-            nn.init.zeros_(self.noise.weight)
+        nn.init.normal_(self.weight, std=self.init_std)
+        if self.noise_weight is not None:
+            nn.init.zeros_(self.noise_weight)
 
     def forward(self, x: torch.Tensor) -> Routing:  # x: [T, D]
         x = x.float()
         if self.training and self.jitter_noise > 0:
             # Switch-style jitter on the router input only; the experts see the clean tokens.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        logits = F.linear(x, self.gate.weight.float())  # [T, E]
-        if self.noise is not None and self.training:
-            logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise.weight.float()))
+        logits = F.linear(x, self.weight.float())  # [T, E]
+        if self.noise_weight is not None and self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise_weight.float()))
         probs = torch.softmax(logits, dim=-1)  # [T, E]
         top_p, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
         norm = top_p.sum(dim=-1, keepdim=True) if self.normalize_top_k else torch.ones_like(top_p[:, :1])

@@ -6,7 +6,7 @@ Plain torch: no process groups here; parallelism is applied to this model from o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -92,12 +92,11 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):  # NamedTuple: DeepSpeed's ZeRO-3 hooks look into tuples, not dataclasses
     logits: torch.Tensor  # [B, S, V]
     aux_loss: torch.Tensor  # scalar, mean over MoE layers (0 for a dense model)
     z_loss: torch.Tensor  # scalar, mean over MoE layers
-    router_stats: dict[int, RouterStats] = field(default_factory=dict)  # layer index -> stats
+    router_stats: dict[int, RouterStats]  # MoE layer index -> stats
     lm_loss: torch.Tensor | None = None  # when targets are given
     loss: torch.Tensor | None = None  # lm_loss + aux_loss_weight * aux_loss + z_loss_weight * z_loss
 
@@ -146,12 +145,11 @@ class Transformer(nn.Module):
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([st.aux_loss for st in stats.values()]).mean() if stats else zero
         zl = torch.stack([st.z_loss for st in stats.values()]).mean() if stats else zero
-        out = ModelOutput(logits=logits, aux_loss=aux, z_loss=zl, router_stats=stats)
-        if targets is not None:
-            out.lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                          ignore_index=-100)
-            out.loss = out.lm_loss + self.moe_cfg.aux_loss_weight * aux + self.moe_cfg.router_z_loss_weight * zl
-        return out
+        if targets is None:
+            return ModelOutput(logits, aux, zl, stats)
+        lm = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        loss = lm + self.moe_cfg.aux_loss_weight * aux + self.moe_cfg.router_z_loss_weight * zl
+        return ModelOutput(logits, aux, zl, stats, lm, loss)
 
 
 def build_model(cfg: ModelConfig, moe: MoEConfig, seed: int | None = None) -> Transformer:

@@ -30,11 +30,11 @@ def _make(c: Config, idle: bool) -> torch.nn.Module:
     if idle:  # top-1 always picks expert 0 or 1: the upper half of the experts never gets a token
         for m in model.modules():
             if isinstance(m, MoELayer):
-                u = torch.randn(m.router.gate.weight.shape[1], generator=torch.Generator().manual_seed(7))
+                u = torch.randn(m.router.weight.shape[1], generator=torch.Generator().manual_seed(7))
                 with torch.no_grad():
-                    m.router.gate.weight.zero_()
-                    m.router.gate.weight[0] = 3 * u
-                    m.router.gate.weight[1] = -3 * u
+                    m.router.weight.zero_()
+                    m.router.weight[0] = 3 * u
+                    m.router.weight[1] = -3 * u
     return model
 
 

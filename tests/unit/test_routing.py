@@ -25,7 +25,7 @@ def test_routing_matches_naive(k: int, cf: float | None, policy: str) -> None:
     r = _router(k, cf, policy)
     x = torch.randn(T, D)
     out = r(x)
-    logits = x @ r.gate.weight.T
+    logits = x @ r.weight.T
     probs, ids, weights, norms = naive_route(logits, k)
     assert torch.allclose(out.logits, logits, atol=1e-6)
     assert torch.allclose(out.aux_loss, naive_aux_loss(probs, ids, E), atol=1e-6)
@@ -57,7 +57,7 @@ def test_overflow_reroutes_instead_of_dropping() -> None:
 
 def test_balanced_router_scores_one_and_z_loss_definition() -> None:
     r = Router(D, E, 2)
-    torch.nn.init.zeros_(r.gate.weight)  # uniform probabilities
+    torch.nn.init.zeros_(r.weight)  # uniform probabilities
     x = torch.randn(E * 10, D)
     out = r(x)
     # Uniform P_i = 1/E; whatever f is, E * sum(f_i / E) = sum f_i = 1.
@@ -68,16 +68,16 @@ def test_balanced_router_scores_one_and_z_loss_definition() -> None:
 def test_noise_and_jitter_only_in_training() -> None:
     torch.manual_seed(0)
     r = Router(D, E, 2, router_type="noisy_topk", jitter_noise=0.1)
-    torch.nn.init.normal_(r.noise.weight, std=1.0)
+    torch.nn.init.normal_(r.noise_weight, std=1.0)
     x = torch.randn(T, D)
     r.eval()
     a, b = r(x), r(x)
-    assert torch.equal(a.logits, b.logits) and torch.allclose(a.logits, x @ r.gate.weight.T, atol=1e-6)
+    assert torch.equal(a.logits, b.logits) and torch.allclose(a.logits, x @ r.weight.T, atol=1e-6)
     r.train()
     c = r(x)
     assert not torch.allclose(c.logits, a.logits)
     c.logits.sum().backward()
-    assert r.noise.weight.grad is not None and r.noise.weight.grad.abs().sum() > 0  # noise scale is learned
+    assert r.noise_weight.grad is not None and r.noise_weight.grad.abs().sum() > 0  # noise scale is learned
 
 
 def _layer(k: int, cf: float | None, policy: str, shared: int) -> MoELayer:
@@ -106,9 +106,9 @@ def test_moe_layer_matches_naive_loop(k: int, cf: float | None, policy: str, sha
             return naive_swiglu(v, params["shared_experts.w1.weight"], params["shared_experts.w3.weight"],
                                 params["shared_experts.w2.weight"])
     cap = expert_capacity(T, E, k, cf) if cf is not None else None
-    y2 = naive_moe(x2, params["router.gate.weight"], params["experts.w1"], params["experts.w3"],
+    y2 = naive_moe(x2, params["router.weight"], params["experts.w1"], params["experts.w3"],
                    params["experts.w2"], k, cap, policy, shared_fn)
-    logits = x2 @ params["router.gate.weight"].T
+    logits = x2 @ params["router.weight"].T
     probs, ids, _, _ = naive_route(logits, k)
     ((y2 * g).sum() + naive_aux_loss(probs, ids, E) + naive_z_loss_t(logits)).backward()
 

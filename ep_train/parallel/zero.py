@@ -1,0 +1,171 @@
+"""DeepSpeed side of expert parallelism: config merging and ZeRO expert-parameter placement.
+
+DeepSpeed 0.19.8 refuses its own MoE layer under ZeRO-3 and resolves expert placement only for
+modules it recognises as MoE (``engine.has_moe_layers``): its ``MoE`` and AutoEP's
+``AutoEPMoELayer``. So each ep_train ``MoELayer`` becomes an instance of a subclass of both (its own
+forward, AutoEP's identity; ``AutoEPMoELayer.__init__`` is never run) carrying the attributes the
+engine reads, and every expert parameter is tagged so that ZeRO partitions it over its
+expert-data-parallel group (ranks holding the same experts) instead of the whole world.
+Untagged or half-tagged experts train silently wrong (partitioned and averaged over all ranks);
+tests/distributed/test_trainer.py compares against a single-process run to catch exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ep_train.config import Config
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+_AUTOEP_CLASSES: dict[type, type] = {}
+
+
+def resolve_ds_config(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    named = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if named.is_file():
+        return named
+    known = sorted(f.stem for f in DS_CONFIG_DIR.glob("*.json"))
+    raise ValueError(f"parallel.ds_config = {name_or_path!r} is neither a file nor one of {known}")
+
+
+def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON with the run's batch sizes, precision and clipping merged in.
+
+    A value the JSON already sets must agree with the run config (one source of truth per number).
+    """
+    path = resolve_ds_config(cfg.parallel.ds_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"parallel.ds_config {str(path)!r} is not valid JSON: {e}") from None
+    t = cfg.train
+    gas = t.batch_size // (t.micro_batch_size * world)
+    want = {"train_batch_size": t.batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": gas, "gradient_clipping": t.grad_clip}
+    names = {"train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+             "gradient_accumulation_steps": "train.batch_size", "gradient_clipping": "train.grad_clip"}
+    for key, value in want.items():
+        if key in ds and ds[key] != "auto" and float(ds[key]) != float(value):
+            raise ValueError(f"{path.name} sets {key} = {ds[key]} but the run config gives {names[key]} -> {value}; "
+                             f"remove {key} from the JSON (ep-train fills it in) or make them agree")
+        ds[key] = value
+    for key in ("bf16", "fp16"):
+        enabled = ds.get(key, {}).get("enabled", False)
+        if enabled is True and not (key == "bf16" and use_bf16):
+            raise ValueError(f"{path.name} enables {key} but train.mixed_precision resolves to "
+                             f"{'bf16' if use_bf16 else 'fp32'}; set train.mixed_precision or drop {key} from the JSON")
+    ds["bf16"] = {"enabled": use_bf16}
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError(f"{path.name} defines an optimizer/scheduler; ep-train builds them from train.* "
+                         "(router lr multiplier, no decay on norms); remove those blocks")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise ValueError(f"{path.name}: zero_optimization.stage = {stage}; ep-train supports ZeRO stages 1, 2 and 3")
+    return ds
+
+
+def is_offloading_optimizer(ds: dict[str, Any]) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
+def _autoep_class(cls: type) -> type:
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    if cls not in _AUTOEP_CLASSES:
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                      folding_group_handles: Any = None) -> None:
+            # The engine calls this; groups already exist and the dispatcher already holds the EP group.
+            from deepspeed.utils import groups
+
+            self.ep_group = groups._get_expert_parallel_group(self.ep_group_name)
+
+        # ep_train's forward first in the MRO; AutoEPMoELayer only lends its type to the engine.
+        _AUTOEP_CLASSES[cls] = type(f"DeepSpeed{cls.__name__}", (cls, AutoEPMoELayer),
+                                    {"set_deepspeed_parallelism": set_deepspeed_parallelism})
+    return _AUTOEP_CLASSES[cls]
+
+
+def prepare_expert_parallel_for_deepspeed(model: nn.Module, ep_size: int) -> nn.Module:
+    """Create DeepSpeed's EP/EDP groups, keep this rank's experts, and tag them for ZeRO.
+
+    Call after ``deepspeed.init_distributed`` and before ``deepspeed.initialize``.
+    """
+    from deepspeed.checkpoint.autoep_affine import (autoep_experts_for_rank, autoep_placement_to_affine_map,
+                                                    legacy_uniform_autoep_placement_descriptor)
+    from deepspeed.checkpoint.constants import (AFFINE_MAP, AUTOEP_EXPERT_PLACEMENT, AUTOEP_PARAM_EP_RANK,
+                                                AUTOEP_PARAM_LOCAL_EXPERTS, AUTOEP_PARAM_LOGICAL_SHAPE,
+                                                DS_AUTOEP_UC_META)
+    from deepspeed.utils import groups
+
+    from ep_train.model.moe import MoELayer
+    from ep_train.parallel import apply_expert_parallel
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)  # collective: every rank creates every group
+    ep_group = groups._get_expert_parallel_group(name)
+    if ep_size > 1:
+        apply_expert_parallel(model, ep_group)
+    ep_rank = torch.distributed.get_rank(ep_group)
+    for module in model.modules():
+        if not isinstance(module, MoELayer):
+            continue
+        module.__class__ = _autoep_class(type(module))
+        e = module.num_experts
+        module.ep_size, module.ep_rank, module.ep_group_name, module.ep_group = ep_size, ep_rank, name, ep_group
+        module.num_local_experts = e // ep_size
+        module.expert_placement_descriptor = legacy_uniform_autoep_placement_descriptor(e, e // ep_size, ep_size)
+        local = list(autoep_experts_for_rank(module.expert_placement_descriptor, ep_rank))
+        assert local == module.experts.global_expert_ids, (local, module.experts.global_expert_ids)
+        for p in (module.experts.w1, module.experts.w2, module.experts.w3):
+            logical = [e, *p.shape[1:]]
+            setattr(p, DS_AUTOEP_UC_META, {
+                AUTOEP_EXPERT_PLACEMENT: module.expert_placement_descriptor,
+                AFFINE_MAP: autoep_placement_to_affine_map(module.expert_placement_descriptor, logical).to_dict(),
+                AUTOEP_PARAM_LOGICAL_SHAPE: logical, AUTOEP_PARAM_EP_RANK: ep_rank,
+                AUTOEP_PARAM_LOCAL_EXPERTS: local})
+            p.allreduce = False  # an expert parameter: reduced over its expert-data-parallel group
+            p.group_name = name
+            p.ds_zero_placement_family = "autoep_expert"
+            p.ds_zero_partition_group_name = name
+        dense = list(module.router.parameters())
+        if module.shared_experts is not None:
+            dense += list(module.shared_experts.parameters())
+        for p in dense:
+            p.allreduce = True
+            p.ds_zero_placement_family = "replicated"
+    return model
+
+
+def optimizer_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms/biases/1-D params; router at lr x router_lr_multiplier.
+
+    Experts and dense weights also go to separate groups (DeepSpeed's MoE optimizer requirement).
+    """
+    t = cfg.train
+    buckets: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        router = ".router." in n
+        decay = p.dim() >= 2 and not n.endswith("bias")
+        expert = getattr(p, "allreduce", True) is False
+        buckets.setdefault((router, decay, expert), []).append(p)
+    groups = []
+    for (router, decay, expert), params in sorted(buckets.items()):
+        g: dict[str, Any] = {"params": params, "weight_decay": t.weight_decay if decay else 0.0,
+                             "lr": t.learning_rate * (t.router_lr_multiplier if router else 1.0),
+                             "name": f"{'router' if router else 'expert' if expert else 'dense'}"
+                                     f"_{'decay' if decay else 'no_decay'}"}
+        if expert:  # ZeRO-1/2 look the expert-data-parallel group up by this exact name
+            g["moe"], g["name"] = True, f"ep_size_{cfg.parallel.ep_size}"
+        groups.append(g)
+    return groups

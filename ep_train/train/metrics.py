@@ -1,0 +1,82 @@
+"""Console line, TensorBoard scalars and images, and metrics.jsonl (rank 0 writes; all ranks compute)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def expert_summary(counts: np.ndarray) -> dict[str, float]:
+    """Load statistics of one layer from its per-expert token counts [E]."""
+    mean = counts.mean()
+    return {"cv": float(counts.std() / mean) if mean > 0 else 0.0,
+            "max_over_mean": float(counts.max() / mean) if mean > 0 else 0.0,
+            "min_share": float(counts.min() / counts.sum()) if counts.sum() > 0 else 0.0}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int) -> None:
+        self.enabled, self.max_steps = enabled, max_steps
+        self.tb = None
+        self.jsonl = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+
+    def log(self, rec: dict[str, Any], expert_counts: dict[int, list[int]], layer_stats: dict[int, dict]) -> None:
+        if not self.enabled:
+            return
+        step, tokens = rec["step"], rec["tokens"]
+        cvs = [expert_summary(np.asarray(c, dtype=np.float64))["cv"] for c in expert_counts.values()]
+        line = (f"step {step}/{self.max_steps} | loss {rec['loss']:.4f} | aux {rec['aux_loss']:.4f} | "
+                f"z {rec['z_loss']:.4f} | lr {rec['lr']:.2e} | grad {rec['grad_norm']:.3f} | "
+                f"tok/s {rec['tokens_per_sec']:.0f}")
+        if cvs:
+            line += f" | expert cv {float(np.mean(cvs)):.3f}"
+        if rec.get("skipped_steps"):
+            line += f" | skipped {rec['skipped_steps']}"
+        print(line, flush=True)
+        for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm"):
+            if rec.get(key) is not None and math.isfinite(rec[key]):
+                self.tb.add_scalar(f"train/{key}", rec[key], step)
+                self.tb.add_scalar(f"train_by_tokens/{key}", rec[key], tokens)
+        self.tb.add_scalar("throughput/tokens_per_sec", rec["tokens_per_sec"], step)
+        for i, counts in expert_counts.items():
+            c = np.asarray(counts, dtype=np.float64)
+            s = expert_summary(c)
+            self.tb.add_scalar(f"moe/layer_{i}/tokens_per_expert_cv", s["cv"], step)
+            self.tb.add_scalar(f"moe/layer_{i}/max_over_mean", s["max_over_mean"], step)
+            self.tb.add_scalar(f"moe/layer_{i}/entropy", layer_stats[i]["entropy"], step)
+            self.tb.add_scalar(f"moe/layer_{i}/dropped_frac", layer_stats[i]["dropped_frac"], step)
+        if expert_counts:
+            load = np.stack([np.asarray(c, dtype=np.float64) for c in expert_counts.values()])  # [layers, E]
+            share = load / np.maximum(load.sum(1, keepdims=True), 1)
+            img = share / max(share.max(), 1e-9)  # one row per MoE layer, brighter = more tokens
+            self.tb.add_image("moe/expert_load", img[None], step, dataformats="CHW")
+        self.jsonl.write(json.dumps({**rec, "expert_counts": {str(k): v for k, v in expert_counts.items()},
+                                     "moe": {str(k): v for k, v in layer_stats.items()}}) + "\n")
+        self.jsonl.flush()
+        self.tb.flush()
+
+    def log_eval(self, step: int, tokens: int, val_loss: float) -> None:
+        if not self.enabled:
+            return
+        print(f"step {step}/{self.max_steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}",
+              flush=True)
+        self.tb.add_scalar("val/loss", val_loss, step)
+        self.tb.add_scalar("val_by_tokens/loss", val_loss, tokens)
+        self.jsonl.write(json.dumps({"step": step, "tokens": tokens, "val_loss": val_loss}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

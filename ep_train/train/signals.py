@@ -1,0 +1,21 @@
+"""Graceful stop on SIGUSR1 (SLURM's warning before the time limit) or SIGTERM (preemption)."""
+
+from __future__ import annotations
+
+import signal
+
+STOP_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, requeue me"
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum  # only a flag: the step in flight finishes, then every rank saves together
+
+    @property
+    def raised(self) -> bool:
+        return self.signal is not None

@@ -1,0 +1,290 @@
+"""``ep-train train``: the training loop on a DeepSpeed engine (ZeRO-1/2/3, CPU offload, EP).
+
+Launched by ``deepspeed``, ``torchrun`` or as one plain process. Every rank runs the same steps;
+host syncs per step: the non-finite check per micro-batch and, on logging steps, the metric
+all-reduces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ep_train.config import Config, config_to_dict, load_config, parse_overrides, validate
+from ep_train.data.loader import DistributedBatches, TokenWindows
+from ep_train.model.moe import RouterStats
+from ep_train.model.transformer import Transformer, build_model
+from ep_train.train import checkpoint
+from ep_train.train.metrics import MetricsLogger
+from ep_train.train.signals import STOP_EXIT_CODE, StopFlag
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``max_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def checkpointed_block(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                       ) -> tuple[torch.Tensor, RouterStats | None]:
+    """Activation checkpointing of one block. Routing statistics come out of the first forward only
+    (returned, never accumulated in buffers), so the recompute cannot count them twice; every rank
+    recomputes the same blocks in the same order, so the all-to-alls still pair up."""
+    def run(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, st = layer(h, cos, sin)
+        return y, (st.as_tensor() if st is not None else None)
+
+    y, packed = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    return y, (RouterStats.from_tensor(packed) if packed is not None else None)
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain single process: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]]]:
+    ap = argparse.ArgumentParser(prog="ep-train train", description="Train an MoE model. Any config key can be "
+                                 "overridden as --section.key VALUE or --key VALUE (e.g. --num_experts 8).")
+    ap.add_argument("--config", default=None, help="YAML or JSON run config")
+    ap.add_argument("--run-dir", "--run_dir", dest="run_dir", default="runs/default",
+                    help="checkpoints, TensorBoard logs, metrics.jsonl")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    args, rest = ap.parse_known_args(argv)
+    return args, parse_overrides(rest)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        import deepspeed
+
+        from ep_train.parallel.zero import (build_ds_config, is_offloading_optimizer, optimizer_param_groups,
+                                            prepare_expert_parallel_for_deepspeed)
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.rank, self.world, self.device = _init_distributed()
+        validate(cfg, world_size=self.world)
+        t = cfg.train
+        use_bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and self.device.type == "cuda")
+        self.ds_config = build_ds_config(cfg, self.world, use_bf16)
+        torch.manual_seed(t.seed + self.rank)  # per-rank streams (router noise); the model init is shared
+
+        if cfg.data.data_dir is None:
+            raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build)")
+        self.windows = TokenWindows(cfg.data.data_dir, "train", cfg.data.seq_len, cfg.data.tokenizer)
+        if self.windows.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                             f"{self.windows.vocab_size} tokens; set model.vocab_size >= {self.windows.vocab_size}")
+        model = build_model(cfg.model, cfg.moe, seed=t.seed)
+        if t.activation_checkpointing:
+            model.block_wrapper = checkpointed_block
+        prepare_expert_parallel_for_deepspeed(model, cfg.parallel.ep_size)
+        groups = optimizer_param_groups(model, cfg)
+        adam = dict(lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        if is_offloading_optimizer(self.ds_config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
+        else:
+            optimizer = torch.optim.AdamW(groups, **adam)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
+        self.model: Transformer = model
+        self.step, self.skipped, self.consecutive_skips = 0, 0, 0
+        self.batches = DistributedBatches(self.windows, t.batch_size, t.micro_batch_size, self.rank, self.world,
+                                          seed=t.seed, shuffle=cfg.data.shuffle)
+        self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps)
+        self.ckpt_root = run_dir / "checkpoints"
+        self.stop = StopFlag()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
+                 "world_size": self.world, "config": config_to_dict(self.cfg)}
+        path = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_last)
+        if self.rank == 0:
+            print(f"saved checkpoint {path}", flush=True)
+        return path
+
+    def maybe_resume(self) -> None:
+        resume = self.cfg.train.resume
+        if resume is None:
+            return
+        path = checkpoint.find(resume, self.ckpt_root)
+        if path is None:
+            if self.rank == 0:
+                print(f"resume auto: no checkpoint in {self.ckpt_root}, starting fresh", flush=True)
+            return
+        state = checkpoint.load(self.engine, path)
+        if state["config"]["train"]["batch_size"] != self.cfg.train.batch_size:
+            raise ValueError(f"train.batch_size = {self.cfg.train.batch_size} differs from the checkpoint's "
+                             f"{state['config']['train']['batch_size']}; resume with the same global batch")
+        self.step, self.skipped = state["step"], state["skipped_steps"]
+        self.batches.consumed_samples = state["consumed_samples"]
+        if self.rank == 0:
+            print(f"resumed from {path} at step {self.step} ({self.batches.consumed_samples} samples)", flush=True)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t, op=op)  # communication + (at .item()/.tolist()) a host sync
+        return t
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self.engine.train()
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, z over micro-batches
+        layer_acc: dict[int, torch.Tensor] = {}
+        nonfinite = False
+        inject = t.inject_nonfinite_steps is not None and self.step + 1 in t.inject_nonfinite_steps
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (dense parameters)
+        micro = self.batches.next()
+        for x, y in micro:
+            out = self.engine(x.to(self.device), y.to(self.device))
+            loss = out.loss * float("nan") if inject else out.loss
+            # Every rank must agree before anyone skips: a one-rank decision would desync collectives.
+            bad = self._all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]), dist.ReduceOp.MAX)
+            nonfinite |= bool(bad.item())  # host sync
+            # Backward even when non-finite: ZeRO sees a non-finite gradient norm, skips the
+            # optimizer step and clears the gradients (DeepSpeed's overflow path), keeping all ranks in step.
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed counts micro-steps: only the last one of the batch updates
+            sums += torch.tensor([loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()],
+                                 dtype=torch.float64)
+            for i, st in out.router_stats.items():
+                row = torch.cat([st.tokens_per_expert.float().cpu(),
+                                 torch.stack([st.dropped, st.assignments, st.entropy]).float().cpu()])
+                layer_acc[i] = layer_acc.get(i, 0) + row
+        self.step += 1
+        applied = self.engine.was_step_applied()
+        if nonfinite:
+            if applied:
+                raise RuntimeError("a non-finite loss reached an optimizer step that DeepSpeed applied; "
+                                   "this ZeRO configuration does not skip non-finite gradients")
+            self.skipped += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+        sums /= len(micro)
+        return {"sums": sums, "layers": layer_acc, "nonfinite": nonfinite, "lr": lr}
+
+    def _gather_metrics(self, res: dict[str, Any]) -> tuple[dict[str, float], dict[int, list[int]], dict[int, dict]]:
+        sums = self._all_reduce(res["sums"].clone()).cpu() / self.world
+        counts, stats = {}, {}
+        for i in sorted(res["layers"]):
+            row = self._all_reduce(res["layers"][i].clone()).cpu()
+            e = self.model.moe_cfg.num_experts
+            counts[i] = [int(v) for v in row[:e].tolist()]
+            dropped, assigned, entropy = row[e:].tolist()
+            micro_batches = self.world * self.batches.grad_accum_steps  # entropy is a per-micro-batch mean
+            stats[i] = {"dropped_frac": dropped / max(assigned, 1), "entropy": entropy / micro_batches}
+        vals = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), sums.tolist()))
+        return vals, counts, stats
+
+    def evaluate(self) -> float | None:
+        try:
+            val = TokenWindows(self.cfg.data.data_dir, "val", self.cfg.data.seq_len)
+        except ValueError:
+            return None
+        if val.num_windows == 0:
+            return None
+        t = self.cfg.train
+        per_rank = t.micro_batch_size * t.eval_batches
+        n = min(per_rank * self.world, (val.num_windows // (t.micro_batch_size * self.world)) *
+                t.micro_batch_size * self.world)
+        if n == 0:
+            return None
+        loader = DistributedBatches(val, n, t.micro_batch_size, self.rank, self.world, seed=0, shuffle=False)
+        self.engine.eval()
+        total = torch.zeros(1, dtype=torch.float64)
+        batches = loader.next()
+        with torch.no_grad():
+            for x, y in batches:
+                total += self.engine(x.to(self.device), y.to(self.device)).lm_loss.item()
+        total = self._all_reduce(total).cpu() / (self.world * len(batches))
+        return float(total.item())
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def fit(self) -> int:
+        t = self.cfg.train
+        self.maybe_resume()
+        if self.rank == 0:
+            print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
+                  f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
+                  f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
+        tokens_per_step = t.batch_size * self.cfg.data.seq_len
+        last_log, t_log = self.step, time.monotonic()
+        while self.step < t.max_steps:
+            res = self.train_step()
+            if self.consecutive_skips >= t.max_consecutive_skips:
+                path = self.save()  # weights are those of the last good step: skipped steps change nothing
+                raise NonFiniteLossError(
+                    f"{self.consecutive_skips} consecutive steps had a non-finite loss (step {self.step}); stopping. "
+                    f"Last good state saved in {path}. Lower train.learning_rate, check the data, or raise "
+                    "train.max_consecutive_skips")
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                vals, counts, stats = self._gather_metrics(res)
+                elapsed = time.monotonic() - t_log
+                rec = {"step": self.step, "tokens": self.step * tokens_per_step, **vals,
+                       "lr": res["lr"], "grad_norm": float(self.engine.get_global_grad_norm()
+                                                                              or 0.0),
+                       "tokens_per_sec": (self.step - last_log) * tokens_per_step / max(elapsed, 1e-9),
+                       "skipped_steps": self.skipped, "nonfinite": res["nonfinite"]}
+                self.metrics.log(rec, counts if t.log_expert_stats else {}, stats)
+                last_log, t_log = self.step, time.monotonic()
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                val = self.evaluate()
+                if val is not None:
+                    self.metrics.log_eval(self.step, self.step * tokens_per_step, val)
+            stop = self._all_reduce(torch.tensor([1.0 if self.stop.raised else 0.0]), dist.ReduceOp.MAX)
+            if bool(stop.item()):
+                self.save()
+                if self.rank == 0:
+                    print(f"stopped on signal at step {self.step}; exit code {STOP_EXIT_CODE}", flush=True)
+                self.metrics.close()
+                return STOP_EXIT_CODE
+            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.max_steps:
+                self.save()
+        self.save()
+        self.metrics.close()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
+    torch.autograd.set_detect_anomaly(bool(os.environ.get('DBG_ANOMALY')))
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(args.run_dir)
+    trainer = Trainer(cfg, run_dir)
+    if trainer.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+        print("config (command line > file > defaults):\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
+    return trainer.fit()

@@ -1,0 +1,59 @@
+"""Single-process training without DeepSpeed: the reference the distributed trainer must match.
+
+Plain torch: the model with all experts and a LocalDispatcher, torch.optim.AdamW, the same data order
+(one data-parallel rank reading the whole global batch) and the same learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ep_train.config import Config
+from ep_train.data.loader import DistributedBatches, TokenWindows
+from ep_train.model import build_model
+
+
+def reference_losses(cfg: Config, steps: int) -> list[float]:
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, cfg.moe, seed=t.seed)
+    decay, no_decay, router_decay, router_no_decay = [], [], [], []
+    for n, p in model.named_parameters():
+        router = ".router." in n
+        if p.dim() >= 2:
+            (router_decay if router else decay).append(p)
+        else:
+            (router_no_decay if router else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay, "lr": t.learning_rate},
+              {"params": no_decay, "weight_decay": 0.0, "lr": t.learning_rate},
+              {"params": router_decay, "weight_decay": t.weight_decay, "lr": t.learning_rate * t.router_lr_multiplier},
+              {"params": router_no_decay, "weight_decay": 0.0, "lr": t.learning_rate * t.router_lr_multiplier}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=t.learning_rate, betas=(t.beta1, t.beta2),
+                            eps=t.eps)
+
+    def factor(s: int) -> float:  # written out again, independently of ep_train.train.lr_factor
+        if s < t.warmup_steps:
+            return (s + 1) / t.warmup_steps
+        prog = min(1.0, (s - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    data = DistributedBatches(TokenWindows(cfg.data.data_dir, "train", cfg.data.seq_len), t.batch_size,
+                              t.micro_batch_size, 0, 1, seed=t.seed)
+    losses = []
+    for _ in range(steps):
+        micro = data.next()
+        total = 0.0
+        for x, y in micro:
+            out = model(x, y)
+            (out.loss / len(micro)).backward()
+            total += out.loss.item()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        losses.append(total / len(micro))
+    return losses
