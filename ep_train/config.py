@@ -185,6 +185,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
             value = [yaml.safe_load(v) for v in value]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # "--moe_layers 3" means [3]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} = {value!r} is invalid: expected a list (write e.g. [1, 3] or 1,3)")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]

@@ -79,6 +79,17 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]]]:
     return args, parse_overrides(rest)
 
 
+def partition_report(model: torch.nn.Module) -> dict[str, Any]:
+    """Elements of each parameter this rank holds (its ZeRO partition, padding included) vs in full."""
+    rep: dict[str, Any] = {"dense": 0, "expert": 0, "params": {}}
+    for n, p in model.named_parameters():
+        local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        full = getattr(p, "ds_numel", p.numel())
+        rep["expert" if getattr(p, "allreduce", True) is False else "dense"] += local
+        rep["params"][n] = [local, full]
+    return rep
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         import deepspeed
@@ -117,6 +128,12 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
         self.model: Transformer = model
+        report = partition_report(model)
+        (run_dir / "partitions").mkdir(parents=True, exist_ok=True)
+        (run_dir / "partitions" / f"rank{self.rank}.json").write_text(json.dumps(report))
+        if self.rank == 0:
+            print(f"rank 0 holds {report['dense']:,} dense and {report['expert']:,} expert parameter elements "
+                  f"(ZeRO-{self.ds_config['zero_optimization']['stage']} partitions)", flush=True)
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
         self.batches = DistributedBatches(self.windows, t.batch_size, t.micro_batch_size, self.rank, self.world,
                                           seed=t.seed, shuffle=cfg.data.shuffle)

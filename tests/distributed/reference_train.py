@@ -15,7 +15,8 @@ from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.model import build_model
 
 
-def reference_losses(cfg: Config, steps: int) -> list[float]:
+def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset()) -> list[float]:
+    """Per-step mean loss; steps in ``skip`` (1-based) consume their batch but change nothing."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.moe, seed=t.seed)
@@ -43,13 +44,17 @@ def reference_losses(cfg: Config, steps: int) -> list[float]:
     data = DistributedBatches(TokenWindows(cfg.data.data_dir, "train", cfg.data.seq_len), t.batch_size,
                               t.micro_batch_size, 0, 1, seed=t.seed)
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         micro = data.next()
         total = 0.0
         for x, y in micro:
             out = model(x, y)
             (out.loss / len(micro)).backward()
             total += out.loss.item()
+        if step in skip:
+            opt.zero_grad()
+            losses.append(float("nan"))
+            continue
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
