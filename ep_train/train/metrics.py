@@ -43,6 +43,11 @@ class MetricsLogger:
         if rec.get("skipped_steps"):
             line += f" | skipped {rec['skipped_steps']}"
         print(line, flush=True)
+        for i, counts in expert_counts.items():
+            share = np.asarray(counts, dtype=np.float64) / max(sum(counts), 1)
+            print(f"    layer {i}: tokens/expert {' '.join(f'{x:.2f}' for x in share)} | "
+                  f"entropy {layer_stats[i]['entropy']:.3f} | dropped {layer_stats[i]['dropped_frac']:.3f}",
+                  flush=True)
         for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm"):
             if rec.get(key) is not None and math.isfinite(rec[key]):
                 self.tb.add_scalar(f"train/{key}", rec[key], step)
