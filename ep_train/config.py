@@ -367,6 +367,9 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         _check(e.num_experts > 1, "parallel.ep_size", p.ep_size, "expert parallelism needs moe.num_experts > 1")
         _check(e.num_experts % p.ep_size == 0, "parallel.ep_size", p.ep_size,
                f"must divide moe.num_experts ({e.num_experts}); pick a divisor of {e.num_experts}")
+    if world_size is not None:
+        _check(world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size,
+               f"must divide the world size ({world_size}); launch a multiple of {p.ep_size} processes")
     t, d = getattr(cfg, "train", None), getattr(cfg, "data", None)
     if t is not None:
         for name in ("micro_batch_size", "batch_size", "max_steps", "log_interval", "keep_last", "eval_batches"):
@@ -389,6 +392,3 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be a positive integer")
         _check(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
                f"must not exceed model.max_seq_len ({m.max_seq_len})")
-    if world_size is not None:
-        _check(world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size,
-               f"must divide the world size ({world_size}); launch a multiple of {p.ep_size} processes")

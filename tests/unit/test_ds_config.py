@@ -1,0 +1,45 @@
+"""Merging the run config into the DeepSpeed JSON, and refusing contradictions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ep_train.config import load_config, parse_overrides
+from ep_train.parallel.zero import build_ds_config, is_offloading_optimizer
+
+
+def _cfg(tmp_path, ds: dict | None = None, *over: str):
+    args = ["--micro_batch_size", "2", "--batch_size", "16", "--grad_clip", "0.5"]
+    if ds is not None:
+        p = tmp_path / "ds.json"
+        p.write_text(json.dumps(ds))
+        args += ["--ds_config", str(p)]
+    return load_config(None, parse_overrides(args + list(over)))
+
+
+def test_default_is_zero3_offload_with_run_values(tmp_path) -> None:
+    ds = build_ds_config(_cfg(tmp_path), world=4, use_bf16=False)
+    assert ds["zero_optimization"]["stage"] == 3 and is_offloading_optimizer(ds)
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        16, 2, 2)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("ds,match", [
+    ({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu = 4"),
+    ({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}, "gradient_clipping"),
+    ({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}}, "enables fp16"),
+    ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "optimizer"),
+    ({"zero_optimization": {"stage": 0}}, "stage = 0"),
+])
+def test_contradictions_are_refused(tmp_path, ds, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_ds_config(_cfg(tmp_path, ds), world=4, use_bf16=False)
+
+
+def test_unknown_name_lists_known_configs(tmp_path) -> None:
+    with pytest.raises(ValueError, match="zero3_offload"):
+        build_ds_config(load_config(None, [("ds_config", "zero9")]), world=1, use_bf16=False)
