@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 STOP_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped on a signal, checkpoint written, requeue me"
+STOP_MARKER = "stopped_on_signal.json"  # in the run folder; torchrun turns exit codes into 1, files survive
 
 
 class StopFlag:

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ep_train.model.moe import RouterStats
 from ep_train.model.transformer import Transformer, build_model
 from ep_train.train import checkpoint
 from ep_train.train.metrics import MetricsLogger
-from ep_train.train.signals import STOP_EXIT_CODE, StopFlag
+from ep_train.train.signals import STOP_EXIT_CODE, STOP_MARKER, StopFlag
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,7 +61,19 @@ def _init_distributed() -> tuple[int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        # Our own store, prefixed by torchrun's restart count: after a worker failure the restarted
+        # workers would otherwise read their predecessors' stale addresses from the shared store
+        # (seen with gloo under torchrun --max-restarts).
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=10))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"ep_train/attempt_{attempt}", store), rank=rank,
+                                world_size=world, timeout=timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend=backend)  # adopts the process group above
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -253,6 +266,8 @@ class Trainer:
         t = self.cfg.train
         self.maybe_resume()
         if self.rank == 0:
+            (self.run_dir / STOP_MARKER).unlink(missing_ok=True)
+        if self.rank == 0:
             print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
                   f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
                   f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
@@ -282,8 +297,9 @@ class Trainer:
                     self.metrics.log_eval(self.step, self.step * tokens_per_step, val)
             stop = self._all_reduce(torch.tensor([1.0 if self.stop.raised else 0.0]), dist.ReduceOp.MAX)
             if bool(stop.item()):
-                self.save()
-                if self.rank == 0:
+                path = self.save()
+                if self.rank == 0:  # launchers (launch/slurm/train.sbatch) requeue when they find this file
+                    (self.run_dir / STOP_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
                     print(f"stopped on signal at step {self.step}; exit code {STOP_EXIT_CODE}", flush=True)
                 self.metrics.close()
                 return STOP_EXIT_CODE

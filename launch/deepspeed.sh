@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Launch ep-train with DeepSpeed's launcher (ssh/pdsh to the hosts of a hostfile, or this machine).
+#   launch/deepspeed.sh --config C.yaml [--data DIR] [--run-dir DIR] [--resume auto|DIR]
+#                       [--hostfile FILE] [--include SPEC] [--exclude SPEC] [--num_gpus N] [--num_nodes N]
+#                       [--master_addr H] [--master_port P] [--no_ssh --node_rank R] [-- trainer overrides ...]
+# --no_ssh: start this command on every node yourself (e.g. under srun) with its --node_rank;
+# otherwise DeepSpeed reaches the hostfile's nodes by passwordless ssh/pdsh.
+# Without a GPU, DeepSpeed runs CPU processes (gloo); --num_gpus then means processes per node.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/launch/common.sh"
+config="" data="" run_dir="runs/default" resume="" hostfile="" include="" exclude="" num_gpus="" num_nodes=""
+master_port=29500 master_addr="" no_ssh=0 node_rank=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) config="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
+    --run-dir) run_dir="$2"; shift 2 ;;
+    --resume) resume="$2"; shift 2 ;;
+    --hostfile) hostfile="$2"; shift 2 ;;
+    --include) include="$2"; shift 2 ;;
+    --exclude) exclude="$2"; shift 2 ;;
+    --num_gpus|--num-gpus) num_gpus="$2"; shift 2 ;;
+    --num_nodes|--num-nodes) num_nodes="$2"; shift 2 ;;
+    --master_port|--master-port) master_port="$2"; shift 2 ;;
+    --master_addr|--master-addr) master_addr="$2"; shift 2 ;;
+    --no_ssh|--no-ssh) no_ssh=1; shift ;;
+    --node_rank|--node-rank) node_rank="$2"; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) die "unknown option '$1' (trainer overrides go after --)" ;;
+  esac
+done
+check_inputs "$config" "$data" "$resume"
+if [ -n "$hostfile" ]; then [ -f "$hostfile" ] || die "hostfile '$hostfile' not found (see launch/hostfile.example)"; fi
+py="$(ep_python "$root")"
+cmd=("$py" -m deepspeed.launcher.runner --master_port "$master_port")
+[ -z "$hostfile" ] || cmd+=(--hostfile "$hostfile")
+[ -z "$include" ] || cmd+=(--include "$include")
+[ -z "$exclude" ] || cmd+=(--exclude "$exclude")
+[ -z "$num_gpus" ] || cmd+=(--num_gpus "$num_gpus")
+[ -z "$num_nodes" ] || cmd+=(--num_nodes "$num_nodes")
+[ -z "$master_addr" ] || cmd+=(--master_addr "$master_addr")
+if [ "$no_ssh" = 1 ]; then
+  [ -n "$node_rank" ] || die "--no_ssh needs --node_rank (this node's index in the hostfile)"
+  cmd+=(--no_ssh --node_rank "$node_rank")
+fi
+cmd+=(--module ep_train.train --config "$config" --run-dir "$run_dir")
+[ -z "$data" ] || cmd+=(--data_dir "$data")
+[ -z "$resume" ] || cmd+=(--resume "$resume")
+cmd+=("$@")
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+print_cmd "${cmd[@]}"
+exec "${cmd[@]}"

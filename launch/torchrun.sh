@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Launch ep-train with torchrun: one node, or several (static ranks or c10d rendezvous).
+#   launch/torchrun.sh --config C.yaml [--data DIR] [--run-dir DIR] [--resume auto|DIR]
+#                      [--nproc N] [--nnodes N --node-rank R --master-addr H --master-port P]
+#                      [--rdzv HOST:PORT --rdzv-id ID] [--max-restarts K] [-- trainer overrides ...]
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/launch/common.sh"
+config="" data="" run_dir="runs/default" resume="" nproc="" nnodes=1 node_rank=0
+master_addr=127.0.0.1 master_port=29500 rdzv="" rdzv_id="ep-train" max_restarts=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) config="$2"; shift 2 ;;
+    --data) data="$2"; shift 2 ;;
+    --run-dir) run_dir="$2"; shift 2 ;;
+    --resume) resume="$2"; shift 2 ;;
+    --nproc|--nproc-per-node) nproc="$2"; shift 2 ;;
+    --nnodes) nnodes="$2"; shift 2 ;;
+    --node-rank) node_rank="$2"; shift 2 ;;
+    --master-addr) master_addr="$2"; shift 2 ;;
+    --master-port) master_port="$2"; shift 2 ;;
+    --rdzv) rdzv="$2"; shift 2 ;;
+    --rdzv-id) rdzv_id="$2"; shift 2 ;;
+    --max-restarts) max_restarts="$2"; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) die "unknown option '$1' (trainer overrides go after --)" ;;
+  esac
+done
+check_inputs "$config" "$data" "$resume"
+[ -n "$nproc" ] || nproc="$(default_nproc)"
+py="$(ep_python "$root")"
+cmd=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts "$max_restarts")
+if [ -z "$rdzv" ] && [ "$max_restarts" != 0 ]; then
+  # Restarted workers must meet in a fresh rendezvous round; the static one reuses stale store keys.
+  rdzv="${master_addr}:${master_port}"
+  echo "note: --max-restarts $max_restarts uses c10d rendezvous at $rdzv"
+fi
+if [ -n "$rdzv" ]; then
+  cmd+=(--rdzv-backend c10d --rdzv-endpoint "$rdzv" --rdzv-id "$rdzv_id")
+else
+  cmd+=(--node-rank "$node_rank" --master-addr "$master_addr" --master-port "$master_port")
+fi
+cmd+=(-m ep_train.train --config "$config" --run-dir "$run_dir")
+[ -z "$data" ] || cmd+=(--data_dir "$data")
+[ -z "$resume" ] || cmd+=(--resume "$resume")
+cmd+=("$@")
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+print_cmd "${cmd[@]}"
+exec "${cmd[@]}"

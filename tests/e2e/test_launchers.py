@@ -1,0 +1,125 @@
+"""launch/torchrun.sh (two "nodes" on loopback, restarts) and launch/deepspeed.sh, as users run them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ep_train.config import load_config, parse_overrides
+from tests.distributed.harness import free_port
+from tests.distributed.reference_train import reference_losses
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "tiny.yaml"
+STEPS = 12
+OVERRIDES = ["--seq_len", "32", "--max_steps", str(STEPS), "--warmup_steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def reference(built) -> list[float]:
+    return reference_losses(load_config(CONFIG, parse_overrides(["--data_dir", str(built), *OVERRIDES])), STEPS)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _check(run: Path, reference: list[float]) -> None:
+    got = _losses(run)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, want in enumerate(reference, 1):
+        assert abs(got[step] - want) <= 1e-5 * abs(want), (step, got[step], want)
+
+
+def _start(script: str, *args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+
+
+def _finish(p: subprocess.Popen, log: Path, timeout: float = 600) -> str:
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for c in psutil.Process(p.pid).children(recursive=True):
+            c.kill()
+        p.kill()
+        raise
+    text = log.read_text()
+    assert rc == 0, text[-4000:]
+    return text
+
+
+def test_torchrun_two_nodes_on_loopback(tmp_path, built, reference) -> None:
+    """Two torchrun agents (node ranks 0 and 1, two processes each) = world 4, EP 4 spans both "nodes"."""
+    port = str(free_port())
+    run = tmp_path / "run"
+    common = ["--config", str(CONFIG), "--data", str(built), "--run-dir", str(run), "--nproc", "2", "--nnodes", "2",
+              "--master-addr", "127.0.0.1", "--master-port", port, "--", *OVERRIDES, "--ep_size", "4"]
+    node1 = _start("torchrun.sh", "--node-rank", "1", *common, log=tmp_path / "node1.log")
+    node0 = _start("torchrun.sh", "--node-rank", "0", *common, log=tmp_path / "node0.log")
+    out = _finish(node0, tmp_path / "node0.log")
+    _finish(node1, tmp_path / "node1.log")
+    assert "running:" in out and "--node-rank 0" in out
+    assert "world 4, ep_size 4" in out
+    _check(run, reference)
+
+
+def test_deepspeed_launcher_with_localhost_hostfile(tmp_path, built, reference) -> None:
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    run = tmp_path / "run"
+    p = _start("deepspeed.sh", "--config", str(CONFIG), "--data", str(built), "--run-dir", str(run), "--hostfile",
+               str(hostfile), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--no_ssh",
+               "--node_rank", "0", "--", *OVERRIDES, "--ep_size", "2", log=tmp_path / "ds.log")
+    out = _finish(p, tmp_path / "ds.log")
+    assert "deepspeed.launcher.runner" in out and "world 2, ep_size 2" in out
+    _check(run, reference)
+
+
+def test_sigkill_of_a_rank_restarts_and_resumes(tmp_path, built, reference) -> None:
+    run = tmp_path / "run"
+    p = _start("torchrun.sh", "--config", str(CONFIG), "--data", str(built), "--run-dir", str(run), "--nproc", "2",
+               "--master-port", str(free_port()), "--max-restarts", "1", "--resume", "auto", "--",
+               *OVERRIDES, "--ep_size", "2", "--save_interval", "4", log=tmp_path / "tr.log")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and p.poll() is None:
+        if (run / "checkpoints" / "latest").is_file() and max(_losses(run), default=0) >= 6:
+            break
+        time.sleep(0.1)
+    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "-m ep_train.train" in " ".join(
+        c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
+    assert len(workers) == 2, [w.cmdline() for w in workers]
+    workers[1].kill()  # SIGKILL one rank mid-training
+    out = _finish(p, tmp_path / "tr.log")
+    assert "resumed from" in out and "step_00000004" in out
+    _check(run, reference)  # steps redone after the restart overwrite their records with the same numbers
+
+
+def test_scripts_fail_early_with_clear_messages(tmp_path, built) -> None:
+    cases = [
+        (["torchrun.sh", "--config", str(tmp_path / "nope.yaml")], "config file"),
+        (["torchrun.sh", "--config", str(CONFIG), "--data", str(tmp_path)], "no manifest.json"),
+        (["torchrun.sh", "--config", str(CONFIG), "--resume", str(tmp_path / "ck")], "checkpoint folder"),
+        (["deepspeed.sh", "--config", str(CONFIG), "--hostfile", str(tmp_path / "hosts")], "hostfile"),
+        (["torchrun.sh", "--config", str(CONFIG), "--bogus", "1"], "unknown option '--bogus'"),
+        (["slurm/train.sbatch", str(CONFIG)], "usage"),
+    ]
+    for args, msg in cases:
+        p = subprocess.run(["bash", str(ROOT / "launch" / args[0]), *args[1:]], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60, env={"PATH": "/usr/bin:/bin", "EP_TRAIN_ROOT": str(ROOT)})
+        assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+    # a value with spaces and glob characters stays one argument (no word splitting, no eval)
+    weird = tmp_path / "my config *.yaml"
+    p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--config", str(weird)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and f"'{weird}' not found" in p.stderr

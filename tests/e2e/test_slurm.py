@@ -1,0 +1,112 @@
+"""The SLURM templates on a real one-node Slurm (started by the test): train, preempt + requeue, data prep."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CORPUS
+from tests.e2e.slurm_cluster import SlurmCluster, ensure_installed
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = ["--seq_len", "32", "--max_steps", "16", "--warmup_steps", "2", "--ep_size", "2", "--log_interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    cluster.env.update(EP_TRAIN_ROOT=str(ROOT), OMP_NUM_THREADS="1")
+    yield cluster
+    cluster.stop()
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _submit_train(slurm: SlurmCluster, tmp: Path, run: Path, data: Path) -> str:
+    return slurm.run("sbatch", "--parsable", f"--output={tmp}/train-%j.out", str(ROOT / "launch/slurm/train.sbatch"),
+                     str(ROOT / "configs/tiny.yaml"), str(run), str(data), *TRAIN, cwd=tmp).strip().split(";")[0]
+
+
+@pytest.fixture(scope="module")
+def straight(slurm, built, tmp_path_factory) -> dict[int, float]:
+    """An uninterrupted run through train.sbatch."""
+    tmp = tmp_path_factory.mktemp("straight")
+    run = tmp / "run"
+    job = _submit_train(slurm, tmp, run, built)
+    state = slurm.wait(job)
+    log = (tmp / f"train-{job}.out").read_text()
+    assert state == "COMPLETED", f"{state}\n{log[-4000:]}\n{slurm.log_tail()}"
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000016"
+    assert "running:" in log and "--rdzv-backend c10d" in log  # the script says what it runs
+    return _losses(run)
+
+
+def test_train_sbatch_runs_to_the_end(straight) -> None:
+    assert sorted(straight) == list(range(1, 17))
+    assert straight[16] < straight[1]
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes_identically(slurm, built, tmp_path, straight) -> None:
+    run = tmp_path / "run"
+    job = _submit_train(slurm, tmp_path, run, built)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and max(_losses(run), default=0) >= 4:
+            break
+        assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), slurm.job_state(job)
+        time.sleep(0.5)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    # the job stops, saves, requeues itself, runs again and completes
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and slurm.job_field(job, "Restarts") in ("", "0"):
+        time.sleep(0.5)
+    assert slurm.job_field(job, "Restarts") == "1", slurm.log_tail()
+    if slurm.job_state(job) == "PENDING":  # a requeued job waits for its BeginTime; let it start now
+        slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    state = slurm.wait(job)
+    log = (tmp_path / f"train-{job}.out").read_text()
+    assert state == "COMPLETED", f"{state}\n{log[-4000:]}"
+    assert "caught USR1" in log and "requeueing job" in log and "stopped on signal at step" in log
+    stopped = int(log.split("stopped on signal at step ")[1].split(";")[0])
+    assert 4 <= stopped < 16
+    assert f"step_{stopped:08d}" in log and "resumed from" in log
+    got = _losses(run)
+    assert sorted(got) == list(range(1, 17))
+    for step in range(1, 17):  # same numbers as the uninterrupted job
+        assert abs(got[step] - straight[step]) <= 1e-5 * abs(straight[step]), (step, got[step], straight[step])
+    assert not (run / "stopped_on_signal.json").exists()
+
+
+def test_data_prep_array_job_and_merge(slurm, tokenizer, tmp_path) -> None:
+    out = tmp_path / "shards"
+    text = slurm.run(str(ROOT / "launch/slurm/submit_data_prep.sh"), "2", str(tokenizer), str(out),
+                     *map(str, CORPUS), cwd=tmp_path)
+    m = re.search(r"array job (\d+) \(2 tasks\), merge job (\d+)", text)
+    assert m, text
+    array_id, merge_id = m.groups()
+    assert slurm.wait(merge_id) == "COMPLETED", slurm.log_tail() + "\n".join(
+        p.read_text() for p in (tmp_path / "logs").glob("*"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {Path(s["prefix"]).parent.name for s in manifest["splits"]["train"]["shards"]} == {"part_00000",
+                                                                                                "part_00001"}
+    from ep_train.data.prep import build
+
+    single = build([str(c) for c in CORPUS], str(tokenizer), str(tmp_path / "single"), progress=False)
+    assert manifest["splits"]["train"]["tokens"] == single["splits"]["train"]["tokens"]
+    assert array_id != merge_id
+    assert os.path.isdir(tmp_path / "logs")
