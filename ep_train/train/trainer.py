@@ -238,6 +238,13 @@ class Trainer:
         vals = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), sums.tolist()))
         return vals, counts, stats
 
+    def _max_rss_mb(self) -> float:
+        """Peak resident memory of the largest rank (MiB): host RAM is where offloaded states live."""
+        import resource
+
+        mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # ru_maxrss is KiB
+        return float(self._all_reduce(mine, dist.ReduceOp.MAX).item())
+
     def evaluate(self) -> float | None:
         try:
             val = TokenWindows(self.cfg.data.data_dir, "val", self.cfg.data.seq_len)
@@ -288,7 +295,8 @@ class Trainer:
                        "lr": res["lr"], "grad_norm": float(self.engine.get_global_grad_norm()
                                                                               or 0.0),
                        "tokens_per_sec": (self.step - last_log) * tokens_per_step / max(elapsed, 1e-9),
-                       "skipped_steps": self.skipped, "nonfinite": res["nonfinite"]}
+                       "skipped_steps": self.skipped, "nonfinite": res["nonfinite"],
+                       "max_rss_mb": self._max_rss_mb()}
                 self.metrics.log(rec, counts if t.log_expert_stats else {}, stats)
                 last_log, t_log = self.step, time.monotonic()
             if t.eval_interval and self.step % t.eval_interval == 0:
