@@ -1,7 +1,8 @@
 """``data_prep_tool build`` / ``merge`` / ``inspect``: local text -> tokenized Megatron shards + manifest.
 
-Pipeline: input files (sorted) -> a stream of documents (txt, parquet, arrow through HF ``datasets``
-local loaders; JSON lines parsed line by line so a malformed line can be reported by file and line)
+Pipeline: input files (sorted) -> a stream of documents (parquet, arrow and JSON arrays through HF
+``datasets`` local loaders; JSON lines parsed line by line so a malformed line can be reported by file
+and line; plain text read directly, one document per file, see ``_text_documents``)
 -> batches encoded by N worker processes (one sentencepiece load per worker, ``imap`` keeps order, so
 the bytes do not depend on N) -> EOS per document -> train/val by a stable hash of the text ->
 shards rolled at a size cap. After each roll ``progress.json`` records how far the input stream got,
@@ -14,6 +15,7 @@ import codecs
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -32,6 +34,7 @@ JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 BATCH_DOCS = 64  # a batch closes at this many documents or BATCH_CHARS characters, whichever comes first
 BATCH_CHARS = 1 << 18
+TEXT_GROUP = 512  # plain-text files per datasets call
 MAX_EXAMPLES = 20
 # Local files only: without these, every load_dataset call asks the Hub (a network round trip per file).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,17 +124,7 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
             return
     from datasets import load_dataset  # imported here: slow import, only needed for these formats
 
-    if name.endswith(TEXT_SUFFIXES):
-        # datasets' text loader decodes strictly or replaces silently; count replacements first.
-        _replaced = 0
-        raw = (gzip.open if name.endswith(".gz") else open)(path, "rb").read()
-        raw.decode("utf-8", errors="ep_train_count_replace")
-        if _replaced:
-            yield "replaced_characters", _replaced, str(path)
-        ds = load_dataset("text", data_files=[str(path)], sample_by="document", split="train", streaming=True,
-                          encoding_errors="replace")
-        key = "text"
-    elif name.endswith(JSON_SUFFIXES):
+    if name.endswith(JSON_SUFFIXES):
         ds, key = load_dataset("json", data_files=[str(path)], split="train", streaming=True), text_key
     else:
         builder = "parquet" if name.endswith(".parquet") else "arrow"
@@ -142,6 +135,24 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
             yield "missing_text_key", None, f"{where}: no string field {key!r}"
             continue
         yield "doc", row[key], where
+
+
+def _text_documents(paths: list[Path]) -> Iterator[tuple[str, Any, str]]:
+    """Plain-text files, one document each.
+
+    Read here rather than through ``datasets``' text loader: with one document per file the loader
+    only adds per-file set-up (fsspec, an Arrow table per file), which measured as a third of the
+    build's time on the standard library (bench/data_prep.py), and it cannot count the bytes it
+    replaces. Decoding here replaces and counts undecodable bytes in the same pass.
+    """
+    global _replaced
+    for path in paths:
+        _replaced = 0
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+            text = f.read().decode("utf-8", errors="ep_train_count_replace")
+        if _replaced:
+            yield "replaced_characters", _replaced, str(path)
+        yield "doc", text, str(path)
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -156,16 +167,12 @@ def _init_worker(model_path: str, opts: dict[str, Any]) -> None:
 
 def _encode(batch: tuple[int, list[str], dict[str, int]]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, dict]:
     end_pos, texts, bad = batch
-    ids = _sp.encode(texts)
-    eos, bos = _opts["eos_id"], _opts["bos_id"] if _opts["append_bos"] else None
-    pieces, lengths = [], np.empty(len(ids), dtype=np.int32)
-    for i, doc in enumerate(ids):
-        seq = ([bos] if bos is not None else []) + doc + [eos]
-        pieces.append(seq)
-        lengths[i] = len(seq)
-    tokens = np.fromiter((t for s in pieces for t in s), dtype=np.int64, count=int(lengths.sum()))
+    # sentencepiece appends EOS (and BOS) itself; tokens leave the worker already in the shard dtype
+    ids = _sp.encode(texts, add_eos=True, add_bos=_opts["append_bos"])
+    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_opts["dtype"], count=int(lengths.sum()))
     frac = _opts["val_fraction"]
-    is_val = np.array([_hash_unit(t) < frac for t in texts], dtype=bool)
+    is_val = np.array([frac > 0 and _hash_unit(t) < frac for t in texts], dtype=bool)
     return end_pos, lengths, tokens, is_val, bad
 
 
@@ -186,8 +193,16 @@ def _batches(files: list[Path], text_key: str, skip: int, strict: bool) -> Itera
     pos = chars = 0
     texts: list[str] = []
     bad: dict[str, Any] = {}
+    groups: list[list[Path]] = []  # runs of consecutive plain-text files are read together
     for path in files:
-        for kind, payload, where in _documents(path, text_key):
+        is_text = path.name.endswith(TEXT_SUFFIXES)
+        if is_text and groups and groups[-1][0].name.endswith(TEXT_SUFFIXES) and len(groups[-1]) < TEXT_GROUP:
+            groups[-1].append(path)
+        else:
+            groups.append([path])
+    for group in groups:
+        docs = _text_documents(group) if group[0].name.endswith(TEXT_SUFFIXES) else _documents(group[0], text_key)
+        for kind, payload, where in docs:
             pos += 1
             if pos <= skip:
                 continue
@@ -248,7 +263,9 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     eos = sp.eos_id()
     if eos < 0:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS piece; train it with an eos_id (the default is 2)")
-    opts = {"eos_id": eos, "bos_id": sp.bos_id(), "append_bos": append_bos, "val_fraction": val_fraction}
+    if append_bos and sp.bos_id() < 0:
+        raise ValueError(f"--append-bos: tokenizer {tokenizer!r} has no BOS piece; drop --append-bos")
+    opts = {"append_bos": append_bos, "val_fraction": val_fraction, "dtype": np_dtype.str}
     state: dict[str, Any] = {"tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": tok_sha},
                              "consumed": 0, "shards": {"train": [], "val": []}, "report": Report().__dict__}
     if state_path.is_file():
@@ -272,7 +289,7 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
             if w is not None and w.num_docs:
                 bin_p, idx_p = w.close()
                 state["shards"][split].append({"prefix": bin_p.stem, "documents": w.num_docs, "tokens": w.tokens,
-                                               "bin_sha256": sha256_file(bin_p), "idx_sha256": sha256_file(idx_p)})
+                                               "bin_sha256": w.bin_sha256, "idx_sha256": sha256_file(idx_p)})
             elif w is not None:
                 w.abort()
             writers[split] = None

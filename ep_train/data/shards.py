@@ -63,6 +63,7 @@ class ShardWriter:
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = _Growable(np.int32)
         self.tokens = 0
+        self._hash = hashlib.sha256()  # of the .bin, while writing: no second read at the end
 
     @property
     def num_docs(self) -> int:
@@ -74,9 +75,15 @@ class ShardWriter:
 
     def add(self, lengths: np.ndarray, tokens: np.ndarray) -> None:
         """Append documents given as their lengths [n] and their concatenated tokens."""
-        self._bin.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        data = np.asarray(tokens, dtype=self.dtype).tobytes()
+        self._bin.write(data)
+        self._hash.update(data)
         self._lengths.append(lengths)
         self.tokens += int(lengths.sum())
+
+    @property
+    def bin_sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def close(self) -> tuple[Path, Path]:
         self._bin.flush()
