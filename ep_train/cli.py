@@ -45,9 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(f"usage: ep-train {{{','.join(commands)}}} --config C.yaml [--section.key value ...]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from ep_train.train.trainer import NonFiniteLossError
+
     try:
         return commands[argv[0]](argv[1:]) or 0
-    except ValueError as e:
+    except (ValueError, NonFiniteLossError) as e:
         print(f"ep-train {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

@@ -320,7 +320,6 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
-    torch.autograd.set_detect_anomaly(bool(os.environ.get('DBG_ANOMALY')))
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir)
     trainer = Trainer(cfg, run_dir)

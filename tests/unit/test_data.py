@@ -28,7 +28,6 @@ def read_megatron(prefix: Path) -> list[np.ndarray]:
     docs = np.frombuffer(idx, np.int64, d, 34 + 12 * n)
     assert docs.tolist() == list(range(n + 1))
     data = Path(f"{prefix}.bin").read_bytes()
-    itemsize = np.dtype(dtype).itemsize
     return [np.frombuffer(data, dtype, int(s), int(p)) for s, p in zip(sizes, pointers)]
 
 
@@ -147,3 +146,22 @@ def test_loader_resume_reshard_and_epoch_coverage(built) -> None:
     assert firsts != list(range(w.num_windows))  # shuffled
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         DistributedBatches(w, 6, 4, 0, 1, seed=0)
+
+
+def test_parquet_arrow_and_json_array_inputs(tokenizer, tmp_path) -> None:
+    """The `datasets` local loaders: parquet, arrow (IPC stream) and a JSON array, with --text-key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [p.read_text() for p in sorted((CORPUS[0]).glob("*.py"))][:4]
+    pq.write_table(pa.table({"content": texts[:2]}), tmp_path / "a.parquet")
+    with pa.OSFile(str(tmp_path / "b.arrow"), "wb") as sink, pa.ipc.new_stream(sink, pa.schema(
+            [("content", pa.string())])) as writer:
+        writer.write_table(pa.table({"content": texts[2:3]}))
+    (tmp_path / "c.json").write_text(json.dumps([{"content": texts[3]}, {"other": 1}]))
+    man = build([str(tmp_path / n) for n in ("a.parquet", "b.arrow", "c.json")], str(tokenizer),
+                str(tmp_path / "out"), text_key="content", progress=False)
+    assert man["splits"]["train"]["documents"] == 4 and man["report"]["missing_text_key"] == 1
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    docs = read_megatron(tmp_path / "out" / man["splits"]["train"]["shards"][0]["prefix"])
+    assert [sp.decode(d[:-1].tolist()) for d in docs] == texts

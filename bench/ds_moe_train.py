@@ -1,0 +1,104 @@
+"""Peer for bench/train_e2e.py: the same model with DeepSpeed's own MoE layer, under ZeRO-2.
+
+Launched by torchrun (see train_e2e.py). Same config, data, seed and batch as ep-train's run; the
+MoE FFNs are ``deepspeed.moe.layer.MoE`` (top-2, ep_size 2, ``drop_tokens=False``: no dropping, like
+ep-train's dropless default) with SwiGLU experts of the same width. Writes one JSON line per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data_dir", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--overrides", nargs="*", default=[])
+    args = ap.parse_args()
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    from ep_train.config import load_config, parse_overrides
+    from ep_train.data.loader import DistributedBatches, TokenWindows
+    from ep_train.model import MoELayer, RouterStats, build_model
+    from ep_train.model.experts import SwiGLU
+    from ep_train.parallel.zero import build_ds_config
+    from ep_train.train.trainer import checkpointed_block
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(args.config, parse_overrides(args.overrides + ["--ds_config", "zero2"]))
+    t, m, e = cfg.train, cfg.model, cfg.moe
+
+    class DeepSpeedMoEFFN(MoELayer):
+        """DeepSpeed's MoE layer behind ep-train's FFN interface (forward -> (y, RouterStats))."""
+
+        def __init__(self) -> None:
+            nn.Module.__init__(self)
+            self.num_experts = e.num_experts
+            width = e.expert_intermediate_size or m.intermediate_size
+            self.moe = MoE(hidden_size=m.hidden_size, expert=SwiGLU(m.hidden_size, width), num_experts=e.num_experts,
+                           ep_size=cfg.parallel.ep_size, k=e.num_experts_per_token, drop_tokens=False, use_rts=False,
+                           min_capacity=0)
+
+        def forward(self, x: torch.Tensor):  # type: ignore[override]
+            y, aux, counts = self.moe(x)
+            zero = aux.detach() * 0
+            return y, RouterStats(aux, zero, counts.detach(), zero, zero, zero)
+
+    model = build_model(m, e, seed=t.seed)
+    for block in model.layers:
+        if isinstance(block.ffn, MoELayer):
+            block.ffn = DeepSpeedMoEFFN()
+    if t.activation_checkpointing:
+        model.block_wrapper = checkpointed_block
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "parameters"})
+    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=build_ds_config(cfg, world, use_bf16=False))
+    data = DistributedBatches(TokenWindows(args.data_dir, "train", cfg.data.seq_len), t.batch_size,
+                              t.micro_batch_size, rank, world, seed=t.seed)
+    elements = sum(p.numel() for p in model.parameters())  # ZeRO-2: every rank holds its parameters whole
+    out = open(args.out, "w") if rank == 0 else None
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        total = 0.0
+        micro = data.next()
+        for x, y in micro:
+            o = engine(x, y)
+            engine.backward(o.loss)
+            engine.step()
+            total += o.loss.item()
+        dist.barrier()
+        dt = time.perf_counter() - t0
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        if out:
+            out.write(json.dumps({"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
+                                  "tokens_per_sec": t.batch_size * cfg.data.seq_len / dt,
+                                  "elements": elements}) + "\n")
+            out.flush()
+    dist.barrier()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
