@@ -27,8 +27,7 @@ def main() -> None:
     ap.add_argument("--data_dir", required=True)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--overrides", nargs="*", default=[])
-    args = ap.parse_args()
+    args, overrides = ap.parse_known_args()  # the rest: ep-train config overrides (--hidden_size 32 ...)
 
     import deepspeed
     import torch.distributed as dist
@@ -44,7 +43,7 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(args.config, parse_overrides(args.overrides + ["--ds_config", "zero2"]))
+    cfg = load_config(args.config, parse_overrides(overrides + ["--ds_config", "zero2"]))
     t, m, e = cfg.train, cfg.model, cfg.moe
 
     class DeepSpeedMoEFFN(MoELayer):

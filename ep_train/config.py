@@ -162,7 +162,7 @@ def _resolve_key(key: str, cfg_cls: type = Config) -> tuple[str, str]:
         return owners[0], key
     if len(owners) > 1:
         raise ValueError(f"config key '{key}' is ambiguous ({owners}); write it as section.key, e.g. {owners[0]}.{key}")
-    raise ValueError(f"unknown config key '{key}'; check the spelling or run with --help-config to list the keys")
+    raise ValueError(f"unknown config key '{key}'; check the spelling (the keys are the fields of the dataclasses in ep_train/config.py)")
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

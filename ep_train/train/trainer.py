@@ -199,11 +199,10 @@ class Trainer:
         for x, y in micro:
             out = self.engine(x.to(self.device), y.to(self.device))
             loss = out.loss * float("nan") if inject else out.loss
-            # Every rank must agree before anyone skips: a one-rank decision would desync collectives.
-            bad = self._all_reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]), dist.ReduceOp.MAX)
-            nonfinite |= bool(bad.item())  # host sync
+            nonfinite |= not bool(torch.isfinite(loss))  # host sync
             # Backward even when non-finite: ZeRO sees a non-finite gradient norm, skips the
-            # optimizer step and clears the gradients (DeepSpeed's overflow path), keeping all ranks in step.
+            # optimizer step and clears the gradients (DeepSpeed's overflow path), and every rank
+            # still enters the same collectives.
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed counts micro-steps: only the last one of the batch updates
             sums += torch.tensor([loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()],
@@ -213,6 +212,8 @@ class Trainer:
                                  torch.stack([st.dropped, st.assignments, st.entropy]).float().cpu()])
                 layer_acc[i] = layer_acc.get(i, 0) + row
         self.step += 1
+        # The count must agree on every rank (one rank's NaN poisons the shared gradient norm anyway).
+        nonfinite = bool(self._all_reduce(torch.tensor([float(nonfinite)]), dist.ReduceOp.MAX).item())
         applied = self.engine.was_step_applied()
         if nonfinite:
             if applied:

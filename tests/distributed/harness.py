@@ -10,6 +10,19 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 
+def read_losses(run_dir) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl (a resumed run appends; the latest record of a step wins)."""
+    import json
+    from pathlib import Path
+
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ import pytest
 
 from ep_train.config import load_config, parse_overrides
 from tests.distributed.harness import free_port
+from tests.distributed.harness import read_losses as losses
 from tests.distributed.reference_train import reference_losses
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,16 +57,6 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     for child in psutil.Process(proc.pid).children(recursive=True):
         child.kill()
     proc.kill()
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl (a resumed run appends; the latest record of a step wins)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 @pytest.fixture(scope="module")

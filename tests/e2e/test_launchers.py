@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from ep_train.config import load_config, parse_overrides
 from tests.distributed.harness import free_port
+from tests.distributed.harness import read_losses as _losses
 from tests.distributed.reference_train import reference_losses
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,15 +23,6 @@ OVERRIDES = ["--seq_len", "32", "--max_steps", str(STEPS), "--warmup_steps", "3"
 @pytest.fixture(scope="module")
 def reference(built) -> list[float]:
     return reference_losses(load_config(CONFIG, parse_overrides(["--data_dir", str(built), *OVERRIDES])), STEPS)
-
-
-def _losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _check(run: Path, reference: list[float]) -> None:

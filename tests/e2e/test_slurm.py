@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CORPUS
+from tests.distributed.harness import read_losses as _losses
 from tests.e2e.slurm_cluster import SlurmCluster, ensure_installed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,15 +27,6 @@ def slurm(tmp_path_factory):
     cluster.env.update(EP_TRAIN_ROOT=str(ROOT), OMP_NUM_THREADS="1")
     yield cluster
     cluster.stop()
-
-
-def _losses(run: Path) -> dict[int, float]:
-    out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _submit_train(slurm: SlurmCluster, tmp: Path, run: Path, data: Path) -> str:
