@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = corpus(args.small)
     files = prep.expand_inputs(inputs)
     tmp = Path(tempfile.mkdtemp(prefix="bench_prep_"))
-    model = str(train_tokenizer([str(f) for f in files], 300 if args.small else 4096, str(tmp / "tok"),
+    model = str(train_tokenizer([str(f) for f in files], 1000 if args.small else 4096, str(tmp / "tok"),
                                 input_sentence_size=200_000))
     texts = [f.read_text(errors="replace") for f in files]
     texts = [t for t in texts if t.strip()]
