@@ -12,8 +12,11 @@ def test_moe_layer_bench_small() -> None:
     from bench.moe_layer import main
 
     out = main(["--small"])
-    assert {"ep-train", "DeepSpeed MoE", "HF Mixtral block (1 process)", "limit (matmuls + all-to-all)"} <= set(
-        out["times"])
+    assert {"ep-train", "DeepSpeed MoE", "DeepSpeed AutoEP", "HF Mixtral block (1 process)",
+            "limit (matmuls + all-to-all)"} <= set(out["times"])
+    # the profiles of the two layers name the operators the time went to
+    assert set(out["profiles"]) == {"ep-train", "DeepSpeed MoE"}
+    assert all("aten::" in text for text in out["profiles"].values())
     # the count from the routing and the rows ep-train's dispatch moves are both positive and consistent
     sent = out["sent"]
     assert sent["ep-train (its all-to-all send splits)"] == sent["dropless minimum (routed assignments leaving the rank)"]
@@ -31,7 +34,10 @@ def test_train_e2e_bench_small() -> None:
     from bench.train_e2e import main
 
     out = main(["--small"])
-    assert set(out) == {"zero3_offload", "zero3", "zero2", "DeepSpeed MoE layer, ZeRO-2 (peer)"}
+    assert set(out) == {"zero3_offload", "zero3", "zero2", "DeepSpeed MoE layer, ZeRO-2 (peer)",
+                        "DeepSpeed AutoEP, ZeRO-3 (peer)", "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"}
     for r in out.values():
         assert r["elements"] > 0 and r["tok_s"]
     assert out["zero3"]["elements"] < out["zero2"]["elements"]  # ZeRO-3 really partitions parameters
+    # AutoEP's ZeRO-3 partitions: each rank holds a share, as ep-train's do
+    assert out["DeepSpeed AutoEP, ZeRO-3 (peer)"]["elements"] < out["DeepSpeed MoE layer, ZeRO-2 (peer)"]["elements"]
