@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import profiled  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--data_dir", required=True)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile_step", type=int, default=0, help="profile this step (table next to --out)")
     args, overrides = ap.parse_known_args()  # the rest: ep-train config overrides (--ds_config zero3 ...)
 
     import deepspeed
@@ -76,14 +79,20 @@ def main() -> None:
     out = open(args.out, "w") if rank == 0 else None
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
-        total = 0.0
         micro = data.next()
-        for x, y in micro:
-            logits = engine(input_ids=x).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-            engine.backward(loss)
-            engine.step()
-            total += loss.item()
+
+        def one_step() -> float:
+            total = 0.0
+            for x, y in micro:
+                logits = engine(input_ids=x).logits
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                engine.backward(loss)
+                engine.step()
+                total += loss.item()
+            return total
+
+        total = profiled(one_step, Path(f"{args.out}.rank{rank}.profile.txt")) if step == args.profile_step \
+            else one_step()
         dist.barrier()
         dt = time.perf_counter() - t0
         rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
@@ -92,6 +101,7 @@ def main() -> None:
         dist.all_reduce(elem, op=dist.ReduceOp.MAX)
         if out:
             out.write(json.dumps({"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
+                                  "profiled": step == args.profile_step,
                                   "tokens_per_sec": t.batch_size * cfg.data.seq_len / dt,
                                   "elements": int(elem.item())}) + "\n")
             out.flush()

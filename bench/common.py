@@ -53,3 +53,14 @@ def append_section(title: str, body: str) -> None:
     else:
         text += section
     DOC.write_text(text)
+
+
+def profiled(fn: Callable[[], object], table_path: Path, rows: int = 25) -> object:
+    """Run ``fn`` under torch.profiler (CPU) and write its operators by self time to ``table_path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    table_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
+                                                    max_name_column_width=60))
+    return out

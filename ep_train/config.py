@@ -99,6 +99,7 @@ class TrainConfig:
     resume: str | None = None  # "auto" = the latest checkpoint in run_dir/checkpoints, or a checkpoint folder
     max_consecutive_skips: int = 5  # non-finite losses in a row before the run stops
     inject_nonfinite_steps: list[int] | None = None  # fault injection, for testing the skip logic
+    profile_step: int = 0  # > 0: that step runs under torch.profiler -> run_dir/profile/ (trace + table)
 
 
 @dataclass
@@ -385,6 +386,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
         _check(t.batch_size % t.micro_batch_size == 0, "train.batch_size", t.batch_size,
                f"must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
         _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", t.max_consecutive_skips, "must be >= 1")
+        _check(t.profile_step >= 0, "train.profile_step", t.profile_step, "must be >= 0 (0 = no profiling)")
         if world_size is not None:
             _check(t.batch_size % (t.micro_batch_size * world_size) == 0, "train.batch_size", t.batch_size,
                    f"must be a multiple of micro_batch_size x world size ({t.micro_batch_size} x {world_size})")

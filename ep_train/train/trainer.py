@@ -226,6 +226,28 @@ class Trainer:
         sums /= len(micro)
         return {"sums": sums, "layers": layer_acc, "nonfinite": nonfinite, "lr": lr}
 
+    def profiled_step(self) -> dict[str, Any]:
+        """One training step under torch.profiler: a Chrome trace (open in Perfetto or chrome://tracing)
+        and a table of operators by self time, per rank, in run_dir/profile/."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts, record_shapes=False) as prof:
+            res = self.train_step()
+            if cuda:
+                torch.cuda.synchronize()
+        out = self.run_dir / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"rank{self.rank}_step{self.step}"
+        prof.export_chrome_trace(f"{stem}.json")
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        Path(f"{stem}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=25,
+                                                                 max_name_column_width=60))
+        if self.rank == 0:
+            print(f"profiled step {self.step}: {stem}.txt and {stem}.json", flush=True)
+        return res
+
     def _gather_metrics(self, res: dict[str, Any]) -> tuple[dict[str, float], dict[int, list[int]], dict[int, dict]]:
         sums = self._all_reduce(res["sums"].clone()).cpu() / self.world
         counts, stats = {}, {}
@@ -282,7 +304,7 @@ class Trainer:
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         last_log, t_log = self.step, time.monotonic()
         while self.step < t.max_steps:
-            res = self.train_step()
+            res = self.profiled_step() if self.step + 1 == t.profile_step else self.train_step()
             if self.consecutive_skips >= t.max_consecutive_skips:
                 path = self.save()  # weights are those of the last good step: skipped steps change nothing
                 raise NonFiniteLossError(

@@ -77,8 +77,15 @@ def _assert_close(got: dict[int, float], ref: list[float], skip: set[int] = froz
 @pytest.mark.parametrize("nproc,ckpt", [(2, "false"), (2, "true"), (4, "false"), (4, "true")])
 def test_zero3_offload_ep_matches_single_process(tmp_path, built, reference, nproc, ckpt) -> None:
     run = tmp_path / "run"
-    out = train(run, built, nproc, "--activation_checkpointing", ckpt, "--ep_size", "2")
+    profile = (nproc, ckpt) == (2, "true")  # one case also profiles a step: it must not change the numbers
+    out = train(run, built, nproc, "--activation_checkpointing", ckpt, "--ep_size", "2",
+                *(["--profile_step", "5"] if profile else []))
     _assert_close(losses(run), reference)
+    if profile:
+        for rank in range(nproc):
+            assert "aten::mm" in (run / "profile" / f"rank{rank}_step5.txt").read_text()
+            trace = json.loads((run / "profile" / f"rank{rank}_step5.json").read_text())
+            assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])
     assert reference[-1] < reference[0] - 0.1  # it really learns
     # ZeRO-3 really partitions: dense over all ranks, experts over their expert-data-parallel group.
     model_cfg = load_config(CONFIG, parse_overrides(["--seq_len", "32"]))

@@ -38,6 +38,7 @@ def test_train_e2e_bench_small() -> None:
                         "DeepSpeed AutoEP, ZeRO-3 (peer)", "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"}
     for r in out.values():
         assert r["elements"] > 0 and r["tok_s"]
+        assert "aten::" in r["profile"]  # the profiled step's operator table
     assert out["zero3"]["elements"] < out["zero2"]["elements"]  # ZeRO-3 really partitions parameters
     # AutoEP's ZeRO-3 partitions: each rank holds a share, as ep-train's do
     assert out["DeepSpeed AutoEP, ZeRO-3 (peer)"]["elements"] < out["DeepSpeed MoE layer, ZeRO-2 (peer)"]["elements"]

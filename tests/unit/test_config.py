@@ -58,6 +58,7 @@ BAD = [
     ({"model.tie_embeddings": "maybe"}, "model.tie_embeddings"),
     ({"model.hidden_sise": 64}, "hidden_sise"),  # unknown key (typo)
     ({"optimizer.lr": 1.0}, "optimizer"),  # unknown section
+    ({"train.profile_step": -1}, "train.profile_step"),
 ]
 
 
