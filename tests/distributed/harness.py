@@ -86,3 +86,13 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
     if len(results) < world:
         raise TimeoutError(f"distributed run timed out after {timeout}s (ranks done: {sorted(results)})")
     return [results[r] for r in range(world)]
+
+
+def cmdline(p: Any) -> str:  # p: psutil.Process
+    """A process's command line, or "" when it exited while we looked (short-lived helpers do)."""
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.NoSuchProcess:
+        return ""

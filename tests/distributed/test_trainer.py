@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from ep_train.config import load_config, parse_overrides
+from tests.distributed.harness import cmdline as _cmdline
 from tests.distributed.harness import free_port
 from tests.distributed.harness import read_losses as losses
 from tests.distributed.reference_train import reference_losses
@@ -115,8 +116,7 @@ def test_resume_after_signal_gives_the_same_losses(tmp_path, built, reference) -
         if (run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= 8:
             break
         time.sleep(0.1)
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "ep_train.train" in " ".join(
-        c.cmdline())]
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "ep_train.train" in _cmdline(c)]
     assert workers, "no trainer processes found"
     for w in workers:
         w.send_signal(signal.SIGUSR1)

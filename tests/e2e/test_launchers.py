@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from ep_train.config import load_config, parse_overrides
+from tests.distributed.harness import cmdline as _cmdline
 from tests.distributed.harness import free_port
 from tests.distributed.harness import read_losses as _losses
 from tests.distributed.reference_train import reference_losses
@@ -87,8 +88,8 @@ def test_sigkill_of_a_rank_restarts_and_resumes(tmp_path, built, reference) -> N
         if (run / "checkpoints" / "latest").is_file() and max(_losses(run), default=0) >= 6:
             break
         time.sleep(0.1)
-    workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "-m ep_train.train" in " ".join(
-        c.cmdline()) and "torch.distributed.run" not in " ".join(c.cmdline())]
+    workers = [c for c in psutil.Process(p.pid).children(recursive=True)
+               if "-m ep_train.train" in _cmdline(c) and "torch.distributed.run" not in _cmdline(c)]
     assert len(workers) == 2, [w.cmdline() for w in workers]
     workers[1].kill()  # SIGKILL one rank mid-training
     out = _finish(p, tmp_path / "tr.log")
