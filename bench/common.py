@@ -64,3 +64,58 @@ def profiled(fn: Callable[[], object], table_path: Path, rows: int = 25) -> obje
     table_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
                                                     max_name_column_width=60))
     return out
+
+
+def peer_args() -> tuple[object, list[str]]:
+    """The command line shared by the peer training scripts; the rest are ep-train config overrides."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--data_dir", required=True)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--profile_step", type=int, default=0, help="profile this step (table next to --out)")
+    return ap.parse_known_args()
+
+
+def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int, elements: int) -> None:
+    """Train ``args.steps`` global batches; rank 0 writes one JSON line per step to ``args.out``.
+
+    ``loss_fn(x, y)`` returns the loss of one micro-batch through ``engine``.
+    """
+    import json
+    import resource
+
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    out = open(args.out, "w") if rank == 0 else None  # noqa: SIM115 - written step by step
+    for step in range(1, args.steps + 1):
+        t0 = time.perf_counter()
+        micro = data.next()
+
+        def one_step() -> float:
+            total = 0.0
+            for x, y in micro:  # noqa: B023 - called within this iteration
+                loss = loss_fn(x, y)
+                engine.backward(loss)
+                engine.step()
+                total += loss.item()
+            return total
+
+        total = profiled(one_step, Path(f"{args.out}.rank{rank}.profile.txt")) if step == args.profile_step \
+            else one_step()
+        dist.barrier()
+        dt = time.perf_counter() - t0
+        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        elem = torch.tensor([elements], dtype=torch.float64)
+        dist.all_reduce(elem, op=dist.ReduceOp.MAX)  # the largest rank's share
+        if out:
+            out.write(json.dumps({"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
+                                  "profiled": step == args.profile_step,
+                                  "tokens_per_sec": tokens_per_step / dt, "elements": int(elem.item())}) + "\n")
+            out.flush()
+    dist.barrier()

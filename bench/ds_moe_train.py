@@ -7,12 +7,8 @@ ep-train's dropless default) with SwiGLU experts of the same width. Writes one J
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,17 +16,11 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import profiled  # noqa: E402
+from bench.common import peer_args, peer_train_loop  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--data_dir", required=True)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--profile_step", type=int, default=0, help="profile this step (table next to --out)")
-    args, overrides = ap.parse_known_args()  # the rest: ep-train config overrides (--hidden_size 32 ...)
+    args, overrides = peer_args()  # the rest: ep-train config overrides
 
     import deepspeed
     import torch.distributed as dist
@@ -79,33 +69,7 @@ def main() -> None:
     data = DistributedBatches(TokenWindows(args.data_dir, "train", cfg.data.seq_len), t.batch_size,
                               t.micro_batch_size, rank, world, seed=t.seed)
     elements = sum(p.numel() for p in model.parameters())  # ZeRO-2: every rank holds its parameters whole
-    out = open(args.out, "w") if rank == 0 else None
-    for step in range(1, args.steps + 1):
-        t0 = time.perf_counter()
-        micro = data.next()
-
-        def one_step() -> float:
-            total = 0.0
-            for x, y in micro:
-                o = engine(x, y)
-                engine.backward(o.loss)
-                engine.step()
-                total += o.loss.item()
-            return total
-
-        total = profiled(one_step, Path(f"{args.out}.rank{rank}.profile.txt")) if step == args.profile_step \
-            else one_step()
-        dist.barrier()
-        dt = time.perf_counter() - t0
-        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
-        if out:
-            out.write(json.dumps({"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
-                                  "profiled": step == args.profile_step,
-                                  "tokens_per_sec": t.batch_size * cfg.data.seq_len / dt,
-                                  "elements": elements}) + "\n")
-            out.flush()
-    dist.barrier()
+    peer_train_loop(engine, lambda x, y: engine(x, y).loss, data, args, t.batch_size * cfg.data.seq_len, elements)
     os._exit(0)
 
 
