@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ep_train.config import load_config, parse_overrides, validate
+from ep_train.stdio import exit_quietly_on_broken_pipe
 
 
 def _plan(argv: list[str]) -> int:
@@ -34,6 +35,7 @@ def _plan(argv: list[str]) -> int:
     return 0
 
 
+@exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"plan": _plan}

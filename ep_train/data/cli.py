@@ -8,6 +8,7 @@ import sys
 
 from ep_train.data import prep
 from ep_train.data.tokenizer import train_tokenizer
+from ep_train.stdio import exit_quietly_on_broken_pipe
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+@exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -24,6 +24,7 @@ from ep_train.config import Config, config_to_dict, load_config, parse_overrides
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.model.moe import RouterStats
 from ep_train.model.transformer import Transformer, build_model
+from ep_train.stdio import keep_running_on_broken_pipe
 from ep_train.train import checkpoint
 from ep_train.train.metrics import MetricsLogger
 from ep_train.train.signals import STOP_EXIT_CODE, STOP_MARKER, StopFlag
@@ -342,6 +343,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_running_on_broken_pipe()  # a closed `| head` on the console must not end a training run
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir)

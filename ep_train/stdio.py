@@ -1,0 +1,89 @@
+"""Entry-point behaviour for output piped into a reader that stops early (``... | head``).
+
+Python ignores SIGPIPE, so a write to a closed pipe raises ``BrokenPipeError``: a traceback and,
+under ``set -o pipefail``, a failed pipeline. The convention of ``git``, ``ls`` and
+``python -m json.tool`` is to stop writing quietly and exit 0: the reader has what it wanted.
+
+Two forms:
+- ``exit_quietly_on_broken_pipe(main)`` for short commands (``plan``, ``inspect``): the command ends
+  at the first write that fails and returns 0.
+- ``keep_running_on_broken_pipe()`` for the trainer: hours of training must not stop because a
+  ``| head`` on its console went away; later console output is dropped (metrics.jsonl and
+  TensorBoard still get everything).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TextIO
+
+
+def _silence(stream: TextIO) -> None:
+    """Point ``stream``'s file descriptor at /dev/null, so the interpreter's final flush cannot fail."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced or closed stream (tests, pytest capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _same_file(a: TextIO, b: TextIO) -> bool:
+    try:
+        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def exit_quietly_on_broken_pipe(main: Callable[..., int | None]) -> Callable[..., int]:
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        try:
+            rc = main(*args, **kwargs)
+            sys.stdout.flush()  # a late failure (block-buffered pipe) happens here, not at shutdown
+            return rc or 0
+        except BrokenPipeError:
+            both = _same_file(sys.stdout, sys.stderr)  # `2>&1 | head`: stderr is the same closed pipe
+            _silence(sys.stdout)
+            if both:
+                _silence(sys.stderr)
+            return 0
+    return wrapper
+
+
+class _PipeTolerantStream:
+    """Wraps a text stream: after the first ``BrokenPipeError`` all further output is dropped."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream, self._broken = stream, False
+
+    def _guard(self, fn: Callable[[], object]) -> object:
+        if self._broken:
+            return None
+        try:
+            return fn()
+        except BrokenPipeError:
+            self._broken = True
+            _silence(self._stream)
+            return None
+
+    def write(self, s: str) -> int:
+        self._guard(lambda: self._stream.write(s))
+        return len(s)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def keep_running_on_broken_pipe() -> None:
+    """Make stdout and stderr drop output instead of raising once their reader has gone."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _PipeTolerantStream):
+            setattr(sys, name, _PipeTolerantStream(stream))
