@@ -32,7 +32,7 @@ def main() -> None:
     from ep_train.model import MoELayer, RouterStats, build_model
     from ep_train.model.experts import SwiGLU
     from ep_train.parallel.zero import build_ds_config
-    from ep_train.train.trainer import checkpointed_block
+    from ep_train.parallel import checkpoint_blocks
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -60,7 +60,7 @@ def main() -> None:
         if isinstance(block.ffn, MoELayer):
             block.ffn = DeepSpeedMoEFFN()
     if t.activation_checkpointing:
-        model.block_wrapper = checkpointed_block
+        checkpoint_blocks(model)
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "parameters"})
     optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)

@@ -97,6 +97,7 @@ class TrainConfig:
     save_interval: int = 0  # 0 = only at the end (and on a stop signal)
     keep_last: int = 3
     resume: str | None = None  # "auto" = the latest checkpoint in run_dir/checkpoints, or a checkpoint folder
+    init_from: str | None = None  # a Hugging Face Mixtral folder: initial weights, streamed per tensor
     max_consecutive_skips: int = 5  # non-finite losses in a row before the run stops
     inject_nonfinite_steps: list[int] | None = None  # fault injection, for testing the skip logic
     profile_step: int = 0  # > 0: that step runs under torch.profiler -> run_dir/profile/ (trace + table)
@@ -315,6 +316,19 @@ def _check(ok: bool, name: str, value: Any, fix: str) -> None:
         raise ValueError(f"{name} = {value!r} is invalid: {fix}")
 
 
+def check_ep_layout(ep_size: int, num_experts: int | None = None, world_size: int | None = None) -> None:
+    """The one check of the expert-parallel layout (validate, the planner, the groups and parallelize use it)."""
+    _check(ep_size >= 1, "parallel.ep_size", ep_size, "must be >= 1")
+    if ep_size > 1 and num_experts is not None:
+        _check(num_experts > 1, "parallel.ep_size", ep_size, "expert parallelism needs moe.num_experts > 1")
+        _check(num_experts % ep_size == 0, "parallel.ep_size", ep_size,
+               f"must divide moe.num_experts ({num_experts}); pick a divisor of {num_experts}")
+    if world_size is not None:
+        _check(world_size >= 1, "world size", world_size, "must be >= 1 (launch at least one process)")
+        _check(world_size % ep_size == 0, "parallel.ep_size", ep_size,
+               f"must divide the world size ({world_size}); launch a multiple of {ep_size} processes")
+
+
 def validate(cfg: Any, world_size: int | None = None) -> None:
     """All cross-field checks, in one place. ``world_size`` adds the checks that need it."""
     m, e, p = cfg.model, cfg.moe, cfg.parallel
@@ -363,14 +377,7 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
                "must be a positive number (1.0-1.25 is typical) or null for dropless")
     _check(e.drop_policy in ("drop", "overflow"), "moe.drop_policy", e.drop_policy, "use 'drop' or 'overflow'")
 
-    _check(p.ep_size >= 1, "parallel.ep_size", p.ep_size, "must be >= 1")
-    if p.ep_size > 1:
-        _check(e.num_experts > 1, "parallel.ep_size", p.ep_size, "expert parallelism needs moe.num_experts > 1")
-        _check(e.num_experts % p.ep_size == 0, "parallel.ep_size", p.ep_size,
-               f"must divide moe.num_experts ({e.num_experts}); pick a divisor of {e.num_experts}")
-    if world_size is not None:
-        _check(world_size % p.ep_size == 0, "parallel.ep_size", p.ep_size,
-               f"must divide the world size ({world_size}); launch a multiple of {p.ep_size} processes")
+    check_ep_layout(p.ep_size, e.num_experts, world_size)
     t, d = getattr(cfg, "train", None), getattr(cfg, "data", None)
     if t is not None:
         for name in ("micro_batch_size", "batch_size", "max_steps", "log_interval", "keep_last", "eval_batches"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ep_train.config import Config, moe_layer_indices
+from ep_train.config import Config, check_ep_layout, moe_layer_indices
 
 
 @dataclass
@@ -74,8 +74,7 @@ def model_state_bytes_per_rank(cfg: Config, world: int, zero_stage: int, offload
     """
     s = model_size(cfg)
     ep = cfg.parallel.ep_size
-    if world % ep:
-        raise ValueError(f"parallel.ep_size ({ep}) must divide the number of ranks ({world})")
+    check_ep_layout(ep, cfg.moe.num_experts, world)
     dense = s.total - s.experts
     edp = world // ep
     full_per_rank = dense + s.experts / ep  # what one rank would hold without ZeRO partitioning

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from ep_train.config import Config, validate
 from ep_train.model.transformer import Transformer
@@ -52,69 +52,105 @@ def config_from_hf(hf: dict[str, Any]) -> Config:
     return c
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}; "
-                         "save the model with save_pretrained(..., safe_serialization=True)")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(path / f)))
-    return tensors
+class HFMixtralSource:
+    """Values of ep-train parameters read from a Hugging Face Mixtral folder, tensor by tensor.
 
+    A ``ValueSource`` (``ep_train.model.init``): each call opens the memory-mapped safetensors file
+    holding that tensor and reads only what is asked, an expert's rows for stacked experts
+    (``get_slice``), so a rank never holds more than its share plus the tensor being made.
+    Accepts the per-expert names of older checkpoints (``block_sparse_moe.experts.{e}.w1.weight``) and the
+    fused ones transformers 5 writes (``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj``).
+    """
 
-def hf_state_to_ep(tensors: dict[str, torch.Tensor], c: Config) -> dict[str, torch.Tensor]:
-    """Rename/restack HF Mixtral weights into ep_train's state dict (full expert stacks)."""
-    t = {k.removeprefix("model."): v for k, v in tensors.items()}
-    out = {"embed.weight": t.pop("embed_tokens.weight"), "norm.weight": t.pop("norm.weight")}
-    head = tensors.get("lm_head.weight")
-    t.pop("lm_head.weight", None)
-    out["lm_head.weight"] = head if head is not None else out["embed.weight"]
-    e = c.moe.num_experts
-    for i in range(c.model.num_layers):
-        src, dst = f"layers.{i}.", f"layers.{i}."
-        out[dst + "attn_norm.weight"] = t.pop(src + "input_layernorm.weight")
-        out[dst + "ffn_norm.weight"] = t.pop(src + "post_attention_layernorm.weight")
-        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out[f"{dst}attn.{p}.weight"] = t.pop(f"{src}self_attn.{p}.weight")
-        if src + "mlp.experts.gate_up_proj" in t:  # transformers 5 fused layout
-            gate_up = t.pop(src + "mlp.experts.gate_up_proj")  # [E, 2F, D]
-            w1, w3 = gate_up.chunk(2, dim=1)  # HF: gate, up = (x @ gate_up.T).chunk(2)
-            w2 = t.pop(src + "mlp.experts.down_proj")  # [E, D, F]
-            gate = t.pop(src + "mlp.gate.weight")
+    def __init__(self, path: str | Path, cfg: Config | None = None) -> None:
+        self.path = Path(path)
+        self.cfg = cfg or config_from_hf(json.loads((self.path / "config.json").read_text()))
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.path / "model.safetensors").is_file():
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                self.where = {k: "model.safetensors" for k in f.keys()}
         else:
-            moe = src + "block_sparse_moe."
-            w1 = torch.stack([t.pop(f"{moe}experts.{j}.w1.weight") for j in range(e)])
-            w2 = torch.stack([t.pop(f"{moe}experts.{j}.w2.weight") for j in range(e)])
-            w3 = torch.stack([t.pop(f"{moe}experts.{j}.w3.weight") for j in range(e)])
-            gate = t.pop(moe + "gate.weight")
-        out[dst + "ffn.router.weight"] = gate
-        out[dst + "ffn.experts.w1"], out[dst + "ffn.experts.w2"], out[dst + "ffn.experts.w3"] = w1, w2, w3
-    leftover = [k for k in t if "rotary_emb" not in k]
-    if leftover:
-        raise ValueError(f"unexpected tensors in the Mixtral checkpoint: {leftover[:5]}; is it really Mixtral?")
-    return out
+            raise ValueError(f"no model.safetensors or model.safetensors.index.json in {str(self.path)!r}; "
+                             "save the model with save_pretrained(..., safe_serialization=True)")
+        self.fused = any(k.endswith("mlp.experts.gate_up_proj") for k in self.where)
+        self._check_names()
+
+    def _hf_names(self, name: str, expert: int | None = None) -> tuple[str, slice | None]:
+        """ep-train name (+ global expert id) -> (HF tensor name, rows of its second dim or None)."""
+        m = "model."
+        fixed = {"embed.weight": m + "embed_tokens.weight", "norm.weight": m + "norm.weight",
+                 "lm_head.weight": "lm_head.weight"}
+        if name in fixed:
+            return fixed[name], None
+        layer, rest = name.split(".", 2)[1], name.split(".", 2)[2]
+        src = f"{m}layers.{layer}."
+        simple = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight"}
+        if rest in simple:
+            return src + simple[rest], None
+        if rest.startswith("attn."):
+            return src + "self_attn." + rest.removeprefix("attn."), None
+        if rest == "ffn.router.weight":
+            return src + ("mlp.gate.weight" if self.fused else "block_sparse_moe.gate.weight"), None
+        w = rest.removeprefix("ffn.experts.")
+        assert w in ("w1", "w2", "w3") and expert is not None, name
+        if not self.fused:
+            return f"{src}block_sparse_moe.experts.{expert}.{w}.weight", None
+        f = self.cfg.moe.expert_intermediate_size or self.cfg.model.intermediate_size
+        if w == "w2":
+            return src + "mlp.experts.down_proj", None
+        return src + "mlp.experts.gate_up_proj", slice(0, f) if w == "w1" else slice(f, 2 * f)  # gate, up
+
+    def _check_names(self) -> None:
+        from ep_train.model.transformer import build_model
+
+        wanted: set[str] = set()
+        for name, p in build_model(self.cfg.model, self.cfg.moe, device="meta").named_parameters():
+            experts = range(p.shape[0]) if name.endswith(("experts.w1", "experts.w2", "experts.w3")) else [None]
+            wanted.update(self._hf_names(name, e)[0] for e in experts)
+        if self.cfg.model.tie_embeddings or "lm_head.weight" not in self.where:
+            wanted.discard("lm_head.weight")
+        missing = sorted(wanted - set(self.where))
+        extra = sorted(k for k in set(self.where) - wanted if "rotary_emb" not in k and k != "lm_head.weight")
+        if missing or extra:
+            raise ValueError(f"{str(self.path)!r} does not match its config.json as a Mixtral checkpoint: "
+                             f"missing {missing[:5]}, unexpected {extra[:5]}")
+
+    def _read(self, key: str, expert: int | None, rows: slice | None) -> torch.Tensor:
+        with safe_open(str(self.path / self.where[key]), "pt") as f:  # memory-mapped: reads only the slice
+            sl = f.get_slice(key)
+            if expert is None:
+                return sl[:]
+            if rows is None:
+                return sl[expert]
+            return sl[expert, rows.start:rows.stop]
+
+    def __call__(self, name: str, shape: tuple[int, ...], expert_ids: list[int] | None) -> torch.Tensor:
+        if name == "lm_head.weight" and "lm_head.weight" not in self.where:
+            name = "embed.weight"  # tied in the checkpoint
+        if expert_ids is None:
+            key, _ = self._hf_names(name)
+            return self._read(key, None, None).float()
+        out = torch.empty(shape)
+        for row, e in enumerate(expert_ids):
+            key, rows = self._hf_names(name, e)
+            per_expert = not self.fused
+            out[row] = (self._read(key, None, None) if per_expert else self._read(key, e, rows)).float()
+        return out
 
 
 def from_hf_mixtral(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, Config]:
-    """Load a Hugging Face Mixtral checkpoint directory; returns ``(model, config)``."""
+    """Load a Hugging Face Mixtral checkpoint directory into one process; returns ``(model, config)``.
+
+    Streams tensor by tensor (``HFMixtralSource``): peak memory is the model plus one tensor. The
+    trainer reads the same source per rank (``train.init_from``) into its own share only.
+    """
+    from ep_train.model.transformer import build_model
+
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{str(cfg_file)!r} not found; from_hf_mixtral needs a save_pretrained directory")
     c = config_from_hf(json.loads(cfg_file.read_text()))
-    model = Transformer(c.model, c.moe)
-    state = hf_state_to_ep(_load_tensors(path), c)
-    if c.model.tie_embeddings:
-        state.pop("lm_head.weight")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "lm_head.weight"]
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(dtype), c
+    return build_model(c.model, c.moe, source=HFMixtralSource(path, c)).to(dtype), c

@@ -44,7 +44,7 @@ class GroupedExperts(nn.Module):
 
     @property
     def num_local_experts(self) -> int:
-        return self.w1.shape[0]
+        return len(self.global_expert_ids)  # not w1.shape[0]: a ZeRO-3 partition has shape [0]
 
     def keep_experts(self, start: int, count: int) -> None:
         """Keep local experts [start, start + count) (used by expert parallelism)."""

@@ -4,7 +4,7 @@ Shape legend: T tokens on this rank, D model dim, F expert FFN dim, E experts in
 E_l experts on this rank, K experts per token, N rows handed to the local experts.
 
 The layer holds a dispatcher object, not a process group: it starts with a ``LocalDispatcher``;
-``ep_train.parallel.apply_expert_parallel`` swaps in the all-to-all one and keeps only local experts.
+``ep_train.parallel.parallelize`` swaps in the all-to-all one and keeps only local experts.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ep_train.model.dispatch import Dispatcher, LocalDispatcher
 from ep_train.model.experts import GroupedExperts, SwiGLU
 from ep_train.model.router import Router
-from ep_train.parallel.dispatch import LocalDispatcher
 
 
 class RouterStats(NamedTuple):
@@ -55,7 +55,7 @@ class MoELayer(nn.Module):
         # Shared experts are always active: one SwiGLU of width n * F_shared is the same function.
         self.shared_experts = (SwiGLU(dim, num_shared_experts * (shared_hidden or expert_hidden))
                                if num_shared_experts > 0 else None)
-        self.dispatcher: LocalDispatcher = LocalDispatcher(num_experts)
+        self.dispatcher: Dispatcher = LocalDispatcher(num_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:  # x: [B, S, D]
         shape = x.shape

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ep_train.config import ModelConfig, MoEConfig, moe_layer_indices
-from ep_train.model.experts import GroupedExperts, SwiGLU
+from ep_train.model.experts import SwiGLU
+from ep_train.model.init import SeededInit, ValueSource, materialize
 from ep_train.model.moe import MoELayer, RouterStats
 
 
@@ -113,23 +114,6 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
-        # Wraps each block call; the trainer sets it to activation checkpointing (see ep_train.train).
-        self.block_wrapper = None
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, GroupedExperts):
-                for w in (m.w1, m.w2, m.w3):
-                    nn.init.normal_(w, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
-        for m in self.modules():  # routers last: small init (std 0.01) keeps early routing near uniform
-            if isinstance(m, MoELayer):
-                m.router.reset_parameters()
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, S]; targets [B, S] already shifted (targets[:, i] follows input_ids[:, i]), -100 = ignore."""
@@ -138,7 +122,7 @@ class Transformer(nn.Module):
         x = self.embed(input_ids)  # [B, S, D]
         stats: dict[int, RouterStats] = {}
         for i, layer in enumerate(self.layers):
-            x, st = layer(x, cos, sin) if self.block_wrapper is None else self.block_wrapper(layer, x, cos, sin)
+            x, st = layer(x, cos, sin)
             if st is not None:
                 stats[i] = st
         logits = self.lm_head(self.norm(x))  # [B, S, V]
@@ -152,10 +136,16 @@ class Transformer(nn.Module):
         return ModelOutput(logits, aux, zl, stats, lm, loss)
 
 
-def build_model(cfg: ModelConfig, moe: MoEConfig, seed: int | None = None) -> Transformer:
-    """Build on CPU with a fixed seed, so every rank (and a single-process reference) starts identical."""
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return Transformer(cfg, moe)
-    return Transformer(cfg, moe)
+def build_model(cfg: ModelConfig, moe: MoEConfig, seed: int = 0, device: str | torch.device = "cpu",
+                source: ValueSource | None = None) -> Transformer:
+    """The whole model in one process (single-process runs, references, small tools).
+
+    ``device="meta"`` gives shapes only (no memory): what ``ep_train.parallel.parallelize`` starts from
+    before each rank materialises its own share. Values come from ``source`` (default: ``SeededInit``,
+    a function of seed, parameter name and global expert id, so every layout starts identical).
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg, moe)
+    if str(device) == "meta":
+        return model
+    return materialize(model, source or SeededInit(cfg, moe, seed), device=device)

@@ -1,33 +1,128 @@
-"""Parallelism applied to a plain model from outside."""
+"""Parallelism applied to a plain model from outside: the one place that does it.
+
+    model = build_model(cfg.model, cfg.moe, device="meta")   # shapes only, no memory
+    parallelize(model, cfg, layout)                          # this rank's experts, all-to-all, recompute, DeepSpeed tags
+    materialize_partitioned(model, source, ds_config, layout) # ep_train.parallel.zero: values, ZeRO-3 shares
+
+``parallelize`` works on the ``meta`` device too, with a simulated layout (no process groups):
+the planner and the tests use that to check every rank's shapes of a Mixtral-8x7B-sized model for free.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ep_train.parallel.dispatch import AllToAllDispatcher, LocalDispatcher
+from ep_train.config import Config, check_ep_layout
+from ep_train.model.dispatch import LocalDispatcher
+from ep_train.model.moe import MoELayer, RouterStats
+from ep_train.model.transformer import Block
+from ep_train.parallel.dispatch import AllToAllDispatcher
 
 
-def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup) -> nn.Module:
-    """Keep only this rank's experts in every MoE layer and route tokens with all-to-all over ``ep_group``.
+@dataclass
+class ParallelLayout:
+    """Where this rank sits. EP groups are blocks of ``ep_size`` consecutive ranks; ranks at the same
+    position in every block hold the same experts (expert-data-parallel group). Groups are None in a
+    simulated layout (meta-device planning and shape checks)."""
 
-    EP rank r keeps global experts [r * E_l, (r + 1) * E_l), E_l = E / ep. Call it on a model built
-    identically on every rank (same seed); the result computes the same function as the full model.
-    """
-    from ep_train.model.moe import MoELayer  # local import: ep_train.model imports the dispatchers from here
+    world_size: int
+    rank: int
+    ep_size: int
+    ep_group: dist.ProcessGroup | None = None
+    edp_group: dist.ProcessGroup | None = None
 
-    ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def edp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
+    def group_name(self) -> str:  # DeepSpeed's name for the EP/EDP group pair of this size
+        return f"ep_size_{self.ep_size}"
+
+
+def _keep_local_experts(model: nn.Module, ep_size: int, ep_rank: int, ep_group: dist.ProcessGroup | None) -> None:
+    """EP rank r keeps global experts [r * E_l, (r + 1) * E_l), E_l = E / ep."""
     for module in model.modules():
         if not isinstance(module, MoELayer):
             continue
-        if module.num_experts % ep:
-            raise ValueError(f"ep_size ({ep}) must divide num_experts ({module.num_experts}); "
-                             f"pick an EP group size that divides {module.num_experts}")
-        assert module.experts.num_local_experts == module.num_experts, "apply_expert_parallel called twice"
-        local = module.num_experts // ep
-        module.experts.keep_experts(rank * local, local)
-        module.dispatcher = AllToAllDispatcher(module.num_experts, ep_group)
+        assert module.experts.num_local_experts == module.num_experts, "parallelize called twice"
+        local = module.num_experts // ep_size
+        module.experts.keep_experts(ep_rank * local, local)
+        if ep_size > 1 and ep_group is not None:
+            module.dispatcher = AllToAllDispatcher(module.num_experts, ep_group)
+        else:
+            module.dispatcher = LocalDispatcher(module.num_experts)
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _checkpointed_class(cls: type) -> type:
+    """A subclass of the block type whose call runs under activation checkpointing.
+
+    The block's own ``__call__`` (and so every ZeRO-3 hook of its children) runs inside
+    ``torch.utils.checkpoint``. Routing statistics come out of the first forward only (returned,
+    never accumulated in buffers), so the recompute cannot count them twice; every rank recomputes
+    the same blocks in the same order, so the all-to-alls still pair up. A class swap, not a wrapper
+    module, so parameter names (checkpoints, Hugging Face export) do not change.
+    """
+    if cls not in _CHECKPOINTED:
+        def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, RouterStats | None]:
+            call = super(sub, self).__call__
+
+            def run(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                y, st = call(h, cos, sin)
+                return y, (st.as_tensor() if st is not None else None)  # tensors only through checkpoint
+
+            y, packed = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+            return y, (RouterStats.from_tensor(packed) if packed is not None else None)
+
+        sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+        _CHECKPOINTED[cls] = sub
+    return _CHECKPOINTED[cls]
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """Activation checkpointing of every transformer block (see ``_checkpointed_class``)."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.__class__ = _checkpointed_class(type(module))
     return model
 
 
-__all__ = ["AllToAllDispatcher", "LocalDispatcher", "apply_expert_parallel"]
+def parallelize(model: nn.Module, cfg: Config, layout: ParallelLayout, *, deepspeed: bool = True) -> nn.Module:
+    """Keep this rank's experts, route with all-to-all over the EP group, recompute blocks when
+    ``train.activation_checkpointing`` is on, and (``deepspeed``) give DeepSpeed the expert-placement
+    identity and tags it needs (``ep_train.parallel.zero``). Works on a ``meta`` model."""
+    check_ep_layout(layout.ep_size, cfg.moe.num_experts, layout.world_size)
+    _keep_local_experts(model, layout.ep_size, layout.ep_rank, layout.ep_group)
+    if cfg.train.activation_checkpointing:
+        checkpoint_blocks(model)
+    if deepspeed:
+        from ep_train.parallel.zero import tag_experts_for_deepspeed
+
+        tag_experts_for_deepspeed(model, layout)
+    return model
+
+
+def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup) -> nn.Module:
+    """Expert parallelism alone (no DeepSpeed, no recompute) over ``ep_group`` spanning the world:
+    for plain-torch uses such as the layer benchmark."""
+    ep = dist.get_world_size(ep_group)
+    moe = next((m for m in model.modules() if isinstance(m, MoELayer)), None)
+    check_ep_layout(ep, moe.num_experts if moe is not None else 0)
+    _keep_local_experts(model, ep, dist.get_rank(ep_group), ep_group)
+    return model
+
+
+__all__ = ["AllToAllDispatcher", "LocalDispatcher", "ParallelLayout", "apply_expert_parallel", "checkpoint_blocks",
+           "parallelize"]

@@ -1,61 +1,16 @@
-"""Token dispatchers: move routed tokens to their experts and the results back.
+"""Expert-parallel token dispatch: an uneven, differentiable all-to-all over the EP group.
 
 Shape legend: T tokens on this rank, D model dim, E experts in total, E_l experts on this rank,
 K experts per token, N rows handed to the local experts (grouped by local expert), ep EP size.
-
-Interface (no parameters, swappable):
-    dispatch(x [T, D], expert_ids [T, K], keep [T, K]) -> (x_grouped [N, D], counts: list[int] (E_l), meta)
-    combine(y_grouped [N, D], weights [T, K], meta) -> [T, D]
+Same interface as ``ep_train.model.dispatch.LocalDispatcher``; swapped in by ``parallelize``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 
-
-@dataclass
-class DispatchMeta:
-    token_idx: torch.Tensor  # [N_send] source token of each sent row
-    order: torch.Tensor  # [N_send] flat (t*K + k) assignment index of each sent row
-    send_splits: list[int] | None = None  # rows sent to each EP rank
-    recv_splits: list[int] | None = None  # rows received from each EP rank
-    perm: torch.Tensor | None = None  # received (source-major) row -> expert-major position
-
-
-def _sort_by_expert(expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept assignments sorted by global expert id. Returns (order [N_kept], counts [E] on device)."""
-    flat = expert_ids.reshape(-1).masked_fill(~keep.reshape(-1), num_experts)  # dropped -> sentinel E
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
-    order = torch.argsort(flat, stable=True)  # dropped rows sort last; sliced off by the caller
-    return order, counts
-
-
-def _weighted_scatter(y: torch.Tensor, weights: torch.Tensor, meta: DispatchMeta, num_tokens: int) -> torch.Tensor:
-    w = weights.reshape(-1)[meta.order].to(y.dtype)  # [N_send]
-    out = torch.zeros(num_tokens, y.shape[1], dtype=y.dtype, device=y.device)
-    return out.index_add(0, meta.token_idx, y * w[:, None])
-
-
-class LocalDispatcher:
-    """All experts on this rank: a sort and a gather, no communication."""
-
-    def __init__(self, num_experts: int) -> None:
-        self.num_experts = num_experts
-
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor
-                 ) -> tuple[torch.Tensor, list[int], DispatchMeta]:
-        order, counts = _sort_by_expert(expert_ids, keep, self.num_experts)
-        counts_list = counts.tolist()  # host sync: group sizes for the expert matmuls
-        order = order[: sum(counts_list)]
-        token_idx = order // expert_ids.shape[1]
-        return x[token_idx], counts_list, DispatchMeta(token_idx, order)
-
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        return _weighted_scatter(y, weights, meta, weights.shape[0])
+from ep_train.model.dispatch import DispatchMeta, sort_by_expert, weighted_scatter
 
 
 class _AllToAll(torch.autograd.Function):
@@ -97,7 +52,7 @@ class AllToAllDispatcher:
     def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor
                  ) -> tuple[torch.Tensor, list[int], DispatchMeta]:
         ep, el = self.ep_size, self.num_local
-        order, counts = _sort_by_expert(expert_ids, keep, self.num_experts)  # counts [E]
+        order, counts = sort_by_expert(expert_ids, keep, self.num_experts)  # counts [E]
         recv_counts = torch.empty_like(counts)  # [ep * E_l]: block r = rows rank r sends to my experts
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # communication: counts exchange
         both = torch.cat([counts, recv_counts]).tolist()  # the one host sync of the layer
@@ -118,4 +73,4 @@ class AllToAllDispatcher:
         assert meta.perm is not None and meta.send_splits is not None and meta.recv_splits is not None
         back = torch.empty_like(y).index_copy(0, meta.perm, y)  # expert-major -> source-major
         returned = all_to_all(back, meta.recv_splits, meta.send_splits, self.group)  # [N_send, D]
-        return _weighted_scatter(returned, weights, meta, weights.shape[0])
+        return weighted_scatter(returned, weights, meta, weights.shape[0])

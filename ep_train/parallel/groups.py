@@ -1,4 +1,4 @@
-"""Expert-parallel (EP) and expert-data-parallel (EDP) process groups.
+"""The world's process group, and the expert-parallel (EP) and expert-data-parallel (EDP) groups.
 
 Layout (the one DeepSpeed and Megatron use): EP groups are blocks of ``ep_size`` consecutive ranks;
 ranks at the same position in every block hold the same experts and form an EDP group.
@@ -7,13 +7,21 @@ World 4, ep 2: EP groups [0, 1], [2, 3]; EDP groups [0, 2], [1, 3].
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
 import torch.distributed as dist
+
+from ep_train.config import check_ep_layout
+
+if TYPE_CHECKING:
+    from ep_train.parallel import ParallelLayout
 
 
 def ep_group_ranks(world: int, ep_size: int) -> tuple[list[list[int]], list[list[int]]]:
-    if ep_size < 1 or world % ep_size:
-        raise ValueError(f"ep_size ({ep_size}) must divide the world size ({world}); "
-                         f"launch a multiple of {ep_size} processes or change parallel.ep_size")
+    check_ep_layout(ep_size, world_size=world)
     ep = [list(range(s, s + ep_size)) for s in range(0, world, ep_size)]
     edp = [list(range(i, world, ep_size)) for i in range(ep_size)]
     return ep, edp
@@ -34,3 +42,58 @@ def new_ep_groups(ep_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
             mine_edp = g
     assert mine_ep is not None and mine_edp is not None
     return mine_ep, mine_edp
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """The world's process group (gloo on CPU, nccl on CUDA), adopted by DeepSpeed. Returns (rank, world, device).
+
+    Run alone (no launcher sets RANK), it is a world of one on a free local port unless MASTER_PORT
+    is set: two single-process runs on one machine must not meet on a fixed port (the second would
+    wait for a peer that never comes).
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain single process: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        # Our own store, prefixed by torchrun's restart count: after a worker failure the restarted
+        # workers would otherwise read their predecessors' stale addresses from the shared store
+        # (seen with gloo under torchrun --max-restarts).
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=10))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"ep_train/attempt_{attempt}", store), rank=rank,
+                                world_size=world, timeout=timedelta(minutes=30))
+    deepspeed.init_distributed(dist_backend=backend)  # adopts the process group above
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_layout(ep_size: int) -> "ParallelLayout":
+    """DeepSpeed's EP and EDP groups for ``ep_size`` (created once; collective) as this rank's layout."""
+    from deepspeed.utils import groups
+
+    from ep_train.parallel import ParallelLayout
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)  # collective: every rank creates every group
+    return ParallelLayout(dist.get_world_size(), dist.get_rank(), ep_size,
+                          ep_group=groups._get_expert_parallel_group(name),
+                          edp_group=groups._get_expert_data_parallel_group(name))

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ep_train.config import Config
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"  # package data: works from `pip install .`
 _AUTOEP_CLASSES: dict[type, type] = {}
 
 
@@ -93,34 +93,27 @@ def _autoep_class(cls: type) -> type:
     return _AUTOEP_CLASSES[cls]
 
 
-def prepare_expert_parallel_for_deepspeed(model: nn.Module, ep_size: int) -> nn.Module:
-    """Create DeepSpeed's EP/EDP groups, keep this rank's experts, and tag them for ZeRO.
+def tag_experts_for_deepspeed(model: nn.Module, layout: Any) -> nn.Module:
+    """Give each MoE layer AutoEP's identity and tag its (already sliced) expert parameters.
 
-    Call after ``deepspeed.init_distributed`` and before ``deepspeed.initialize``.
+    Runs on a ``meta`` model too: it only sets attributes (``materialize`` carries them over).
+    ``layout`` is an ``ep_train.parallel.ParallelLayout``; its groups may be None (simulated).
     """
     from deepspeed.checkpoint.autoep_affine import (autoep_experts_for_rank, autoep_placement_to_affine_map,
                                                     legacy_uniform_autoep_placement_descriptor)
     from deepspeed.checkpoint.constants import (AFFINE_MAP, AUTOEP_EXPERT_PLACEMENT, AUTOEP_PARAM_EP_RANK,
                                                 AUTOEP_PARAM_LOCAL_EXPERTS, AUTOEP_PARAM_LOGICAL_SHAPE,
                                                 DS_AUTOEP_UC_META)
-    from deepspeed.utils import groups
 
     from ep_train.model.moe import MoELayer
-    from ep_train.parallel import apply_expert_parallel
 
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)  # collective: every rank creates every group
-    ep_group = groups._get_expert_parallel_group(name)
-    if ep_size > 1:
-        apply_expert_parallel(model, ep_group)
-    ep_rank = torch.distributed.get_rank(ep_group)
+    ep_size, ep_rank, name = layout.ep_size, layout.ep_rank, layout.group_name
     for module in model.modules():
         if not isinstance(module, MoELayer):
             continue
         module.__class__ = _autoep_class(type(module))
         e = module.num_experts
-        module.ep_size, module.ep_rank, module.ep_group_name, module.ep_group = ep_size, ep_rank, name, ep_group
+        module.ep_size, module.ep_rank, module.ep_group_name, module.ep_group = ep_size, ep_rank, name, layout.ep_group
         module.num_local_experts = e // ep_size
         module.expert_placement_descriptor = legacy_uniform_autoep_placement_descriptor(e, e // ep_size, ep_size)
         local = list(autoep_experts_for_rank(module.expert_placement_descriptor, ep_rank))
@@ -145,27 +138,42 @@ def prepare_expert_parallel_for_deepspeed(model: nn.Module, ep_size: int) -> nn.
     return model
 
 
-def optimizer_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on norms/biases/1-D params; router at lr x router_lr_multiplier.
+def materialize_partitioned(model: nn.Module, source: Any, ds: dict[str, Any], layout: Any,
+                            dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Turn a parallelized ``meta`` model into this rank's share, one module at a time.
 
-    Experts and dense weights also go to separate groups (DeepSpeed's MoE optimizer requirement).
+    Why the meta route and not ``deepspeed.zero.Init`` around the constructor: experts are sliced on
+    ``meta`` with the same code as everywhere else, nothing patches ``torch`` globally, and values
+    come from a ``ValueSource`` (seeded init or a streamed Hugging Face checkpoint) by name and global
+    expert id. Per module: the module's own parameters are made in full (at most one tensor of the
+    model, or this rank's local experts of one weight, at a time), then under ZeRO-3 handed to
+    ``zero.Init(module=...)``, which broadcasts them from the group's first rank (communication)
+    and keeps this rank's partition. Expert parameters are partitioned over their
+    expert-data-parallel group (``ds_zero_partition_process_group``; DeepSpeed's engine checks that
+    group), everything else over the world. Under ZeRO-1/2 every rank keeps its full copy.
     """
-    t = cfg.train
-    buckets: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        router = ".router." in n
-        decay = p.dim() >= 2 and not n.endswith("bias")
-        expert = getattr(p, "allreduce", True) is False
-        buckets.setdefault((router, decay, expert), []).append(p)
-    groups = []
-    for (router, decay, expert), params in sorted(buckets.items()):
-        g: dict[str, Any] = {"params": params, "weight_decay": t.weight_decay if decay else 0.0,
-                             "lr": t.learning_rate * (t.router_lr_multiplier if router else 1.0),
-                             "name": f"{'router' if router else 'expert' if expert else 'dense'}"
-                                     f"_{'decay' if decay else 'no_decay'}"}
-        if expert:  # ZeRO-1/2 look the expert-data-parallel group up by this exact name
-            g["moe"], g["name"] = True, f"ep_size_{cfg.parallel.ep_size}"
-        groups.append(g)
-    return groups
+    from ep_train.model.init import materialize
+
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage < 3:
+        return materialize(model, source, dtype=dtype, device=device)
+    import deepspeed
+    from deepspeed.utils import groups
+
+    # A copy with memory_efficient_linear off: zero.Init(module=...) would otherwise replace
+    # torch.nn.functional.linear for the whole process.
+    init_cfg = json.loads(json.dumps(ds))
+    init_cfg["zero_optimization"]["memory_efficient_linear"] = False
+    edp = groups._get_expert_data_parallel_group(layout.group_name)
+
+    def partition(module: nn.Module) -> None:
+        own = [p for p in module._parameters.values() if p is not None]
+        for p in own:
+            if getattr(p, "ds_zero_placement_family", None) == "autoep_expert":
+                p.ds_zero_partition_process_group = edp  # read by zero.Init's _convert_to_deepspeed_param
+        if any(not hasattr(p, "ds_id") for p in own):
+            # No dtype argument: with a config, zero.Init(dtype=float32) gives bf16 on CPU
+            # (operator precedence in partition_parameters.py); the tensors already have the run's dtype.
+            deepspeed.zero.Init(module=module, config_dict_or_path=init_cfg)
+
+    return materialize(model, source, dtype=dtype, device=device, after=partition)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -22,64 +21,18 @@ import torch.distributed as dist
 
 from ep_train.config import Config, config_to_dict, load_config, parse_overrides, validate
 from ep_train.data.loader import DistributedBatches, TokenWindows
-from ep_train.model.moe import RouterStats
 from ep_train.model.transformer import Transformer, build_model
+from ep_train.parallel import parallelize
+from ep_train.parallel.groups import deepspeed_layout, init_distributed
 from ep_train.stdio import keep_running_on_broken_pipe
 from ep_train.train import checkpoint
 from ep_train.train.metrics import MetricsLogger
+from ep_train.train.optim import lr_factor, optimizer_param_groups
 from ep_train.train.signals import STOP_EXIT_CODE, STOP_MARKER, StopFlag
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``max_steps``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def checkpointed_block(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                       ) -> tuple[torch.Tensor, RouterStats | None]:
-    """Activation checkpointing of one block. Routing statistics come out of the first forward only
-    (returned, never accumulated in buffers), so the recompute cannot count them twice; every rank
-    recomputes the same blocks in the same order, so the all-to-alls still pair up."""
-    def run(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, st = layer(h, cos, sin)
-        return y, (st.as_tensor() if st is not None else None)
-
-    y, packed = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-    return y, (RouterStats.from_tensor(packed) if packed is not None else None)
-
-
-def _init_distributed() -> tuple[int, int, torch.device]:
-    import deepspeed
-
-    if "RANK" not in os.environ:  # a plain single process: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29517"))
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    if not dist.is_initialized():
-        # Our own store, prefixed by torchrun's restart count: after a worker failure the restarted
-        # workers would otherwise read their predecessors' stale addresses from the shared store
-        # (seen with gloo under torchrun --max-restarts).
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=10))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"ep_train/attempt_{attempt}", store), rank=rank,
-                                world_size=world, timeout=timedelta(minutes=30))
-    deepspeed.init_distributed(dist_backend=backend)  # adopts the process group above
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, Any]]]:
@@ -108,11 +61,10 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         import deepspeed
 
-        from ep_train.parallel.zero import (build_ds_config, is_offloading_optimizer, optimizer_param_groups,
-                                            prepare_expert_parallel_for_deepspeed)
+        from ep_train.parallel.zero import build_ds_config, is_offloading_optimizer, materialize_partitioned
 
         self.cfg, self.run_dir = cfg, run_dir
-        self.rank, self.world, self.device = _init_distributed()
+        self.rank, self.world, self.device = init_distributed()
         validate(cfg, world_size=self.world)
         t = cfg.train
         use_bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and self.device.type == "cuda")
@@ -125,10 +77,12 @@ class Trainer:
         if self.windows.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"{self.windows.vocab_size} tokens; set model.vocab_size >= {self.windows.vocab_size}")
-        model = build_model(cfg.model, cfg.moe, seed=t.seed)
-        if t.activation_checkpointing:
-            model.block_wrapper = checkpointed_block
-        prepare_expert_parallel_for_deepspeed(model, cfg.parallel.ep_size)
+        # Sharded construction: shapes on `meta`, this rank's experts only, then values module by module
+        # straight into this rank's ZeRO-3 partitions (ep_train.parallel.zero.materialize_partitioned).
+        layout = deepspeed_layout(cfg.parallel.ep_size)
+        model = parallelize(build_model(cfg.model, cfg.moe, device="meta"), cfg, layout)
+        materialize_partitioned(model, self._value_source(), self.ds_config, layout,
+                                dtype=torch.bfloat16 if use_bf16 else torch.float32, device=self.device)
         groups = optimizer_param_groups(model, cfg)
         adam = dict(lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
         if is_offloading_optimizer(self.ds_config):
@@ -154,6 +108,16 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps)
         self.ckpt_root = run_dir / "checkpoints"
         self.stop = StopFlag()
+
+    def _value_source(self):  # type: ignore[no-untyped-def]
+        """Initial values: the seeded initialisation, or a Hugging Face checkpoint streamed tensor by tensor."""
+        from ep_train.model.init import SeededInit
+
+        if self.cfg.train.init_from:
+            from ep_train.interop.hf import HFMixtralSource
+
+            return HFMixtralSource(self.cfg.train.init_from, self.cfg)
+        return SeededInit(self.cfg.model, self.cfg.moe, self.cfg.train.seed)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:

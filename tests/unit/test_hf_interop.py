@@ -7,7 +7,72 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ep_train.interop.hf import from_hf_mixtral  # noqa: E402
+from ep_train.interop.hf import HFMixtralSource, from_hf_mixtral  # noqa: E402
+
+
+# ---- the previous, whole-checkpoint loader: an independent reference for the streamed one ----------
+def _old_load(path):
+    import json
+
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(path / f)))
+    return tensors
+
+
+def _unused(path):
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {str(path)!r}; "
+                         "save the model with save_pretrained(..., safe_serialization=True)")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(path / f)))
+    return tensors
+
+
+def hf_state_to_ep(tensors, c):
+    """Rename/restack HF Mixtral weights into ep_train's state dict (full expert stacks)."""
+    t = {k.removeprefix("model."): v for k, v in tensors.items()}
+    out = {"embed.weight": t.pop("embed_tokens.weight"), "norm.weight": t.pop("norm.weight")}
+    head = tensors.get("lm_head.weight")
+    t.pop("lm_head.weight", None)
+    out["lm_head.weight"] = head if head is not None else out["embed.weight"]
+    e = c.moe.num_experts
+    for i in range(c.model.num_layers):
+        src, dst = f"layers.{i}.", f"layers.{i}."
+        out[dst + "attn_norm.weight"] = t.pop(src + "input_layernorm.weight")
+        out[dst + "ffn_norm.weight"] = t.pop(src + "post_attention_layernorm.weight")
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{dst}attn.{p}.weight"] = t.pop(f"{src}self_attn.{p}.weight")
+        if src + "mlp.experts.gate_up_proj" in t:  # transformers 5 fused layout
+            gate_up = t.pop(src + "mlp.experts.gate_up_proj")  # [E, 2F, D]
+            w1, w3 = gate_up.chunk(2, dim=1)  # HF: gate, up = (x @ gate_up.T).chunk(2)
+            w2 = t.pop(src + "mlp.experts.down_proj")  # [E, D, F]
+            gate = t.pop(src + "mlp.gate.weight")
+        else:
+            moe = src + "block_sparse_moe."
+            w1 = torch.stack([t.pop(f"{moe}experts.{j}.w1.weight") for j in range(e)])
+            w2 = torch.stack([t.pop(f"{moe}experts.{j}.w2.weight") for j in range(e)])
+            w3 = torch.stack([t.pop(f"{moe}experts.{j}.w3.weight") for j in range(e)])
+            gate = t.pop(moe + "gate.weight")
+        out[dst + "ffn.router.weight"] = gate
+        out[dst + "ffn.experts.w1"], out[dst + "ffn.experts.w2"], out[dst + "ffn.experts.w3"] = w1, w2, w3
+    leftover = [k for k in t if "rotary_emb" not in k]
+    if leftover:
+        raise ValueError(f"unexpected tensors in the Mixtral checkpoint: {leftover[:5]}; is it really Mixtral?")
+    return out
+
+
 
 
 @pytest.mark.parametrize("kw", [
@@ -65,3 +130,45 @@ def test_fused_transformers5_layout(tmp_path) -> None:
     ids = torch.randint(0, 50, (1, 9))
     with torch.no_grad():
         assert (model.eval()(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("style", ["per_expert_sharded", "fused"])
+def test_streamed_import_equals_the_whole_checkpoint_loader(tmp_path, style) -> None:
+    """Every parameter read through HFMixtralSource (slices, per expert) equals the old load-everything path,
+    for the names save_pretrained writes (here sharded with an index) and transformers 5's fused names."""
+    from safetensors.torch import save_file
+
+    from ep_train.model.transformer import build_model
+
+    torch.manual_seed(3)
+    hf_cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=32)
+    hf = transformers.MixtralForCausalLM(hf_cfg)
+    if style == "fused":
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+        hf_cfg.save_pretrained(tmp_path)
+    else:
+        hf.save_pretrained(tmp_path, max_shard_size="20KB")
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    src = HFMixtralSource(tmp_path)
+    assert src.fused == (style == "fused")
+    ref = hf_state_to_ep(_old_load(tmp_path), src.cfg)
+    meta = build_model(src.cfg.model, src.cfg.moe, device="meta")
+    for name, p in meta.named_parameters():
+        if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            ids = [3, 1]  # a rank's subset, in any order: rows come from the global expert ids
+            got = src(name, (2, *p.shape[1:]), ids)
+            assert torch.equal(got, ref[name][ids]), name
+        else:
+            assert torch.equal(src(name, tuple(p.shape), None), ref[name]), name
+
+
+def test_streamed_import_refuses_a_checkpoint_that_is_not_its_config(tmp_path) -> None:
+    hf_cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    transformers.MixtralForCausalLM(hf_cfg).save_pretrained(tmp_path)
+    hf_cfg.num_hidden_layers = 3  # config.json now promises a layer the weights do not have
+    hf_cfg.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="missing .*model.layers.2"):
+        HFMixtralSource(tmp_path)
