@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--num-tasks", type=int, default=1, help="split the inputs over N array tasks")
     b.add_argument("--task-id", type=int, default=0, help="this task's index (SLURM_ARRAY_TASK_ID)")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--overwrite", action="store_true",
+                   help="delete the previous build in --output (its shards, progress.json, manifest.json; nothing "
+                        "else) and build afresh; without it, a folder holding another build is refused")
 
     m = sub.add_parser("merge", help="one manifest over the part_* folders of a --num-tasks build")
     m.add_argument("output")
@@ -50,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--samples", type=int, default=3)
     i.add_argument("--tokenizer", default=None, help="if the manifest's tokenizer path moved")
     i.add_argument("--no-verify", action="store_true")
+    i.add_argument("--force-tokenizer", action="store_true",
+                   help="decode samples even with a tokenizer other than the build's (its sha256 differs)")
     return ap
 
 
@@ -67,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             man = prep.build(args.input, args.tokenizer, args.output, workers=args.workers, text_key=args.text_key,
                              val_fraction=args.val_fraction, shard_size_mb=args.shard_size_mb,
                              append_bos=args.append_bos, strict=args.strict, num_tasks=args.num_tasks,
-                             task_id=args.task_id, dtype=args.dtype, progress=not args.no_progress)
+                             task_id=args.task_id, dtype=args.dtype, progress=not args.no_progress,
+                             overwrite=args.overwrite)
+            if man.get("already_built"):
+                out = args.output if args.num_tasks == 1 else f"{args.output}/part_{args.task_id:05d}"
+                print(f"{out} already holds this build (same inputs, tokenizer and options): nothing to do; "
+                      "add --overwrite to rebuild it")
             s, r = man["splits"], man["report"]
             print(f"train: {s['train']['documents']:,} docs, {s['train']['tokens']:,} tokens in "
                   f"{len(s['train']['shards'])} shard(s); val: {s['val']['documents']:,} docs, "
@@ -79,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             man = prep.merge(args.output)
             print(f"merged {len(man['splits']['train']['shards'])} train shard(s) into {args.output}/manifest.json")
         elif args.cmd == "inspect":
-            text, ok = prep.inspect(args.data_dir, args.samples, args.tokenizer, verify=not args.no_verify)
+            text, ok = prep.inspect(args.data_dir, args.samples, args.tokenizer, verify=not args.no_verify,
+                                    force_tokenizer=args.force_tokenizer)
             print(text)
             return 0 if ok else 1
     except ValueError as e:

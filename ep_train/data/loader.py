@@ -15,20 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ep_train.data.prep import load_manifest
-from ep_train.data.shards import IndexedShard, sha256_file
+from ep_train.data.shards import IndexedShard
+from ep_train.data.verify import check_tokenizer, load_manifest
 
 
 class TokenWindows:
     def __init__(self, data_dir: str | Path, split: str, seq_len: int, tokenizer: str | Path | None = None) -> None:
         manifest = load_manifest(data_dir)
         if tokenizer is not None:
-            want = sha256_file(tokenizer)
-            have = manifest["tokenizer"]["sha256"]
-            if want != have:
-                raise ValueError(f"data.tokenizer {str(tokenizer)!r} (sha256 {want[:12]}...) differs from the one "
-                                 f"{str(data_dir)!r} was built with ({manifest['tokenizer']['path']}, sha256 "
-                                 f"{have[:12]}...); rebuild the shards or point data.tokenizer at that model")
+            check_tokenizer(data_dir, manifest, tokenizer)
         if split not in manifest["splits"]:
             raise ValueError(f"split {split!r} not in {str(data_dir)!r}; it has {sorted(manifest['splits'])}")
         self.shards = [IndexedShard(Path(data_dir) / s["prefix"]) for s in manifest["splits"][split]["shards"]]

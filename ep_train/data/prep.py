@@ -6,7 +6,9 @@ and line; plain text read directly, one document per file, see ``_text_documents
 -> batches encoded by N worker processes (one sentencepiece load per worker, ``imap`` keeps order, so
 the bytes do not depend on N) -> EOS per document -> train/val by a stable hash of the text ->
 shards rolled at a size cap. After each roll ``progress.json`` records how far the input stream got,
-so a rerun after an interruption resumes there and produces the same bytes.
+so a rerun after an interruption resumes there and produces the same bytes. ``progress.json`` and
+``manifest.json`` carry the build's key (inputs, tokenizer, options; see ``resume.py``): a build into a
+folder holding another build is refused instead of continuing or mixing it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ep_train.data.shards import IndexedShard, ShardWriter, sha256_file, token_dtype
+from ep_train.data import resume
+from ep_train.data.resume import atomic_json as _atomic_json
+from ep_train.data.shards import ShardWriter, sha256_file, token_dtype
 from ep_train.data.tokenizer import load_tokenizer
+from ep_train.data.verify import inspect, load_manifest  # noqa: F401  (re-exported: cli, older callers)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".py", ".rst")
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
@@ -36,6 +41,8 @@ BATCH_DOCS = 64  # a batch closes at this many documents or BATCH_CHARS characte
 BATCH_CHARS = 1 << 18
 TEXT_GROUP = 512  # plain-text files per datasets call
 MAX_EXAMPLES = 20
+SNIFF_BYTES = 8192  # head of a text/JSON-lines file looked at to tell binary files from text
+BINARY_BAD_SHARE = 0.3  # share of undecodable bytes in that head above which a file is taken for binary
 # Local files only: without these, every load_dataset call asks the Hub (a network round trip per file).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -70,6 +77,7 @@ class Report:
     missing_text_key: int = 0
     empty_documents: int = 0
     replaced_characters: int = 0
+    binary_files: int = 0
     examples: list[str] = field(default_factory=list)
 
     def add(self, kind: str, where: str, n: int = 1) -> None:
@@ -94,6 +102,25 @@ def _count_replace(err: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("ep_train_count_replace", _count_replace)
 
 
+def binary_reason(head: bytes) -> str | None:
+    """Why the first bytes of a file look binary (None: text). Text never holds NUL bytes (UTF-16 does,
+    and is not supported either); legacy 8-bit text has a few undecodable bytes, binaries mostly them."""
+    if b"\x00" in head:
+        return f"NUL bytes in the first {len(head):,} bytes"
+    # undecodable bytes become lone surrogates U+DC80..U+DCFF under surrogateescape; a multi-byte
+    # character cut at the end of the head adds at most 3, irrelevant against the threshold
+    text = head.decode("utf-8", errors="surrogateescape")
+    bad = sum(1 for c in text if "\udc80" <= c <= "\udcff")
+    if head and bad / len(head) > BINARY_BAD_SHARE:
+        return f"{bad / len(head):.0%} of the first {len(head):,} bytes are not UTF-8"
+    return None
+
+
+def _binary_event(path: Path, head: bytes) -> tuple[str, Any, str] | None:
+    why = binary_reason(head)
+    return None if why is None else ("binary_files", None, f"{path}: binary file ({why}), not tokenized")
+
+
 def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
     """Yield ('doc', text, where) or (kind, None, where) for bad rows, in file order."""
     global _replaced
@@ -101,8 +128,11 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
     if name.endswith(JSON_SUFFIXES):
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rb") as f:
-            head = f.read(4096).lstrip()
-        if not head.startswith(b"["):
+            head = f.read(SNIFF_BYTES)
+        if (event := _binary_event(path, head)) is not None:
+            yield event
+            return
+        if not head.lstrip().startswith(b"["):
             with opener(path, "rb") as f:
                 for lineno, raw in enumerate(f, 1):
                     if not raw.strip():
@@ -117,8 +147,8 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
                     except json.JSONDecodeError as e:
                         yield "malformed_json", None, f"{where}: {e.msg}"
                         continue
-                    if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
-                        yield "missing_text_key", None, f"{where}: no string field {text_key!r}"
+                    if (problem := _not_text(row, text_key)) is not None:
+                        yield "missing_text_key", None, f"{where}: {problem}"
                         continue
                     yield "doc", row[text_key], where
             return
@@ -131,10 +161,21 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
         ds, key = load_dataset(builder, data_files=[str(path)], split="train", streaming=True), text_key
     for i, row in enumerate(ds):
         where = f"{path}:row {i}"
-        if not isinstance(row.get(key), str):
-            yield "missing_text_key", None, f"{where}: no string field {key!r}"
+        if (problem := _not_text(row, key)) is not None:
+            yield "missing_text_key", None, f"{where}: {problem}"
             continue
         yield "doc", row[key], where
+
+
+def _not_text(row: Any, key: str) -> str | None:
+    """Why a row holds no text under ``key`` (None: it does), naming the type found."""
+    if not isinstance(row, dict):
+        return f"row is a {type(row).__name__}, not an object with a string field {key!r}"
+    if key not in row:
+        return f"no string field {key!r} (fields: {sorted(row)[:5]}; see --text-key)"
+    if not isinstance(row[key], str):
+        return f"field {key!r} is {type(row[key]).__name__}, not a string"
+    return None
 
 
 def _text_documents(paths: list[Path]) -> Iterator[tuple[str, Any, str]]:
@@ -149,7 +190,11 @@ def _text_documents(paths: list[Path]) -> Iterator[tuple[str, Any, str]]:
     for path in paths:
         _replaced = 0
         with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-            text = f.read().decode("utf-8", errors="ep_train_count_replace")
+            head = f.read(SNIFF_BYTES)
+            if (event := _binary_event(path, head)) is not None:
+                yield event  # the rest of the file is never read
+                continue
+            text = (head + f.read()).decode("utf-8", errors="ep_train_count_replace")
         if _replaced:
             yield "replaced_characters", _replaced, str(path)
         yield "doc", text, str(path)
@@ -182,12 +227,6 @@ def _hash_unit(text: str) -> float:
 
 
 # ---- main side ---------------------------------------------------------------------------------
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _batches(files: list[Path], text_key: str, skip: int, strict: bool) -> Iterator[tuple[int, list[str], dict]]:
     """Group the document stream into batches; each carries its end position and its bad-row events."""
     pos = chars = 0
@@ -234,7 +273,15 @@ def check_dtype(vocab: int, dtype: str | None) -> np.dtype:
 
 def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text_key: str = "text",
           val_fraction: float = 0.0, shard_size_mb: float = 256.0, append_bos: bool = False, strict: bool = False,
-          num_tasks: int = 1, task_id: int = 0, dtype: str | None = None, progress: bool = True) -> dict:
+          num_tasks: int = 1, task_id: int = 0, dtype: str | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
+    """Tokenize ``inputs`` into shards + manifest.json in ``output``; returns the manifest.
+
+    Resumes an interrupted build of the same inputs, tokenizer and options; refuses (ValueError, nothing
+    changed) a folder holding another build, finished or not, unless ``overwrite`` (which first deletes
+    that build's files, and only those). Rerunning a finished identical build is a no-op: it returns the
+    existing manifest with ``already_built: True`` added (not stored).
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction = {val_fraction} is invalid: use a number in [0, 1), e.g. 0.01")
     if shard_size_mb <= 0:
@@ -247,34 +294,34 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     sp = load_tokenizer(tokenizer)
     vocab = sp.get_piece_size()
     np_dtype = check_dtype(vocab, dtype)
-    tok_sha = sha256_file(tokenizer)
-    out = Path(output) if num_tasks == 1 else Path(output) / f"part_{task_id:05d}"
-    out.mkdir(parents=True, exist_ok=True)
-    state_path, manifest_path = out / "progress.json", out / "manifest.json"
-    for previous in (manifest_path, state_path):
-        if previous.is_file():
-            old = json.loads(previous.read_text())
-            if old["tokenizer"]["sha256"] != tok_sha:
-                raise ValueError(f"--output {str(out)!r} holds shards made with another tokenizer "
-                                 f"({old['tokenizer']['path']}, sha256 {old['tokenizer']['sha256'][:12]}...); "
-                                 "use an empty folder or the same tokenizer")
-    if manifest_path.is_file():
-        return json.loads(manifest_path.read_text())  # already complete
     eos = sp.eos_id()
     if eos < 0:
         raise ValueError(f"tokenizer {tokenizer!r} has no EOS piece; train it with an eos_id (the default is 2)")
     if append_bos and sp.bos_id() < 0:
         raise ValueError(f"--append-bos: tokenizer {tokenizer!r} has no BOS piece; drop --append-bos")
+    tok_sha = sha256_file(tokenizer)
+    out = Path(output) if num_tasks == 1 else Path(output) / f"part_{task_id:05d}"
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, manifest_path = out / resume.PROGRESS, out / resume.MANIFEST
+    records = resume.input_records(files)
+    # Everything that changes the bytes written, batching constants included (a shard rolls at a batch end).
+    key = resume.build_key(records, tok_sha, {
+        "val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "append_bos": append_bos,
+        "dtype": np_dtype.name, "text_key": text_key, "num_tasks": num_tasks, "task_id": task_id,
+        "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS})
+    action, previous = resume.check_previous(out, key, records, tokenizer, overwrite)
+    if action == "done":
+        return {**previous, "already_built": True}  # type: ignore[dict-item]
     opts = {"append_bos": append_bos, "val_fraction": val_fraction, "dtype": np_dtype.str}
     state: dict[str, Any] = {"tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": tok_sha},
-                             "consumed": 0, "shards": {"train": [], "val": []}, "report": Report().__dict__}
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-    done = {s["prefix"] for split in state["shards"].values() for s in split}
-    for f in out.iterdir():  # anything not recorded as finished is a leftover of an interruption
-        stem = f.name.split(".")[0]
-        if f.suffix in (".bin", ".idx", ".tmp") and stem not in done:
-            f.unlink()
+                             "build_key": key, "consumed": 0, "shards": {"train": [], "val": []},
+                             "report": Report().__dict__}
+    if action == "resume":
+        state = previous  # type: ignore[assignment]
+    else:  # the full input list once, and the key before any shard exists: a crash at any point leaves
+        _atomic_json(out / resume.INPUTS, records)  # a state that a later build can compare against
+        _atomic_json(state_path, state)
+    resume.remove_unfinished_shards(out, {s["prefix"] for split in state["shards"].values() for s in split})
     report = Report(**state["report"])
     cap = shard_size_mb * 2 ** 20
     writers: dict[str, ShardWriter | None] = {"train": None, "val": None}
@@ -288,8 +335,11 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
         for split, w in writers.items():
             if w is not None and w.num_docs:
                 bin_p, idx_p = w.close()
+                # sizes let training start check every shard without reading it (verify.py)
                 state["shards"][split].append({"prefix": bin_p.stem, "documents": w.num_docs, "tokens": w.tokens,
-                                               "bin_sha256": w.bin_sha256, "idx_sha256": sha256_file(idx_p)})
+                                               "bin_sha256": w.bin_sha256, "idx_sha256": sha256_file(idx_p),
+                                               "bin_bytes": bin_p.stat().st_size, "idx_bytes": idx_p.stat().st_size,
+                                               "max_token_id": w.max_token})
             elif w is not None:
                 w.abort()
             writers[split] = None
@@ -335,16 +385,21 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     manifest = {
         "format": "megatron-mmidx-v1", "dtype": np_dtype.name, "append_bos": append_bos, "text_key": text_key,
         "tokenizer": {**state["tokenizer"], "vocab_size": vocab, "eos_id": eos, "bos_id": sp.bos_id()},
-        "val_fraction": val_fraction, "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in files],
+        "val_fraction": val_fraction, "build_key": key, "sources": records,
         "splits": {s: {"shards": state["shards"][s], "documents": sum(x["documents"] for x in state["shards"][s]),
                        "tokens": sum(x["tokens"] for x in state["shards"][s])} for s in ("train", "val")},
         "report": report.__dict__,
     }
     if manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 0:
-        raise ValueError(f"no documents found in {len(files)} file(s); check --text-key ({text_key!r}) "
-                         f"and the report: {report.examples[:3]}")
+        # no shard was written: drop the state too, so a rerun with fixed inputs is not refused as a resume
+        state_path.unlink(missing_ok=True)
+        (out / resume.INPUTS).unlink(missing_ok=True)
+        names = ", ".join(p.name for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise ValueError(f"no documents found in {len(files)} input file(s) ({names}): all empty, binary or "
+                         f"without a string field --text-key ({text_key!r}); the report: {report.examples[:3]}")
     _atomic_json(manifest_path, manifest)
-    state_path.unlink(missing_ok=True)
+    state_path.unlink(missing_ok=True)  # the manifest now holds the key and the input list
+    (out / resume.INPUTS).unlink(missing_ok=True)
     return manifest
 
 
@@ -363,6 +418,9 @@ def merge(output: str) -> dict:
     if len(shas) != 1:
         raise ValueError(f"parts were built with different tokenizers ({len(shas)} distinct); rebuild them")
     merged = dict(manifests[0])
+    # not one build's key: a later `build` into this root must not take it for task 0's build
+    merged.pop("build_key", None)
+    merged["merged_from"] = [p.name for p in parts]
     merged["sources"] = [s for m in manifests for s in m["sources"]]
     merged["splits"] = {}
     for split in ("train", "val"):
@@ -370,56 +428,9 @@ def merge(output: str) -> dict:
                   for s in m["splits"][split]["shards"]]
         merged["splits"][split] = {"shards": shards, "documents": sum(s["documents"] for s in shards),
                                    "tokens": sum(s["tokens"] for s in shards)}
-    merged["report"] = {k: sum(m["report"][k] for m in manifests) for k in Report().__dict__ if k != "examples"}
-    merged["report"]["examples"] = [e for m in manifests for e in m["report"]["examples"]][:MAX_EXAMPLES]
+    # .get: parts built before a counter existed (binary_files) still merge
+    merged["report"] = {k: sum(m["report"].get(k, 0) for m in manifests) for k in Report().__dict__
+                        if k != "examples"}
+    merged["report"]["examples"] = [e for m in manifests for e in m["report"].get("examples", [])][:MAX_EXAMPLES]
     _atomic_json(root / "manifest.json", merged)
     return merged
-
-
-def load_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} not found; --data_dir must be the output of data_prep_tool build "
-                         "(after merge, for --num-tasks builds)")
-    return json.loads(path.read_text())
-
-
-def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verify: bool = True) -> tuple[str, bool]:
-    """Human-readable summary; returns (text, checksums_ok)."""
-    m = load_manifest(data_dir)
-    lines = [f"{data_dir}: dtype {m['dtype']}, tokenizer {m['tokenizer']['path']} "
-             f"(vocab {m['tokenizer']['vocab_size']}, sha256 {m['tokenizer']['sha256'][:12]}...)"]
-    ok = True
-    for split, info in m["splits"].items():
-        lines.append(f"{split}: {len(info['shards'])} shard(s), {info['documents']:,} documents, "
-                     f"{info['tokens']:,} tokens")
-        lengths = []
-        for s in info["shards"]:
-            prefix = Path(data_dir) / s["prefix"]
-            if verify:
-                for ext in ("bin", "idx"):
-                    if sha256_file(f"{prefix}.{ext}") != s[f"{ext}_sha256"]:
-                        ok = False
-                        lines.append(f"  CHECKSUM MISMATCH: {prefix}.{ext}")
-            lengths.append(IndexedShard(prefix).lengths)
-        if lengths:
-            all_len = np.concatenate(lengths)
-            edges = np.unique(np.geomspace(1, max(int(all_len.max()), 2), 9).astype(int))
-            hist, edges = np.histogram(all_len, bins=edges)
-            lines.append(f"  document length: min {all_len.min()}, median {int(np.median(all_len))}, "
-                         f"max {all_len.max()}")
-            for n, lo, hi in zip(hist, edges[:-1], edges[1:]):
-                lines.append(f"  {lo:>8}-{hi:<8} {'#' * int(40 * n / max(hist.max(), 1)):<40} {n}")
-    if verify:
-        lines.append("checksums: " + ("OK" if ok else "MISMATCH"))
-    train = m["splits"]["train"]["shards"]
-    if samples and train:
-        sp = load_tokenizer(tokenizer or m["tokenizer"]["path"])
-        shard = IndexedShard(Path(data_dir) / train[0]["prefix"])
-        for i in range(min(samples, len(shard))):
-            text = sp.decode(shard[i].tolist())
-            lines.append(f"--- sample {i} ({len(shard[i])} tokens) ---\n{text[:400]}")
-    r = m["report"]
-    lines.append(f"report: malformed json {r['malformed_json']}, missing text key {r['missing_text_key']}, "
-                 f"empty documents {r['empty_documents']}, replaced characters {r['replaced_characters']}")
-    return "\n".join(lines), ok

@@ -19,6 +19,7 @@ MAGIC = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
 CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+HEADER_BYTES = 34  # magic 9 + version 8 + dtype code 1 + counts 8 + 8
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -63,6 +64,7 @@ class ShardWriter:
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = _Growable(np.int32)
         self.tokens = 0
+        self.max_token = -1  # recorded in the manifest: the largest id, for vocabulary checks
         self._hash = hashlib.sha256()  # of the .bin, while writing: no second read at the end
 
     @property
@@ -80,6 +82,8 @@ class ShardWriter:
         self._hash.update(data)
         self._lengths.append(lengths)
         self.tokens += int(lengths.sum())
+        if len(data):
+            self.max_token = max(self.max_token, int(np.asarray(tokens).max()))
 
     @property
     def bin_sha256(self) -> str:
@@ -126,21 +130,26 @@ class IndexedShard:
             if not p.is_file():
                 raise ValueError(f"shard file {str(p)!r} is missing; rebuild the data with data_prep_tool build")
         raw = idx_path.read_bytes()
+        fix = "rebuild the shards (data_prep_tool build --overwrite)"
         if raw[:9] != MAGIC:
-            raise ValueError(f"{str(idx_path)!r} is not a Megatron indexed dataset (bad magic {raw[:9]!r})")
+            raise ValueError(f"{str(idx_path)!r} is not a Megatron indexed dataset (bad magic {raw[:9]!r}, "
+                             f"expected {MAGIC!r}); {fix}")
+        if len(raw) < HEADER_BYTES:  # struct would raise a bare struct.error naming no file
+            raise ValueError(f"{str(idx_path)!r} is truncated inside its header ({len(raw)} bytes, the header "
+                             f"alone is {HEADER_BYTES}); {fix}")
         (version,) = struct.unpack_from("<Q", raw, 9)
         if version != 1:
-            raise ValueError(f"{str(idx_path)!r}: index version {version} is unsupported (expected 1)")
+            raise ValueError(f"{str(idx_path)!r}: index version {version} is unsupported (expected 1); {fix}")
         (code,) = struct.unpack_from("<B", raw, 17)
         if code not in DTYPE_CODES:
-            raise ValueError(f"{str(idx_path)!r}: unknown dtype code {code}")
+            raise ValueError(f"{str(idx_path)!r}: unknown dtype code {code}; {fix}")
         self.dtype = np.dtype(DTYPE_CODES[code])
         n, d = struct.unpack_from("<QQ", raw, 18)
-        pos = 34
+        pos = HEADER_BYTES
         expected = pos + n * 4 + n * 8 + d * 8
         if len(raw) != expected:
             raise ValueError(f"{str(idx_path)!r} is truncated or corrupt ({len(raw)} bytes, expected {expected}); "
-                             "delete the shard and rerun data_prep_tool build")
+                             f"{fix}")
         self.lengths = np.frombuffer(raw, np.int32, n, pos)
         self.offsets = np.frombuffer(raw, np.int64, n, pos + n * 4)
         self.doc_idx = np.frombuffer(raw, np.int64, d, pos + n * 12)
@@ -148,7 +157,11 @@ class IndexedShard:
         want = int(self.lengths.astype(np.int64).sum()) * self.dtype.itemsize
         if size != want:
             raise ValueError(f"{str(bin_path)!r} holds {size} bytes but its index describes {want}; "
-                             "the shard is truncated, rebuild it")
+                             f"the shard is truncated or damaged: {fix}")
+        # documents must tile the .bin in order, else a window would read past a document or the file
+        if n and (self.offsets[0] != 0 or (self.lengths < 0).any() or not np.array_equal(
+                np.diff(self.offsets), self.lengths[:-1].astype(np.int64) * self.dtype.itemsize)):
+            raise ValueError(f"{str(idx_path)!r}: document offsets do not follow the lengths; {fix}")
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
 
     def __len__(self) -> int:

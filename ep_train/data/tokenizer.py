@@ -46,12 +46,41 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, **ov
     return model
 
 
-def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
-    if not Path(path).is_file():
+def check_tokenizer_path(path: str | Path) -> Path:
+    """The path of a tokenizer model file, or a ValueError naming what is there instead."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"tokenizer {str(path)!r} is a directory; give the sentencepiece .model file "
+                         "(e.g. DIR/tokenizer.model, as data_prep_tool train-tokenizer writes it)")
+    if not p.is_file():
         raise ValueError(f"tokenizer model {str(path)!r} not found; train one with data_prep_tool train-tokenizer")
+    return p
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    check_tokenizer_path(path)
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(str(path))
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{str(path)!r} is not a sentencepiece model ({e})") from None
     return sp
+
+
+def safe_decode(sp: spm.SentencePieceProcessor, ids: list[int]) -> tuple[str, int]:
+    """Decode, showing ids outside the vocabulary as ``<id N out of range>`` instead of raising
+    (sentencepiece raises IndexError on them). Returns (text, number of out-of-range ids)."""
+    vocab = sp.get_piece_size()
+    bad = sum(1 for i in ids if not 0 <= i < vocab)
+    if not bad:
+        return sp.decode(ids), 0
+    parts, run = [], []
+    for i in ids:
+        if 0 <= i < vocab:
+            run.append(i)
+            continue
+        parts.append(sp.decode(run))
+        parts.append(f"<id {i} out of range>")
+        run = []
+    parts.append(sp.decode(run))
+    return "".join(parts), bad

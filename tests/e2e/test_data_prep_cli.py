@@ -44,6 +44,13 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path, tokenizer) -> None:
     proc.wait()
     assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
     finished = len(json.loads((out / "progress.json").read_text())["shards"]["train"])
+    before = _shard_bytes(out)
+    # other inputs or options into the killed build's folder: refused, naming what differs; nothing touched
+    p = run("build", "--input", *inputs, str(STDLIB / "json"), "--output", str(out), *common, check=False)
+    assert p.returncode == 2 and "unfinished build" in p.stderr and "json" in p.stderr and "--overwrite" in p.stderr
+    p = run("build", "--input", *inputs, "--output", str(out), *common, "--append-bos", check=False)
+    assert p.returncode == 2 and "option append_bos was False, now True" in p.stderr
+    assert _shard_bytes(out) == before
     run("build", "--input", *inputs, "--output", str(out), *common)
     assert _shard_bytes(out) == _shard_bytes(tmp_path / "ref")
     assert not list(out.glob("*.tmp")) and finished >= 3
@@ -61,6 +68,9 @@ def test_cli_train_build_inspect_and_array_merge(tmp_path) -> None:
         run("build", "--input", *map(str, CORPUS), "--tokenizer", tok, "--output", str(tmp_path / "arr"),
             "--num-tasks", "2", "--task-id", str(task), "--no-progress")
     run("merge", str(tmp_path / "arr"))
+    p = run("build", "--input", *map(str, CORPUS), "--tokenizer", tok, "--output", str(tmp_path / "arr"),
+            "--no-progress", check=False)  # a single build into the merged root: refused, not mixed in
+    assert p.returncode == 2 and "merged manifest of a --num-tasks build (part_00000, part_00001)" in p.stderr
     one = json.loads((tmp_path / "one" / "manifest.json").read_text())
     arr = json.loads((tmp_path / "arr" / "manifest.json").read_text())
     assert arr["splits"]["train"]["documents"] == one["splits"]["train"]["documents"]

@@ -165,3 +165,123 @@ def test_parquet_arrow_and_json_array_inputs(tokenizer, tmp_path) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     docs = read_megatron(tmp_path / "out" / man["splits"]["train"]["shards"][0]["prefix"])
     assert [sp.decode(d[:-1].tolist()) for d in docs] == texts
+
+
+# ---- resume keyed to the exact build (reliability issue 10) ---------------------------------------------
+def _shard_files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.suffix in (".bin", ".idx")}
+
+
+def test_resume_continues_only_the_same_build(tokenizer, tmp_path) -> None:
+    import os
+
+    lines = [json.dumps({"text": f"doc {i}: " + "x = 1\n" * (i % 7 + 1)}) for i in range(150)]
+    src = _jsonl(tmp_path / "a.jsonl", [*lines, "{broken"])
+    common = dict(shard_size_mb=0.001, progress=False)
+    ref = build([str(src)], str(tokenizer), str(tmp_path / "ref"), **common)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="malformed json"):  # a failed build: shards rolled, progress.json left
+        build([str(src)], str(tokenizer), str(out), strict=True, **common)
+    assert (out / "progress.json").is_file() and len(list(out.glob("train_*.idx"))) >= 2
+    before = _shard_files(out)
+    # every option that changes the bytes, and the tokenizer, is part of the key: each is refused by name
+    from ep_train.data.tokenizer import train_tokenizer
+
+    tok2 = train_tokenizer([str(CORPUS[-2])], 600, str(tmp_path / "tok2"))
+    for change, expect in [(dict(shard_size_mb=0.002), "option shard_size_mb was 0.001, now 0.002"),
+                           (dict(val_fraction=0.2), "option val_fraction was 0.0, now 0.2"),
+                           (dict(append_bos=True), "option append_bos was False, now True"),
+                           (dict(dtype="int32"), "option dtype was 'uint16', now 'int32'"),
+                           (dict(text_key="body"), "option text_key was 'text', now 'body'"),
+                           (dict(tokenizer=str(tok2)), "another tokenizer")]:
+        kw = {**common, **change}
+        tok = kw.pop("tokenizer", str(tokenizer))
+        with pytest.raises(ValueError, match=rf"unfinished build.*{expect}.*--overwrite"):
+            build([str(src)], tok, str(out), **kw)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: the same path, another mtime
+    with pytest.raises(ValueError, match=rf"changed since .*{src.name}"):
+        build([str(src)], str(tokenizer), str(out), **common)
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _shard_files(out) == before  # the refusals changed nothing
+    man = build([str(src)], str(tokenizer), str(out), **common)  # same inputs and options: resumes
+    assert _shard_files(out) == _shard_files(tmp_path / "ref")
+    assert man["splits"] == ref["splits"] and man["report"]["malformed_json"] == 1
+    assert not (out / "progress.json").exists() and not (out / "inputs.json").exists()
+    again = build([str(src)], str(tokenizer), str(out), **common)  # the identical finished build: no-op
+    assert again["already_built"] is True and _shard_files(out) == _shard_files(tmp_path / "ref")
+
+
+def test_overwrite_removes_only_the_tools_files(tokenizer, tmp_path) -> None:
+    a = _jsonl(tmp_path / "a.jsonl", [json.dumps({"text": f"a {i}"}) for i in range(5)])
+    b = _jsonl(tmp_path / "b.jsonl", [json.dumps({"text": f"b {i}"}) for i in range(7)])
+    out = tmp_path / "out"
+    build([str(a)], str(tokenizer), str(out), progress=False)
+    mine = {"notes.txt": "n", "weights.bin": "w", "train_1.bin": "t", "manifest.json.bak": "m", "x.idx": "i"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    man = build([str(b)], str(tokenizer), str(out), overwrite=True, progress=False)
+    assert man["splits"]["train"]["documents"] == 7
+    assert {n: (out / n).read_text() for n in mine} == mine
+    # a manifest.json this tool did not write is never taken for a build, nor deleted
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({"name": "my web app"}))
+    with pytest.raises(ValueError, match="not written by data_prep_tool"):
+        build([str(a)], str(tokenizer), str(foreign), overwrite=True, progress=False)
+    assert json.loads((foreign / "manifest.json").read_text()) == {"name": "my web app"}
+    # shard files with no state saying what they hold are not silently replaced
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "train_00000.bin").write_bytes(b"\x01\x00")
+    with pytest.raises(ValueError, match=r"train_00000.bin.*no manifest.json or progress.json.*--overwrite"):
+        build([str(a)], str(tokenizer), str(stray), progress=False)
+    assert (stray / "train_00000.bin").read_bytes() == b"\x01\x00"
+
+
+def test_manifest_records_sizes_and_old_manifests_still_load(built, tokenizer, tmp_path) -> None:
+    import shutil
+
+    from ep_train.data.prep import inspect
+    from ep_train.data.verify import verify_for_training
+
+    m = json.loads((built / "manifest.json").read_text())
+    for s in m["splits"]["train"]["shards"] + m["splits"]["val"]["shards"]:
+        tokens = np.fromfile(built / f"{s['prefix']}.bin", np.uint16)
+        assert s["bin_bytes"] == (built / f"{s['prefix']}.bin").stat().st_size == 2 * s["tokens"]
+        assert s["idx_bytes"] == (built / f"{s['prefix']}.idx").stat().st_size
+        assert s["max_token_id"] == int(tokens.max()) < 1000
+    assert m["build_key"]["tokenizer_sha256"] == m["tokenizer"]["sha256"] and "mtime_ns" in m["sources"][0]
+    # a manifest written before this change: no sizes, no build key, no binary_files counter
+    old = Path(shutil.copytree(built, tmp_path / "old"))
+    del m["build_key"], m["report"]["binary_files"]
+    for s in m["splits"]["train"]["shards"] + m["splits"]["val"]["shards"]:
+        del s["bin_bytes"], s["idx_bytes"], s["max_token_id"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    verify_for_training(old, "train", 1000, tokenizer_path=tokenizer)
+    assert TokenWindows(old, "train", 16).num_windows > 0
+    text, ok = inspect(str(old), samples=1)
+    assert ok and "binary files 0" in text
+    # the size check still works without recorded sizes (tokens x itemsize), before any index parsing
+    first = old / f"{m['splits']['train']['shards'][0]['prefix']}.bin"
+    first.write_bytes(first.read_bytes() + b"\x00\x00")
+    with pytest.raises(ValueError, match=rf"{first.name}.*bytes"):
+        verify_for_training(old, "train", 1000)
+    with pytest.raises(ValueError, match="older data_prep_tool.*--overwrite"):
+        build([str(c) for c in CORPUS], str(tokenizer), str(old), val_fraction=0.1, shard_size_mb=0.25,
+              progress=False)
+
+
+def test_binary_detector_and_safe_decode(tokenizer) -> None:
+    from ep_train.data.prep import binary_reason
+    from ep_train.data.tokenizer import safe_decode
+
+    assert binary_reason("plain text, ünïcödé ✓\n".encode()) is None
+    assert binary_reason(b"caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n") is None  # legacy latin-1 text: kept
+    assert "NUL" in binary_reason(b"\x7fELF\x02\x01\x01\x00\x00")
+    assert "not UTF-8" in binary_reason(bytes(range(128, 256)) * 4)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    ids = sp.encode("def f(): return 1")
+    assert safe_decode(sp, ids) == ("def f(): return 1", 0)
+    text, bad = safe_decode(sp, [*ids[:2], 5000, *ids[2:], -1])
+    assert bad == 2 and "<id 5000 out of range>" in text and "<id -1 out of range>" in text

@@ -1,0 +1,302 @@
+"""Bad data, one case per test: each asserts the message names the file/field and the fix, not just a code.
+
+CLI-facing cases run ``tools/data_prep_tool.py`` in a subprocess as users do; the rest use the Python API
+(``verify_for_training`` is what the trainer calls at start). Shards are copied from the session's
+``built`` fixture before being damaged, so the shared fixture stays intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ep_train.data.loader import TokenWindows
+from ep_train.data.prep import build
+from ep_train.data.verify import verify_for_training
+from tests.conftest import CORPUS
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = [sys.executable, str(ROOT / "tools" / "data_prep_tool.py")]
+
+
+def tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*TOOL, *args], capture_output=True, text=True, timeout=120)
+
+
+def refused(p: subprocess.CompletedProcess) -> str:
+    """A clean refusal: exit 2, one error line, no traceback. Returns stderr for the message checks."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p.stderr
+
+
+@pytest.fixture
+def shards(built, tmp_path) -> Path:
+    """A private copy of the session's shards, free to damage."""
+    return Path(shutil.copytree(built, tmp_path / "data"))
+
+
+def first_shard(d: Path) -> Path:
+    return d / json.loads((d / "manifest.json").read_text())["splits"]["train"]["shards"][0]["prefix"]
+
+
+@pytest.fixture(scope="module")
+def other_tok(tmp_path_factory) -> Path:
+    """Same vocabulary size as the session tokenizer (1000) but trained on other text: another checksum."""
+    from ep_train.data.prep import expand_inputs
+    from ep_train.data.tokenizer import train_tokenizer
+
+    files = [str(p) for p in expand_inputs([str(CORPUS[1])])]
+    return train_tokenizer(files, 1000, str(tmp_path_factory.mktemp("other") / "sp"))
+
+
+@pytest.fixture(scope="module")
+def small_tok(tmp_path_factory) -> Path:
+    """600 pieces: the shards' ids up to 999 are out of its range."""
+    from ep_train.data.tokenizer import train_tokenizer
+
+    return train_tokenizer([str(CORPUS[-2])], 600, str(tmp_path_factory.mktemp("small") / "sp"))
+
+
+# ---- shard files damaged after the build: found at training start, naming the file ------------------
+def test_truncated_bin(shards) -> None:
+    bin_path = Path(f"{first_shard(shards)}.bin")
+    bin_path.write_bytes(bin_path.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=rf"{bin_path.name}.*(truncated|bytes).*rebuild"):
+        verify_for_training(shards, "train", 1000)
+
+
+def test_idx_wrong_magic(shards) -> None:
+    idx = Path(f"{first_shard(shards)}.idx")
+    idx.write_bytes(b"NOTMAGIC!" + idx.read_bytes()[9:])
+    with pytest.raises(ValueError, match=rf"{idx.name}.*magic.*rebuild"):
+        verify_for_training(shards, "train", 1000)
+
+
+def test_idx_wrong_version(shards) -> None:
+    idx = Path(f"{first_shard(shards)}.idx")
+    raw = bytearray(idx.read_bytes())
+    raw[9:17] = struct.pack("<Q", 2)
+    idx.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"{idx.name}.*version 2.*expected 1"):
+        verify_for_training(shards, "train", 1000)
+
+
+def test_idx_cut_inside_its_header(shards) -> None:
+    """Today: struct.error from deep inside the reader, which names no file."""
+    idx = Path(f"{first_shard(shards)}.idx")
+    idx.write_bytes(idx.read_bytes()[:20])
+    with pytest.raises(ValueError, match=rf"{idx.name}.*(truncated|header)"):
+        verify_for_training(shards, "train", 1000)
+
+
+def test_shards_of_a_larger_vocabulary_than_the_model(built) -> None:
+    with pytest.raises(ValueError, match=r"model.vocab_size = 512.*1000.*(vocab_size >= 1000|rebuild)"):
+        verify_for_training(built, "train", 512)
+    verify_for_training(built, "train", 1000)  # equal is fine
+    verify_for_training(built, "train", 1024)  # a padded embedding table is fine too
+
+
+def test_token_id_at_or_above_vocab_found_with_file_and_position(shards) -> None:
+    """Today: an IndexError deep in the embedding on the first batch that holds the token."""
+    prefix = first_shard(shards)
+    bin_path = Path(f"{prefix}.bin")
+    tokens = np.fromfile(bin_path, dtype=np.uint16)
+    tokens[123] = 4000
+    tokens.tofile(bin_path)
+    with pytest.raises(ValueError, match=rf"{bin_path.name}.*token id 4000 at token position 123.*vocab"):
+        verify_for_training(shards, "train", 1000)
+    # the full hash (optional) also sees that the bytes differ from the manifest's checksum
+    with pytest.raises(ValueError, match=rf"{bin_path.name}.*sha256"):
+        verify_for_training(shards, "train", 8000, full_hash=True)
+
+
+def test_training_tokenizer_differs_from_the_shards(built, other_tok) -> None:
+    with pytest.raises(ValueError, match=r"differs from the one .* was built with.*rebuild"):
+        verify_for_training(built, "train", 1000, tokenizer_path=other_tok)
+
+
+def test_missing_manifest(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"manifest.json.* not found.*data_prep_tool build"):
+        verify_for_training(tmp_path, "train", 1000)
+    p = refused(tool("inspect", str(tmp_path)))
+    assert "manifest.json" in p and "not found" in p
+
+
+def test_manifest_that_is_not_json(shards) -> None:
+    (shards / "manifest.json").write_text('{"format": "megatron-mmidx-v1", "splits": {')
+    with pytest.raises(ValueError, match=r"manifest.json.* not valid JSON.*(rerun|rebuild)"):
+        TokenWindows(shards, "train", 16)
+    err = refused(tool("inspect", str(shards)))
+    assert "manifest.json" in err and "not valid JSON" in err
+
+
+def test_manifest_missing_a_field(shards) -> None:
+    m = json.loads((shards / "manifest.json").read_text())
+    del m["tokenizer"]["vocab_size"]
+    (shards / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"manifest.json.*tokenizer.vocab_size"):
+        verify_for_training(shards, "train", 1000)
+
+
+def test_shard_listed_in_manifest_but_missing(shards) -> None:
+    idx = Path(f"{first_shard(shards)}.idx")
+    idx.unlink()
+    with pytest.raises(ValueError, match=rf"{idx.name}.*missing"):
+        verify_for_training(shards, "train", 1000)
+
+
+# ---- bad inputs to build ----------------------------------------------------------------------------
+def test_empty_input_has_no_documents(tokenizer, tmp_path) -> None:
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    err = refused(tool("build", "--input", str(tmp_path / "empty.txt"), str(tmp_path / "blank.jsonl"),
+                       str(tmp_path / "other.jsonl"), "--tokenizer", str(tokenizer), "--output",
+                       str(tmp_path / "out"), "--no-progress"))
+    assert "no documents" in err and "--text-key" in err and "empty.txt" in err
+    # nothing was written that would block a fixed rerun
+    ok = tool("build", "--input", str(tmp_path / "other.jsonl"), "--text-key", "body", "--tokenizer", str(tokenizer),
+              "--output", str(tmp_path / "out"), "--no-progress")
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_mixed_type_jsonl_rows_are_skipped_with_their_type(tokenizer, tmp_path) -> None:
+    rows = [{"text": "def f():\n    return 1\n"}, {"text": 5}, [1, 2], {"text": ["a", "b"]}, "just a string",
+            {"text": None}, {"text": "x = 2\n"}]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    man = build([str(src)], str(tokenizer), str(tmp_path / "out"), progress=False)
+    r = man["report"]
+    assert man["splits"]["train"]["documents"] == 2 and r["missing_text_key"] == 5
+    ex = "\n".join(r["examples"])
+    assert f"{src}:2: field 'text' is int, not a string" in ex
+    assert f"{src}:3: row is a list, not an object" in ex
+    assert f"{src}:4: field 'text' is list" in ex and f"{src}:5: row is a str" in ex
+    with pytest.raises(ValueError, match=rf"{src}:2: field 'text' is int"):
+        build([str(src)], str(tokenizer), str(tmp_path / "strict"), strict=True, progress=False)
+
+
+def test_binary_file_named_txt_is_skipped_and_counted(tokenizer, tmp_path) -> None:
+    exe = tmp_path / "python.txt"
+    exe.write_bytes(Path(sys.executable).resolve().read_bytes()[:65536])  # a real ELF/Mach-O head
+    blob = tmp_path / "blob.jsonl"
+    blob.write_bytes(bytes(range(256)) * 64)  # no newline structure, mostly undecodable
+    good = tmp_path / "good.txt"
+    good.write_text("print('hello')\n")
+    p = tool("build", "--input", str(exe), str(blob), str(good), "--tokenizer", str(tokenizer), "--output",
+             str(tmp_path / "out"), "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert '"binary_files": 2' in p.stdout and f"binary_files: {exe}" in p.stdout and str(blob) in p.stdout
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["splits"]["train"]["documents"] == 1 and man["report"]["binary_files"] == 2
+    assert man["report"]["malformed_json"] == 0  # not tokenized line by line as garbage either
+    err = refused(tool("build", "--input", str(exe), "--tokenizer", str(tokenizer), "--output", str(tmp_path / "s"),
+                       "--strict", "--no-progress"))
+    assert "binary" in err and str(exe) in err
+
+
+def test_directory_given_as_tokenizer(tmp_path) -> None:
+    err = refused(tool("build", "--input", str(CORPUS[-1]), "--tokenizer", str(tmp_path), "--output",
+                       str(tmp_path / "out"), "--no-progress"))
+    assert f"'{tmp_path}' is a directory" in err and ".model" in err
+
+
+def test_missing_tokenizer_file(built, tmp_path) -> None:
+    err = refused(tool("build", "--input", str(CORPUS[-1]), "--tokenizer", str(tmp_path / "nope.model"), "--output",
+                       str(tmp_path / "out"), "--no-progress"))
+    assert "nope.model" in err and "not found" in err and "train-tokenizer" in err
+    with pytest.raises(ValueError, match=r"nope.model.*not found"):
+        verify_for_training(built, "train", 1000, tokenizer_path=tmp_path / "nope.model")
+
+
+# ---- inspect with the wrong tokenizer ---------------------------------------------------------------
+def test_inspect_with_a_different_tokenizer(built, tokenizer, other_tok) -> None:
+    err = refused(tool("inspect", str(built), "--samples", "1", "--tokenizer", str(other_tok), "--no-verify"))
+    from ep_train.data.shards import sha256_file
+
+    assert str(other_tok) in err and str(tokenizer) in err
+    assert sha256_file(other_tok)[:12] in err and sha256_file(tokenizer)[:12] in err and "--force-tokenizer" in err
+    ok = tool("inspect", str(built), "--samples", "1", "--tokenizer", str(tokenizer), "--no-verify")
+    assert ok.returncode == 0 and "sample 0" in ok.stdout
+
+
+def test_inspect_with_a_smaller_vocabulary_tokenizer(built, small_tok) -> None:
+    """Today: IndexError: piece id is out of range."""
+    err = refused(tool("inspect", str(built), "--samples", "2", "--tokenizer", str(small_tok), "--no-verify"))
+    assert "600" in err and "1000" in err and "--force-tokenizer" in err
+    p = tool("inspect", str(built), "--samples", "2", "--tokenizer", str(small_tok), "--no-verify",
+             "--force-tokenizer")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert "sample 1" in p.stdout and "out of range" in p.stdout and "WARNING" in p.stdout
+
+
+# ---- builds into a folder that already holds one ----------------------------------------------------
+def _docs(tag: str, n: int) -> list[str]:
+    lines = [ln for ln in (CORPUS[-2]).read_text().splitlines() if ln.strip()]
+    return [json.dumps({"text": f"# {tag} {i}\n{lines[i % len(lines)]}\n"}) for i in range(n)]
+
+
+def _listing(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+def test_changed_inputs_after_a_failed_build_are_refused(tokenizer, tmp_path) -> None:
+    """The 192/200 report: a failed build's progress.json used to be applied to other inputs (exit 0)."""
+    old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "out"
+    old.mkdir(), new.mkdir()
+    (old / "a.jsonl").write_text("\n".join(_docs("old", 200)) + "\n")
+    (old / "b.jsonl").write_text("{broken\n")  # --strict stops here, after several shards rolled
+    (new / "a.jsonl").write_text("\n".join(_docs("new", 200)) + "\n")
+    common = ["--tokenizer", str(tokenizer), "--output", str(out), "--shard-size-mb", "0.002", "--no-progress"]
+    err = refused(tool("build", "--input", str(old), "--strict", *common))
+    assert "malformed json" in err
+    assert (out / "progress.json").is_file() and len(list(out.glob("train_*.bin"))) >= 3
+    before = _listing(out)
+    err = refused(tool("build", "--input", str(new), *common))
+    assert str(out) in err and "unfinished build" in err and "--overwrite" in err and "same inputs" in err
+    assert f"{new / 'a.jsonl'}" in err and f"{old / 'a.jsonl'}" in err  # what differs, by name
+    assert _listing(out) == before  # refused: nothing deleted or altered
+    # other options that change the bytes are refused too, naming the option
+    err = refused(tool("build", "--input", str(old), "--val-fraction", "0.5", *common))
+    assert "val_fraction" in err and "0.5" in err
+    # --overwrite starts over with the new inputs: every document in the shards is a new one
+    p = tool("build", "--input", str(new), "--overwrite", *common)
+    assert p.returncode == 0, p.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["splits"]["train"]["documents"] == 200 and not (out / "progress.json").exists()
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    toks = np.concatenate([np.fromfile(out / f"{s['prefix']}.bin", np.uint16) for s in man["splits"]["train"]["shards"]])
+    assert sp.decode(toks.tolist()).count("# new ") == 200 and "# old " not in sp.decode(toks.tolist())
+
+
+def test_build_into_a_finished_folder(tokenizer, tmp_path) -> None:
+    a, b, out = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out"
+    a.write_text("\n".join(_docs("a", 20)) + "\n")
+    b.write_text("\n".join(_docs("b", 30)) + "\n")
+    common = ["--tokenizer", str(tokenizer), "--output", str(out), "--no-progress"]
+    assert tool("build", "--input", str(a), *common).returncode == 0
+    (out / "notes.tmp").write_text("mine")  # not the tool's: must survive even --overwrite
+    (out / "model.bin").write_text("mine too")
+    before = _listing(out)
+    err = refused(tool("build", "--input", str(b), *common))
+    assert f"'{out}' already holds a finished build" in err and "--overwrite" in err and "another --output" in err
+    assert str(b) in err
+    assert _listing(out) == before
+    same = tool("build", "--input", str(a), *common)  # the identical build: a no-op that says so
+    assert same.returncode == 0 and "already holds this build" in same.stdout and "nothing to do" in same.stdout
+    assert _listing(out) == before
+    p = tool("build", "--input", str(b), "--overwrite", *common)
+    assert p.returncode == 0, p.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["splits"]["train"]["documents"] == 30
+    assert (out / "notes.tmp").read_text() == "mine" and (out / "model.bin").read_text() == "mine too"
