@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ep_train.config import Config, config_to_dict, load_config, parse_overrides, validate
 from ep_train.data.loader import DistributedBatches, TokenWindows
+from ep_train.data.verify import verify_for_training
 from ep_train.model.transformer import Transformer, build_model
 from ep_train.parallel import parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
@@ -73,10 +74,10 @@ class Trainer:
 
         if cfg.data.data_dir is None:
             raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build)")
+        # Every rank checks (and fails alike): manifest sizes and index checksums, tokenizer and vocabulary,
+        # no token id >= model.vocab_size (found here with its shard and position, not deep in the model).
+        verify_for_training(cfg.data.data_dir, "train", cfg.model.vocab_size, cfg.data.tokenizer)
         self.windows = TokenWindows(cfg.data.data_dir, "train", cfg.data.seq_len, cfg.data.tokenizer)
-        if self.windows.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"{self.windows.vocab_size} tokens; set model.vocab_size >= {self.windows.vocab_size}")
         # Sharded construction: shapes on `meta`, this rank's experts only, then values module by module
         # straight into this rank's ZeRO-3 partitions (ep_train.parallel.zero.materialize_partitioned).
         layout = deepspeed_layout(cfg.parallel.ep_size)

@@ -31,3 +31,38 @@ def test_mixtral_8x7b_published_sizes() -> None:
     # Mistral AI: 46.7B total, 12.9B active per token.
     assert round(s.total / 1e9, 1) == 46.7
     assert round(s.active / 1e9, 1) == 12.9
+
+
+@pytest.mark.parametrize("world", [16, 64])
+def test_mixtral_8x7b_through_parallelize_on_meta(world: int) -> None:
+    """configs/mixtral_8x7b.yaml through construction and parallelize on the meta device (no memory), at a
+    simulated world of 16 and 64 with EP 8: every rank's shapes, and the planner's counts from the pieces."""
+    from pathlib import Path
+
+    from ep_train.config import load_config
+    from ep_train.parallel import ParallelLayout, parallelize
+
+    c = load_config(Path(__file__).resolve().parents[2] / "configs" / "mixtral_8x7b.yaml", [])
+    c.train.activation_checkpointing = True
+    s = model_size(c)
+    assert f"{s.total / 1e9:.2f}B" == "46.70B" and f"{s.active / 1e9:.2f}B" == "12.88B"
+    experts_by_id: dict[tuple[str, int], int] = {}
+    dense_counts = set()
+    for rank in range(world):
+        model = parallelize(build_model(c.model, c.moe, device="meta"), c, ParallelLayout(world, rank, 8))
+        dense = 0
+        for name, p in model.named_parameters():
+            assert p.is_meta, name  # nothing was allocated
+            if name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+                want = (1, 14336, 4096) if not name.endswith("w2") else (1, 4096, 14336)
+                assert tuple(p.shape) == want, (rank, name, tuple(p.shape))
+                owner = model.get_submodule(name.rsplit(".", 1)[0])
+                assert owner.global_expert_ids == [rank % 8]
+                assert p.ds_zero_placement_family == "autoep_expert" and p.allreduce is False
+                experts_by_id[(name, rank % 8)] = p.numel()
+            else:
+                dense += p.numel()
+        dense_counts.add(dense)
+        assert type(model.layers[0]).__name__ == "CheckpointedBlock"
+    assert len(dense_counts) == 1  # every rank describes the same dense model
+    assert dense_counts.pop() + sum(experts_by_id.values()) == s.total  # the 8 expert shards + dense = 46.70B
