@@ -141,16 +141,24 @@ def _wait_for_step(p: subprocess.Popen, run: Path, step: int, log: Path) -> None
     raise AssertionError(f"no step {step} (rc {p.poll()}):\n{log.read_text()[-4000:]}")
 
 
-@pytest.mark.parametrize("restarts", ["0", "1"])
-def test_usr1_to_torchrun_script_checkpoints_and_exits_75(tmp_path, built, restarts) -> None:
-    """SIGUSR1 sent to launch/torchrun.sh reaches its workers (torchrun alone would die and orphan them):
-    they checkpoint, nothing is left running, the script exits 75 (plain torchrun would say 1), no
-    restart happens with --max-restarts, and a matching trainer outside the launch is not signalled."""
+@pytest.mark.parametrize("launcher", ["torchrun", "torchrun-max-restarts", "deepspeed"])
+def test_usr1_to_launch_script_checkpoints_and_exits_75(tmp_path, built, launcher) -> None:
+    """SIGUSR1 sent to launch/torchrun.sh or deepspeed.sh reaches its workers (the launcher alone would die
+    and orphan them): they checkpoint, nothing is left running, the script exits 75 (plain torchrun would
+    say 1), no restart happens with --max-restarts, and a matching trainer outside the launch is not
+    signalled."""
     decoy, hit = start_decoy(tmp_path)
     run, log = tmp_path / "run", tmp_path / "tr.log"
-    p = _start("torchrun.sh", "--config", str(CONFIG), "--data", str(built), "--run-dir", str(run), "--nproc", "2",
-               "--master-port", str(free_port()), "--max-restarts", restarts, "--", *OVERRIDES, "--ep_size", "2",
-               "--max_steps", "200", log=log)
+    common = ["--config", str(CONFIG), "--data", str(built), "--run-dir", str(run)]
+    trainer = ["--", *OVERRIDES, "--ep_size", "2", "--max_steps", "200"]
+    if launcher == "deepspeed":
+        (tmp_path / "hostfile").write_text("localhost slots=2\n")
+        p = _start("deepspeed.sh", *common, "--hostfile", str(tmp_path / "hostfile"), "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), "--no_ssh", "--node_rank", "0", *trainer, log=log)
+    else:
+        restarts = "1" if launcher == "torchrun-max-restarts" else "0"
+        p = _start("torchrun.sh", *common, "--nproc", "2", "--master-port", str(free_port()), "--max-restarts",
+                   restarts, *trainer, log=log)
     tree: list[psutil.Process] = []
     try:
         _wait_for_step(p, run, 3, log)
