@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,6 +248,90 @@ def _flatten(data: dict[str, Any], cfg_cls: type) -> list[tuple[str, Any]]:
     return items
 
 
+class _StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain mappings, lists, strings and numbers only: a ``!!python/...`` tag is
+    refused, so a config file cannot run code) that also refuses a key given twice in one mapping.
+    PyYAML keeps the last of two equal keys silently, so a forgotten earlier line would win or lose
+    without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges are meant to be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: SafeConstructor reports it below, with its line
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {first.start_mark.line + 1}); "
+                    "delete one of the two lines (YAML would silently keep the last)", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateJSONKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` refusing duplicate keys (``json.loads`` keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateJSONKey(key)
+        out[key] = value
+    return out
+
+
+def _read_config_file(path: Path) -> Any:
+    """Parse a YAML or JSON config; every problem becomes a ``ValueError`` naming ``file:line``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}); "
+                         "pass a YAML or JSON run config") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text, object_pairs_hook=_json_pairs)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}; fix the syntax "
+                             "there (JSON wants double quotes and no trailing commas)") from None
+        except _DuplicateJSONKey as e:
+            # The hook sees no positions: point at the lines where the key text occurs.
+            lines = [text.count("\n", 0, m.start()) + 1
+                     for m in re.finditer(re.escape(json.dumps(e.key)) + r"\s*:", text)]
+            where = f"{path}:{lines[1]}" if len(lines) > 1 else str(path)
+            first = f" (first on line {lines[0]})" if len(lines) > 1 else ""
+            raise ValueError(f"config file {where}: key {e.key!r} appears twice in one object{first}; delete one "
+                             "of the two (JSON readers would silently keep the last)") from None
+    try:
+        return yaml.load(text, Loader=_StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = e.problem or ""
+        if "could not determine a constructor for the tag" in problem:
+            tag = problem.split("tag", 1)[1].strip()
+            raise ValueError(f"config file {where}: the tag {tag} is refused: configs are read with a safe loader "
+                             "that builds only mappings, lists, strings and numbers (a python/... tag could run "
+                             "code); write the plain value instead") from None
+        if "appears twice" in problem:
+            raise ValueError(f"config file {where}: {problem}") from None
+        context = ""
+        if e.context:  # e.g. "while parsing a flow sequence": say where that began (an unclosed '[' or quote)
+            began = f" that began on line {e.context_mark.line + 1}" if e.context_mark is not None else ""
+            context = f" ({e.context}{began})"
+        raise ValueError(f"config file {where}: invalid YAML: {problem}{context}; fix the syntax there "
+                         "(indentation, a missing ':' or an unclosed quote or bracket)") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path}: invalid YAML: {e}; fix the syntax") from None
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     """['--moe.top_k', '2', '--seed=3'] -> [('moe.top_k', 2), ('seed', 3)] (values parsed as YAML scalars)."""
     out: list[tuple[str, Any]] = []
@@ -273,20 +358,34 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
     cfg = cfg_cls()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {str(path)!r} is a folder; pass the YAML/JSON file itself to --config")
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist; pass an existing --config path")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = _read_config_file(path)
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
-        for key, value in _flatten(data, cfg_cls):
-            _set(cfg, key, value, cfg_cls)
+            raise ValueError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}; "
+                             "write sections such as 'train:' with 'key: value' lines under them")
+        _set_all(cfg, _flatten(data, cfg_cls), cfg_cls, f"config file {path}")
     for key, value in overrides or []:
         _set(cfg, key, value, cfg_cls)
     validate(cfg)
     return cfg
+
+
+def _set_all(cfg: Any, items: list[tuple[str, Any]], cfg_cls: type, source: str) -> None:
+    """Set file values, refusing one field given twice under two spellings (``lr`` and
+    ``train.learning_rate``): the later one would win silently, like a duplicate key."""
+    given: dict[tuple[str, str], str] = {}
+    for key, value in items:
+        target = _resolve_key(key, cfg_cls)
+        if target in given:
+            raise ValueError(f"{source} sets {target[0]}.{target[1]} twice (as '{given[target]}' and '{key}'); "
+                             "keep one of them")
+        given[target] = key
+        _set(cfg, key, value, cfg_cls)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -297,7 +396,8 @@ def config_from_dict(data: dict[str, Any], cfg_cls: type = Config) -> Any:
     cfg = cfg_cls()
     for key, value in _flatten(data, cfg_cls):
         _set(cfg, key, value, cfg_cls)
-    validate(cfg)
+    # A stored config (e.g. a checkpoint's) names paths of the machine that wrote it: check values only.
+    validate(cfg, check_paths=False)
     return cfg
 
 
@@ -324,13 +424,66 @@ def check_ep_layout(ep_size: int, num_experts: int | None = None, world_size: in
         _check(num_experts % ep_size == 0, "parallel.ep_size", ep_size,
                f"must divide moe.num_experts ({num_experts}); pick a divisor of {num_experts}")
     if world_size is not None:
-        _check(world_size >= 1, "world size", world_size, "must be >= 1 (launch at least one process)")
+        _check(world_size >= 1, "world size", world_size,
+               "must be >= 1; launch at least one process (nodes x processes per node)")
         _check(world_size % ep_size == 0, "parallel.ep_size", ep_size,
                f"must divide the world size ({world_size}); launch a multiple of {ep_size} processes")
 
 
-def validate(cfg: Any, world_size: int | None = None) -> None:
-    """All cross-field checks, in one place. ``world_size`` adds the checks that need it."""
+# The named DeepSpeed configs (``parallel.ds_config: zero3_offload``); ep_train/parallel/zero.py
+# resolves names the same way when it builds the engine's config.
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"  # package data (works after `pip install .`)
+
+
+def _example(section: str, name: str, default: Any) -> str:
+    return f"set {section}.{name} to a finite number" + (f" (default {default!r})" if default is not None else "")
+
+
+def _check_finite(cfg: Any) -> None:
+    """NaN/inf anywhere numeric (``learning_rate: .inf``, ``--lr nan``) passes every ``>`` check in one
+    direction or the other, so refuse it first, for every float field of every section."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            values = v if isinstance(v, list) else [v]
+            if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                default = None if f.default is dataclasses.MISSING else f.default
+                _check(False, f"{sec.name}.{f.name}", v, f"must be a finite number; {_example(sec.name, f.name, default)}")
+
+
+def _check_paths(cfg: Any) -> None:
+    """Files the run will open, checked before any process (or process group) starts."""
+    p, d, t = getattr(cfg, "parallel", None), getattr(cfg, "data", None), getattr(cfg, "train", None)
+    if p is not None and not Path(p.ds_config).is_file():
+        known = sorted(f.stem for f in DS_CONFIG_DIR.glob("*.json"))
+        _check((DS_CONFIG_DIR / f"{p.ds_config}.json").is_file(), "parallel.ds_config", p.ds_config,
+               f"is neither a file nor one of {known}; pass a DeepSpeed JSON path or one of those names")
+    if d is not None and d.tokenizer is not None:
+        tok = Path(d.tokenizer)
+        _check(not tok.is_dir(), "data.tokenizer", d.tokenizer,
+               "is a folder; pass the sentencepiece .model file (data_prep_tool train-tokenizer writes PREFIX.model)")
+        _check(tok.is_file(), "data.tokenizer", d.tokenizer,
+               "no such file; pass the sentencepiece .model the shards were built with, or leave data.tokenizer unset")
+    if d is not None and d.data_dir is not None:
+        data = Path(d.data_dir)
+        _check(data.is_dir(), "data.data_dir", d.data_dir,
+               "no such folder; pass the output folder of data_prep_tool build")
+        _check((data / "manifest.json").is_file(), "data.data_dir", d.data_dir,
+               "has no manifest.json; pass the output folder of data_prep_tool build (after merge, for "
+               "--num-tasks builds) and check that the build finished")
+    if t is not None and t.resume not in (None, "auto"):
+        _check(Path(t.resume).is_dir(), "train.resume", t.resume,
+               "no such checkpoint folder; pass a run's checkpoints/step_* folder, or auto for the latest one")
+
+
+def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = True) -> None:
+    """All checks, in one place, run before any process group exists. ``world_size`` adds the checks
+    that need it; ``check_paths=False`` skips the file-system checks (for a config stored elsewhere)."""
+    _check_finite(cfg)
+    if world_size is not None:
+        _check(world_size >= 1, "world size", world_size,
+               "must be >= 1; launch at least one process (nodes x processes per node)")
     m, e, p = cfg.model, cfg.moe, cfg.parallel
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "max_seq_len"):
@@ -381,11 +534,34 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
     t, d = getattr(cfg, "train", None), getattr(cfg, "data", None)
     if t is not None:
         for name in ("micro_batch_size", "batch_size", "max_steps", "log_interval", "keep_last", "eval_batches"):
-            _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "must be a positive integer")
-        _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be positive, e.g. 3e-4")
-        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
-        _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
-        _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 turns clipping off)")
+            default = getattr(TrainConfig, name)
+            _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name),
+                   f"must be a positive integer; set train.{name} >= 1 (default {default})")
+        _check(t.seed >= 0, "train.seed", t.seed, "must be a non-negative integer (numpy refuses negative seeds), "
+               "e.g. 1234")
+        _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
+               "must be a positive number; set train.learning_rate, e.g. 3e-4")
+        _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio,
+               "must be in [0, 1] (the cosine ends at learning_rate x min_lr_ratio), e.g. 0.1")
+        _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0 (0 = no warmup)")
+        _check(t.warmup_steps <= t.max_steps, "train.warmup_steps", t.warmup_steps,
+               f"must not exceed train.max_steps ({t.max_steps}), or the learning rate never reaches "
+               "train.learning_rate; lower train.warmup_steps (a few % of max_steps is typical)")
+        for name, typical in (("beta1", 0.9), ("beta2", 0.95)):
+            v = getattr(t, name)
+            _check(0 <= v < 1, f"train.{name}", v, f"must be in [0, 1) (Adam's moving-average decay), e.g. {typical}")
+        _check(t.eps > 0, "train.eps", t.eps, "must be positive (Adam divides by sqrt(v) + eps), e.g. 1e-8")
+        _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay,
+               "must be >= 0 (0 turns decoupled weight decay off; 0.1 is typical)")
+        _check(t.save_interval >= 0, "train.save_interval", t.save_interval,
+               "must be >= 0: N > 0 saves every N steps, 0 saves only at the end and on a stop signal")
+        _check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval,
+               "must be >= 0: N > 0 evaluates every N steps, 0 never")
+        bad = [s for s in t.inject_nonfinite_steps or [] if s < 1]
+        _check(not bad, "train.inject_nonfinite_steps", t.inject_nonfinite_steps,
+               f"steps {bad} do not exist; steps count from 1")
+        _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip,
+               "must be >= 0: the maximum gradient norm, e.g. 1.0 (0 turns clipping off)")
         _check(t.router_lr_multiplier > 0, "train.router_lr_multiplier", t.router_lr_multiplier,
                "must be positive (guides recommend 2-5)")
         _check(t.mixed_precision in ("auto", "bf16", "fp32"), "train.mixed_precision", t.mixed_precision,
@@ -398,6 +574,8 @@ def validate(cfg: Any, world_size: int | None = None) -> None:
             _check(t.batch_size % (t.micro_batch_size * world_size) == 0, "train.batch_size", t.batch_size,
                    f"must be a multiple of micro_batch_size x world size ({t.micro_batch_size} x {world_size})")
     if d is not None:
-        _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be a positive integer")
+        _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be a positive integer; set data.seq_len, e.g. 512")
         _check(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
                f"must not exceed model.max_seq_len ({m.max_seq_len})")
+    if check_paths:
+        _check_paths(cfg)

@@ -31,3 +31,69 @@ check_inputs() {  # config, data dir, resume target: fail before any process sta
 }
 
 print_cmd() { printf 'running:'; printf ' %q' "$@"; printf '\n'; }
+
+# The trainer's own config checks (ep-train check: no torch, well under a second) before any process
+# starts: a bad config gives one "error: ..." and exit 2 here, instead of one copy per worker plus
+# torchrun's failure report. $1 = python, $2 = world size or "" (unknown), then the trainer's arguments.
+check_config() {
+  local py="$1" world="$2"; shift 2
+  local args=(-m ep_train.cli check)
+  [ -z "$world" ] || args+=(--world-size "$world")
+  "$py" "${args[@]}" "$@" >/dev/null || exit 2
+}
+
+# PIDs of trainer workers (python [-u] -m ep_train.train ...) among the descendants of process $1 only:
+# never another job's or another user's trainers on the same node (what `pkill -f` reached).
+trainer_pids() {
+  local child cmd
+  for child in $(pgrep -P "$1"); do
+    cmd="$(tr '\0' ' ' < "/proc/$child/cmdline" 2>/dev/null)" || continue
+    if [[ "$cmd" =~ ^[^\ ]*python[^\ ]*\ (-u\ )?-m\ ep_train\.train(\ |$) ]]; then echo "$child"; fi
+    trainer_pids "$child"
+  done
+}
+
+# Run a launcher (torchrun, deepspeed) and turn SIGUSR1 or SIGTERM sent to this script into SIGUSR1 for
+# the launcher's trainer workers, which finish the step, checkpoint and exit 75. The launcher itself
+# runs with SIGUSR1 ignored: torchrun has no handler for it and would die, orphaning its workers, when
+# SLURM signals every process of a job step. Exit code: 75 when the trainers stopped on the signal
+# with a checkpoint (torchrun itself reports any worker exit code other than 0 as 1), else the launcher's.
+# $1 = run folder, $2 = the launcher's restart count, then the launcher command.
+STOP_REQUESTED=0
+run_forwarding_stop() {
+  local run_dir="$1" restarts="$2"; shift 2
+  local marker="$run_dir/stopped_on_signal.json" start rc=0 stopped=0 signalled="" pid
+  start="$(date +%s)"
+  ( trap '' USR1; exec "$@" ) &
+  LAUNCHER_PID=$!
+  # A worker that is still importing has no handler yet (USR1 is ignored there): re-sent below.
+  forward_stop() { STOP_REQUESTED=1; echo "caught a stop signal: asking the trainers to checkpoint and stop" >&2; }
+  trap forward_stop USR1 TERM
+  trap 'kill -TERM "$LAUNCHER_PID" 2>/dev/null' INT  # Ctrl-C: stop now (the launcher ignores INT as a job)
+  while :; do
+    if [ "$STOP_REQUESTED" = 1 ]; then
+      pid="$(trainer_pids "$LAUNCHER_PID" | tr '\n' ' ')"
+      # shellcheck disable=SC2086  # one word per PID
+      [ -z "$pid" ] || kill -USR1 $pid 2>/dev/null || true
+      signalled="${signalled:-$pid}"
+      if [ "$restarts" != 0 ] && [ -n "$signalled" ] && ! kill -0 $signalled 2>/dev/null; then
+        # The signalled workers are gone: stop the launcher before it restarts them (they would
+        # resume and train on, past the preemption notice). Read the marker before a restart could.
+        if [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then stopped=1; fi
+        kill -TERM "$LAUNCHER_PID" 2>/dev/null || true
+      fi
+      if ! kill -0 "$LAUNCHER_PID" 2>/dev/null; then wait "$LAUNCHER_PID" && rc=0 || rc=$?; break; fi
+      sleep 0.5
+    else
+      wait "$LAUNCHER_PID" && rc=0 || rc=$?  # returns early when a trap runs
+      kill -0 "$LAUNCHER_PID" 2>/dev/null || break
+    fi
+  done
+  trap - USR1 TERM INT
+  if [ -f "$marker" ] && [ "$(stat -c %Y "$marker")" -ge "$start" ]; then stopped=1; fi
+  if [ "$stopped" = 1 ]; then
+    echo "trainers stopped on a signal with a checkpoint ($(cat "$marker" 2>/dev/null)); exit code 75" >&2
+    return 75
+  fi
+  return "$rc"
+}

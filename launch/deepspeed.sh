@@ -50,5 +50,13 @@ cmd+=(--module ep_train.train --config "$config" --run-dir "$run_dir")
 [ -z "$resume" ] || cmd+=(--resume "$resume")
 cmd+=("$@")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+trainer_args=(--config "$config")
+[ -z "$data" ] || trainer_args+=(--data_dir "$data")
+[ -z "$resume" ] || trainer_args+=(--resume "$resume")
+check_config "$py" "" "${trainer_args[@]}" "$@"
 print_cmd "${cmd[@]}"
-exec "${cmd[@]}"
+# Not exec: SIGUSR1/SIGTERM to this script reach this node's trainer workers (DeepSpeed's launcher
+# would die of USR1 and orphan them); exit code 75 after a stop with a checkpoint.
+rc=0
+run_forwarding_stop "$run_dir" 0 "${cmd[@]}" || rc=$?
+exit "$rc"

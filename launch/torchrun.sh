@@ -3,6 +3,8 @@
 #   launch/torchrun.sh --config C.yaml [--data DIR] [--run-dir DIR] [--resume auto|DIR]
 #                      [--nproc N] [--nnodes N --node-rank R --master-addr H --master-port P]
 #                      [--rdzv HOST:PORT --rdzv-id ID] [--max-restarts K] [-- trainer overrides ...]
+# Stop signals: SIGUSR1 or SIGTERM sent to this script reach the trainer workers (not torchrun), which
+# finish the step, checkpoint and stop; the script then exits 75. A bad config exits 2 before torchrun starts.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/common.sh"
@@ -23,7 +25,7 @@ while [ $# -gt 0 ]; do
     --rdzv-id) rdzv_id="$2"; shift 2 ;;
     --max-restarts) max_restarts="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) die "unknown option '$1' (trainer overrides go after --)" ;;
   esac
 done
@@ -46,5 +48,14 @@ cmd+=(-m ep_train.train --config "$config" --run-dir "$run_dir")
 [ -z "$resume" ] || cmd+=(--resume "$resume")
 cmd+=("$@")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+world=""
+case "$nnodes$nproc" in *[!0-9]*) ;; *) world=$((nnodes * nproc)) ;; esac  # unknown for elastic MIN:MAX
+trainer_args=(--config "$config")
+[ -z "$data" ] || trainer_args+=(--data_dir "$data")
+[ -z "$resume" ] || trainer_args+=(--resume "$resume")
+check_config "$py" "$world" "${trainer_args[@]}" "$@"
 print_cmd "${cmd[@]}"
-exec "${cmd[@]}"
+# Not exec: this script stays to forward SIGUSR1/SIGTERM to the workers and to exit 75 after a stop.
+rc=0
+run_forwarding_stop "$run_dir" "$max_restarts" "${cmd[@]}" || rc=$?
+exit "$rc"

@@ -19,9 +19,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ep_train.config import Config
+from ep_train.config import DS_CONFIG_DIR, Config
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"  # package data: works from `pip install .`
 _AUTOEP_CLASSES: dict[type, type] = {}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,26 @@ def test_plan_and_train_refuse_bad_values_by_name(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-m", "ep_train.train", "--config", str(tmp_path / "missing.yaml")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 2 and "missing.yaml" in p.stderr and "does not exist" in p.stderr
+
+
+def test_check_command_validates_like_the_trainer() -> None:
+    p = ep_train("check", "--config", "configs/tiny.yaml", "--world-size", "2", "--run-dir", "runs/x", "--top_k", "1")
+    assert p.returncode == 0 and "config ok" in p.stdout, p.stderr
+    p = ep_train("check", "--config", "configs/tiny.yaml", "--world-size", "3")
+    assert p.returncode == 2 and "ep-train check: error: parallel.ep_size = 2" in p.stderr, p.stderr
+
+
+def test_torch_extensions_dir_is_per_environment(tmp_path) -> None:
+    """DeepSpeed's JIT ops (CPU Adam, shm_comm) build under the environment's own prefix unless the user
+    chose a folder: torch's JIT build folder (what DeepSpeed's op builders load) follows it."""
+    code = ("import os, ep_train; from torch.utils.cpp_extension import _get_build_directory; "
+            "print(os.environ['TORCH_EXTENSIONS_DIR']); print(os.path.dirname(_get_build_directory('cpu_adam', False)))")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    want = os.path.join(os.path.realpath(sys.prefix), "torch_extensions")
+    assert p.stdout.split() == [want, want]
+    mine = str(tmp_path / "my_extensions")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**env, "TORCH_EXTENSIONS_DIR": mine})
+    assert p.returncode == 0 and p.stdout.split() == [mine, mine], p.stdout + p.stderr

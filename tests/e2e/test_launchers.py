@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +98,103 @@ def test_sigkill_of_a_rank_restarts_and_resumes(tmp_path, built, reference) -> N
     out = _finish(p, tmp_path / "tr.log")
     assert "resumed from" in out and "step_00000004" in out
     _check(run, reference)  # steps redone after the restart overwrite their records with the same numbers
+
+
+DECOY = """import signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGUSR1, lambda *_: Path(sys.argv[-1]).write_text("got USR1"))
+Path(sys.argv[-1] + ".ready").write_text("")
+time.sleep(600)
+"""
+
+
+def start_decoy(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Another job's trainer, as `pkill -f` sees it: `python -m ep_train.train ...` on the same machine.
+    Returns the process and the file it writes if a SIGUSR1 reaches it."""
+    pkg = tmp_path / "decoy" / "ep_train" / "train"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "__main__.py").write_text(DECOY)
+    hit = tmp_path / "decoy_hit"
+    p = subprocess.Popen([sys.executable, "-m", "ep_train.train", "--config", "other_job.yaml", str(hit)],
+                         cwd=pkg.parent.parent, env={"PATH": "/usr/bin:/bin"})
+    deadline = time.monotonic() + 60
+    while not Path(str(hit) + ".ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return p, hit
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_for_step(p: subprocess.Popen, run: Path, step: int, log: Path) -> None:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").is_file() and max(_losses(run), default=0) >= step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} (rc {p.poll()}):\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "torchrun-max-restarts", "deepspeed"])
+def test_usr1_to_launch_script_checkpoints_and_exits_75(tmp_path, built, launcher) -> None:
+    """SIGUSR1 sent to launch/torchrun.sh or deepspeed.sh reaches its workers (the launcher alone would die
+    and orphan them): they checkpoint, nothing is left running, the script exits 75 (plain torchrun would
+    say 1), no restart happens with --max-restarts, and a matching trainer outside the launch is not
+    signalled."""
+    decoy, hit = start_decoy(tmp_path)
+    run, log = tmp_path / "run", tmp_path / "tr.log"
+    common = ["--config", str(CONFIG), "--data", str(built), "--run-dir", str(run)]
+    trainer = ["--", *OVERRIDES, "--ep_size", "2", "--max_steps", "200"]
+    if launcher == "deepspeed":
+        (tmp_path / "hostfile").write_text("localhost slots=2\n")
+        p = _start("deepspeed.sh", *common, "--hostfile", str(tmp_path / "hostfile"), "--master_addr", "127.0.0.1",
+                   "--master_port", str(free_port()), "--no_ssh", "--node_rank", "0", *trainer, log=log)
+    else:
+        restarts = "1" if launcher == "torchrun-max-restarts" else "0"
+        p = _start("torchrun.sh", *common, "--nproc", "2", "--master-port", str(free_port()), "--max-restarts",
+                   restarts, *trainer, log=log)
+    tree: list[psutil.Process] = []
+    try:
+        _wait_for_step(p, run, 3, log)
+        tree = psutil.Process(p.pid).children(recursive=True)
+        p.send_signal(signal.SIGUSR1)
+        rc = p.wait(timeout=300)
+        time.sleep(1.0)  # orphans, if any, would still be running now
+        orphans = [c for c in tree if _alive(c)]
+    finally:
+        for c in tree + (psutil.Process(p.pid).children(recursive=True) if p.poll() is None else []):
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+        p.kill()
+        decoy.kill()
+    out = log.read_text()
+    assert not orphans, f"orphaned workers: {[c.pid for c in orphans]}"
+    assert rc == 75, out[-4000:]
+    assert "stopped on signal at step" in out and "exit code 75" in out, out[-4000:]
+    stopped = json.loads((run / "stopped_on_signal.json").read_text())["step"]
+    assert 3 <= stopped < 200 and (run / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+    assert "resumed from" not in out  # --max-restarts 1 did not start the workers again
+    assert not hit.exists(), "the stop signal reached a trainer outside this launch"
+
+
+def test_bad_config_is_refused_once_before_torchrun_starts(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learning_rate: .inf\n")
+    p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--config", str(bad), "--nproc", "2"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("train.learning_rate = inf") == 1 and "running:" not in p.stdout, p.stdout + p.stderr
+    p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--config", str(CONFIG), "--nproc", "3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and "must divide the world size (3)" in p.stderr, p.stderr
 
 
 def test_scripts_fail_early_with_clear_messages(tmp_path, built) -> None:

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import CORPUS
 from tests.distributed.harness import read_losses as _losses
 from tests.e2e.slurm_cluster import SlurmCluster, ensure_installed
+from tests.e2e.test_launchers import start_decoy
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--seq_len", "32", "--max_steps", "16", "--warmup_steps", "2", "--ep_size", "2", "--log_interval", "1"]
@@ -54,6 +55,17 @@ def test_train_sbatch_runs_to_the_end(straight) -> None:
 
 
 def test_preempted_job_checkpoints_requeues_and_finishes_identically(slurm, built, tmp_path, straight) -> None:
+    """Also: a trainer of another job on the same node (a decoy with a matching command line, which the
+    old `pkill -f` reached) must not receive the job's stop signal."""
+    decoy, hit = start_decoy(tmp_path)
+    try:
+        _preempt_and_finish(slurm, built, tmp_path, straight)
+        assert decoy.poll() is None and not hit.exists(), "the job's USR1 reached a process outside the job"
+    finally:
+        decoy.kill()
+
+
+def _preempt_and_finish(slurm: SlurmCluster, built: Path, tmp_path: Path, straight: dict[int, float]) -> None:
     run = tmp_path / "run"
     job = _submit_train(slurm, tmp_path, run, built)
     deadline = time.monotonic() + 600
