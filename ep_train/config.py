@@ -98,6 +98,8 @@ class TrainConfig:
     save_interval: int = 0  # 0 = only at the end (and on a stop signal)
     keep_last: int = 3
     resume: str | None = None  # "auto" = the latest checkpoint in run_dir/checkpoints, or a checkpoint folder
+    verify_checkpoint: str = "fast"  # at resume: fast (sizes + small-file checksums) | full (every checksum) | off
+    resume_fallback: bool = True  # resume auto: fall back to the previous complete checkpoint if the newest fails
     init_from: str | None = None  # a Hugging Face Mixtral folder: initial weights, streamed per tensor
     max_consecutive_skips: int = 5  # non-finite losses in a row before the run stops
     inject_nonfinite_steps: list[int] | None = None  # fault injection, for testing the skip logic
@@ -533,6 +535,8 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
     check_ep_layout(p.ep_size, e.num_experts, world_size)
     t, d = getattr(cfg, "train", None), getattr(cfg, "data", None)
     if t is not None:
+        _check(t.verify_checkpoint in ("fast", "full", "off"), "train.verify_checkpoint", t.verify_checkpoint,
+               "use fast (sizes and small-file checksums), full (every checksum) or off")
         for name in ("micro_batch_size", "batch_size", "max_steps", "log_interval", "keep_last", "eval_batches"):
             default = getattr(TrainConfig, name)
             _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,12 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, **ov
     try:
         spm.SentencePieceTrainer.train(input=list(inputs), model_prefix=output_prefix, **opts)
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars", "too high"
-        raise ValueError(f"sentencepiece refused --vocab-size {vocab_size} for this text: "
-                         f"{str(e).split(']')[-1].strip()}") from None
+        msg = str(e).split("]")[-1].strip()
+        need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if need:  # sentencepiece suggests its own --character_coverage flag, which this tool does not have
+            raise ValueError(f"--vocab-size {vocab_size} is too small for this text: its characters alone need "
+                             f"{need.group(2)} pieces; use --vocab-size {int(need.group(2)) + 1} or more") from None
+        raise ValueError(f"sentencepiece refused --vocab-size {vocab_size} for this text: {msg}") from None
     model = Path(f"{output_prefix}.model")
     info = {"options": opts, "inputs": list(inputs), "sha256": sha256_file(model)}
     Path(f"{output_prefix}.json").write_text(json.dumps(info, indent=2))

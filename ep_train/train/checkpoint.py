@@ -1,16 +1,27 @@
-"""Checkpoints: DeepSpeed's engine state plus the run's own (config, step, consumed_samples, RNG).
+"""Checkpoints you can trust: DeepSpeed's engine state plus the run's own, a manifest, safe loading.
 
 Layout: ``RUN/checkpoints/step_XXXXXXXX/`` (DeepSpeed's files, ``ep_train_state.json``,
-``rng_rank{r}.pt``) and ``RUN/checkpoints/latest`` naming the newest complete one. ``latest`` is
-replaced atomically only after every rank has finished writing, so a crash mid-save leaves it
-pointing at the previous complete checkpoint.
+``rng_rank{r}.pt``, ``manifest.json``) and ``RUN/checkpoints/latest`` naming the newest complete one.
+
+A checkpoint is *complete* when its ``manifest.json`` exists: written last, by rank 0, after every
+rank finished writing and hashing its share of the files. ``latest`` moves (atomically) only after
+that, so a crash mid-save leaves it on the previous complete checkpoint, and pruning counts only
+complete checkpoints. At load the manifest is checked (sizes of every file and checksums of the small
+ones by default, every checksum with ``train.verify_checkpoint: full``); ``resume: auto`` falls back to
+the previous complete checkpoint when the newest fails, unless ``train.resume_fallback`` is off.
+
+Nothing is unpickled beyond plain tensors and containers: DeepSpeed's own loader uses
+``torch.load(weights_only=False)``, so the engine gets ``SafeCheckpointEngine`` (``weights_only=True``
+with an allowlist of the one DeepSpeed class its ZeRO checkpoints hold).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +30,12 @@ import torch
 import torch.distributed as dist
 
 STATE_FILE = "ep_train_state.json"
+MANIFEST = "manifest.json"
+SMALL_FILE = 8 << 20  # files up to 8 MiB (metadata, RNG, ZeRO-3 model-state stubs) are hashed by the fast check
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or trusted; the message names the file and the fix."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -35,46 +52,242 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_last: int) -> Path:
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- what is on disk -------------------------------------------------------------------------------
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints (manifest written), oldest first."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()), key=step_of)
+
+
+def latest_target(root: Path) -> Path | None:
+    latest = root / "latest"
+    return root / latest.read_text().strip() if latest.is_file() else None
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest ``keep_last`` complete checkpoints, and partial folders older than the
+    newest complete one (a crash mid-save). Never the newest complete one, never what ``latest`` names,
+    never a partial folder newer than the newest complete one (a save may be under way)."""
+    complete = complete_checkpoints(root)
+    if not complete:
+        return []
+    protect = {complete[-1].resolve()}
+    target = latest_target(root)
+    if target is not None:
+        protect.add(target.resolve())
+    doomed = [p for p in complete[:-keep_last] if p.resolve() not in protect]
+    newest = step_of(complete[-1])
+    doomed += [p for p in root.glob("step_*") if p.is_dir() and not (p / MANIFEST).is_file()
+               and step_of(p) < newest and p.resolve() not in protect]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
+
+
+# ---- save ------------------------------------------------------------------------------------------
+def bytes_needed(root: Path, estimate: int) -> int:
+    """The newest complete checkpoint's size (the next one is the same size), else ``estimate``."""
+    complete = complete_checkpoints(root)
+    if complete:
+        man = json.loads((complete[-1] / MANIFEST).read_text())
+        return sum(f["bytes"] for f in man["files"].values())
+    return estimate
+
+
+def check_free_space(root: Path, need: int) -> None:
+    free = shutil.disk_usage(root).free
+    if free < need * 1.1:  # 10% headroom: DeepSpeed writes a few extra files, sizes vary a little
+        latest = latest_target(root)
+        raise CheckpointError(
+            f"not enough disk space to save a checkpoint in {str(root)!r}: about {need:,} bytes needed, "
+            f"{free:,} free. Nothing was written; {'the previous checkpoint ' + latest.name + ' is intact and still latest' if latest else 'there is no previous checkpoint'}. "
+            "Free space (or lower train.keep_last) and resume with --resume auto")
+
+
+def _agree(ok: bool) -> bool:
+    t = torch.tensor([1.0 if ok else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)  # communication: every rank takes the same branch
+    return bool(t.item())
+
+
+def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_last: int, estimate: int) -> Path:
+    """Collective. Raises ``CheckpointError`` (on every rank) if the save cannot be completed."""
     tag = f"step_{step:08d}"
-    rank = dist.get_rank()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # collective
-    torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
-    dist.barrier()  # every rank's files are on disk before "latest" moves
+    path = root / tag
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root.mkdir(parents=True, exist_ok=True)
+    err = ""
     if rank == 0:
-        (root / tag / STATE_FILE).write_text(json.dumps(run_state, indent=2))
+        try:
+            check_free_space(root, bytes_needed(root, estimate))
+        except CheckpointError as e:
+            err = str(e)
+    msg = [err]
+    dist.broadcast_object_list(msg, src=0)  # communication
+    if msg[0]:
+        raise CheckpointError(msg[0])
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # collective
+        torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+        ok = True
+    except (OSError, RuntimeError) as e:  # disk full (ENOSPC), file-size limit (EFBIG); torch.save raises RuntimeError
+        ok, err = False, f"{type(e).__name__}: {e}"
+    if not _agree(ok):
+        if rank == 0:
+            if latest_target(root) != path:
+                shutil.rmtree(path, ignore_errors=True)  # a partial folder must not look like a checkpoint
+            free = shutil.disk_usage(root).free
+            latest = latest_target(root)
+            err = (f"saving checkpoint {str(path)!r} failed ({err or 'on another rank'}); about "
+                   f"{bytes_needed(root, estimate):,} bytes needed, {free:,} free. The partial folder was removed; "
+                   f"{'the previous checkpoint ' + latest.name + ' is intact and still latest' if latest else 'there is no previous checkpoint'}")
+        msg = [err]
+        dist.broadcast_object_list(msg, src=0)
+        raise CheckpointError(msg[0])
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        (path / STATE_FILE).write_text(json.dumps(run_state, indent=2))
+    dist.barrier()
+    files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+    mine = {f: {"bytes": (path / f).stat().st_size, "sha256": sha256(path / f)} for f in files[rank::world]}
+    shares: list[dict[str, Any]] = [{} for _ in range(world)]
+    dist.all_gather_object(shares, mine)  # communication: the hashing is spread over the ranks
+    if rank == 0:
+        entries = {k: v for share in shares for k, v in share.items()}
+        tmp = path / f"{MANIFEST}.tmp"
+        tmp.write_text(json.dumps({"step": step, "world_size": world, "files": dict(sorted(entries.items()))},
+                                  indent=1))
+        os.replace(tmp, path / MANIFEST)  # complete from here on
         tmp = root / "latest.tmp"
         tmp.write_text(tag)
         os.replace(tmp, root / "latest")
-        tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(root, keep_last)
     dist.barrier()
-    return root / tag
-
-
-def find(resume: str, root: Path) -> Path | None:
-    """``auto`` -> the latest complete checkpoint under ``root`` (or None); else an explicit folder."""
-    if resume == "auto":
-        latest = root / "latest"
-        if not latest.is_file():
-            return None
-        path = root / latest.read_text().strip()
-    else:
-        path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ValueError(f"train.resume: {str(path)!r} is not a complete ep-train checkpoint (no {STATE_FILE}); "
-                         "pass a checkpoints/step_* folder or --resume auto")
     return path
 
 
+# ---- verify and choose -----------------------------------------------------------------------------
+def verify(path: Path, full: bool = False, files: list[str] | None = None) -> str | None:
+    """None if ``path`` matches its manifest, else what is wrong (naming the file). ``files`` limits the
+    checksum work to these names (sizes are always checked for every file)."""
+    man_file = path / MANIFEST
+    if not man_file.is_file():
+        return f"{str(path)!r} has no {MANIFEST}: it is incomplete (a save that did not finish)"
+    try:
+        entries = json.loads(man_file.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"{str(man_file)!r} is not a valid manifest ({e})"
+    for name, want in entries.items():
+        f = path / name
+        if not f.is_file():
+            return f"{str(f)!r} is missing (the manifest lists it)"
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            return f"{str(f)!r} has {size:,} bytes, the manifest says {want['bytes']:,} (truncated or replaced)"
+    for name, want in entries.items():
+        if files is not None and name not in files:
+            continue
+        if (full or want["bytes"] <= SMALL_FILE) and sha256(path / name) != want["sha256"]:
+            return f"{str(path / name)!r} does not match its checksum in the manifest (corrupted)"
+    return None
+
+
+def _verify_everywhere(path: Path, mode: str) -> str | None:
+    """Collective: rank 0 checks sizes and small files; with ``full`` the checksums of every file are
+    spread over the ranks. Every rank returns the same answer."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    problem: str | None = None
+    if mode == "full":
+        names: list[str] = []
+        if (path / MANIFEST).is_file():
+            try:
+                names = sorted(json.loads((path / MANIFEST).read_text())["files"])
+            except (json.JSONDecodeError, KeyError):
+                names = []
+        problem = verify(path, full=True, files=names[rank::world])
+    elif rank == 0:
+        problem = verify(path, full=False)
+    found: list[str | None] = [None] * world
+    dist.all_gather_object(found, problem)  # communication
+    return next((p for p in found if p), None)
+
+
+def choose(resume: str, root: Path, mode: str, fallback: bool, log: Any = print) -> Path | None:
+    """Collective. ``auto``: the newest complete checkpoint that passes verification (older ones on
+    failure, saying so, when ``fallback``); a folder: that one, verified. None when there is nothing."""
+    if resume == "auto":
+        candidates = list(reversed(complete_checkpoints(root)))
+        target = latest_target(root)
+        if target is not None and target in candidates:  # `latest` first (normally also the newest)
+            candidates.remove(target)
+            candidates.insert(0, target)
+        if not candidates:
+            return None
+    else:
+        candidates = [Path(resume)]
+    for i, path in enumerate(candidates):
+        problem = _verify_everywhere(path, mode) if mode != "off" else (
+            None if (path / STATE_FILE).is_file() else f"{str(path)!r} has no {STATE_FILE}")
+        if problem is None:
+            return path
+        if resume != "auto" or not fallback or i + 1 == len(candidates):
+            hint = ("pass another checkpoints/step_* folder" if resume != "auto" else
+                    "no older complete checkpoint passes either" if fallback else
+                    "set train.resume_fallback true to fall back to the previous complete checkpoint")
+            raise CheckpointError(f"checkpoint refused: {problem}; {hint}")
+        if dist.get_rank() == 0:
+            log(f"WARNING: checkpoint {path.name} refused: {problem}; falling back to {candidates[i + 1].name}")
+    return None
+
+
+# ---- load ------------------------------------------------------------------------------------------
+def safe_checkpoint_engine(config_params: Any = None) -> Any:
+    """DeepSpeed's torch checkpoint engine with ``weights_only=True`` loading."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        # The non-tensor, non-container classes DeepSpeed 0.19.8 puts in ZeRO checkpoints: the stage enum
+        # and the loss scaler (plain attributes; restoring them runs no code of the file's choosing).
+        ALLOWED = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+        def load(self, path: str, map_location: Any = None) -> Any:  # type: ignore[override]
+            try:
+                with torch.serialization.safe_globals(self.ALLOWED):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # UnpicklingError and friends: name the file, never fall back to pickle
+                why = re.search(r"Unsupported global: GLOBAL [\w.]+|WeightsUnpickler error: [^\n]+", str(e))
+                raise CheckpointError(f"checkpoint file {path!r} holds objects ep-train does not load "
+                                      f"(weights_only=True refused it: {why.group(0) if why else type(e).__name__}); "
+                                      "it is corrupted or was not written by ep-train") from None
+
+    return SafeCheckpointEngine(config_params)
+
+
 def load(engine: Any, path: Path) -> dict[str, Any]:
+    engine.checkpoint_engine = safe_checkpoint_engine()
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
-        raise ValueError(f"DeepSpeed could not load the checkpoint at {str(path)!r}; is it complete?")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint at {str(path)!r}; is it complete?")
     state = json.loads((path / STATE_FILE).read_text())
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng_file.is_file():  # absent when resuming at another world size: fresh per-rank streams then
+    if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))
     return state
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())

@@ -36,6 +36,7 @@ def optimizer_param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]
     groups = []
     for (router, decay, expert), params in sorted(buckets.items()):
         g: dict[str, Any] = {"params": params, "weight_decay": t.weight_decay if decay else 0.0,
+                             "router": router, "decay": decay,  # read back when a resume changes them
                              "lr": t.learning_rate * (t.router_lr_multiplier if router else 1.0),
                              "name": f"{'router' if router else 'expert' if expert else 'dense'}"
                                      f"_{'decay' if decay else 'no_decay'}"}

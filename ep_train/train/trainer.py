@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -28,7 +29,9 @@ from ep_train.parallel.groups import deepspeed_layout, init_distributed
 from ep_train.stdio import keep_running_on_broken_pipe
 from ep_train.train import checkpoint
 from ep_train.train.metrics import MetricsLogger
+from ep_train.sizes import model_size
 from ep_train.train.optim import lr_factor, optimizer_param_groups
+from ep_train.train.resume import apply_changes, check_resumable
 from ep_train.train.signals import STOP_EXIT_CODE, STOP_MARKER, StopFlag
 
 
@@ -59,7 +62,7 @@ def partition_report(model: torch.nn.Module) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag | None = None) -> None:
         import deepspeed
 
         from ep_train.parallel.zero import build_ds_config, is_offloading_optimizer, materialize_partitioned
@@ -72,8 +75,7 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.world, use_bf16)
         torch.manual_seed(t.seed + self.rank)  # per-rank streams (router noise); the model init is shared
 
-        if cfg.data.data_dir is None:
-            raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build)")
+        assert cfg.data.data_dir is not None  # main() refuses a missing data_dir before any process group
         # Every rank checks (and fails alike): manifest sizes and index checksums, tokenizer and vocabulary,
         # no token id >= model.vocab_size (found here with its shard and position, not deep in the model).
         verify_for_training(cfg.data.data_dir, "train", cfg.model.vocab_size, cfg.data.tokenizer)
@@ -108,7 +110,7 @@ class Trainer:
                                           seed=t.seed, shuffle=cfg.data.shuffle)
         self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps)
         self.ckpt_root = run_dir / "checkpoints"
-        self.stop = StopFlag()
+        self.stop = stop or StopFlag()
 
     def _value_source(self):  # type: ignore[no-untyped-def]
         """Initial values: the seeded initialisation, or a Hugging Face checkpoint streamed tensor by tensor."""
@@ -124,28 +126,31 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
                  "world_size": self.world, "config": config_to_dict(self.cfg)}
-        path = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_last)
+        estimate = model_size(self.cfg).total * 16  # fp32 parameters + master copy + two Adam moments
+        path = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_last, estimate)
         if self.rank == 0:
             print(f"saved checkpoint {path}", flush=True)
         return path
 
     def maybe_resume(self) -> None:
-        resume = self.cfg.train.resume
-        if resume is None:
+        t = self.cfg.train
+        if t.resume is None:
             return
-        path = checkpoint.find(resume, self.ckpt_root)
+        path = checkpoint.choose(t.resume, self.ckpt_root, t.verify_checkpoint, t.resume_fallback,
+                                 log=lambda m: print(m, flush=True))
         if path is None:
             if self.rank == 0:
                 print(f"resume auto: no checkpoint in {self.ckpt_root}, starting fresh", flush=True)
             return
+        check_resumable(checkpoint.read_state(path), self.cfg, self.world, path)  # before DeepSpeed reads a file
         state = checkpoint.load(self.engine, path)
-        if state["config"]["train"]["batch_size"] != self.cfg.train.batch_size:
-            raise ValueError(f"train.batch_size = {self.cfg.train.batch_size} differs from the checkpoint's "
-                             f"{state['config']['train']['batch_size']}; resume with the same global batch")
         self.step, self.skipped = state["step"], state["skipped_steps"]
         self.batches.consumed_samples = state["consumed_samples"]
+        changed = apply_changes(self.scheduler, state["config"], self.cfg, self.step)
         if self.rank == 0:
             print(f"resumed from {path} at step {self.step} ({self.batches.consumed_samples} samples)", flush=True)
+            for c in changed:
+                print(f"resume: applying changed {c}", flush=True)
 
     # ---- one step ----------------------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -261,8 +266,11 @@ class Trainer:
     def fit(self) -> int:
         t = self.cfg.train
         self.maybe_resume()
-        if self.rank == 0:
-            (self.run_dir / STOP_MARKER).unlink(missing_ok=True)
+        if self.rank == 0:  # after resume: the recorded config is what runs (changes were applied above)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+            print("config (command line > file > defaults):\n" + json.dumps(config_to_dict(self.cfg), indent=1),
+                  flush=True)
         if self.rank == 0:
             print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
                   f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
@@ -309,12 +317,19 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> int:
     keep_running_on_broken_pipe()  # a closed `| head` on the console must not end a training run
+    stop = StopFlag()  # first: a preemption notice during set-up is not lost
+    # A file-size limit (ulimit -f) would kill the process mid-save; ignored, the write fails with EFBIG
+    # and the checkpoint code reports it like a full disk, keeping the previous checkpoint.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(args.config, overrides)
+    validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
+    if cfg.data.data_dir is None:
+        raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build)")
     run_dir = Path(args.run_dir)
-    trainer = Trainer(cfg, run_dir)
-    if trainer.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        print("config (command line > file > defaults):\n" + json.dumps(config_to_dict(cfg), indent=1), flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        # A stop marker from an earlier attempt must not outlive it: whatever happens from here on (a
+        # failed resume included), only a new, successful stop writes one (sbatch requeues on it).
+        (run_dir / STOP_MARKER).unlink(missing_ok=True)
+    trainer = Trainer(cfg, run_dir, stop)
     return trainer.fit()

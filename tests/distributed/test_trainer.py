@@ -33,12 +33,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(run_dir: Path, data: Path, nproc: int, *extra: str) -> subprocess.Popen:
+def launch(run_dir: Path, data: Path, nproc: int, *extra: str, fsize_limit: int | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train",
            "--config", str(CONFIG), "--run-dir", str(run_dir), "--data_dir", str(data), *COMMON, *extra]
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+    def limit() -> None:  # a file-size limit stands in for a full disk (the trainer turns SIGXFSZ into EFBIG)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+                            preexec_fn=limit if fsize_limit else None)
 
 
 def train(run_dir: Path, data: Path, nproc: int, *extra: str, expect_rc: int = 0, timeout: float = 600) -> str:

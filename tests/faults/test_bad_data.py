@@ -300,3 +300,18 @@ def test_build_into_a_finished_folder(tokenizer, tmp_path) -> None:
     man = json.loads((out / "manifest.json").read_text())
     assert man["splits"]["train"]["documents"] == 30
     assert (out / "notes.tmp").read_text() == "mine" and (out / "model.bin").read_text() == "mine too"
+
+
+def test_train_tokenizer_too_small_vocab_suggests_an_option_that_exists(tmp_path) -> None:
+    """sentencepiece's own advice names --character_coverage, which data_prep_tool does not have."""
+    import sysconfig
+
+    from ep_train.data.tokenizer import train_tokenizer
+
+    src = [str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "__init__.py")]
+    with pytest.raises(ValueError) as e:
+        train_tokenizer(src, 40, str(tmp_path / "sp"))
+    msg = str(e.value)
+    assert "character_coverage" not in msg and "--vocab-size 40 is too small" in msg
+    suggested = int(msg.rsplit("--vocab-size ", 1)[1].split()[0])
+    assert train_tokenizer(src, suggested, str(tmp_path / "ok")).is_file()  # the advice works

@@ -1,0 +1,137 @@
+"""Checkpoints you can trust, end to end (torchrun, 2 processes, ZeRO-3 + CPU offload, EP 2).
+
+One straight run and one run that saves at step 13 (not a multiple of the accumulation or logging
+interval) are the references; the resumes below start from copies of the second run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import read_losses as losses
+from tests.distributed.test_trainer import launch, train
+
+STEPS = 24
+ARGS = ["--max_steps", str(STEPS), "--log_interval", "2", "--ep_size", "2"]  # accumulation 2 (8 = 2 x 2 x 2)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, built) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    straight, saved = root / "straight", root / "saved"
+    a = launch(straight, built, 2, *ARGS)  # the two run side by side
+    b = launch(saved, built, 2, *ARGS, "--save_interval", "13")
+    assert a.wait(timeout=900) == 0, (root / "straight.log").read_text()[-3000:]
+    assert b.wait(timeout=900) == 0, (root / "saved.log").read_text()[-3000:]
+    return {"straight": straight, "saved": saved, "root": root}
+
+
+def _copy(runs: dict[str, Path], name: str) -> Path:
+    dst = runs["root"] / name
+    shutil.copytree(runs["saved"] / "checkpoints", dst / "checkpoints")
+    return dst
+
+
+def _corrupt_middle(path: Path, n: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes((b ^ 0x5A) for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_newest_falls_back_and_resume_from_step_13_is_exact(runs, built) -> None:
+    """4 KB of garbage in the middle of an optimizer file of the newest checkpoint: refused, named, and
+    --resume auto falls back to step 13; from there the run equals the straight one (steps 14..24)."""
+    run = _copy(runs, "fallback")
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000024"
+    victim = sorted((ckpts / "step_00000024").glob("*optim_states.pt"))[0]
+    _corrupt_middle(victim)
+
+    refused = _copy(runs, "no_fallback")
+    _corrupt_middle(sorted((refused / "checkpoints" / "step_00000024").glob("*optim_states.pt"))[0])
+    out = train(refused, built, 2, *ARGS, "--max_steps", "26", "--resume", "auto", "--resume_fallback", "false",
+                expect_rc=1)
+    assert "does not match its checksum" in out and victim.name in out and "resume_fallback" in out
+
+    out = train(run, built, 2, *ARGS, "--max_steps", str(STEPS), "--resume", "auto", "--keep_last", "1")
+    assert f"checkpoint step_00000024 refused: '{victim}' does not match its checksum" in out
+    assert "falling back to step_00000013" in out and "resumed from" in out and "at step 13" in out
+    ref, got = losses(runs["straight"]), losses(run)
+    assert sorted(got) == [s for s in range(14, STEPS + 1, 2)]
+    for step in got:  # 2e-8 measured; a wrong data position, LR step or RNG state gives 1e-4 or more
+        assert abs(got[step] - ref[step]) <= 1e-6 * abs(ref[step]), (step, got[step], ref[step])
+    # keep_last 1 pruned the older complete checkpoints; the newest is the one just written
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000024"]
+    assert (ckpts / "latest").read_text() == "step_00000024"
+
+
+def test_a_planted_pickle_payload_does_not_run(runs, built, tmp_path) -> None:
+    """A model-state file replaced by a pickle that would run code when unpickled (manifest updated to
+    match, as an attacker would): loading refuses it and the code never runs."""
+    import pickle
+
+    from ep_train.train.checkpoint import MANIFEST, sha256
+
+    run = _copy(runs, "pickle")
+    step = run / "checkpoints" / "step_00000013"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "ran"))
+
+    target = step / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    target.write_bytes(pickle.dumps({"module": Payload()}))
+    man = json.loads((step / MANIFEST).read_text())
+    man["files"][target.name] = {"bytes": target.stat().st_size, "sha256": sha256(target)}
+    (step / MANIFEST).write_text(json.dumps(man))
+    out = train(run, built, 2, *ARGS, "--resume", str(step), expect_rc=1)
+    assert "holds objects ep-train does not load" in out and target.name in out
+    assert not marker.exists()
+
+
+def test_resume_at_another_shape_or_with_changed_fields(runs, built) -> None:
+    """World or EP size differ: a clear error comparing with ep_train_state.json (no DeepSpeed traceback).
+    A changed learning rate is applied and logged (and config.json records it); a changed model is refused.
+    A stale stop marker does not survive a failed resume."""
+    from ep_train.train.signals import STOP_MARKER
+
+    run = _copy(runs, "shape")
+    step13 = run / "checkpoints" / "step_00000013"
+    (run / STOP_MARKER).write_text("{}")  # left by an earlier attempt
+    out = train(run, built, 2, *ARGS, "--resume", str(step13), "--ep_size", "1", expect_rc=1)
+    assert "parallel.ep_size: 2 -> 1" in out and "launch 2 processes with parallel.ep_size 2" in out
+    assert not (run / STOP_MARKER).exists()
+    out = train(run, built, 1, *ARGS, "--resume", str(step13), "--ep_size", "1", expect_rc=1)
+    assert "world size: 2 -> 1" in out
+    out = train(run, built, 2, *ARGS, "--resume", str(step13), "--hidden_size", "32", expect_rc=1)
+    assert "model.hidden_size: 64 -> 32" in out
+
+    out = train(run, built, 2, *ARGS, "--resume", str(step13), "--max_steps", "14", "--learning_rate", "0.0005")
+    assert "applying changed train.learning_rate: 0.001 -> 0.0005" in out
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    from ep_train.train.optim import lr_factor
+
+    assert math.isclose(rec["lr"], 0.0005 * lr_factor(13, 4, 14, 0.1), rel_tol=1e-9), rec
+    assert json.loads((run / "config.json").read_text())["train"]["learning_rate"] == 0.0005
+
+
+def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built) -> None:
+    """A file-size limit smaller than the optimizer files (as a full disk would): the save fails with a
+    message naming the folder and the bytes; the partial folder is gone and `latest` still names step 13."""
+    run = _copy(runs, "full_disk")
+    shutil.rmtree(run / "checkpoints" / "step_00000024")
+    (run / "checkpoints" / "latest").write_text("step_00000013")
+    proc = launch(run, built, 2, *ARGS, "--resume", "auto", "--max_steps", "15", fsize_limit=1 << 20)
+    rc = proc.wait(timeout=900)
+    out = (run.parent / f"{run.name}.log").read_text()
+    assert rc != 0, out[-3000:]
+    assert "saving checkpoint" in out and "bytes needed" in out and "step_00000013 is intact and still latest" in out
+    assert not (run / "checkpoints" / "step_00000015").exists()
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000013"
