@@ -14,9 +14,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    # torch._grouped_mm needs CUDA (sm90+) and 16-byte aligned strides; on CPU the slice loop wins.
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def _aligned16(t: torch.Tensor) -> bool:
+    """Base address and every non-unit stride a multiple of 16 bytes (what torch._grouped_mm's kernels need).
+
+    ZeRO-3 hands a gathered parameter over as a view into a flat buffer, so its base address is not
+    guaranteed to be aligned; an unaligned operand makes _grouped_mm raise instead of computing."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride() if s != 1)
+
+
+def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    # torch._grouped_mm needs CUDA (sm90+ for bf16) and 16-byte aligned operands; on CPU the slice loop wins.
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    return all(_aligned16(t) for t in (x, *weights))
 
 
 class SwiGLU(nn.Module):
@@ -62,7 +75,7 @@ class GroupedExperts(nn.Module):
         """
         assert len(counts) == self.num_local_experts and sum(counts) == x.shape[0], (counts, x.shape)
         w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
-        if _grouped_mm_ok(x) and x.shape[0] > 0:
+        if x.shape[0] > 0 and _grouped_mm_ok(x, w1, w2, w3):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
                 x, w3.transpose(1, 2), offs=offs)

@@ -1,0 +1,146 @@
+"""bench/gpu_check.py's CPU-side logic: FLOP/MFU arithmetic, peaks, loss-curve verdicts, report, dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench import gpu_check as gc  # noqa: E402
+
+
+def test_expert_flops_and_mfu_by_hand() -> None:
+    # 8192 tokens x top-2 = 16,384 rows; 16,384 * 4,096 * 14,336 = 962,072,674,304 multiply-adds per matmul;
+    # 3 matmuls x 2 FLOPs = 5,772,436,045,824 forward; backward twice that -> x3 = 17,317,308,137,472.
+    assert gc.expert_matmul_flops(8192, 2, 4096, 14336, backward=False) == 5_772_436_045_824
+    assert gc.expert_matmul_flops(8192, 2, 4096, 14336, backward=True) == 17_317_308_137_472
+    tf, mfu = gc.tflops_and_mfu(5_772_436_045_824, 10.0, 989.0)  # 10 ms
+    assert tf == pytest.approx(577.2436045824)
+    assert mfu == pytest.approx(577.2436045824 / 989.0)
+    assert gc.tflops_and_mfu(1e12, 1000.0, None) == (1.0, None)
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                       ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                       ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                       ("Tesla T4", None)])
+def test_peak_from_device_name(name: str, peak: float | None) -> None:
+    assert gc.peak_from_name(name) == peak
+
+
+def test_compare_curves_verdicts() -> None:
+    ref = [7.0, 6.5, 6.0, 5.5]
+    same = gc.compare_curves(ref, list(ref), 5e-3)
+    assert same["passed"] and same["max_rel"] == 0.0
+    close = gc.compare_curves(ref, [7.0, 6.51, 6.0, 5.5], 5e-3)  # 1.5e-3 at step 2
+    assert close["passed"] and close["at_step"] == 2 and close["max_rel"] == pytest.approx(0.01 / 6.5)
+    drift = gc.compare_curves(ref, [7.0, 6.5, 6.0, 5.6], 5e-3)  # 1.8e-2 at step 4
+    assert not drift["passed"] and drift["at_step"] == 4 and drift["max_rel"] == pytest.approx(0.1 / 5.5)
+    assert not gc.compare_curves(ref, [7.0, float("nan"), 6.0, 5.5], 1.0)["passed"]
+    assert not gc.compare_curves(ref, ref[:3], 1.0)["passed"]
+    assert not gc.compare_curves([], [], 1.0)["passed"]
+
+
+def test_read_losses_skips_eval_lines_and_sorts(tmp_path: Path) -> None:
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [{"step": 2, "loss": 6.0}, {"step": 1, "loss": 7.0},
+                                                   {"step": 2, "val_loss": 6.5}, {"step": 3, "loss": 5.0}]) + "\n")
+    assert gc.read_losses(p) == [7.0, 6.0, 5.0]
+
+
+def test_parse_junit(tmp_path: Path) -> None:
+    xml = tmp_path / "j.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="tests.unit.test_cuda" name="test_a"/>'
+                   '<testcase classname="tests.unit.test_cuda" name="test_b"><skipped message="no CUDA device"/>'
+                   '</testcase><testcase classname="tests.unit.test_x" name="test_c"><failure message="boom"/>'
+                   '</testcase></testsuite></testsuites>')
+    got = gc.parse_junit(xml)
+    assert [(c["name"], c["outcome"], c["message"]) for c in got] == [
+        ("tests.unit.test_cuda::test_a", "passed", ""), ("tests.unit.test_cuda::test_b", "skipped", "no CUDA device"),
+        ("tests.unit.test_x::test_c", "failed", "boom")]
+
+
+def test_report_sections_errors_and_summary(tmp_path: Path) -> None:
+    rep = gc.Report(tmp_path / "r" / "gpu_report.md")
+
+    def ok(sec: gc.Section) -> None:
+        sec.status, sec.key, sec.body = "PASS", "all good", "<details><summary>x</summary>\n\nhidden\n\n</details>"
+
+    def boom(sec: gc.Section) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    gc.run_section(rep, "first", ok)
+    gc.run_section(rep, "second", boom)  # reported, and the run goes on
+    gc.run_section(rep, "third", ok)
+    md = (tmp_path / "r" / "gpu_report.md").read_text()
+    assert "## 2. second: ERROR" in md and "illegal memory access" in md and "Traceback" in md
+    assert "| third | PASS | all good |" in md
+    assert (tmp_path / "r" / "gpu_report.json").is_file() and (tmp_path / "r" / "gpu_logs.txt").is_file()
+    compact = gc.compact(rep.markdown())
+    assert "hidden" in md and "hidden" not in compact and "## Summary" in compact
+    assert gc.md_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
+
+
+def _records(ms_8k: float, ms_16k: float, calls: int = 3) -> list[dict]:
+    recs = []
+    for t, ms in ((8192, ms_8k), (16384, ms_16k)):
+        for mode, scale in (("fwd+bwd", 1.0), ("fwd", 1 / 3)):
+            recs.append({"impl": "ep-train grouped GEMM", "tokens": t, "mode": mode, "ms": ms * scale,
+                         "ms_min": ms * scale, "ms_max": ms * scale, "grouped_calls": calls})
+    return recs
+
+
+def test_moe_verdict_computed_from_times(tmp_path: Path) -> None:
+    sizes = gc.MIXTRAL
+    flops_8k = gc.expert_matmul_flops(8192, 2, 4096, 14336, backward=True)
+    flops_16k = 2 * flops_8k
+    ms_at = lambda flops, mfu: flops / (mfu * 989.0e12) * 1e3  # noqa: E731 - the time that gives this MFU
+
+    sec = gc.Section("moe")
+    gc.summarize_moe(sec, gc.Report(tmp_path / "a.md"), _records(ms_at(flops_8k, 0.60), ms_at(flops_16k, 0.55)),
+                     sizes, 989.0, 0, "", dry=False)
+    assert sec.status == "PASS" and "goal >= 50%: met" in sec.key and "55.0%" in sec.key
+
+    sec = gc.Section("moe")
+    gc.summarize_moe(sec, gc.Report(tmp_path / "b.md"), _records(ms_at(flops_8k, 0.40), ms_at(flops_16k, 0.70)),
+                     sizes, 989.0, 0, "", dry=False)
+    assert sec.status == "FAIL" and "MISSED" in sec.key and "40.0%" in sec.key
+
+    sec = gc.Section("moe")  # fast enough, but the per-expert loop ran instead of grouped_mm
+    gc.summarize_moe(sec, gc.Report(tmp_path / "c.md"), _records(ms_at(flops_8k, 0.60), ms_at(flops_16k, 0.60), 0),
+                     sizes, 989.0, 0, "", dry=False)
+    assert sec.status == "FAIL" and "NOT used" in sec.key
+
+    sec = gc.Section("moe")
+    gc.summarize_moe(sec, gc.Report(tmp_path / "d.md"), [{"impl": "ep-train grouped GEMM", "tokens": 8192,
+                                                         "error": "OutOfMemoryError: x"}], sizes, 989.0, 1, "", False)
+    assert sec.status == "FAIL" and "OutOfMemoryError" in sec.body
+
+
+def test_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
+    """The script itself on CPU: env + the MoE worker at toy size (ep-train both paths and the matmul limit)."""
+    out = tmp_path / "gpu_report.md"
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep carried wheels
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    impls = "ep-train grouped GEMM,ep-train per-expert loop,expert matmuls alone"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-dry-run", "--sections", "env,moe",
+                        "--moe-impls", impls, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert out.is_file(), p.stdout + p.stderr
+    md = out.read_text()
+    assert "## 1. Environment: INFO" in md and "## 2. MoE layer at Mixtral sizes" in md and "## Summary" in md
+    data = json.loads((tmp_path / "gpu_report.json").read_text())
+    recs = [r for r in data["moe"]["records"] if "ms" in r]
+    assert {(r["impl"], r["tokens"], r["mode"]) for r in recs} == {
+        (i, t, m) for i in impls.split(",") for t in gc.DRY["tokens"] for m in ("fwd+bwd", "fwd")}
+    loop = [r for r in recs if r["impl"] == "ep-train per-expert loop"]
+    assert all(r["rel_diff"] == 0.0 for r in loop)  # on CPU both ep-train rows take the same path
+    assert p.returncode == 1  # the dry run cannot meet the GPU goal: a computed FAIL, not a crash
