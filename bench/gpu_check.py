@@ -528,7 +528,7 @@ def _run_trainers(runs: dict[str, tuple[str, dict[str, str]]], procs: dict[str, 
         cmd = [py, *(["-c", CPU_TRAINER] if on_cpu else ["-m", "ep_train.train"]),
                "--config", "configs/tiny.yaml", "--run-dir", str(run_dir),
                "--data_dir", str(work / "data"), "--tokenizer", str(work / "sp.model"), "--ep_size", "1",
-               "--ds_config", "zero3", "--mixed_precision", prec, "--max_steps", str(steps), "--log_interval", "1"]
+               "--ds_config", "zero3", "--mixed_precision", prec, "--max_steps", str(steps), "--warmup_steps", str(min(5, steps)), "--log_interval", "1"]
         logf = open(run_dir / "console.log", "w")  # noqa: SIM115 - closed by the caller
         penv = child_env(**{"OMP_NUM_THREADS": "4", "MASTER_PORT": str(free_port()), **extra})
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # a plain single process: the trainer makes a world of one

@@ -16,7 +16,7 @@ from ep_train.config import ModelConfig, MoEConfig
 from ep_train.model.experts import GroupedExperts, _aligned16
 from ep_train.model.router import Router
 from ep_train.model.transformer import build_model
-from ep_train.parallel.dispatch import LocalDispatcher
+from ep_train.model.dispatch import LocalDispatcher
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
