@@ -115,8 +115,15 @@ def check_free_space(root: Path, need: int) -> None:
             "Free space (or lower train.keep_last) and resume with --resume auto")
 
 
+def _comm_device() -> torch.device:
+    """Where collectives' tensors must live: NCCL takes only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _agree(ok: bool) -> bool:
-    t = torch.tensor([1.0 if ok else 0.0])
+    t = torch.tensor([1.0 if ok else 0.0], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MIN)  # communication: every rank takes the same branch
     return bool(t.item())
 
