@@ -103,6 +103,9 @@ class TrainConfig:
     init_from: str | None = None  # a Hugging Face Mixtral folder: initial weights, streamed per tensor
     max_consecutive_skips: int = 5  # non-finite losses in a row before the run stops
     inject_nonfinite_steps: list[int] | None = None  # fault injection, for testing the skip logic
+    inject_nonfinite_into: str = "loss"  # loss | grad (one parameter's gradient: the final norm's weight)
+    collapse_threshold: float = 0.0  # warn when an expert's share of tokens stays below this x (1/E); 0 = off
+    collapse_intervals: int = 3  # ... for this many logging intervals in a row
     profile_step: int = 0  # > 0: that step runs under torch.profiler -> run_dir/profile/ (trace + table)
 
 
@@ -561,6 +564,11 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
                "must be >= 0: N > 0 saves every N steps, 0 saves only at the end and on a stop signal")
         _check(t.eval_interval >= 0, "train.eval_interval", t.eval_interval,
                "must be >= 0: N > 0 evaluates every N steps, 0 never")
+        _check(t.inject_nonfinite_into in ("loss", "grad"), "train.inject_nonfinite_into", t.inject_nonfinite_into,
+               "use loss or grad")
+        _check(0 <= t.collapse_threshold < 1, "train.collapse_threshold", t.collapse_threshold,
+               "must be in [0, 1): a fraction of the balanced share 1/num_experts (0.1 is typical; 0 = off)")
+        _check(t.collapse_intervals >= 1, "train.collapse_intervals", t.collapse_intervals, "must be >= 1")
         bad = [s for s in t.inject_nonfinite_steps or [] if s < 1]
         _check(not bad, "train.inject_nonfinite_steps", t.inject_nonfinite_steps,
                f"steps {bad} do not exist; steps count from 1")

@@ -18,7 +18,7 @@ fi
 echo "[setup] installing torch==2.13.0, then ep-train[test] into .venv"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q --no-build-isolation -e ".[test]"
+.venv/bin/python -m pip install -q --no-build-isolation -e ".[test,bench]"
 # DeepSpeed JIT-builds CPU Adam on first use; ep_train keeps such builds in .venv/torch_extensions (one
 # folder per environment, see ep_train/__init__.py). Build it now, once, so the first training run
 # and the first test that trains do not spend the minute (on 2 cores) inside their time limits.

@@ -18,9 +18,35 @@ def expert_summary(counts: np.ndarray) -> dict[str, float]:
             "min_share": float(counts.min() / counts.sum()) if counts.sum() > 0 else 0.0}
 
 
+class CollapseWatch:
+    """Routing collapse: warns once when an expert's share of its layer's tokens stays below
+    ``threshold / E`` for ``intervals`` logging intervals in a row (the share is over all ranks)."""
+
+    def __init__(self, threshold: float, intervals: int) -> None:
+        self.threshold, self.intervals = threshold, intervals
+        self.streak: dict[tuple[int, int], int] = {}
+
+    def update(self, expert_counts: dict[int, list[int]]) -> list[str]:
+        if self.threshold <= 0:
+            return []
+        warnings = []
+        for layer, counts in expert_counts.items():
+            total = max(sum(counts), 1)
+            floor = self.threshold / len(counts)
+            for e, c in enumerate(counts):
+                key = (layer, e)
+                self.streak[key] = self.streak.get(key, 0) + 1 if c / total < floor else 0
+                if self.streak[key] == self.intervals:
+                    warnings.append(f"WARNING: routing collapse? layer {layer} expert {e} received {c / total:.1%} of "
+                                    f"the tokens (below {floor:.1%} = train.collapse_threshold x 1/{len(counts)}) for "
+                                    f"{self.intervals} logging intervals in a row")
+        return warnings
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, collapse: CollapseWatch | None = None) -> None:
         self.enabled, self.max_steps = enabled, max_steps
+        self.collapse = collapse or CollapseWatch(0.0, 1)
         self.tb = None
         self.jsonl = None
         if enabled:
@@ -43,6 +69,8 @@ class MetricsLogger:
         if rec.get("skipped_steps"):
             line += f" | skipped {rec['skipped_steps']}"
         print(line, flush=True)
+        for warning in self.collapse.update(expert_counts):
+            print(warning, flush=True)
         for i, counts in expert_counts.items():
             share = np.asarray(counts, dtype=np.float64) / max(sum(counts), 1)
             print(f"    layer {i}: tokens/expert {' '.join(f'{x:.2f}' for x in share)} | "
@@ -53,6 +81,7 @@ class MetricsLogger:
                 self.tb.add_scalar(f"train/{key}", rec[key], step)
                 self.tb.add_scalar(f"train_by_tokens/{key}", rec[key], tokens)
         self.tb.add_scalar("throughput/tokens_per_sec", rec["tokens_per_sec"], step)
+        self.tb.add_scalar("train/skipped_steps", rec.get("skipped_steps", 0), step)
         for i, counts in expert_counts.items():
             c = np.asarray(counts, dtype=np.float64)
             s = expert_summary(c)

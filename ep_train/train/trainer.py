@@ -28,7 +28,7 @@ from ep_train.parallel import parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
 from ep_train.stdio import keep_running_on_broken_pipe
 from ep_train.train import checkpoint
-from ep_train.train.metrics import MetricsLogger
+from ep_train.train.metrics import CollapseWatch, MetricsLogger
 from ep_train.sizes import model_size
 from ep_train.train.optim import lr_factor, optimizer_param_groups
 from ep_train.train.resume import apply_changes, check_resumable
@@ -108,7 +108,8 @@ class Trainer:
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
         self.batches = DistributedBatches(self.windows, t.batch_size, t.micro_batch_size, self.rank, self.world,
                                           seed=t.seed, shuffle=cfg.data.shuffle)
-        self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps)
+        self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps,
+                                     CollapseWatch(t.collapse_threshold, t.collapse_intervals))
         self.ckpt_root = run_dir / "checkpoints"
         self.stop = stop or StopFlag()
 
@@ -165,11 +166,14 @@ class Trainer:
         layer_acc: dict[int, torch.Tensor] = {}
         nonfinite = False
         inject = t.inject_nonfinite_steps is not None and self.step + 1 in t.inject_nonfinite_steps
+        hook = None
+        if inject and t.inject_nonfinite_into == "grad":  # one parameter's gradient, the loss stays finite
+            hook = self.model.norm.weight.register_hook(lambda g: torch.full_like(g, float("nan")))
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (dense parameters)
         micro = self.batches.next()
         for x, y in micro:
             out = self.engine(x.to(self.device), y.to(self.device))
-            loss = out.loss * float("nan") if inject else out.loss
+            loss = out.loss * float("nan") if inject and hook is None else out.loss
             nonfinite |= not bool(torch.isfinite(loss))  # host sync
             # Backward even when non-finite: ZeRO sees a non-finite gradient norm, skips the
             # optimizer step and clears the gradients (DeepSpeed's overflow path), and every rank
@@ -182,14 +186,18 @@ class Trainer:
                 row = torch.cat([st.tokens_per_expert.float().cpu(),
                                  torch.stack([st.dropped, st.assignments, st.entropy]).float().cpu()])
                 layer_acc[i] = layer_acc.get(i, 0) + row
+        if hook is not None:
+            hook.remove()
         self.step += 1
         # The count must agree on every rank (one rank's NaN poisons the shared gradient norm anyway).
         nonfinite = bool(self._all_reduce(torch.tensor([float(nonfinite)]), dist.ReduceOp.MAX).item())
         applied = self.engine.was_step_applied()
+        if nonfinite and applied:
+            raise RuntimeError("a non-finite loss reached an optimizer step that DeepSpeed applied; "
+                               "this ZeRO configuration does not skip non-finite gradients")
+        # A finite loss with a non-finite gradient norm: DeepSpeed skipped the update; count it the same.
+        nonfinite = nonfinite or not applied
         if nonfinite:
-            if applied:
-                raise RuntimeError("a non-finite loss reached an optimizer step that DeepSpeed applied; "
-                                   "this ZeRO configuration does not skip non-finite gradients")
             self.skipped += 1
             self.consecutive_skips += 1
         else:

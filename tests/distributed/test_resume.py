@@ -135,3 +135,22 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built
     assert "saving checkpoint" in out and "bytes needed" in out and "step_00000013 is intact and still latest" in out
     assert not (run / "checkpoints" / "step_00000015").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000013"
+
+
+def test_two_single_process_runs_at_once_do_not_meet_on_a_port(tmp_path, built) -> None:
+    """No launcher, no MASTER_PORT: each picks a free port (a fixed default made the second one hang)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "ep_train.train", "--config", "configs/tiny.yaml",
+                               "--run-dir", str(tmp_path / f"r{i}"), "--data_dir", str(built), "--seq_len", "32",
+                               "--ep_size", "1", "--max_steps", "2", "--warmup_steps", "1"],
+                              cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+        assert "step 2/2" in out

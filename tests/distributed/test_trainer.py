@@ -159,6 +159,22 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, built) -> None:
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_steps"] == 1
 
+    # NaN in one parameter's gradient (the loss stays finite): DeepSpeed skips the update, counted alike;
+    # a routing-collapse watch set to fire (threshold near the balanced share) names layer and expert.
+    run = tmp_path / "grad"
+    out = train(run, built, 2, "--ep_size", "2", "--inject_nonfinite_steps", "3", "--inject_nonfinite_into", "grad",
+                "--collapse_threshold", "0.99", "--collapse_intervals", "2")
+    got = losses(run)
+    assert math.isfinite(got[3])
+    _assert_close({k: (float("nan") if k == 3 else v) for k, v in got.items()}, ref, skip={3})
+    assert "skipped 1" in out
+    assert "WARNING: routing collapse? layer " in out and "for 2 logging intervals in a row" in out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("train/skipped_steps")][-1] == 1
+
     run = tmp_path / "many"
     out = train(run, built, 2, "--ep_size", "2", "--inject_nonfinite_steps", "3,4,5", "--max_consecutive_skips", "3",
                 expect_rc=1)  # torchrun reports a failed worker as 1

@@ -42,3 +42,13 @@ def test_train_e2e_bench_small() -> None:
     assert out["zero3"]["elements"] < out["zero2"]["elements"]  # ZeRO-3 really partitions parameters
     # AutoEP's ZeRO-3 partitions: each rank holds a share, as ep-train's do
     assert out["DeepSpeed AutoEP, ZeRO-3 (peer)"]["elements"] < out["DeepSpeed MoE layer, ZeRO-2 (peer)"]["elements"]
+
+
+def test_soak_bench_small(tmp_path) -> None:
+    from bench.soak import main
+
+    out = main(["--steps", "30", "--save-interval", "15", "--out", str(tmp_path)])
+    assert sorted(out["per_rank"]) == [0, 1]  # both trainer processes were sampled
+    for v in out["per_rank"].values():
+        assert v["mean_mib"] > 100 and v["samples"] >= 3
+    assert out["tok_s_median"] > 0 and out["final_loss"] > 0

@@ -65,3 +65,16 @@ def test_free_space_check_names_directory_bytes_and_the_intact_checkpoint(tmp_pa
     msg = str(e.value)
     assert str(tmp_path) in msg and "1,000 bytes needed, 500 free" in msg
     assert "step_00000010 is intact and still latest" in msg
+
+
+def test_collapse_watch_names_layer_and_expert_once_after_n_intervals() -> None:
+    from ep_train.train.metrics import CollapseWatch
+
+    w = CollapseWatch(threshold=0.1, intervals=3)  # below 0.1 x 1/4 = 2.5% of a layer's tokens
+    starving = {1: [500, 490, 5, 5]}  # experts 2 and 3 get 0.5% each
+    assert w.update(starving) == [] and w.update(starving) == []
+    third = w.update(starving)
+    assert len(third) == 2 and "layer 1 expert 2 received 0.5%" in third[0] and "3 logging intervals" in third[0]
+    assert w.update(starving) == []  # once per streak
+    assert w.update({1: [250, 250, 250, 250]}) == []  # recovered: the streak restarts
+    assert CollapseWatch(0.0, 1).update(starving) == []  # off
