@@ -52,6 +52,25 @@ def config_from_hf(hf: dict[str, Any]) -> Config:
     return c
 
 
+def check_matches_hf(cfg: Config, hf: Config, path: str | Path) -> None:
+    """The run's model must be the checkpoint's: every field that shapes or computes the model."""
+    from ep_train.config import moe_layer_indices
+
+    fields = [("model", f) for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                     "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings")]
+    fields += [("moe", f) for f in ("num_experts", "num_experts_per_token", "num_shared_experts")]
+    diff = [f"{sec}.{f}: run {getattr(getattr(cfg, sec), f)!r} vs checkpoint {getattr(getattr(hf, sec), f)!r}"
+            for sec, f in fields if getattr(getattr(cfg, sec), f) != getattr(getattr(hf, sec), f)]
+    if (cfg.moe.expert_intermediate_size or cfg.model.intermediate_size) != hf.model.intermediate_size:
+        diff.append(f"moe.expert_intermediate_size: run {cfg.moe.expert_intermediate_size!r} vs checkpoint "
+                    f"{hf.model.intermediate_size}")
+    if moe_layer_indices(cfg.model, cfg.moe) != moe_layer_indices(hf.model, hf.moe):
+        diff.append("moe layers: Mixtral has an MoE FFN in every layer")
+    if diff:
+        raise ValueError(f"train.init_from {str(path)!r} is another model than the run config: {'; '.join(diff)}; "
+                         "make the run config match the checkpoint's config.json")
+
+
 class HFMixtralSource:
     """Values of ep-train parameters read from a Hugging Face Mixtral folder, tensor by tensor.
 

@@ -118,9 +118,14 @@ class Trainer:
         from ep_train.model.init import SeededInit
 
         if self.cfg.train.init_from:
-            from ep_train.interop.hf import HFMixtralSource
+            from ep_train.interop.hf import HFMixtralSource, check_matches_hf, config_from_hf
 
-            return HFMixtralSource(self.cfg.train.init_from, self.cfg)
+            path = Path(self.cfg.train.init_from)
+            if not (path / "config.json").is_file():
+                raise ValueError(f"train.init_from {str(path)!r} has no config.json; pass a Hugging Face Mixtral "
+                                 "folder (save_pretrained)")
+            check_matches_hf(self.cfg, config_from_hf(json.loads((path / "config.json").read_text())), path)
+            return HFMixtralSource(path, self.cfg)
         return SeededInit(self.cfg.model, self.cfg.moe, self.cfg.train.seed)
 
     # ---- checkpoints -------------------------------------------------------------------------

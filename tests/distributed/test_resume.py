@@ -154,3 +154,43 @@ def test_two_single_process_runs_at_once_do_not_meet_on_a_port(tmp_path, built) 
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-3000:]
         assert "step 2/2" in out
+
+
+def test_init_from_hugging_face_streams_each_ranks_share(tmp_path, built) -> None:
+    """--init_from a transformers Mixtral (shaped like configs/tiny.yaml) at world 2, EP 2: the first step's
+    loss equals the same batch through from_hf_mixtral in one process; a mismatched run config is refused."""
+    import torch
+    transformers = pytest.importorskip("transformers")
+
+    from ep_train.config import load_config, parse_overrides
+    from ep_train.data.loader import DistributedBatches, TokenWindows
+    from ep_train.interop.hf import from_hf_mixtral
+    from tests.distributed.test_trainer import CONFIG, COMMON
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.MixtralConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=256, rope_theta=1e6)
+    hf = transformers.MixtralForCausalLM(hf_cfg)
+    with torch.no_grad():
+        for layer in hf.model.layers:  # decisive routing, so a wrong expert shows in the loss
+            layer.mlp.gate.weight.normal_(std=0.5)
+    hf.save_pretrained(tmp_path / "hf")
+
+    run = tmp_path / "run"
+    train(run, built, 2, "--ep_size", "2", "--max_steps", "1", "--warmup_steps", "1", "--init_from", str(tmp_path / "hf"))
+    got = losses(run)[1]
+
+    cfg = load_config(CONFIG, parse_overrides(["--data_dir", str(built), *COMMON]))
+    model, _ = from_hf_mixtral(tmp_path / "hf")
+    micro = DistributedBatches(TokenWindows(built, "train", cfg.data.seq_len), cfg.train.batch_size,
+                               cfg.train.micro_batch_size, 0, 1, seed=cfg.train.seed).next()
+    model.moe_cfg.aux_loss_weight = cfg.moe.aux_loss_weight  # the run's loss weights, not HF's
+    model.moe_cfg.router_z_loss_weight = cfg.moe.router_z_loss_weight
+    with torch.no_grad():
+        want = sum(model(x, y).loss.item() for x, y in micro) / len(micro)
+    assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+
+    out = train(tmp_path / "bad", built, 2, "--ep_size", "2", "--max_steps", "1", "--warmup_steps", "1",
+                "--init_from", str(tmp_path / "hf"), "--hidden_size", "32", expect_rc=1)
+    assert "is another model than the run config: model.hidden_size: run 32 vs checkpoint 64" in out
