@@ -42,10 +42,11 @@ def _port() -> int:
 
 
 def _workers(launcher: "psutil.Process") -> list["psutil.Process"]:  # noqa: F821
+    """The ranks: torchrun's direct children (a process a rank forks carries the same command line)."""
     import psutil
 
     out = []
-    for c in launcher.children(recursive=True):
+    for c in launcher.children(recursive=False):
         try:
             if "ep_train.train" in " ".join(c.cmdline()):
                 out.append(c)
@@ -70,11 +71,13 @@ def sample(proc: subprocess.Popen, metrics: Path, samples: list[tuple[int, int, 
     import psutil
 
     launcher = psutil.Process(proc.pid)
+    rank_of: dict[int, int] = {}  # pid -> rank index, in the order the ranks were first seen
     while not stop.is_set():
         step = _last_step(metrics)
-        for i, w in enumerate(sorted(_workers(launcher), key=lambda p: p.pid)):
+        for w in sorted(_workers(launcher), key=lambda p: p.pid):
+            rank = rank_of.setdefault(w.pid, len(rank_of))
             try:
-                samples.append((step, i, w.memory_info().rss / 2**20))
+                samples.append((step, rank, w.memory_info().rss / 2**20))
             except psutil.NoSuchProcess:
                 pass
         stop.wait(1.0)
