@@ -309,8 +309,10 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     items.append(("Adam moments", where(off_opt), p * 8, "exp_avg and exp_avg_sq, fp32, created at step 1"))
     # --- DeepSpeed buffers ----------------------------------------------------------------------
     bucket = int(float(z.get("reduce_bucket_size", 5e8)))
-    items.append(("reduce bucket", where(False), bucket * gb,
-                  f"contiguous_gradients bucket: reduce_bucket_size {bucket:.0e} elements (filled in backward)"))
+    # torch.empty: only the pages gradients are copied into become resident, and a rank never puts more
+    # than its own full gradients (every parameter it computes with) into the bucket.
+    items.append(("reduce bucket", where(False), min(bucket, s.local_full) * gb,
+                  f"contiguous_gradients bucket: reduce_bucket_size {bucket:.0e} elements, resident as filled"))
     prefetch = int(float(z.get("stage3_prefetch_bucket_size", 5e7))) if stage >= 3 else 0
     max_live = int(float(z.get("stage3_max_live_parameters", 1e9)))
     gathered = min(max_live, s.block_gathered + min(prefetch, s.block_gathered)) if stage >= 3 else 0
