@@ -213,7 +213,7 @@ LEAN_DS = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", 
 LEAN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
 RESERVE = 1 * GIB  # what a run must leave free for the other users of the machine
 LOW_MEMORY = GIB // 2  # a run still going when MemAvailable falls below this is stopped
-WAIT_FOR_MEMORY = 300.0  # seconds a run waits for others' work to free enough memory before it is skipped
+WAIT_FOR_MEMORY = 60.0  # seconds a run waits for others' work to free enough memory before it is skipped
 
 
 def _mem_available() -> int:
@@ -246,6 +246,12 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
     plan = plan_host(model, world, ep, seq_len, precision, ds_config, env)
     row = {"name": name, "world": world, "ep": ep, "precision": precision, "params": plan["params"],
            "plan_host": plan["host"], "plan_setup": plan["setup"], "ds_config": ds_config, "env": env}
+    cache = out / "rows" / f"{name}_w{world}_{precision}.json"  # a re-run with the same --out reuses results
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("params") == row["params"] and cached.get("ds_config") == ds_config and cached.get("env") == env:
+            print(f"{name} world {world} {precision}: reusing {cache}", flush=True)
+            return {**cached, "plan_host": row["plan_host"], "plan_setup": row["plan_setup"]}
     need = plan["host"] * world * 1.10  # the plan's accuracy on CPU is +-15%; measured within 10% so far
     deadline = time.monotonic() + WAIT_FOR_MEMORY
     while need + RESERVE > _mem_available() and time.monotonic() < deadline:
@@ -264,6 +270,8 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
     if not res.ok:
         row["error"] = res.error[-2000:]
     print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(row))
     return row
 
 
