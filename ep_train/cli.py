@@ -10,32 +10,48 @@ from ep_train.stdio import exit_quietly_on_broken_pipe
 
 
 def _plan(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="ep-train plan", description="Parameter counts and per-rank memory, "
-                                 "before any GPU is touched. Extra --section.key value pairs override the config.")
+    ap = argparse.ArgumentParser(prog="ep-train plan", description="Parameter counts and per-rank memory (host and "
+                                 "device peaks), before any GPU is touched. Extra --section.key value pairs override "
+                                 "the config; the DeepSpeed JSON is the run's parallel.ds_config.")
     ap.add_argument("--config", required=False, help="YAML or JSON run config")
     ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
-    ap.add_argument("--no-offload", action="store_true", help="assume no CPU offload of params/optimizer")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (processes, also on CPU)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda",
+                    help="where the run trains: decides train.mixed_precision auto (bf16 on cuda, fp32 on cpu); "
+                         "on cpu everything is host memory")
+    ap.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
+                    help="override the DeepSpeed JSON's zero_optimization.stage")
+    ap.add_argument("--no-offload", action="store_true", help="assume no CPU offload whatever the JSON says")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON (bytes)")
     args, rest = ap.parse_known_args(argv)
     for flag, value, what in (("--nodes", args.nodes, "machines"), ("--gpus-per-node", args.gpus_per_node,
                                                                      "processes (GPUs) per machine")):
         if value < 1:
             raise ValueError(f"{flag} = {value} is invalid: must be >= 1; pass the number of {what}, e.g. {flag} 1")
-    from ep_train.sizes import format_size, model_state_bytes_per_rank
+    import json
+
+    from ep_train.sizes import format_size, model_size, plan_memory
 
     cfg = load_config(args.config, parse_overrides(rest))
     world = args.nodes * args.gpus_per_node
     validate(cfg, world_size=world)
+    plan = plan_memory(cfg, world, args.device, zero_stage=args.zero_stage, offload=False if args.no_offload else None)
+    if args.json:
+        size = model_size(cfg)
+        print(json.dumps({"parameters": {"total": size.total, "active": size.active}, **plan}, indent=1))
+        return 0
     print(format_size(cfg))
-    mem = model_state_bytes_per_rank(cfg, world, args.zero_stage, offload=not args.no_offload)
     gib = 2 ** 30
+    off = " + CPU offload" if plan["offload_optimizer"] or plan["offload_param"] else ""
     print(f"\nper rank, {world} ranks ({args.nodes} x {args.gpus_per_node}), ep_size {cfg.parallel.ep_size}, "
-          f"ZeRO-{args.zero_stage}{'' if args.no_offload else ' + CPU offload'}, bf16 params + fp32 Adam:")
-    for k in ("params", "grads", "optimizer"):
-        print(f"  {k:<10} {mem[k] / gib:8.2f} GiB")
-    print(f"  {'on device':<10} {mem['device'] / gib:8.2f} GiB (model states; activations come on top)")
-    print(f"  {'host RAM':<10} {mem['host'] / gib:8.2f} GiB")
+          f"ZeRO-{plan['zero_stage']}{off}, {plan['precision']} on {args.device} "
+          f"({plan['partition_elements']:,} parameter elements in this rank's partitions):")
+    for b in plan["breakdown"]:
+        print(f"  {b['name']:<26} {b['where']:<6} {b['bytes'] / gib:8.2f} GiB  {b['why']}")
+    print(f"  {'host peak':<26} {'':<6} {plan['host_peak_bytes'] / gib:8.2f} GiB per rank "
+          f"(end of set-up {plan['host_setup_bytes'] / gib:.2f} GiB)")
+    print(f"  {'device peak':<26} {'':<6} {plan['device_peak_bytes'] / gib:8.2f} GiB per rank")
+    print(f"  all-to-all: {plan['all_to_all_bytes_per_step'] / 2 ** 20:,.1f} MiB sent per rank per step")
     return 0
 
 

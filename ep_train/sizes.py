@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ep_train.config import Config, check_ep_layout, moe_layer_indices
 
@@ -85,3 +86,278 @@ def model_state_bytes_per_rank(cfg: Config, world: int, zero_stage: int, offload
     device = params * (0 if offload and zero_stage >= 3 else 1) + grads + (0 if offload else optim)
     host = (optim if offload else 0) + (params if offload and zero_stage >= 3 else 0)
     return {"params": params, "grads": grads, "optimizer": optim, "device": device, "host": host}
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory planner: what one rank holds at its peak, host and device, under the run's DeepSpeed JSON.
+# ---------------------------------------------------------------------------------------------
+
+MIB = 2 ** 20
+# Per-process baseline on the host: Python + torch 2.13 + DeepSpeed 0.19.8 + ep_train imported, gloo
+# initialised, DeepSpeed's CPU Adam extension loaded, the engine built around a model of almost no
+# parameters. Measured with `python bench/scale.py --small` (VmHWM of each rank of a 0.75M-parameter
+# model at world 2, less its ~10 MB of model states): 395 MiB at the end of set-up, 435 MiB after 3
+# training steps (the first step's code paths, autograd and the CPU Adam step add ~40 MiB).
+HOST_BASELINE_SETUP = 395 * MIB
+HOST_BASELINE_TRAIN = 435 * MIB
+# A CUDA process's device-side fixed cost (context, cuBLAS/cuDNN workspaces, NCCL buffers). Not measured
+# on this project's machines (no GPU); 1 GiB is the usual torch figure on A100/H100-class GPUs.
+DEVICE_BASELINE = 1024 * MIB
+# glibc malloc serves allocations above its mmap threshold with mmap (returned to the OS on free) and
+# smaller ones from its heap (kept resident after free, reused by later allocations). The threshold
+# starts at 128 KiB and rises to the size of any freed mmapped chunk up to DEFAULT_MMAP_THRESHOLD_MAX,
+# 32 MiB on 64-bit Linux (glibc malloc.c, mallopt(3)). Tensors at most this large therefore leave
+# resident heap behind when freed.
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MIB
+
+
+def heap_threshold(env: dict[str, str] | None = None) -> int:
+    """Largest allocation glibc serves from its heap: MALLOC_MMAP_THRESHOLD_ when set (that also turns the
+    dynamic threshold off, mallopt(3)), else the dynamic threshold's ceiling."""
+    import os
+
+    raw = (os.environ if env is None else env).get("MALLOC_MMAP_THRESHOLD_")
+    if raw is None or raw == "":
+        return GLIBC_MMAP_THRESHOLD_MAX
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"MALLOC_MMAP_THRESHOLD_ = {raw!r} is invalid: must be a byte count such as 1048576, "
+                         "or unset") from None
+_DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+@dataclass
+class _Shapes:
+    """Per-rank element counts read off the parallelized ``meta`` model (no memory is allocated)."""
+
+    partition: int  # elements of this rank's ZeRO partitions (ceil per parameter, as ZeRO pads)
+    partition_small: int  # ... of those partitions small enough for glibc's heap (see heap_threshold)
+    local_full: int  # elements of every parameter this rank computes with (its experts, all dense) in full
+    block_full: int  # the largest transformer block's parameters in full (this rank's experts)
+    block_gathered: int  # ... of those that ZeRO-3 must all-gather (partition group > 1)
+    largest_module_full: int  # the largest module's own parameters in full: what construction makes at once
+    largest_subgroup: int  # the largest optimizer group's partition elements (DeepSpeed sub-groups, 1e9 cap)
+
+
+def _rank_shapes(cfg: Config, world: int, zero_stage: int, param_bytes: int, threshold: int) -> _Shapes:
+    import math
+
+    import torch
+
+    from ep_train.model.experts import GroupedExperts
+    from ep_train.model.transformer import Block, build_model
+    from ep_train.parallel import ParallelLayout, parallelize
+
+    ep = cfg.parallel.ep_size
+    edp = world // ep
+    # Every rank holds E/ep experts of identical shapes, so rank 0 describes them all.
+    model = parallelize(build_model(cfg.model, cfg.moe, device="meta"), cfg, ParallelLayout(world, 0, ep),
+                        deepspeed=False)
+    part = small = local = 0
+    groups: dict[tuple[bool, bool, bool], int] = {}
+    expert_ids = set()
+    for mod in model.modules():
+        if isinstance(mod, GroupedExperts):
+            expert_ids.update(id(p) for p in mod.parameters())
+    for name, p in model.named_parameters():
+        group = edp if id(p) in expert_ids else world
+        n = math.ceil(p.numel() / group) if zero_stage >= 1 else p.numel()
+        part += n
+        local += p.numel()
+        if n * param_bytes <= threshold:
+            small += n
+        key = (".router." in name, p.dim() >= 2, id(p) in expert_ids)  # train/optim.py's groups
+        groups[key] = groups.get(key, 0) + n
+    block_full = block_gathered = 0
+    for mod in model.modules():
+        if isinstance(mod, Block):
+            full = gathered = 0
+            for p in mod.parameters():
+                full += p.numel()
+                group = edp if id(p) in expert_ids else world
+                gathered += p.numel() if group > 1 else 0  # a group of 1 needs no gather (DeepSpeed skips it)
+            if full > block_full:
+                block_full, block_gathered = full, gathered
+    largest_module = max(sum(p.numel() for p in m._parameters.values() if p is not None)
+                         for m in model.modules())
+    sub = max(min(n, int(1e9)) for n in groups.values())
+    del torch
+    return _Shapes(part, small, local, block_full, block_gathered, largest_module, sub)
+
+
+def activation_bytes(cfg: Config, checkpointing: bool, act_bytes: int) -> dict[str, int]:
+    """Activation memory of one micro-batch (bytes), from the model's shapes.
+
+    Per token and layer the forward keeps (elements; D hidden, Dkv = kv heads x head dim, F expert
+    width, K experts per token, E experts):
+      attention: 2 D (norm in/out) + D + 2 Dkv (q, k, v) + D + Dkv (rotary q, k in fp32 views) + D (SDPA
+        out) + D (o_proj in) + D (residual) = 7 D + 3 Dkv
+      MoE FFN:   2 D (norm) + 3 E (router logits, probabilities, fp32) + K D (gathered rows) + K D
+        (all-to-all received) + K D (regrouped) + 4 K F (gate, up, silu, product) + K D (expert out)
+        + 2 K D (combine: back + returned) + 2 D (weighted sum, residual) = (4 + 6 K) D + 4 K F + 3 E
+      dense FFN: 2 D + 4 F + 2 D
+    The head keeps logits [T, V] in the model dtype plus an fp32 copy and its gradient (3 V per token).
+    Gradients of activations are freed layer by layer as the backward runs, so the peak is the saved
+    forward activations. With activation checkpointing a block keeps only its input (D per token) and
+    one block is recomputed at a time. Checked on an NVIDIA H200 (torch 2.11, bf16, the 583M MoE of
+    bench/scale.py, one process, torch.cuda.max_memory_allocated): planned / measured 1.09 (seq 2048) and
+    1.12 (4096) without recompute, 1.15 and 1.26 with it (the recompute's transients are freed sooner
+    than this counts).
+    """
+    m, e = cfg.model, cfg.moe
+    d = m.hidden_size
+    hd = m.head_dim or d // m.num_heads
+    dkv = m.num_kv_heads * hd
+    f = e.expert_intermediate_size or m.intermediate_size
+    tokens = cfg.data.seq_len * cfg.train.micro_batch_size
+    moe_layers = set(moe_layer_indices(m, e))
+    attn = 7 * d + 3 * dkv
+    per_layer = []
+    for i in range(m.num_layers):
+        if i in moe_layers:
+            ffn = (4 + 6 * e.num_experts_per_token) * d + 4 * e.num_experts_per_token * f + 3 * e.num_experts
+        else:
+            ffn = 4 * d + 4 * m.intermediate_size
+        per_layer.append(attn + ffn)
+    head = 3 * m.vocab_size * tokens * 4
+    if checkpointing:
+        kept = m.num_layers * d * tokens * act_bytes + max(per_layer) * tokens * act_bytes
+    else:
+        kept = sum(per_layer) * tokens * act_bytes
+    return {"blocks": int(kept), "head": int(head), "total": int(kept + head)}
+
+
+def all_to_all_bytes_per_step(cfg: Config, world: int, act_bytes: int) -> int:
+    """Bytes one rank sends through the MoE all-to-alls in one optimizer step (uniform routing).
+
+    Per MoE layer and micro-batch: T*K assignments, (ep-1)/ep of them to other ranks, rows of D values;
+    dispatch and combine in the forward, the same two reversed in the backward, and one more forward
+    pair when activation checkpointing recomputes the block: 4 or 6 exchanges.
+    """
+    ep = cfg.parallel.ep_size
+    if ep <= 1:
+        return 0
+    t = cfg.train
+    tokens = cfg.data.seq_len * t.micro_batch_size
+    micro = t.batch_size // (t.micro_batch_size * world)
+    n_moe = len(moe_layer_indices(cfg.model, cfg.moe))
+    exchanges = 6 if t.activation_checkpointing else 4
+    rows = tokens * cfg.moe.num_experts_per_token * (ep - 1) / ep
+    return int(n_moe * micro * exchanges * rows * cfg.model.hidden_size * act_bytes)
+
+
+def resolve_precision(cfg: Config, device: str) -> str:
+    """``train.mixed_precision`` as the trainer resolves it: auto = bf16 on CUDA, fp32 on CPU."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device = {device!r} is invalid: use cpu or cuda")
+    mp = cfg.train.mixed_precision
+    if mp == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return mp
+
+
+def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any] | None = None,
+                zero_stage: int | None = None, offload: bool | None = None,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Per-rank host and device peaks (bytes) of a training run, with the breakdown.
+
+    ``ds`` is the run's DeepSpeed JSON (default: ``parallel.ds_config`` resolved like the trainer does);
+    ``zero_stage``/``offload`` override what it says; ``env`` is the training processes' environment
+    (default: this one), read for glibc's MALLOC_MMAP_THRESHOLD_. Every term follows DeepSpeed 0.19.8's ZeRO code
+    (runtime/zero/stage3.py, stage_1_and_2.py); each carries the reason in the breakdown's comments.
+    On ``device="cpu"`` everything is host memory.
+    """
+    import json
+
+    if ds is None:
+        from ep_train.parallel.zero import resolve_ds_config
+
+        path = resolve_ds_config(cfg.parallel.ds_config)
+        ds = json.loads(path.read_text())
+    check_ep_layout(cfg.parallel.ep_size, cfg.moe.num_experts, world)
+    z = ds.get("zero_optimization", {})
+    stage = z.get("stage", 0) if zero_stage is None else zero_stage
+    off_opt = z.get("offload_optimizer", {}).get("device", "none") == "cpu"
+    off_par = z.get("offload_param", {}).get("device", "none") == "cpu" and stage >= 3
+    if offload is not None:
+        off_opt, off_par = offload, offload and stage >= 3
+    precision = resolve_precision(cfg, device)
+    pb = _DTYPE_BYTES[precision]
+    # DeepSpeed accumulates gradients in the model dtype unless data_types.grad_accum_dtype says otherwise
+    # (engine.get_data_types).
+    gb = _DTYPE_BYTES.get(str(ds.get("data_types", {}).get("grad_accum_dtype", precision)).lower(), pb)
+    threshold = heap_threshold(env)
+    s = _rank_shapes(cfg, world, stage, pb, threshold)
+    p = s.partition
+    cpu = device == "cpu"
+
+    def where(on_host: bool) -> str:
+        return "host" if cpu or on_host else "device"
+
+    items: list[tuple[str, str, int, str]] = []  # (name, host|device, bytes, why)
+    # --- model states ---------------------------------------------------------------------------
+    lp = p if stage >= 3 else s.local_full
+    items.append(("parameters", where(off_par), lp * pb,
+                  f"{precision} parameters: the ZeRO-3 partition (offload_param: DeepSpeed's flat host buffer)"
+                  if stage >= 3 else f"{precision} parameters: full copy under ZeRO-{stage}"))
+    shared_master = stage >= 3 and not off_opt and pb == 4  # stage3._create_fp32_partitions reuses the buffer
+    items.append(("fp32 master", where(off_opt), 0 if shared_master else p * 4,
+                  "fp32 master partition (a clone even in fp32 when the optimizer is offloaded)"))
+    grad_elems = p if stage >= 2 else s.local_full
+    items.append(("gradient partition", where(off_opt and stage >= 3), grad_elems * gb,
+                  "gradients accumulated per partition (stage3 grad_partitions_flat_buffer, grad_accum dtype)"))
+    if off_opt:
+        items.append(("optimizer gradient", where(True), p * 4,
+                      "fp32 gradient the offloaded optimizer steps on (a second buffer, pinned)"))
+    items.append(("Adam moments", where(off_opt), p * 8, "exp_avg and exp_avg_sq, fp32, created at step 1"))
+    # --- DeepSpeed buffers ----------------------------------------------------------------------
+    bucket = int(float(z.get("reduce_bucket_size", 5e8)))
+    # torch.empty: only the pages gradients are copied into become resident, and a rank never puts more
+    # than its own full gradients (every parameter it computes with) into the bucket.
+    items.append(("reduce bucket", where(False), min(bucket, s.local_full) * gb,
+                  f"contiguous_gradients bucket: reduce_bucket_size {bucket:.0e} elements, resident as filled"))
+    prefetch = int(float(z.get("stage3_prefetch_bucket_size", 5e7))) if stage >= 3 else 0
+    max_live = int(float(z.get("stage3_max_live_parameters", 1e9)))
+    gathered = min(max_live, s.block_gathered + min(prefetch, s.block_gathered)) if stage >= 3 else 0
+    items.append(("gathered parameters", where(False), gathered * pb,
+                  "ZeRO-3 all-gathers of the largest block plus the prefetch bucket, capped by "
+                  "stage3_max_live_parameters"))
+    items.append(("block gradients", where(False), s.block_full * pb,
+                  "full gradients of one block before the reduce-scatter partitions them"))
+    items.append(("reduce temporaries", where(False), min(bucket, s.block_full) * gb,
+                  "averaged/scattered copy of one bucket's gradients during the reduce"))
+    if not off_opt and pb != 4:
+        items.append(("fp32 gradient copy", where(False), s.largest_subgroup * 4,
+                      "fp32 copy of the largest optimizer sub-group's gradients at the step"))
+    # --- activations ----------------------------------------------------------------------------
+    act = activation_bytes(cfg, cfg.train.activation_checkpointing, pb)
+    items.append(("activations", where(False), act["total"],
+                  f"one micro-batch ({'checkpointed blocks' if cfg.train.activation_checkpointing else 'no recompute'})"))
+    # --- allocator and baseline -----------------------------------------------------------------
+    if stage >= 3:
+        # A module's initial values are made in fp32, one tensor of at most 3 (SwiGLU) heap-sized at a time.
+        retained = s.partition_small * pb + min(s.largest_module_full * 4, threshold * 3)
+        items.append(("freed heap (construction)", "host", retained,
+                      f"partitions made during construction (<= {threshold / MIB:g} MiB each: glibc heap) that "
+                      "DeepSpeed copies into its flat buffers, plus one module's fp32 initial values: freed, "
+                      "kept resident"))
+    items.append(("process baseline", "host", HOST_BASELINE_TRAIN,
+                  "torch + DeepSpeed imported, gloo, CPU Adam loaded (measured)"))
+    if not cpu:
+        items.append(("CUDA context", "device", DEVICE_BASELINE, "context and library workspaces (typical)"))
+
+    setup_names = {"parameters", "fp32 master", "gradient partition", "optimizer gradient",
+                   "freed heap (construction)"}
+    host = sum(b for _, w, b, _ in items if w == "host")
+    dev = sum(b for _, w, b, _ in items if w == "device")
+    setup_host = sum(b for n, w, b, _ in items if w == "host" and n in setup_names) + HOST_BASELINE_SETUP
+    per_rank = [{"rank": r, "host_peak_bytes": host, "device_peak_bytes": dev, "host_setup_bytes": setup_host}
+                for r in range(world)]
+    return {"world": world, "ep_size": cfg.parallel.ep_size, "zero_stage": stage, "device": device,
+            "precision": precision, "offload_param": off_par, "offload_optimizer": off_opt,
+            "partition_elements": p, "host_peak_bytes": host, "device_peak_bytes": dev,
+            "host_setup_bytes": setup_host, "ranks": per_rank,
+            "all_to_all_bytes_per_step": all_to_all_bytes_per_step(cfg, world, pb),
+            "activations": act,
+            "breakdown": [{"name": n, "where": w, "bytes": b, "why": why} for n, w, b, why in items]}

@@ -52,3 +52,21 @@ def test_soak_bench_small(tmp_path) -> None:
     for v in out["per_rank"].values():
         assert v["mean_mib"] > 100 and v["samples"] >= 3
     assert out["tok_s_median"] > 0 and out["final_loss"] > 0
+
+
+def test_scale_bench_small(tmp_path) -> None:
+    """bench/scale.py on a tiny model: every run measured from outside, planned, reported, plotted."""
+    from bench.scale import main
+
+    out = main(["--small", "--out", str(tmp_path)])
+    assert [r["world"] for r in out["scaling"]] == [1, 2]
+    for r in out["scaling"] + out["largest"]:
+        assert not r.get("skipped"), r
+        assert r["finite"] and len(r["setup_peak"]) == len(r["train_peak"]) == r["world"]
+        assert 0 < max(r["setup_peak"]) <= max(r["train_peak"])  # VmHWM only grows
+        assert abs(r["trainer_max_rss"] - max(r["train_peak"])) < 0.1 * max(r["train_peak"])  # two readings agree
+        assert r["plan_host"] > 0
+    assert {r["precision"] for r in out["largest"]} == {"fp32", "bf16"}
+    assert isinstance(out["shrinks"], bool) and "shrinks with the world size" in out["text"]
+    assert "bytes / parameter" in out["text"] and "| 2 | 2 |" in out["text"]
+    assert (tmp_path / "scale.png").stat().st_size > 0 and (tmp_path / "scale.csv").is_file()

@@ -66,3 +66,62 @@ def test_mixtral_8x7b_through_parallelize_on_meta(world: int) -> None:
         assert type(model.layers[0]).__name__ == "CheckpointedBlock"
     assert len(dense_counts) == 1  # every rank describes the same dense model
     assert dense_counts.pop() + sum(experts_by_id.values()) == s.total  # the 8 expert shards + dense = 46.70B
+
+
+def _moe_cfg(**train):
+    from ep_train.config import load_config, parse_overrides
+
+    args = ["--vocab_size", "256", "--hidden_size", "64", "--intermediate_size", "128", "--num_layers", "2",
+            "--num_heads", "4", "--num_kv_heads", "2", "--num_experts", "4", "--ep_size", "2", "--seq_len", "16",
+            "--micro_batch_size", "1", "--batch_size", "2"]
+    for k, v in train.items():
+        args += [f"--{k}", str(v)]
+    return load_config(None, parse_overrides(args))
+
+
+def _bytes(plan: dict, name: str) -> int:
+    return next(b["bytes"] for b in plan["breakdown"] if b["name"] == name)
+
+
+def test_plan_model_states_follow_deepspeed_semantics() -> None:
+    """ZeRO-3 + offload keeps per partition element: parameter, fp32 master, gradient partition, fp32
+    optimizer gradient, two Adam moments: 24 bytes in fp32, 20 in bf16 (2 + 4 + 2 + 4 + 8)."""
+    from ep_train.sizes import plan_memory
+
+    states = ("parameters", "fp32 master", "gradient partition", "optimizer gradient", "Adam moments")
+    fp32 = plan_memory(_moe_cfg(), 2, "cpu")
+    assert fp32["precision"] == "fp32" and fp32["device_peak_bytes"] == 0
+    assert sum(_bytes(fp32, n) for n in states) == 24 * fp32["partition_elements"]
+    bf16 = plan_memory(_moe_cfg(), 2, "cuda")
+    assert bf16["precision"] == "bf16" and bf16["device_peak_bytes"] > 0
+    assert sum(_bytes(bf16, n) for n in states) == 20 * bf16["partition_elements"]
+    # without optimizer offload in fp32, DeepSpeed's master is the parameter buffer itself (no copy)
+    ds = {"zero_optimization": {"stage": 3}}
+    plain = plan_memory(_moe_cfg(), 2, "cpu", ds=ds)
+    assert _bytes(plain, "fp32 master") == 0
+    # the partition shrinks with the world: dense over all ranks, experts over their EDP group
+    assert plan_memory(_moe_cfg(), 4, "cpu")["partition_elements"] < fp32["partition_elements"]
+    assert plan_memory(_moe_cfg(), 4, "cpu")["host_peak_bytes"] < fp32["host_peak_bytes"]
+
+
+def test_plan_buffers_and_activations() -> None:
+    from ep_train.sizes import activation_bytes, all_to_all_bytes_per_step, heap_threshold, plan_memory
+
+    big = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e7}}
+    cfg = _moe_cfg()
+    size = model_size(cfg)
+    local = size.total - size.experts // 2  # what EP rank 0 computes with: its 2 of 4 experts, all dense
+    # only the filled part of the bucket is resident: a rank never fills more than its own gradients
+    assert _bytes(plan_memory(cfg, 2, "cpu", ds=big), "reduce bucket") == local * 4
+    tiny = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e4}}
+    assert _bytes(plan_memory(cfg, 2, "cpu", ds=tiny), "reduce bucket") == 4e4
+    assert plan_memory(cfg, 2, "cpu", ds=tiny)["host_peak_bytes"] < plan_memory(cfg, 2, "cpu", ds=big)["host_peak_bytes"]
+    assert activation_bytes(cfg, True, 4)["blocks"] < activation_bytes(cfg, False, 4)["blocks"]
+    assert all_to_all_bytes_per_step(cfg, 2, 4) > 0
+    assert all_to_all_bytes_per_step(_moe_cfg(ep_size=1), 2, 4) == 0
+    assert heap_threshold({}) == 32 * 2 ** 20 and heap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) == 65536
+    with pytest.raises(ValueError, match="MALLOC_MMAP_THRESHOLD_"):
+        heap_threshold({"MALLOC_MMAP_THRESHOLD_": "lots"})
+    with pytest.raises(ValueError, match="device = 'tpu'"):
+        plan_memory(cfg, 2, "tpu")
+    assert plan_memory(_moe_cfg(mixed_precision="bf16"), 2, "cpu")["precision"] == "bf16"  # the config wins
