@@ -61,9 +61,15 @@ class MoEConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
-    # A file path, or a name of ds_configs/ (zero3_offload, zero3, zero2). The trainer merges batch
+    # A file path, or a name of ds_configs/ (zero3_offload, zero3, zero2, zero3_nvme). The trainer merges batch
     # sizes, precision and clipping into it and refuses contradictions.
     ds_config: str = "zero3_offload"
+    # ZeRO-Infinity (ds_config zero3_nvme or any JSON with an offload device "nvme"): a folder on a fast
+    # local disk that supports O_DIRECT (ext4/xfs on NVMe), one per run; written into the JSON's nvme_path.
+    nvme_path: str | None = None
+    # Also swap optimizer states (fp32 master weights, Adam moments) to nvme_path. Dense models only:
+    # DeepSpeed 0.19.8 cannot checkpoint MoE (AutoEP) layers under ZeRO-3 with optimizer swapping.
+    nvme_offload_optimizer: bool = False
 
 
 @dataclass
@@ -536,6 +542,11 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
     _check(e.drop_policy in ("drop", "overflow"), "moe.drop_policy", e.drop_policy, "use 'drop' or 'overflow'")
 
     check_ep_layout(p.ep_size, e.num_experts, world_size)
+    # NVMe offload: the JSON-dependent check (an nvme device needs parallel.nvme_path) is in build_ds_config.
+    _check(p.nvme_path is None or p.nvme_path.strip() != "", "parallel.nvme_path", p.nvme_path,
+           "must be a folder on a fast local disk (e.g. /local_nvme/run1) or null")
+    _check(not p.nvme_offload_optimizer or p.nvme_path is not None, "parallel.nvme_offload_optimizer",
+           p.nvme_offload_optimizer, "needs parallel.nvme_path (the folder the optimizer states are swapped to)")
     t, d = getattr(cfg, "train", None), getattr(cfg, "data", None)
     if t is not None:
         _check(t.verify_checkpoint in ("fast", "full", "off"), "train.verify_checkpoint", t.verify_checkpoint,

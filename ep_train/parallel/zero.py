@@ -68,11 +68,89 @@ def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (1, 2, 3):
         raise ValueError(f"{path.name}: zero_optimization.stage = {stage}; ep-train supports ZeRO stages 1, 2 and 3")
+    _merge_nvme(ds, cfg, path.name, world)
     return ds
 
 
+def aio_unavailable_reason() -> str | None:
+    """Why DeepSpeed's async I/O op (needed by any nvme offload) cannot be built here, or None if it can."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return ("DeepSpeed's async_io op (ZeRO-Infinity NVMe offload) needs libaio: install it with "
+            "`apt-get install libaio-dev` (Debian/Ubuntu) or `yum install libaio-devel`, or use "
+            "parallel.ds_config zero3_offload")
+
+
+def _merge_nvme(ds: dict[str, Any], cfg: Config, json_name: str, world: int) -> None:
+    """Write ``parallel.nvme_path`` (and ``parallel.nvme_offload_optimizer``) into the offload blocks.
+
+    The folder is a run setting (it differs per machine and per run: two runs sharing it overwrite each
+    other's swap files), so it lives in the run config and the JSON leaves ``nvme_path`` out (or "auto").
+    """
+    from ep_train.config import moe_layer_indices
+
+    p = cfg.parallel
+    zero = ds.setdefault("zero_optimization", {})
+    stage = zero.get("stage")
+    if p.nvme_offload_optimizer:
+        # Keeps the JSON's pin_memory/buffer settings; DeepSpeed's defaults fill the rest.
+        zero["offload_optimizer"] = {**zero.get("offload_optimizer", {}), "device": "nvme"}
+    nvme_blocks = [k for k in ("offload_optimizer", "offload_param")
+                   if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
+    if not nvme_blocks:
+        if p.nvme_path is not None:  # a path that silently does nothing would hide a misconfigured run
+            raise ValueError(f"parallel.nvme_path = {p.nvme_path!r} is set but {json_name} offloads nothing to "
+                             "nvme; use parallel.ds_config zero3_nvme or drop parallel.nvme_path")
+        return
+    if stage != 3:  # ZeRO-Infinity: DeepSpeed swaps to NVMe only under stage 3
+        raise ValueError(f"{json_name} offloads {nvme_blocks[0]} to nvme with zero_optimization.stage = {stage}; "
+                         "NVMe offload (ZeRO-Infinity) needs stage 3: use parallel.ds_config zero3_nvme")
+    moe = bool(moe_layer_indices(cfg.model, cfg.moe))
+    if "offload_optimizer" in nvme_blocks and moe:
+        # DeepSpeed 0.19.8 engine._save_moe_checkpoint raises for AutoEP layers under ZeRO-3 with
+        # optimizer swapping (expert state is restored from optimizer shards, which NVMe leaves empty):
+        # refuse now instead of after hours of training, at the first checkpoint.
+        raise ValueError(f"parallel.nvme_offload_optimizer / {json_name} offload_optimizer.device = 'nvme' is "
+                         "invalid for a model with MoE layers: DeepSpeed 0.19.8 cannot save ZeRO-3 checkpoints of "
+                         "MoE layers while optimizer states are swapped to NVMe. Keep optimizer states in CPU RAM "
+                         "(parallel.ds_config zero3_nvme puts only parameters on NVMe) or use zero3_offload")
+    one_rank_group = world == 1 or (moe and world == p.ep_size)
+    if "offload_param" in nvme_blocks and one_rank_group and not torch.cuda.is_available():
+        # DeepSpeed 0.19.8 on CPU: a parameter whose ZeRO group has one rank is "gathered" as
+        # ds_tensor.to("cpu"), an alias of its NVMe swap buffer, which the swapper hands to the next
+        # parameter after the module runs; training then silently uses other weights (measured: losses
+        # off by 1e-2 from step 2). On GPUs the .to() is a copy. Experts have a one-rank group when
+        # ep_size equals the world size.
+        raise ValueError(f"parallel.ep_size = {p.ep_size} is invalid with parameters offloaded to nvme on CPU at "
+                         f"world size {world}: a ZeRO group of one rank (experts when ep_size = world size, "
+                         "everything at world size 1) trains on stale weights there (DeepSpeed 0.19.8); use "
+                         "ep_size < world size, or parallel.ds_config zero3_offload")
+    if p.nvme_path is None:
+        raise ValueError(f"parallel.nvme_path = None is invalid: {json_name} offloads "
+                         f"{' and '.join('zero_optimization.' + k for k in nvme_blocks)} to nvme; pass "
+                         "--parallel.nvme_path DIR (a folder on a fast local disk, one per run) or use "
+                         "parallel.ds_config zero3_offload")
+    folder = Path(p.nvme_path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"parallel.nvme_path = {p.nvme_path!r} is a file; give a folder (created if missing)")
+    for key in nvme_blocks:
+        given = zero[key].get("nvme_path")
+        if given not in (None, "auto") and Path(given) != folder:
+            raise ValueError(f"{json_name} sets zero_optimization.{key}.nvme_path = {given!r} but the run config "
+                             f"gives parallel.nvme_path -> {p.nvme_path!r}; remove nvme_path from the JSON "
+                             "(ep-train fills it in) or make them agree")
+        zero[key]["nvme_path"] = str(folder)
+    reason = aio_unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"parallel.ds_config {json_name} offloads to nvme, but {reason}")
+
+
 def is_offloading_optimizer(ds: dict[str, Any]) -> bool:
-    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+    """Optimizer states off the accelerator (CPU RAM or NVMe): the step runs on the CPU, so DeepSpeedCPUAdam."""
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
 
 
 def _autoep_class(cls: type) -> type:
@@ -164,6 +242,10 @@ def materialize_partitioned(model: nn.Module, source: Any, ds: dict[str, Any], l
     init_cfg = json.loads(json.dumps(ds))
     init_cfg["zero_optimization"]["memory_efficient_linear"] = False
     edp = groups._get_expert_data_parallel_group(layout.group_name)
+    # Parameters offloaded to NVMe: every zero.Init would build its own swapper, and each new swapper
+    # empties the rank's swap folder (deleting the partitions earlier modules swapped out) and reserves
+    # its own buffer pool (buffer_count x buffer_size per module). One swapper serves them all.
+    swapper: list[Any] = [None]
 
     def partition(module: nn.Module) -> None:
         own = [p for p in module._parameters.values() if p is not None]
@@ -173,6 +255,7 @@ def materialize_partitioned(model: nn.Module, source: Any, ds: dict[str, Any], l
         if any(not hasattr(p, "ds_id") for p in own):
             # No dtype argument: with a config, zero.Init(dtype=float32) gives bf16 on CPU
             # (operator precedence in partition_parameters.py); the tensors already have the run's dtype.
-            deepspeed.zero.Init(module=module, config_dict_or_path=init_cfg)
+            init = deepspeed.zero.Init(module=module, config_dict_or_path=init_cfg, param_swapper=swapper[0])
+            swapper[0] = swapper[0] or init.param_swapper
 
     return materialize(model, source, dtype=dtype, device=device, after=partition)
