@@ -54,7 +54,8 @@ def partition_report(model: torch.nn.Module) -> dict[str, Any]:
     """Elements of each parameter this rank holds (its ZeRO partition, padding included) vs in full."""
     rep: dict[str, Any] = {"dense": 0, "expert": 0, "params": {}}
     for n, p in model.named_parameters():
-        local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+        # ds_numel, not numel(): a partition swapped to NVMe has an empty ds_tensor
+        local = p.ds_tensor.ds_numel if hasattr(p, "ds_tensor") else p.numel()
         full = getattr(p, "ds_numel", p.numel())
         rep["expert" if getattr(p, "allreduce", True) is False else "dense"] += local
         rep["params"][n] = [local, full]
