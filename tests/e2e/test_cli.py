@@ -56,3 +56,20 @@ def test_torch_extensions_dir_is_per_environment(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                        env={**env, "TORCH_EXTENSIONS_DIR": mine})
     assert p.returncode == 0 and p.stdout.split() == [mine, mine], p.stdout + p.stderr
+
+
+def test_named_ds_configs_travel_in_the_wheel(tmp_path) -> None:
+    """A non-editable install must still resolve `zero3_offload` and friends: they are package data."""
+    import zipfile
+
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (wheel,) = tmp_path.glob("ep_train-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for cfg in ("zero3_offload", "zero3", "zero2", "zero3_nvme"):
+        assert f"ep_train/ds_configs/{cfg}.json" in names, sorted(n for n in names if "ds_configs" in n)
+    # and the resolver looks inside the package, not at the repository's top-level folder
+    from ep_train.parallel.zero import resolve_ds_config
+
+    assert resolve_ds_config("zero3_offload").parent.parent.name == "ep_train"
