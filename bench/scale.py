@@ -171,6 +171,8 @@ def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_
     rc = proc.wait()
     done.set()
     sampler.join()
+    # The trainer's final checkpoint is not what is measured, and a ~1B model's is ~16 GB: remove it.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     res = RunResult(world, ep, precision, 0, rc == 0, seconds=time.monotonic() - t0)
     res.setup_peak = [kib * 1024 for _, kib in sorted(setup.items())]
     res.train_peak = [kib * 1024 for _, kib in sorted(ranks.items())]

@@ -52,7 +52,8 @@ def run(ds_config: str, data: Path, tok: Path, out: Path, steps: int, extra: lis
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
            "127.0.0.1", "--master_port", str(_port()), "-m", "ep_train.train", "--config",
            str(ROOT / "configs/demo.yaml"), "--run-dir", str(run_dir), "--data_dir", str(data), "--tokenizer",
-           str(tok), "--ds_config", ds_config, "--max_steps", str(steps), "--log_interval", "1", "--eval_interval",
+           str(tok), "--ds_config", ds_config, "--max_steps", str(steps),
+           "--warmup_steps", str(min(20, steps)), "--log_interval", "1", "--eval_interval",
            "0", "--save_interval", "0", "--profile_step", str(PROFILE_STEP), *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     if p.returncode:

@@ -16,6 +16,12 @@ class StopFlag:
 
     def _handle(self, signum: int, _frame: object) -> None:
         self.signal = signum  # only a flag: the step in flight finishes, then every rank saves together
+        # One notice is enough. Launchers repeat it (to reach workers still starting); a repeat that
+        # arrives while the interpreter shuts down, when Python has put back the default action, would
+        # kill the process by the signal (exit -10) after a clean checkpoint-and-stop. Ignored handlers
+        # survive shutdown.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
     @property
     def raised(self) -> bool:
