@@ -421,11 +421,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
             "training peak, summed | trainer max_rss_mb | plan (host, per rank) | plan / measured | load avg |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in scaling:
-        if r.get("skipped"):
-            rows.append(f"| {r['world']} | {r['ep']} | {r['skipped']} |  |  |  |  | {_gib(r['plan_host'])} GiB |  |  |")
-            continue
-        if not r.get("train_peak"):
-            rows.append(f"| {r['world']} | {r['ep']} | failed |  |  |  |  | {_gib(r['plan_host'])} GiB |  |  |")
+        if r.get("skipped") or not r.get("train_peak"):
+            why = r.get("skipped") or "failed"
+            rows.append(f"| {r['world']} | {r['ep']} | {why} |  |  |  |  | {_gib(r['plan_host'])} GiB |  |  |")
             continue
         tp = max(r["train_peak"])
         rows.append(f"| {r['world']} | {r['ep']} | {_gib(max(r['setup_peak']))} GiB | {_gib(sum(r['setup_peak']))} GiB "
@@ -442,11 +440,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
     best: dict[str, dict[str, Any]] = {}
     for r in largest:
         layers = r["name"].split("_")[1]
-        if r.get("skipped"):
-            lrows.append(f"| {r['precision']} | {layers} | {r['params'] / 1e9:.3f}B | {r['skipped']} |  |  |  |  |  |")
-            continue
-        if not r.get("train_peak"):
-            lrows.append(f"| {r['precision']} | {layers} | {r['params'] / 1e9:.3f}B | failed |  |  |  |  |  |")
+        if r.get("skipped") or not r.get("train_peak"):
+            why = r.get("skipped") or "failed"
+            lrows.append(f"| {r['precision']} | {layers} | {r['params'] / 1e9:.3f}B | {why} |  |  |  |  |  |")
             continue
         total = sum(r["train_peak"])
         bpp = total / r["params"]

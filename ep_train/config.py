@@ -446,6 +446,18 @@ def check_ep_layout(ep_size: int, num_experts: int | None = None, world_size: in
 DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"  # package data (works after `pip install .`)
 
 
+def resolve_ds_config(name_or_path: str) -> Path:
+    """``parallel.ds_config``: a JSON file, or the name of one in ``ds_configs/`` (zero3_offload, ...)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    named = DS_CONFIG_DIR / f"{name_or_path}.json"
+    known = sorted(f.stem for f in DS_CONFIG_DIR.glob("*.json"))
+    _check(named.is_file(), "parallel.ds_config", name_or_path,
+           f"is neither a file nor one of {known}; pass a DeepSpeed JSON path or one of those names")
+    return named
+
+
 def _example(section: str, name: str, default: Any) -> str:
     return f"set {section}.{name} to a finite number" + (f" (default {default!r})" if default is not None else "")
 
@@ -466,10 +478,8 @@ def _check_finite(cfg: Any) -> None:
 def _check_paths(cfg: Any) -> None:
     """Files the run will open, checked before any process (or process group) starts."""
     p, d, t = getattr(cfg, "parallel", None), getattr(cfg, "data", None), getattr(cfg, "train", None)
-    if p is not None and not Path(p.ds_config).is_file():
-        known = sorted(f.stem for f in DS_CONFIG_DIR.glob("*.json"))
-        _check((DS_CONFIG_DIR / f"{p.ds_config}.json").is_file(), "parallel.ds_config", p.ds_config,
-               f"is neither a file nor one of {known}; pass a DeepSpeed JSON path or one of those names")
+    if p is not None:
+        resolve_ds_config(p.ds_config)
     if d is not None and d.tokenizer is not None:
         tok = Path(d.tokenizer)
         _check(not tok.is_dir(), "data.tokenizer", d.tokenizer,

@@ -83,7 +83,13 @@ class HFMixtralSource:
 
     def __init__(self, path: str | Path, cfg: Config | None = None) -> None:
         self.path = Path(path)
-        self.cfg = cfg or config_from_hf(json.loads((self.path / "config.json").read_text()))
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise ValueError(f"{str(cfg_file)!r} not found; pass a Hugging Face Mixtral folder (save_pretrained)")
+        own = config_from_hf(json.loads(cfg_file.read_text()))
+        if cfg is not None:
+            check_matches_hf(cfg, own, self.path)  # a run config must describe this checkpoint's model
+        self.cfg = cfg or own
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             self.where = dict(json.loads(index.read_text())["weight_map"])
@@ -167,9 +173,5 @@ def from_hf_mixtral(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     """
     from ep_train.model.transformer import build_model
 
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"{str(cfg_file)!r} not found; from_hf_mixtral needs a save_pretrained directory")
-    c = config_from_hf(json.loads(cfg_file.read_text()))
-    return build_model(c.model, c.moe, source=HFMixtralSource(path, c)).to(dtype), c
+    source = HFMixtralSource(path)
+    return build_model(source.cfg.model, source.cfg.moe, source=source).to(dtype), source.cfg

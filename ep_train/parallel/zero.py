@@ -19,20 +19,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ep_train.config import DS_CONFIG_DIR, Config
+from ep_train.config import DS_CONFIG_DIR, Config, resolve_ds_config  # noqa: F401 (re-exported)
 
 _AUTOEP_CLASSES: dict[type, type] = {}
-
-
-def resolve_ds_config(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    named = DS_CONFIG_DIR / f"{name_or_path}.json"
-    if named.is_file():
-        return named
-    known = sorted(f.stem for f in DS_CONFIG_DIR.glob("*.json"))
-    raise ValueError(f"parallel.ds_config = {name_or_path!r} is neither a file nor one of {known}")
 
 
 def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
@@ -235,13 +224,12 @@ def materialize_partitioned(model: nn.Module, source: Any, ds: dict[str, Any], l
     if stage < 3:
         return materialize(model, source, dtype=dtype, device=device)
     import deepspeed
-    from deepspeed.utils import groups
 
     # A copy with memory_efficient_linear off: zero.Init(module=...) would otherwise replace
     # torch.nn.functional.linear for the whole process.
     init_cfg = json.loads(json.dumps(ds))
     init_cfg["zero_optimization"]["memory_efficient_linear"] = False
-    edp = groups._get_expert_data_parallel_group(layout.group_name)
+    edp = layout.edp_group
     # Parameters offloaded to NVMe: every zero.Init would build its own swapper, and each new swapper
     # empties the rank's swap folder (deleting the partitions earlier modules swapped out) and reserves
     # its own buffer pool (buffer_count x buffer_size per module). One swapper serves them all.

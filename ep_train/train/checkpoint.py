@@ -17,7 +17,6 @@ with an allowlist of the one DeepSpeed class its ZeRO checkpoints hold).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ep_train.data.shards import sha256_file
 
 STATE_FILE = "ep_train_state.json"
 MANIFEST = "manifest.json"
@@ -50,14 +51,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- what is on disk -------------------------------------------------------------------------------
@@ -167,7 +160,7 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
         (path / STATE_FILE).write_text(json.dumps(run_state, indent=2))
     dist.barrier()
     files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
-    mine = {f: {"bytes": (path / f).stat().st_size, "sha256": sha256(path / f)} for f in files[rank::world]}
+    mine = {f: {"bytes": (path / f).stat().st_size, "sha256": sha256_file(path / f)} for f in files[rank::world]}
     shares: list[dict[str, Any]] = [{} for _ in range(world)]
     dist.all_gather_object(shares, mine)  # communication: the hashing is spread over the ranks
     if rank == 0:
@@ -205,7 +198,7 @@ def verify(path: Path, full: bool = False, files: list[str] | None = None) -> st
     for name, want in entries.items():
         if files is not None and name not in files:
             continue
-        if (full or want["bytes"] <= SMALL_FILE) and sha256(path / name) != want["sha256"]:
+        if (full or want["bytes"] <= SMALL_FILE) and sha256_file(path / name) != want["sha256"]:
             return f"{str(path / name)!r} does not match its checksum in the manifest (corrupted)"
     return None
 

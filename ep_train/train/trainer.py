@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,10 @@ from ep_train.data.verify import verify_for_training
 from ep_train.model.transformer import Transformer, build_model
 from ep_train.parallel import parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
+from ep_train.sizes import model_size
 from ep_train.stdio import keep_running_on_broken_pipe
 from ep_train.train import checkpoint
 from ep_train.train.metrics import CollapseWatch, MetricsLogger
-from ep_train.sizes import model_size
 from ep_train.train.optim import lr_factor, optimizer_param_groups
 from ep_train.train.resume import apply_changes, check_resumable
 from ep_train.train.signals import STOP_EXIT_CODE, STOP_MARKER, StopFlag
@@ -119,14 +118,9 @@ class Trainer:
         from ep_train.model.init import SeededInit
 
         if self.cfg.train.init_from:
-            from ep_train.interop.hf import HFMixtralSource, check_matches_hf, config_from_hf
+            from ep_train.interop.hf import HFMixtralSource
 
-            path = Path(self.cfg.train.init_from)
-            if not (path / "config.json").is_file():
-                raise ValueError(f"train.init_from {str(path)!r} has no config.json; pass a Hugging Face Mixtral "
-                                 "folder (save_pretrained)")
-            check_matches_hf(self.cfg, config_from_hf(json.loads((path / "config.json").read_text())), path)
-            return HFMixtralSource(path, self.cfg)
+            return HFMixtralSource(self.cfg.train.init_from, self.cfg)  # checks the run config matches it
         return SeededInit(self.cfg.model, self.cfg.moe, self.cfg.train.seed)
 
     # ---- checkpoints -------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def test_a_planted_pickle_payload_does_not_run(runs, built, tmp_path) -> None:
     match, as an attacker would): loading refuses it and the code never runs."""
     import pickle
 
-    from ep_train.train.checkpoint import MANIFEST, sha256
+    from ep_train.data.shards import sha256_file
+    from ep_train.train.checkpoint import MANIFEST
 
     run = _copy(runs, "pickle")
     step = run / "checkpoints" / "step_00000013"
@@ -89,7 +90,7 @@ def test_a_planted_pickle_payload_does_not_run(runs, built, tmp_path) -> None:
     target = step / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     target.write_bytes(pickle.dumps({"module": Payload()}))
     man = json.loads((step / MANIFEST).read_text())
-    man["files"][target.name] = {"bytes": target.stat().st_size, "sha256": sha256(target)}
+    man["files"][target.name] = {"bytes": target.stat().st_size, "sha256": sha256_file(target)}
     (step / MANIFEST).write_text(json.dumps(man))
     out = train(run, built, 2, *ARGS, "--resume", str(step), expect_rc=1)
     assert "holds objects ep-train does not load" in out and target.name in out

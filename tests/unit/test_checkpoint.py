@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ep_train.data.shards import sha256_file
 from ep_train.train import checkpoint as ck
 
 
@@ -16,7 +17,7 @@ def _ckpt(root: Path, step: int, complete: bool = True, payload: bytes = b"x" * 
     (p / "weights.pt").write_bytes(payload)
     if complete:
         (p / ck.MANIFEST).write_text(json.dumps({"files": {"weights.pt": {
-            "bytes": len(payload), "sha256": ck.sha256(p / "weights.pt")}}}))
+            "bytes": len(payload), "sha256": sha256_file(p / "weights.pt")}}}))
     return p
 
 
