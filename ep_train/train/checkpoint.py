@@ -17,13 +17,14 @@ with an allowlist of the one DeepSpeed class its ZeRO checkpoints hold).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -252,26 +253,50 @@ def choose(resume: str, root: Path, mode: str, fallback: bool, log: Any = print)
 
 
 # ---- load ------------------------------------------------------------------------------------------
-def safe_checkpoint_engine(config_params: Any = None) -> Any:
-    """DeepSpeed's torch checkpoint engine with ``weights_only=True`` loading."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+def _allowed() -> list[type]:
+    # The non-tensor, non-container classes DeepSpeed 0.19.8 puts in ZeRO checkpoints: the stage enum
+    # and the loss scaler (plain attributes; restoring them runs no code of the file's choosing).
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    class SafeCheckpointEngine(TorchCheckpointEngine):
-        # The non-tensor, non-container classes DeepSpeed 0.19.8 puts in ZeRO checkpoints: the stage enum
-        # and the loss scaler (plain attributes; restoring them runs no code of the file's choosing).
-        ALLOWED = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
+
+_TORCH_LOAD = torch.load
+
+
+def safe_load(path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:
+    """``torch.load`` with ``weights_only=True`` and the allowlist above; anything else is a
+    ``CheckpointError`` naming the file, never a fallback to pickle."""
+    kwargs.pop("weights_only", None)
+    try:
+        with torch.serialization.safe_globals(_allowed()):
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
+    except Exception as e:  # UnpicklingError and friends
+        why = re.search(r"Unsupported global: GLOBAL [\w.]+|WeightsUnpickler error: [^\n]+", str(e))
+        raise CheckpointError(f"checkpoint file {str(path)!r} holds objects ep-train does not load "
+                              f"(weights_only=True refused it: {why.group(0) if why else type(e).__name__}); "
+                              "it is corrupted or was not written by ep-train") from None
+
+
+@contextlib.contextmanager
+def only_safe_loads() -> Iterator[None]:
+    """Within this block every ``torch.load`` is ``safe_load``: for DeepSpeed code that calls
+    ``torch.load(weights_only=False)`` itself (``ds_to_universal``, the universal loader)."""
+    torch.load = safe_load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD  # type: ignore[assignment]
+
+
+def safe_checkpoint_engine(config_params: Any = None) -> Any:
+    """DeepSpeed's torch checkpoint engine with ``weights_only=True`` loading."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location: Any = None) -> Any:  # type: ignore[override]
-            try:
-                with torch.serialization.safe_globals(self.ALLOWED):
-                    return torch.load(path, map_location=map_location, weights_only=True)
-            except Exception as e:  # UnpicklingError and friends: name the file, never fall back to pickle
-                why = re.search(r"Unsupported global: GLOBAL [\w.]+|WeightsUnpickler error: [^\n]+", str(e))
-                raise CheckpointError(f"checkpoint file {path!r} holds objects ep-train does not load "
-                                      f"(weights_only=True refused it: {why.group(0) if why else type(e).__name__}); "
-                                      "it is corrupted or was not written by ep-train") from None
+            return safe_load(path, map_location=map_location)
 
     return SafeCheckpointEngine(config_params)
 

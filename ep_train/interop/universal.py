@@ -1,0 +1,125 @@
+"""A checkpoint in a shape-free form, read tensor by tensor.
+
+An ep-train checkpoint holds DeepSpeed's ZeRO-3 files: flat fp32 partitions of the optimizer, one
+file per rank, laid out for the world and EP size that wrote them. DeepSpeed's *universal checkpoint*
+(``deepspeed.checkpoint.ds_to_universal``) rewrites them as one folder per parameter
+(``zero/<name>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt``) holding the full tensor; stacked expert
+tensors come out whole (``[E, ...]`` in global expert order, tagged as expert parameters), so they can
+be re-sliced for any EP size. Resuming at another shape, exporting to Hugging Face and loading a run
+for generation all read this one form.
+
+Memory: the conversion reads one rank's optimizer file at a time (its share of the model) and merges
+one parameter at a time; ``UniversalSource`` memory-maps one parameter file per call and copies only
+the rows asked for. Nothing here holds the whole model.
+
+Safety: DeepSpeed's converter calls ``torch.load(weights_only=False)``; it runs under
+``only_safe_loads`` (``weights_only=True`` with ep-train's allowlist), so a crafted file fails with a
+``CheckpointError`` instead of running code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ep_train.config import Config, config_from_dict
+from ep_train.train.checkpoint import (MANIFEST, STATE_FILE, CheckpointError, complete_checkpoints, latest_target,
+                                       only_safe_loads, safe_load, verify)
+
+UNIVERSAL = "universal"  # the converted form's folder inside a checkpoint folder
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from what users pass: a run directory (its latest complete checkpoint), its
+    ``checkpoints/`` folder, or a ``checkpoints/step_N`` folder. Verified against its manifest (sizes and
+    small-file checksums); every failure says what was found and what to pass instead."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist; pass a run directory, its "
+                              "checkpoints/ folder or a checkpoints/step_N folder")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if not p.name.startswith("step_") and ((p / "latest").exists() or any(p.glob("step_*"))):
+        target = latest_target(p)
+        complete = complete_checkpoints(p)
+        if target is None or not (target / MANIFEST).is_file():
+            if not complete:
+                raise CheckpointError(f"{str(p)!r} holds no complete checkpoint (no step_N folder with a "
+                                      f"{MANIFEST}); the run has not saved one yet, or every save was interrupted")
+            target = complete[-1]
+        p = target
+    if not (p / STATE_FILE).is_file() and not (p / MANIFEST).is_file():
+        raise CheckpointError(f"{str(p)!r} is not an ep-train checkpoint (no {STATE_FILE}); pass a run directory "
+                              "or a checkpoints/step_N folder")
+    problem = verify(p)
+    if problem:
+        raise CheckpointError(f"checkpoint {str(p)!r} cannot be used: {problem}")
+    return p
+
+
+def run_config(step_dir: Path) -> Config:
+    """The config of the run that wrote a checkpoint (from its ``ep_train_state.json``)."""
+    state = json.loads((step_dir / STATE_FILE).read_text())
+    return config_from_dict(state["config"])
+
+
+def to_universal(step_dir: Path, out: Path | None = None) -> Path:
+    """The universal form of the checkpoint in ``step_dir``, converted once and reused.
+
+    Written to ``out`` (default ``step_dir/universal``) through a temporary folder renamed at the end,
+    so a crash mid-conversion never leaves a folder that looks finished. Single process: call it on one
+    rank and barrier."""
+    dest = out if out is not None else step_dir / UNIVERSAL
+    if (dest / "zero").is_dir():
+        return dest
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = dest.parent / f"{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp / UNIVERSAL),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=False)  # one worker: bounded memory
+    with only_safe_loads():
+        ds_to_universal.main(args)
+    os.replace(tmp / UNIVERSAL, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def read_param(universal: Path, name: str, shape: tuple[int, ...], rows: list[int] | None = None) -> torch.Tensor:
+    """One parameter's full fp32 value with ``shape`` (ZeRO-3 stores dense parameters flat), or only
+    ``rows`` of a stacked expert tensor, read from a memory-mapped file."""
+    f = universal / "zero" / name / "fp32.pt"
+    if not f.is_file():
+        raise CheckpointError(f"{str(f)!r} is missing: the universal checkpoint has no parameter {name!r}")
+    data = safe_load(f, map_location="cpu", mmap=True)
+    t = data["param"] if isinstance(data, dict) else data
+    if rows is not None:
+        t = t[rows]
+    if t.numel() != torch.Size(shape).numel():
+        raise CheckpointError(f"{name}: the checkpoint holds {tuple(t.shape)}, the model needs {tuple(shape)}; "
+                              "the run config does not describe this checkpoint's model")
+    return t.reshape(shape).clone()  # copy out of the mapping: only what was asked
+
+
+def param_names(universal: Path) -> list[str]:
+    return sorted(p.name for p in (universal / "zero").iterdir() if (p / "fp32.pt").is_file())
+
+
+class UniversalSource:
+    """A ``ValueSource`` (``ep_train.model.init``) reading a universal checkpoint: any EP layout takes
+    its experts' rows by global id."""
+
+    def __init__(self, universal: Path) -> None:
+        self.dir = universal
+
+    def __call__(self, name: str, shape: tuple[int, ...], expert_ids: list[int] | None) -> torch.Tensor:
+        if name == "lm_head.weight" and not (self.dir / "zero" / name).is_dir():
+            name = "embed.weight"  # tied embeddings are stored once
+        return read_param(self.dir, name, shape, expert_ids).float()
