@@ -56,6 +56,12 @@ class MoEConfig:
     router_z_loss_weight: float = 0.001
     capacity_factor: float | None = None  # None = dropless
     drop_policy: str = "drop"  # "drop" lowest-probability | "overflow" to next-best expert with room
+    cv_loss_weight: float = 0.0  # squared coefficient of variation of expert importance (GShard/Shazeer)
+    router_entropy_loss_weight: float = 0.0  # penalty on per-token routing entropy (decisive routing)
+    balance_stats: str = "micro_batch"  # Switch-loss counts: "micro_batch" (this rank) | "global_batch" (all ranks)
+    expert_dropout: float = 0.0  # training only: drop each non-first expert assignment with this probability
+    num_expert_groups: int = 1  # group-limited routing: experts in this many groups of consecutive ids ...
+    top_groups: int | None = None  # ... and a token uses at most this many groups (None = all: off)
 
 
 @dataclass
@@ -131,6 +137,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "num_experts_per_tok": ("moe", "num_experts_per_token"),
     "num_local_experts": ("moe", "num_experts"),
     "load_balance_alpha": ("moe", "aux_loss_weight"),
+    "n_group": ("moe", "num_expert_groups"),
+    "topk_group": ("moe", "top_groups"),
     "router_aux_loss_coef": ("moe", "aux_loss_weight"),
     "moe_intermediate_size": ("moe", "expert_intermediate_size"),
     "shared_expert": ("moe", "num_shared_experts"),
@@ -550,6 +558,22 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
         _check(e.capacity_factor > 0 and math.isfinite(e.capacity_factor), "moe.capacity_factor", e.capacity_factor,
                "must be a positive number (1.0-1.25 is typical) or null for dropless")
     _check(e.drop_policy in ("drop", "overflow"), "moe.drop_policy", e.drop_policy, "use 'drop' or 'overflow'")
+    _check(e.cv_loss_weight >= 0, "moe.cv_loss_weight", e.cv_loss_weight, "must be >= 0 (0.01 is typical; 0 = off)")
+    _check(e.router_entropy_loss_weight >= 0, "moe.router_entropy_loss_weight", e.router_entropy_loss_weight,
+           "must be >= 0 (0 = off)")
+    _check(e.balance_stats in ("micro_batch", "global_batch"), "moe.balance_stats", e.balance_stats,
+           "use 'micro_batch' (per rank) or 'global_batch' (counts summed over the data-parallel ranks)")
+    _check(0 <= e.expert_dropout < 1, "moe.expert_dropout", e.expert_dropout, "must be in [0, 1), e.g. 0.1")
+    if e.num_experts > 1:
+        _check(e.num_expert_groups >= 1 and e.num_experts % e.num_expert_groups == 0, "moe.num_expert_groups",
+               e.num_expert_groups, f"must divide moe.num_experts ({e.num_experts}); 1 = no groups")
+        if e.top_groups is not None:
+            _check(1 <= e.top_groups <= e.num_expert_groups, "moe.top_groups", e.top_groups,
+                   f"must be in [1, moe.num_expert_groups = {e.num_expert_groups}], or null for no limit")
+            per_group = e.num_experts // e.num_expert_groups
+            _check(e.top_groups * per_group >= e.num_experts_per_token, "moe.top_groups", e.top_groups,
+                   f"{e.top_groups} group(s) of {per_group} experts cannot hold moe.num_experts_per_token = "
+                   f"{e.num_experts_per_token} experts; raise top_groups")
 
     check_ep_layout(p.ep_size, e.num_experts, world_size)
     # NVMe offload: the JSON-dependent check (an nvme device needs parallel.nvme_path) is in build_ds_config.

@@ -29,28 +29,32 @@ class RouterStats(NamedTuple):
     tokens_per_expert: torch.Tensor  # [E] kept assignments per global expert on this rank's tokens
     dropped: torch.Tensor  # scalar, assignments dropped by capacity
     assignments: torch.Tensor  # scalar, T * K
-    entropy: torch.Tensor  # scalar, mean router entropy (nats)
+    entropy: torch.Tensor  # scalar, mean router entropy (nats); carries its gradient (entropy loss term)
+    cv_loss: torch.Tensor  # scalar, squared coefficient of variation of expert importance
 
     def as_tensor(self) -> torch.Tensor:
         """Pack into one flat fp32 tensor (activation checkpointing returns tensors only)."""
-        scalars = torch.stack([self.aux_loss, self.z_loss, self.dropped, self.assignments, self.entropy])
+        scalars = torch.stack([self.aux_loss, self.z_loss, self.dropped, self.assignments, self.entropy,
+                               self.cv_loss])
         return torch.cat([scalars.float(), self.tokens_per_expert.float()])
 
     @staticmethod
     def from_tensor(t: torch.Tensor) -> "RouterStats":
-        return RouterStats(t[0], t[1], t[5:], t[2], t[3], t[4])
+        return RouterStats(t[0], t[1], t[6:], t[2], t[3], t[4], t[5])
 
 
 class MoELayer(nn.Module):
     def __init__(self, dim: int, expert_hidden: int, num_experts: int, top_k: int, *, router_type: str = "topk",
                  normalize_top_k: bool = True, jitter_noise: float = 0.0, router_init_std: float = 0.01,
                  capacity_factor: float | None = None, drop_policy: str = "drop", num_shared_experts: int = 0,
-                 shared_hidden: int | None = None) -> None:
+                 shared_hidden: int | None = None, expert_dropout: float = 0.0, num_groups: int = 1,
+                 top_groups: int | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.router = Router(dim, num_experts, top_k, router_type=router_type, normalize_top_k=normalize_top_k,
                              jitter_noise=jitter_noise, init_std=router_init_std,
-                             capacity_factor=capacity_factor, drop_policy=drop_policy)
+                             capacity_factor=capacity_factor, drop_policy=drop_policy,
+                             expert_dropout=expert_dropout, num_groups=num_groups, top_groups=top_groups)
         self.experts = GroupedExperts(dim, expert_hidden, num_experts)
         # Shared experts are always active: one SwiGLU of width n * F_shared is the same function.
         self.shared_experts = (SwiGLU(dim, num_shared_experts * (shared_hidden or expert_hidden))
@@ -67,10 +71,9 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         kept = r.expert_ids.reshape(-1)[r.keep.reshape(-1)]
-        entropy = -(r.probs * torch.log(r.probs.clamp_min(1e-20))).sum(-1).mean() if x.shape[0] else r.z_loss * 0
         stats = RouterStats(
             aux_loss=r.aux_loss, z_loss=r.z_loss,
             tokens_per_expert=torch.bincount(kept, minlength=self.num_experts).detach(),
             dropped=(~r.keep).sum().detach(), assignments=torch.tensor(float(r.keep.numel()), device=x.device),
-            entropy=entropy.detach())
+            entropy=r.entropy, cv_loss=r.cv_loss)
         return y.reshape(shape), stats

@@ -1,13 +1,22 @@
 """Router: token -> top-K experts, the auxiliary losses, and capacity (token dropping).
 
-Shape legend: T tokens on this rank, D model dim, E experts in total, K experts per token.
+Shape legend: T tokens on this rank, D model dim, E experts in total, K experts per token,
+G expert groups, M groups a token may use.
 All routing math is fp32 whatever the model dtype (softmax over E in bf16 flips top-k choices).
+
+Options beyond Mixtral's top-K softmax: group-limited routing (DeepSeek-V2: a token picks its M best
+groups of experts, then its top-K inside them; groups of E/G consecutive experts, which are the EP
+ranks' experts when G = ep_size), expert dropout (training only), and balance terms besides the
+Switch loss: the squared coefficient of variation of expert importance (Shazeer et al. 2017, as in
+GShard's implementations), and a per-token routing-entropy penalty. The Switch loss can use counts
+reduced over the data-parallel ranks (``count_reducer``, set from outside by ``parallelize``): the
+global-batch balance of Qwen's "global-batch load balancing".
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,18 +31,65 @@ class Routing(NamedTuple):  # a NamedTuple, not a dataclass: ZeRO-3 hooks only s
     probs: torch.Tensor  # [T, E] fp32 softmax over all experts
     aux_loss: torch.Tensor  # scalar, Switch load balance (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # scalar, mean(logsumexp(logits)^2)
+    cv_loss: torch.Tensor  # scalar, squared coefficient of variation of expert importance (0 = balanced)
+    entropy: torch.Tensor  # scalar, mean per-token routing entropy (nats); differentiable
 
 
-def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def importance_cv_squared(probs: torch.Tensor) -> torch.Tensor:
+    """``Var(I) / Mean(I)^2`` over experts of the importance ``I_i = sum_t p_ti`` (population variance,
+    as Shazeer et al.'s code): 0 when every expert gets the same probability mass."""
+    if probs.shape[0] == 0:
+        return probs.sum()
+    importance = probs.sum(dim=0)  # [E]
+    return importance.var(unbiased=False) / importance.mean().square().clamp_min(1e-20)
+
+
+def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ``-sum_i p_i log p_i``; as a loss term it pushes towards decisive routing."""
+    if probs.shape[0] == 0:
+        return probs.sum()
+    return -(probs * torch.log(probs.clamp_min(1e-20))).sum(-1).mean()
+
+
+def limit_to_groups(probs: torch.Tensor, num_groups: int, top_groups: int) -> torch.Tensor:
+    """``probs`` with every expert outside the token's ``top_groups`` best groups set to -1, so top-K
+    picks only inside them. A group's score is its best expert's probability (DeepSeek-V2)."""
+    t, e = probs.shape
+    group_score = probs.detach().view(t, num_groups, e // num_groups).amax(-1)  # [T, G]
+    chosen = torch.topk(group_score, top_groups, dim=-1).indices  # [T, M]
+    allowed = torch.zeros(t, num_groups, dtype=torch.bool, device=probs.device).scatter_(1, chosen, True)
+    allowed = allowed.repeat_interleave(e // num_groups, dim=1)  # [T, E]
+    return probs.masked_fill(~allowed, -1.0)
+
+
+def drop_experts(weights: torch.Tensor, keep: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert dropout: each kept assignment is dropped with probability ``rate`` (never a token's first
+    choice, so no token loses every expert to it), the remaining weights rescaled to the sum they had.
+    Training only. Random: under activation checkpointing the recompute replays the same draws
+    (``torch.utils.checkpoint`` restores the RNG state)."""
+    drop = torch.rand(keep.shape, device=keep.device) < rate
+    drop[:, 0] = False  # never leave a token with no expert
+    new_keep = keep & ~drop
+    kept_w = torch.where(new_keep, weights, torch.zeros_like(weights))
+    scale = weights.sum(-1, keepdim=True) / kept_w.sum(-1, keepdim=True).clamp_min(1e-20)
+    return kept_w * scale, new_keep
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
+                        count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch loss ``E * sum_i f_i * P_i``.
 
     f_i = share of the T*K routing assignments that chose expert i (not differentiable),
     P_i = mean router probability of expert i. Normalising f by T*K (as Megatron does) makes a
-    perfectly balanced router score exactly 1.0 for any K.
+    perfectly balanced router score exactly 1.0 for any K. With ``count_reducer`` (a sum over the
+    data-parallel ranks) f is the global batch's share; P stays this rank's, so the ranks' averaged
+    gradients equal a single process's over the whole batch.
     """
     t, k = expert_ids.shape
     counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).to(probs.dtype)  # [E]
-    f = counts / max(t * k, 1)
+    if count_reducer is not None:
+        counts = count_reducer(counts)  # communication: all-reduce of E counts
+    f = counts / counts.sum().clamp_min(1)
     p = probs.mean(dim=0) if t > 0 else probs.sum(dim=0)  # [E]
     return num_experts * torch.sum(f * p)
 
@@ -131,9 +187,14 @@ class Router(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, router_type: str = "topk",
                  normalize_top_k: bool = True, jitter_noise: float = 0.0, init_std: float = 0.01,
-                 capacity_factor: float | None = None, drop_policy: str = "drop") -> None:
+                 capacity_factor: float | None = None, drop_policy: str = "drop", expert_dropout: float = 0.0,
+                 num_groups: int = 1, top_groups: int | None = None) -> None:
         super().__init__()
+        assert num_experts % num_groups == 0 and (top_groups or num_groups) <= num_groups
         self.num_experts, self.top_k = num_experts, top_k
+        self.expert_dropout, self.num_groups, self.top_groups = expert_dropout, num_groups, top_groups or num_groups
+        # Set from outside (parallelize) for global-batch balance statistics: sums E counts over the ranks.
+        self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.normalize_top_k, self.jitter_noise = normalize_top_k, jitter_noise
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.init_std = init_std
@@ -158,13 +219,20 @@ class Router(nn.Module):
         if self.noise_weight is not None and self.training:
             logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise_weight.float()))
         probs = torch.softmax(logits, dim=-1)  # [T, E]
-        top_p, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
+        if self.top_groups < self.num_groups:
+            _, expert_ids = torch.topk(limit_to_groups(probs, self.num_groups, self.top_groups), self.top_k, dim=-1)
+            top_p = probs.gather(1, expert_ids)  # [T, K] weights from the unrestricted softmax
+        else:
+            top_p, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
         norm = top_p.sum(dim=-1, keepdim=True) if self.normalize_top_k else torch.ones_like(top_p[:, :1])
         weights = top_p / norm
-        aux = load_balancing_loss(probs, expert_ids, self.num_experts)
+        aux = load_balancing_loss(probs, expert_ids, self.num_experts, self.count_reducer)
         zl = z_loss(logits)
         keep = torch.ones_like(expert_ids, dtype=torch.bool)
         if self.capacity_factor is not None:
             cap = expert_capacity(x.shape[0], self.num_experts, self.top_k, self.capacity_factor)
             expert_ids, weights, keep = apply_capacity(expert_ids, weights, probs, cap, self.drop_policy, norm)
-        return Routing(expert_ids, weights, keep, logits, probs, aux, zl)
+        if self.training and self.expert_dropout > 0:  # after capacity: a dropped-out slot frees no room
+            weights, keep = drop_experts(weights, keep, self.expert_dropout)
+        return Routing(expert_ids, weights, keep, logits, probs, aux, zl, importance_cv_squared(probs),
+                       routing_entropy(probs))

@@ -79,7 +79,8 @@ class Block(nn.Module):
                 normalize_top_k=moe.normalize_top_k, jitter_noise=moe.router_jitter_noise,
                 router_init_std=moe.router_init_std, capacity_factor=moe.capacity_factor,
                 drop_policy=moe.drop_policy, num_shared_experts=moe.num_shared_experts,
-                shared_hidden=moe.shared_expert_intermediate_size)
+                shared_hidden=moe.shared_expert_intermediate_size, expert_dropout=moe.expert_dropout,
+                num_groups=moe.num_expert_groups, top_groups=moe.top_groups)
 
     @property
     def is_moe(self) -> bool:
@@ -99,7 +100,8 @@ class ModelOutput(NamedTuple):  # NamedTuple: DeepSpeed's ZeRO-3 hooks look into
     z_loss: torch.Tensor  # scalar, mean over MoE layers
     router_stats: dict[int, RouterStats]  # MoE layer index -> stats
     lm_loss: torch.Tensor | None = None  # when targets are given
-    loss: torch.Tensor | None = None  # lm_loss + aux_loss_weight * aux_loss + z_loss_weight * z_loss
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss_weight * aux_loss + z_loss_weight * z_loss (+ the
+    # optional cv_loss_weight * cv and router_entropy_loss_weight * entropy, means over MoE layers)
 
 
 class Transformer(nn.Module):
@@ -132,7 +134,12 @@ class Transformer(nn.Module):
         if targets is None:
             return ModelOutput(logits, aux, zl, stats)
         lm = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        loss = lm + self.moe_cfg.aux_loss_weight * aux + self.moe_cfg.router_z_loss_weight * zl
+        mc = self.moe_cfg
+        loss = lm + mc.aux_loss_weight * aux + mc.router_z_loss_weight * zl
+        if stats and mc.cv_loss_weight > 0:  # optional balance terms: in the loss only when weighted
+            loss = loss + mc.cv_loss_weight * torch.stack([st.cv_loss for st in stats.values()]).mean()
+        if stats and mc.router_entropy_loss_weight > 0:
+            loss = loss + mc.router_entropy_loss_weight * torch.stack([st.entropy for st in stats.values()]).mean()
         return ModelOutput(logits, aux, zl, stats, lm, loss)
 
 

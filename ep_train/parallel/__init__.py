@@ -62,6 +62,21 @@ def _keep_local_experts(model: nn.Module, ep_size: int, ep_rank: int, ep_group: 
             module.dispatcher = LocalDispatcher(module.num_experts)
 
 
+def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    out = counts.detach().clone()
+    dist.all_reduce(out)  # communication: E counts summed over every data-parallel rank (the world)
+    return out
+
+
+def _global_balance_counts(model: nn.Module) -> None:
+    """``moe.balance_stats: global_batch``: every router's Switch-loss counts are summed over all ranks
+    (each rank sees different tokens, so the world is the data-parallel group) before the loss. Every
+    rank runs every router, so the all-reduces pair up, also in the recompute."""
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.router.count_reducer = _sum_over_ranks
+
+
 _CHECKPOINTED: dict[type, type] = {}
 
 
@@ -105,6 +120,8 @@ def parallelize(model: nn.Module, cfg: Config, layout: ParallelLayout, *, deepsp
     identity and tags it needs (``ep_train.parallel.zero``). Works on a ``meta`` model."""
     check_ep_layout(layout.ep_size, cfg.moe.num_experts, layout.world_size)
     _keep_local_experts(model, layout.ep_size, layout.ep_rank, layout.ep_group)
+    if cfg.moe.balance_stats == "global_batch" and layout.world_size > 1 and dist.is_initialized():
+        _global_balance_counts(model)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     if deepspeed:

@@ -8,15 +8,17 @@ import torch.distributed as dist
 
 from ep_train.config import Config
 from ep_train.model import MoELayer, build_model
-from ep_train.parallel import apply_expert_parallel
+from ep_train.parallel import ParallelLayout, apply_expert_parallel, parallelize
 from ep_train.parallel.groups import new_ep_groups
 from tests.distributed.harness import run_distributed
 
 B_PER_RANK, S = 2, 12
 
 
-def _cfg(k: int, num_experts: int, cf: float | None) -> Config:
+def _cfg(k: int, num_experts: int, cf: float | None, variant: dict | None = None) -> Config:
     c = Config()
+    for key, value in (variant or {}).items():
+        setattr(c.moe, key, value)
     c.model.vocab_size, c.model.hidden_size, c.model.intermediate_size = 64, 32, 48
     c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 3, 4, 2
     c.moe.num_experts, c.moe.num_experts_per_token, c.moe.capacity_factor = num_experts, k, cf
@@ -38,9 +40,11 @@ def _make(c: Config, idle: bool) -> torch.nn.Module:
     return model
 
 
-def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float | None, idle: bool) -> dict:
+def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float | None, idle: bool,
+            variant: dict | None = None) -> dict:
     torch.manual_seed(0)
-    c = _cfg(k, num_experts, cf)
+    c = _cfg(k, num_experts, cf, variant)
+    global_batch = c.moe.balance_stats == "global_batch"
     g = torch.Generator().manual_seed(99)
     tokens = torch.randint(0, c.model.vocab_size, (world * B_PER_RANK, S + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -49,7 +53,12 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
     # Single-process reference: the full model on every rank's slice (as data parallelism averages it).
     ref = _make(c, idle)
     ref_losses, ref_logits = [], None
-    for r in range(world):
+    if global_batch:  # balance counts over the whole batch: one forward over every rank's rows
+        out = ref(x, y)
+        out.loss.backward()
+        ref_losses = [out.loss.item()] * world
+        ref_logits = out.logits.detach()[mine]
+    for r in range(0 if global_batch else world):
         sl = slice(r * B_PER_RANK, (r + 1) * B_PER_RANK)
         out = ref(x[sl], y[sl])
         (out.loss / world).backward()
@@ -59,11 +68,20 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
 
     # Expert-parallel run.
     ep_group, edp_group = new_ep_groups(ep)
-    model = apply_expert_parallel(_make(c, idle), ep_group)
+    if variant:  # the trainer's path: parallelize (global balance counts, recompute), without DeepSpeed
+        c.train.activation_checkpointing = True
+        model = parallelize(_make(c, idle), c, ParallelLayout(world, rank, ep, ep_group, edp_group), deepspeed=False)
+    else:
+        model = apply_expert_parallel(_make(c, idle), ep_group)
     out = model(x[mine], y[mine])
+    if global_batch:  # the ranks' mean loss is the full batch's loss
+        loss_t = out.loss.detach().clone()
+        dist.all_reduce(loss_t)
+        diffs_loss = abs(loss_t.item() / world - ref_losses[rank])
     out.loss.backward()
     ref_params = dict(ref.named_parameters())
-    diffs = {"logits": (out.logits - ref_logits).abs().max().item(), "loss": abs(out.loss.item() - ref_losses[rank])}
+    diffs = {"logits": (out.logits - ref_logits).abs().max().item(),
+             "loss": diffs_loss if global_batch else abs(out.loss.item() - ref_losses[rank])}
     got_tokens = 0
     for name, p in model.named_parameters():
         grad = p.grad.clone()
@@ -95,7 +113,22 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
 ])
 def test_expert_parallel_matches_single_process(world: int, ep: int, k: int, num_experts: int,
                                                  cf: float | None, idle: bool) -> None:
-    results = run_distributed(_worker, world, ep, k, num_experts, cf, idle, timeout=180)
+    _check_against_reference(world, ep, k, num_experts, cf, idle, None)
+
+
+@pytest.mark.parametrize("variant", [
+    # the extra balance terms and group-limited routing (groups = the EP ranks' experts), with recompute
+    {"cv_loss_weight": 0.1, "router_entropy_loss_weight": 0.05, "num_expert_groups": 2, "top_groups": 1},
+    # Switch-loss counts summed over the ranks: equals one process over the whole batch
+    {"balance_stats": "global_batch", "aux_loss_weight": 0.5},
+], ids=["cv-entropy-groups", "global-batch"])
+def test_routing_variants_match_single_process(variant: dict) -> None:
+    _check_against_reference(2, 2, 2, 4, None, False, variant)
+
+
+def _check_against_reference(world: int, ep: int, k: int, num_experts: int, cf: float | None, idle: bool,
+                             variant: dict | None) -> None:
+    results = run_distributed(_worker, world, ep, k, num_experts, cf, idle, variant, timeout=180)
     for rank, res in enumerate(results):
         worst = max(res["diffs"].items(), key=lambda kv: kv[1])
         assert worst[1] < 1e-5, f"rank {rank}: {worst} (all: {res['diffs']})"

@@ -1,0 +1,162 @@
+"""Routing variants (issue 13, parts 3-4) against naive formulas: CV^2 and entropy balance terms, global
+balance counts, expert dropout, group-limited routing, and their config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ep_train.config import Config, validate
+from ep_train.model import build_model
+from ep_train.model.moe import MoELayer
+from ep_train.model.router import Router, importance_cv_squared, load_balancing_loss, routing_entropy
+
+
+def _probs(t: int = 37, e: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.softmax(torch.randn(t, e, generator=torch.Generator().manual_seed(seed)) * 2, -1)
+
+
+def test_cv_squared_matches_naive_formula() -> None:
+    p = _probs()
+    imp = [sum(float(p[t, i]) for t in range(p.shape[0])) for i in range(p.shape[1])]
+    mean = sum(imp) / len(imp)
+    var = sum((v - mean) ** 2 for v in imp) / len(imp)  # population variance
+    assert importance_cv_squared(p).item() == pytest.approx(var / mean ** 2, rel=1e-5)
+    uniform = torch.full((10, 4), 0.25)
+    assert importance_cv_squared(uniform).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_routing_entropy_matches_naive_formula() -> None:
+    p = _probs()
+    naive = sum(-sum(float(v) * math.log(float(v)) for v in row) for row in p) / p.shape[0]
+    assert routing_entropy(p).item() == pytest.approx(naive, rel=1e-5)
+
+
+def test_global_counts_equal_one_process_over_the_whole_batch() -> None:
+    """Two 'ranks' with their counts summed: the Switch loss's f is the whole batch's, P stays local."""
+    p = _probs(40, 4)
+    ids = torch.topk(p, 2, -1).indices
+    halves = [(p[:20], ids[:20]), (p[20:], ids[20:])]
+    total = torch.bincount(ids.reshape(-1), minlength=4).float()
+    per_rank = [load_balancing_loss(pp, ii, 4, count_reducer=lambda c: total) for pp, ii in halves]
+    whole = load_balancing_loss(p, ids, 4)
+    assert (sum(per_rank) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+    f = [float((ids == i).sum()) / ids.numel() for i in range(4)]
+    naive = 4 * sum(f[i] * float(p[:, i].mean()) for i in range(4))
+    assert whole.item() == pytest.approx(naive, rel=1e-5)
+
+
+def _cfg(**moe: object) -> Config:
+    c = Config()
+    c.model.vocab_size, c.model.hidden_size, c.model.intermediate_size = 64, 32, 48
+    c.model.num_layers, c.model.num_heads, c.model.num_kv_heads, c.model.max_seq_len = 2, 4, 2, 32
+    c.moe.num_experts, c.moe.num_experts_per_token = 4, 2
+    for k, v in moe.items():
+        setattr(c.moe, k, v)
+    c.data.seq_len = 16
+    validate(c, check_paths=False)
+    return c
+
+
+def test_model_loss_adds_the_weighted_terms() -> None:
+    """loss = lm + w_aux*aux + w_z*z + w_cv*mean(cv) + w_ent*mean(entropy), terms recomputed naively from
+    the routers' probabilities (captured with forward hooks)."""
+    c = _cfg(cv_loss_weight=0.3, router_entropy_loss_weight=0.2)
+    model = build_model(c.model, c.moe, seed=3)
+    seen: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(out.probs.detach()))
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = model(x, x.roll(-1, 1))
+    cv = [importance_cv_squared(p).item() for p in seen]
+    ent = [-(p * p.log()).sum(-1).mean().item() for p in seen]
+    want = (out.lm_loss.item() + c.moe.aux_loss_weight * out.aux_loss.item()
+            + c.moe.router_z_loss_weight * out.z_loss.item() + 0.3 * sum(cv) / len(cv) + 0.2 * sum(ent) / len(ent))
+    assert out.loss.item() == pytest.approx(want, rel=1e-6)
+    out.loss.backward()  # the entropy term carries a gradient to the routers
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0
+               for m in model.modules() if isinstance(m, Router))
+
+
+def test_expert_dropout_is_training_only_and_renormalises() -> None:
+    torch.manual_seed(0)
+    r = Router(16, 8, 3, expert_dropout=0.5)
+    x = torch.randn(500, 16)
+    r.eval()
+    ev = r(x)
+    assert bool(ev.keep.all())  # off in eval mode
+    plain = Router(16, 8, 3)
+    plain.load_state_dict(r.state_dict())
+    plain.eval()
+    assert torch.equal(plain(x).weights, ev.weights)
+    r.train()
+    tr = r(x)
+    dropped = (~tr.keep).float().mean().item()
+    assert 0.2 < dropped < 0.45  # 2 of 3 slots each dropped with p = 0.5: about 1/3 of all slots
+    assert bool(tr.keep[:, 0].all())  # never a token's first choice
+    assert torch.allclose(tr.weights.sum(-1), torch.ones(500), atol=1e-6)  # renormalised (Mixtral: sum 1)
+    assert bool((tr.weights[~tr.keep] == 0).all())
+
+
+def test_group_limited_routing_stays_inside_the_chosen_groups() -> None:
+    torch.manual_seed(0)
+    e, g, m, k = 8, 4, 2, 3
+    r = Router(16, e, k, num_groups=g, top_groups=m)
+    nn_init = torch.randn(e, 16) * 2
+    with torch.no_grad():
+        r.weight.copy_(nn_init)
+    x = torch.randn(300, 16)
+    out = r(x)
+    probs = out.probs.detach()
+    for t in range(x.shape[0]):  # naive: groups ranked by their best expert; top-k within the best m groups
+        best = sorted(range(g), key=lambda gi: -max(float(probs[t, gi * 2 + j]) for j in range(2)))[:m]
+        allowed = [gi * 2 + j for gi in best for j in range(2)]
+        want = sorted(allowed, key=lambda i: -float(probs[t, i]))[:k]
+        assert sorted(out.expert_ids[t].tolist()) == sorted(want), t
+        w = probs[t, want] / probs[t, want].sum()  # weights from the unrestricted softmax, renormalised
+        got = dict(zip(out.expert_ids[t].tolist(), out.weights[t].tolist()))
+        assert [got[i] for i in want] == pytest.approx(w.tolist(), rel=1e-5)
+
+
+def test_group_limited_model_routes_to_at_most_top_groups() -> None:
+    c = _cfg(num_expert_groups=2, top_groups=1)
+    model = build_model(c.model, c.moe, seed=0)
+    ids: list[torch.Tensor] = []
+    for mod in model.modules():
+        if isinstance(mod, Router):
+            mod.register_forward_hook(lambda _m, _i, out: ids.append(out.expert_ids))
+    model(torch.randint(0, 64, (3, 16)))
+    for layer_ids in ids:
+        groups = layer_ids // 2  # 2 experts per group
+        assert bool((groups == groups[:, :1]).all())  # both experts of a token in one group
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("num_expert_groups", 3, "must divide moe.num_experts"),
+    ("top_groups", 5, "must be in [1, moe.num_expert_groups"),
+    ("expert_dropout", 1.0, "must be in [0, 1)"),
+    ("cv_loss_weight", -0.1, "must be >= 0"),
+    ("router_entropy_loss_weight", -1.0, "must be >= 0"),
+    ("balance_stats", "per_step", "use 'micro_batch'"),
+])
+def test_bad_values_are_refused(field: str, value: object, words: str) -> None:
+    with pytest.raises(ValueError, match=r"moe\." + field) as e:
+        _cfg(**{field: value, **({"num_expert_groups": 4} if field == "top_groups" else {})})
+    assert words in str(e.value) and str(value) in str(e.value)
+
+
+def test_too_few_groups_for_k_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot hold moe.num_experts_per_token"):
+        _cfg(num_expert_groups=4, top_groups=1)  # 1 group of 1 expert, K = 2
+
+
+def test_moe_layer_stats_carry_the_new_terms() -> None:
+    layer = MoELayer(16, 24, 4, 2)
+    _, st = layer(torch.randn(2, 5, 16))
+    packed = st.as_tensor()
+    back = type(st).from_tensor(packed)
+    for name in st._fields:
+        assert torch.allclose(getattr(back, name).float(), getattr(st, name).float()), name
