@@ -48,7 +48,7 @@ class MoEConfig:
     moe_layer_end: int | None = None  # exclusive; None = num_layers
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int | None = None  # defaults to the expert width
-    router_type: str = "topk"  # "topk" (Mixtral) | "noisy_topk" (learned noise, training only)
+    router_type: str = "topk"  # "topk" (Mixtral) | "noisy_topk" (learned noise, training only) | "expert_choice"
     normalize_top_k: bool = True  # Mixtral renormalises the top-k probabilities
     router_jitter_noise: float = 0.0  # multiplicative jitter on the router input, training only
     router_init_std: float = 0.01
@@ -547,7 +547,14 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
         bad = [i for i in e.moe_layers if not 0 <= i < m.num_layers]
         _check(not bad, "moe.moe_layers", e.moe_layers,
                f"layer indices {bad} are out of range; use indices in [0, {m.num_layers - 1}]")
-    _check(e.router_type in ("topk", "noisy_topk"), "moe.router_type", e.router_type, "use 'topk' or 'noisy_topk'")
+    _check(e.router_type in ("topk", "noisy_topk", "expert_choice"), "moe.router_type", e.router_type,
+           "use 'topk', 'noisy_topk' or 'expert_choice'")
+    if e.router_type == "expert_choice":
+        _check(e.capacity_factor is not None, "moe.capacity_factor", e.capacity_factor,
+               "expert_choice needs a capacity factor (each expert takes ceil(tokens * capacity_factor / "
+               "num_experts) tokens; 2.0 gives two experts per token on average)")
+        _check(e.top_groups is None and e.expert_dropout == 0, "moe.router_type", e.router_type,
+               "expert_choice does not combine with moe.top_groups or moe.expert_dropout; unset them")
     _check(e.router_jitter_noise >= 0 and e.router_jitter_noise < 1, "moe.router_jitter_noise",
            e.router_jitter_noise, "must be in [0, 1), e.g. 0.01")
     _check(e.router_init_std > 0, "moe.router_init_std", e.router_init_std, "must be positive (0.01 is typical)")

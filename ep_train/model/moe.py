@@ -27,8 +27,8 @@ class RouterStats(NamedTuple):
     aux_loss: torch.Tensor  # scalar
     z_loss: torch.Tensor  # scalar
     tokens_per_expert: torch.Tensor  # [E] kept assignments per global expert on this rank's tokens
-    dropped: torch.Tensor  # scalar, assignments dropped by capacity
-    assignments: torch.Tensor  # scalar, T * K
+    dropped: torch.Tensor  # scalar, assignments dropped by capacity (expert choice: tokens no expert chose)
+    assignments: torch.Tensor  # scalar, T * K (expert choice: T)
     entropy: torch.Tensor  # scalar, mean router entropy (nats); carries its gradient (entropy loss term)
     cv_loss: torch.Tensor  # scalar, squared coefficient of variation of expert importance
 
@@ -71,9 +71,13 @@ class MoELayer(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         kept = r.expert_ids.reshape(-1)[r.keep.reshape(-1)]
+        if self.router.router_type == "expert_choice":  # unrouted tokens pass through the residual only
+            dropped, assignments = (~r.keep.any(-1)).sum(), float(x.shape[0])
+        else:
+            dropped, assignments = (~r.keep).sum(), float(r.keep.numel())
         stats = RouterStats(
             aux_loss=r.aux_loss, z_loss=r.z_loss,
             tokens_per_expert=torch.bincount(kept, minlength=self.num_experts).detach(),
-            dropped=(~r.keep).sum().detach(), assignments=torch.tensor(float(r.keep.numel()), device=x.device),
+            dropped=dropped.detach(), assignments=torch.tensor(assignments, device=x.device),
             entropy=r.entropy, cv_loss=r.cv_loss)
         return y.reshape(shape), stats

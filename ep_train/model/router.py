@@ -4,7 +4,9 @@ Shape legend: T tokens on this rank, D model dim, E experts in total, K experts 
 G expert groups, M groups a token may use.
 All routing math is fp32 whatever the model dtype (softmax over E in bf16 flips top-k choices).
 
-Options beyond Mixtral's top-K softmax: group-limited routing (DeepSeek-V2: a token picks its M best
+Options beyond Mixtral's top-K softmax: expert choice (Zhou et al. 2022: each expert takes its C
+best tokens, C = ceil(T_all * capacity_factor / E); a token may get 0..E experts, so the routing comes
+out as E slots per token with a ``keep`` mask, and the dispatchers need no change), group-limited routing (DeepSeek-V2: a token picks its M best
 groups of experts, then its top-K inside them; groups of E/G consecutive experts, which are the EP
 ranks' experts when G = ep_size), expert dropout (training only), and balance terms besides the
 Switch loss: the squared coefficient of variation of expert importance (Shazeer et al. 2017, as in
@@ -60,6 +62,24 @@ def limit_to_groups(probs: torch.Tensor, num_groups: int, top_groups: int) -> to
     allowed = torch.zeros(t, num_groups, dtype=torch.bool, device=probs.device).scatter_(1, chosen, True)
     allowed = allowed.repeat_interleave(e // num_groups, dim=1)  # [T, E]
     return probs.masked_fill(~allowed, -1.0)
+
+
+def expert_choice_keep(probs: torch.Tensor, capacity_factor: float,
+                       gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None) -> torch.Tensor:
+    """Expert choice: ``keep`` [T, E], True where expert e chose token t among its C best tokens.
+
+    ``gather`` (set by ``parallelize`` under EP) returns the scores of every token of the EP group
+    [T_all, E] and this rank's first row: each expert's choice is then global over the tokens it would
+    see in one process, and every rank computes the same choice redundantly (cost: one all-gather of
+    T * E scores per layer, no second exchange). Ties go to the lower token index (both routes see the
+    same [T_all, E] tensor, so they agree)."""
+    t, e = probs.shape
+    scores, first = gather(probs.detach()) if gather is not None else (probs.detach(), 0)
+    t_all = scores.shape[0]
+    cap = min(t_all, math.ceil(t_all * capacity_factor / e))
+    chosen = torch.topk(scores, cap, dim=0, sorted=False).indices  # [C, E] token rows per expert
+    keep_all = torch.zeros(t_all, e, dtype=torch.bool, device=probs.device).scatter_(0, chosen, True)
+    return keep_all[first: first + t]
 
 
 def drop_experts(weights: torch.Tensor, keep: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,8 +213,11 @@ class Router(nn.Module):
         assert num_experts % num_groups == 0 and (top_groups or num_groups) <= num_groups
         self.num_experts, self.top_k = num_experts, top_k
         self.expert_dropout, self.num_groups, self.top_groups = expert_dropout, num_groups, top_groups or num_groups
-        # Set from outside (parallelize) for global-batch balance statistics: sums E counts over the ranks.
+        self.router_type = router_type
+        # Set from outside (parallelize): global-batch balance statistics (sums E counts over the ranks),
+        # and expert choice over the EP group's tokens (gathers their scores).
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.score_gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
         self.normalize_top_k, self.jitter_noise = normalize_top_k, jitter_noise
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.init_std = init_std
@@ -219,6 +242,8 @@ class Router(nn.Module):
         if self.noise_weight is not None and self.training:
             logits = logits + torch.randn_like(logits) * F.softplus(F.linear(x, self.noise_weight.float()))
         probs = torch.softmax(logits, dim=-1)  # [T, E]
+        if self.router_type == "expert_choice":
+            return self._expert_choice(logits, probs)
         if self.top_groups < self.num_groups:
             _, expert_ids = torch.topk(limit_to_groups(probs, self.num_groups, self.top_groups), self.top_k, dim=-1)
             top_p = probs.gather(1, expert_ids)  # [T, K] weights from the unrestricted softmax
@@ -236,3 +261,14 @@ class Router(nn.Module):
             weights, keep = drop_experts(weights, keep, self.expert_dropout)
         return Routing(expert_ids, weights, keep, logits, probs, aux, zl, importance_cv_squared(probs),
                        routing_entropy(probs))
+
+    def _expert_choice(self, logits: torch.Tensor, probs: torch.Tensor) -> Routing:
+        """E slots per token (slot e = expert e), kept where expert e chose the token; its weight is the
+        token's softmax probability of e. Balanced by construction: the Switch loss is 0 here."""
+        assert self.capacity_factor is not None  # refused by config validation
+        t, e = probs.shape
+        keep = expert_choice_keep(probs, self.capacity_factor, self.score_gather)
+        expert_ids = torch.arange(e, device=probs.device).expand(t, e)
+        weights = torch.where(keep, probs, torch.zeros_like(probs))
+        return Routing(expert_ids, weights, keep, logits, probs, probs.sum() * 0, z_loss(logits),
+                       importance_cv_squared(probs), routing_entropy(probs))

@@ -58,6 +58,8 @@ def _keep_local_experts(model: nn.Module, ep_size: int, ep_rank: int, ep_group: 
         module.experts.keep_experts(ep_rank * local, local)
         if ep_size > 1 and ep_group is not None:
             module.dispatcher = AllToAllDispatcher(module.num_experts, ep_group)
+            if module.router.router_type == "expert_choice":  # the choice spans the EP group's tokens
+                module.router.score_gather = _ScoreGather(ep_group)
         else:
             module.dispatcher = LocalDispatcher(module.num_experts)
 
@@ -75,6 +77,18 @@ def _global_balance_counts(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, MoELayer):
             module.router.count_reducer = _sum_over_ranks
+
+
+class _ScoreGather:
+    """Expert choice under EP: every token's router scores of the EP group, and this rank's first row."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group, self.ep, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+
+    def __call__(self, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+        parts = [torch.empty_like(scores) for _ in range(self.ep)]  # equal micro-batches on every rank
+        dist.all_gather(parts, scores.contiguous(), group=self.group)  # communication: T * E scores per rank
+        return torch.cat(parts), self.rank * scores.shape[0]
 
 
 _CHECKPOINTED: dict[type, type] = {}

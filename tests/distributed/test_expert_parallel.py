@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -44,7 +46,9 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
             variant: dict | None = None) -> dict:
     torch.manual_seed(0)
     c = _cfg(k, num_experts, cf, variant)
-    global_batch = c.moe.balance_stats == "global_batch"
+    # global balance counts and expert choice span every rank's tokens: the reference is one process
+    # over the whole batch (world == EP here)
+    global_batch = c.moe.balance_stats == "global_batch" or c.moe.router_type == "expert_choice"
     g = torch.Generator().manual_seed(99)
     tokens = torch.randint(0, c.model.vocab_size, (world * B_PER_RANK, S + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
@@ -121,13 +125,21 @@ def test_expert_parallel_matches_single_process(world: int, ep: int, k: int, num
     {"cv_loss_weight": 0.1, "router_entropy_loss_weight": 0.05, "num_expert_groups": 2, "top_groups": 1},
     # Switch-loss counts summed over the ranks: equals one process over the whole batch
     {"balance_stats": "global_batch", "aux_loss_weight": 0.5},
-], ids=["cv-entropy-groups", "global-batch"])
+    # each expert chooses its tokens among the EP group's (all-gathered scores)
+    {"router_type": "expert_choice"},
+], ids=["cv-entropy-groups", "global-batch", "expert-choice"])
 def test_routing_variants_match_single_process(variant: dict) -> None:
-    _check_against_reference(2, 2, 2, 4, None, False, variant)
+    cf = 1.5 if variant.get("router_type") == "expert_choice" else None
+    results = _check_against_reference(2, 2, 2, 4, cf, False, variant)
+    if cf is not None:  # every expert received exactly its capacity, counted over both ranks' tokens
+        tokens = 2 * B_PER_RANK * S
+        per_layer = [[a + b for a, b in zip(la, lb)] for la, lb in zip(results[0]["per_expert"],
+                                                                       results[1]["per_expert"])]
+        assert per_layer and all(counts == [math.ceil(tokens * cf / 4)] * 4 for counts in per_layer), per_layer
 
 
 def _check_against_reference(world: int, ep: int, k: int, num_experts: int, cf: float | None, idle: bool,
-                             variant: dict | None) -> None:
+                             variant: dict | None) -> list[dict]:
     results = run_distributed(_worker, world, ep, k, num_experts, cf, idle, variant, timeout=180)
     for rank, res in enumerate(results):
         worst = max(res["diffs"].items(), key=lambda kv: kv[1])
@@ -138,3 +150,4 @@ def _check_against_reference(world: int, ep: int, k: int, num_experts: int, cf: 
         for res in results:
             for layer_counts in res["per_expert"]:
                 assert sum(layer_counts[2:]) == 0 and sum(layer_counts[:2]) > 0
+    return results

@@ -160,3 +160,49 @@ def test_moe_layer_stats_carry_the_new_terms() -> None:
     back = type(st).from_tensor(packed)
     for name in st._fields:
         assert torch.allclose(getattr(back, name).float(), getattr(st, name).float()), name
+
+
+# ---- expert choice ----------------------------------------------------------------------------------
+def test_expert_choice_equals_a_naive_per_expert_loop() -> None:
+    """Each expert takes its C highest-probability tokens; out[t] = sum over experts that chose t of
+    p[t, e] * FFN_e(x[t]); outputs and gradients (input, experts, router) equal a Python loop's."""
+    torch.manual_seed(0)
+    t, d, e, cf = 40, 16, 4, 1.5
+    layer = MoELayer(d, 24, e, 2, router_type="expert_choice", capacity_factor=cf)
+    with torch.no_grad():
+        for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
+            w.normal_(std=0.2)
+        layer.router.weight.normal_(std=0.5)
+    x = torch.randn(1, t, d, requires_grad=True)
+    y, st = layer(x)
+    cap = math.ceil(t * cf / e)
+    assert st.tokens_per_expert.tolist() == [cap] * e  # every expert exactly its capacity
+
+    x2 = x.detach().clone().requires_grad_(True)
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    probs = torch.softmax(x2[0] @ params["router.weight"].T, -1)
+    out = torch.zeros(t, d)
+    unchosen = set(range(t))
+    for ex in range(e):
+        col = probs[:, ex].detach().tolist()
+        chosen = sorted(range(t), key=lambda i: -col[i])[:cap]
+        unchosen -= set(chosen)
+        for i in chosen:
+            w1, w2, w3 = (params[f"experts.{w}"][ex] for w in ("w1", "w2", "w3"))  # [F, D], [D, F], [F, D]
+            h = torch.nn.functional.silu(w1 @ x2[0, i]) * (w3 @ x2[0, i])
+            out[i] = out[i] + probs[i, ex] * (w2 @ h)
+    assert torch.allclose(y[0], out, atol=1e-5)
+    assert int(st.dropped) == len(unchosen) and float(st.assignments) == t
+
+    y.square().sum().backward()
+    out.square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    for n, p in layer.named_parameters():
+        assert torch.allclose(p.grad, params[n].grad, atol=1e-5), n
+
+
+def test_expert_choice_needs_a_capacity_factor() -> None:
+    with pytest.raises(ValueError, match=r"moe\.capacity_factor.*None.*expert_choice needs a capacity factor"):
+        _cfg(router_type="expert_choice")
+    with pytest.raises(ValueError, match=r"moe\.router_type.*does not combine"):
+        _cfg(router_type="expert_choice", capacity_factor=2.0, expert_dropout=0.1)
