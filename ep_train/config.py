@@ -62,6 +62,7 @@ class MoEConfig:
     expert_dropout: float = 0.0  # training only: drop each non-first expert assignment with this probability
     num_expert_groups: int = 1  # group-limited routing: experts in this many groups of consecutive ids ...
     top_groups: int | None = None  # ... and a token uses at most this many groups (None = all: off)
+    expert_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3's gamma, e.g. 0.001); 0 = off
 
 
 @dataclass
@@ -553,8 +554,9 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
         _check(e.capacity_factor is not None, "moe.capacity_factor", e.capacity_factor,
                "expert_choice needs a capacity factor (each expert takes ceil(tokens * capacity_factor / "
                "num_experts) tokens; 2.0 gives two experts per token on average)")
-        _check(e.top_groups is None and e.expert_dropout == 0, "moe.router_type", e.router_type,
-               "expert_choice does not combine with moe.top_groups or moe.expert_dropout; unset them")
+        _check(e.top_groups is None and e.expert_dropout == 0 and e.expert_bias_update_rate == 0, "moe.router_type",
+               e.router_type, "expert_choice does not combine with moe.top_groups, moe.expert_dropout or "
+               "moe.expert_bias_update_rate (it is balanced by construction); unset them")
     _check(e.router_jitter_noise >= 0 and e.router_jitter_noise < 1, "moe.router_jitter_noise",
            e.router_jitter_noise, "must be in [0, 1), e.g. 0.01")
     _check(e.router_init_std > 0, "moe.router_init_std", e.router_init_std, "must be positive (0.01 is typical)")
@@ -570,6 +572,9 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
            "must be >= 0 (0 = off)")
     _check(e.balance_stats in ("micro_batch", "global_batch"), "moe.balance_stats", e.balance_stats,
            "use 'micro_batch' (per rank) or 'global_batch' (counts summed over the data-parallel ranks)")
+    _check(0 <= e.expert_bias_update_rate < 1 and math.isfinite(e.expert_bias_update_rate),
+           "moe.expert_bias_update_rate", e.expert_bias_update_rate,
+           "must be in [0, 1) (DeepSeek-V3 uses 0.001; 0 = off)")
     _check(0 <= e.expert_dropout < 1, "moe.expert_dropout", e.expert_dropout, "must be in [0, 1), e.g. 0.1")
     if e.num_experts > 1:
         _check(e.num_expert_groups >= 1 and e.num_experts % e.num_expert_groups == 0, "moe.num_expert_groups",

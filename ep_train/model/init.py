@@ -69,7 +69,8 @@ def materialize(model: nn.Module, source: ValueSource, *, dtype: torch.dtype | N
     made: dict[int, nn.Parameter] = {}
     for mod_name, module in model.named_modules():
         own = list(module._parameters.items())
-        if not any(p is not None and (p.is_meta or id(p) in made) for _, p in own):
+        if not any(p is not None and (p.is_meta or id(p) in made) for _, p in own) and not any(
+                b is not None and b.is_meta for b in module._buffers.values()):
             continue
         for n, p in own:
             if p is None:
@@ -88,6 +89,9 @@ def materialize(model: nn.Module, source: ValueSource, *, dtype: torch.dtype | N
             new.__dict__.update(p.__dict__)  # tags set while on meta
             made[id(p)] = new
             module._parameters[n] = new
+        for n, b in list(module._buffers.items()):  # buffers (the routers' expert bias) start at zero
+            if b is not None and b.is_meta:
+                module._buffers[n] = torch.zeros(b.shape, dtype=b.dtype, device=device)
         if after is not None:
             after(module)
     return model

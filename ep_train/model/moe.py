@@ -48,13 +48,14 @@ class MoELayer(nn.Module):
                  normalize_top_k: bool = True, jitter_noise: float = 0.0, router_init_std: float = 0.01,
                  capacity_factor: float | None = None, drop_policy: str = "drop", num_shared_experts: int = 0,
                  shared_hidden: int | None = None, expert_dropout: float = 0.0, num_groups: int = 1,
-                 top_groups: int | None = None) -> None:
+                 top_groups: int | None = None, bias_update_rate: float = 0.0) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.router = Router(dim, num_experts, top_k, router_type=router_type, normalize_top_k=normalize_top_k,
                              jitter_noise=jitter_noise, init_std=router_init_std,
                              capacity_factor=capacity_factor, drop_policy=drop_policy,
-                             expert_dropout=expert_dropout, num_groups=num_groups, top_groups=top_groups)
+                             expert_dropout=expert_dropout, num_groups=num_groups, top_groups=top_groups,
+                             bias_update_rate=bias_update_rate)
         self.experts = GroupedExperts(dim, expert_hidden, num_experts)
         # Shared experts are always active: one SwiGLU of width n * F_shared is the same function.
         self.shared_experts = (SwiGLU(dim, num_shared_experts * (shared_hidden or expert_hidden))
@@ -81,3 +82,14 @@ class MoELayer(nn.Module):
             dropped=dropped.detach(), assignments=torch.tensor(assignments, device=x.device),
             entropy=r.entropy, cv_loss=r.cv_loss)
         return y.reshape(shape), stats
+
+
+def update_expert_biases(model: nn.Module, counts: dict[int, torch.Tensor]) -> None:
+    """Aux-loss-free balancing step for every MoE layer with an expert bias: ``counts`` maps the
+    layer's index in ``model.layers`` to its token counts per expert [E] for the step just taken
+    (the trainer sums them over the data-parallel ranks first)."""
+    layers = getattr(model, "layers")
+    for i, c in counts.items():
+        router = layers[i].ffn.router
+        if router.expert_bias is not None:
+            router.update_bias(c)

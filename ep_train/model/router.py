@@ -208,12 +208,17 @@ class Router(nn.Module):
     def __init__(self, dim: int, num_experts: int, top_k: int, *, router_type: str = "topk",
                  normalize_top_k: bool = True, jitter_noise: float = 0.0, init_std: float = 0.01,
                  capacity_factor: float | None = None, drop_policy: str = "drop", expert_dropout: float = 0.0,
-                 num_groups: int = 1, top_groups: int | None = None) -> None:
+                 num_groups: int = 1, top_groups: int | None = None, bias_update_rate: float = 0.0) -> None:
         super().__init__()
         assert num_experts % num_groups == 0 and (top_groups or num_groups) <= num_groups
         self.num_experts, self.top_k = num_experts, top_k
         self.expert_dropout, self.num_groups, self.top_groups = expert_dropout, num_groups, top_groups or num_groups
         self.router_type = router_type
+        # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for *selection*
+        # only, moved by ``update_bias`` after each optimizer step. A buffer, not a parameter: no gradient.
+        self.bias_update_rate = bias_update_rate
+        self.expert_bias: torch.Tensor | None
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if bias_update_rate > 0 else None)
         # Set from outside (parallelize): global-batch balance statistics (sums E counts over the ranks),
         # and expert choice over the EP group's tokens (gathers their scores).
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -244,9 +249,12 @@ class Router(nn.Module):
         probs = torch.softmax(logits, dim=-1)  # [T, E]
         if self.router_type == "expert_choice":
             return self._expert_choice(logits, probs)
-        if self.top_groups < self.num_groups:
-            _, expert_ids = torch.topk(limit_to_groups(probs, self.num_groups, self.top_groups), self.top_k, dim=-1)
-            top_p = probs.gather(1, expert_ids)  # [T, K] weights from the unrestricted softmax
+        if self.top_groups < self.num_groups or self.expert_bias is not None:
+            select = probs.detach() + self.expert_bias if self.expert_bias is not None else probs.detach()
+            if self.top_groups < self.num_groups:
+                select = limit_to_groups(select, self.num_groups, self.top_groups)
+            _, expert_ids = torch.topk(select, self.top_k, dim=-1)
+            top_p = probs.gather(1, expert_ids)  # [T, K] weights from the unbiased, unrestricted softmax
         else:
             top_p, expert_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
         norm = top_p.sum(dim=-1, keepdim=True) if self.normalize_top_k else torch.ones_like(top_p[:, :1])
@@ -261,6 +269,15 @@ class Router(nn.Module):
             weights, keep = drop_experts(weights, keep, self.expert_dropout)
         return Routing(expert_ids, weights, keep, logits, probs, aux, zl, importance_cv_squared(probs),
                        routing_entropy(probs))
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """One aux-loss-free balancing update from this step's token counts per expert [E] (summed
+        over the data-parallel ranks by the caller, so every rank moves its bias identically):
+        overloaded experts' bias goes down by the rate, underloaded ones' up."""
+        assert self.expert_bias is not None
+        load = counts.to(self.expert_bias)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def _expert_choice(self, logits: torch.Tensor, probs: torch.Tensor) -> Routing:
         """E slots per token (slot e = expert e), kept where expert e chose the token; its weight is the

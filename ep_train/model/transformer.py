@@ -80,7 +80,8 @@ class Block(nn.Module):
                 router_init_std=moe.router_init_std, capacity_factor=moe.capacity_factor,
                 drop_policy=moe.drop_policy, num_shared_experts=moe.num_shared_experts,
                 shared_hidden=moe.shared_expert_intermediate_size, expert_dropout=moe.expert_dropout,
-                num_groups=moe.num_expert_groups, top_groups=moe.top_groups)
+                num_groups=moe.num_expert_groups, top_groups=moe.top_groups,
+                bias_update_rate=moe.expert_bias_update_rate)
 
     @property
     def is_moe(self) -> bool:
