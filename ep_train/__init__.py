@@ -24,3 +24,15 @@ def _default_torch_extensions_dir() -> None:
 
 
 _default_torch_extensions_dir()
+
+_API = {"load": "ep_train.api", "Loaded": "ep_train.api", "generate": "ep_train.api"}
+
+
+def __getattr__(name: str) -> object:
+    """``ep_train.load``, ``ep_train.Loaded`` and ``ep_train.generate`` import torch on first use only,
+    so ``import ep_train`` (the CLIs' ``plan``/``check``, ``data_prep_tool``) stays light."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'ep_train' has no attribute {name!r}")

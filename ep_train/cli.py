@@ -74,6 +74,8 @@ def _check(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"plan": _plan, "check": _check}
+    commands["generate"] = lambda args: __import__("ep_train.generation", fromlist=["main"]).main(args)  # torch on use
+    commands["analyze-experts"] = lambda args: __import__("ep_train.analyze", fromlist=["main"]).main(args)
     try:
         from ep_train.train import main as train_main
         commands["train"] = train_main

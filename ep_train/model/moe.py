@@ -9,7 +9,8 @@ The layer holds a dispatcher object, not a process group: it starts with a ``Loc
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -93,3 +94,38 @@ def update_expert_biases(model: nn.Module, counts: dict[int, torch.Tensor]) -> N
         router = layers[i].ffn.router
         if router.expert_bias is not None:
             router.update_bias(c)
+
+
+@contextlib.contextmanager
+def inference_routing(model: nn.Module, experts_per_token: int | None = None) -> Iterator[None]:
+    """Route for inference inside the block; every MoE layer gets its own settings back on exit.
+
+    Dropless (``capacity_factor`` off): which experts a token uses then depends on that token only, not
+    on the other prompts in the batch or on how many tokens one step feeds (a KV-cached step routes one
+    token per sequence, a full recompute all of them). ``experts_per_token``: route each token to this
+    many experts instead of the trained K (Mixtral-style renormalised top-K weights over the new K).
+    The config and the layers' K after the block are the training ones.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    if any(m.router.router_type == "expert_choice" for m in layers):
+        raise ValueError("moe.router_type = 'expert_choice': an expert picks among the tokens of the whole batch, "
+                         "so one decoded token's experts depend on the others; such a model cannot generate "
+                         "token by token (use it for scoring whole sequences, or train with 'topk')")
+    if experts_per_token is not None:
+        if not layers:
+            raise ValueError(f"experts_per_token = {experts_per_token} given, but the model has no MoE layers; "
+                             "leave it unset for a dense model")
+        e = min(m.num_experts for m in layers)
+        if not 1 <= experts_per_token <= e:
+            raise ValueError(f"experts_per_token = {experts_per_token} is invalid: must be between 1 and the "
+                             f"number of experts ({e}); e.g. 1 for the cheapest routing")
+    saved = [(m.top_k, m.router.top_k, m.router.capacity_factor) for m in layers]
+    try:
+        for m in layers:
+            if experts_per_token is not None:
+                m.top_k = m.router.top_k = experts_per_token
+            m.router.capacity_factor = None
+        yield
+    finally:
+        for m, (k, router_k, cf) in zip(layers, saved):
+            m.top_k, m.router.top_k, m.router.capacity_factor = k, router_k, cf

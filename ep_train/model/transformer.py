@@ -1,7 +1,11 @@
 """Mixtral-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU or MoE FFNs.
 
-Shape legend: B batch, S sequence, D model dim, H query heads, G kv heads, Hd head dim, V vocab.
+Shape legend: B batch, S sequence (new tokens), P tokens already in the KV cache, D model dim,
+H query heads, G kv heads, Hd head dim, V vocab.
 Plain torch: no process groups here; parallelism is applied to this model from outside.
+
+Two entry points: ``forward`` (training and full recompute: the whole sequence, losses) and
+``forward_step`` (inference: only the new tokens, attending to the keys and values kept in a ``KVCache``).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device, start: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [S, Hd] for positions ``start .. start + seq_len - 1``."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # [S, Hd/2]
+    pos = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)  # [S, Hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [S, Hd]  (rotate-half convention, as Llama/Mixtral)
     return emb.cos(), emb.sin()
 
@@ -41,6 +48,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class LayerKV:
+    """One attention layer's cached keys and values (after RoPE), k and v [B, G, P, Hd]; grows per step."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens' k, v [B, G, S, Hd]; returns all keys and values so far [B, G, P + S, Hd]."""
+        if self.k is not None and self.v is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Per-layer keys and values of the tokens a batch has seen so far (inference only).
+
+    Create an empty one per batch of sequences and pass it to every ``Transformer.forward_step`` call:
+    the first call feeds the prompts, each later call the tokens chosen since.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.layers = [LayerKV() for _ in range(num_layers)]
+
+    @property
+    def seq_len(self) -> int:
+        """P: tokens cached so far (the position of the next token)."""
+        k = self.layers[0].k if self.layers else None
+        return 0 if k is None else k.shape[2]
+
+
+def causal_mask(s: int, past: int, device: torch.device) -> torch.Tensor | None:
+    """Which keys each of S new queries may see after P cached tokens: all cached ones, then causally
+    among the new ones. [S, P + S] bool (True = attend), or None when that is no restriction (S == 1)."""
+    if s == 1:
+        return None
+    return torch.ones(s, past + s, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
 class Attention(nn.Module):
@@ -53,13 +100,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.g * self.hd, bias=False)
         self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x: [B, S, D]
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None
+                ) -> torch.Tensor:  # x: [B, S, D]; cos, sin [S, Hd] at the new tokens' positions
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.h, self.hd).transpose(1, 2)  # [B, H, S, Hd]
         k = self.k_proj(x).view(b, s, self.g, self.hd).transpose(1, 2)  # [B, G, S, Hd]
         v = self.v_proj(x).view(b, s, self.g, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.g != self.h)
+        past = 0
+        if cache is not None:
+            past = 0 if cache.k is None else cache.k.shape[2]  # P
+            k, v = cache.append(k, v)  # [B, G, P + S, Hd]
+        if past == 0:  # no cached keys: plain causal attention (the training path)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.g != self.h)
+        else:  # is_causal would align the mask top-left; the new queries sit at the bottom-right
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(s, past, x.device),
+                                               enable_gqa=self.g != self.h)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.h * self.hd))
 
 
@@ -87,8 +143,9 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         if self.is_moe:
             y, stats = self.ffn(self.ffn_norm(x))
             return x + y, stats
@@ -118,17 +175,22 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, S]; targets [B, S] already shifted (targets[:, i] follows input_ids[:, i]), -100 = ignore."""
-        s = input_ids.shape[1]
-        cos, sin = rope_cos_sin(s, self.head_dim, self.cfg.rope_theta, input_ids.device)
+    def _run(self, input_ids: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, dict[int, RouterStats]]:
+        """Logits [B, S, V] of input_ids [B, S] placed after the cache's P tokens (P = 0 without a cache)."""
+        s, start = input_ids.shape[1], cache.seq_len if cache is not None else 0
+        cos, sin = rope_cos_sin(s, self.head_dim, self.cfg.rope_theta, input_ids.device, start=start)
         x = self.embed(input_ids)  # [B, S, D]
         stats: dict[int, RouterStats] = {}
         for i, layer in enumerate(self.layers):
-            x, st = layer(x, cos, sin)
+            # Training calls blocks with (x, cos, sin) only: activation checkpointing wraps that call.
+            x, st = layer(x, cos, sin) if cache is None else layer(x, cos, sin, cache.layers[i])
             if st is not None:
                 stats[i] = st
-        logits = self.lm_head(self.norm(x))  # [B, S, V]
+        return self.lm_head(self.norm(x)), stats  # [B, S, V]
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, S]; targets [B, S] already shifted (targets[:, i] follows input_ids[:, i]), -100 = ignore."""
+        logits, stats = self._run(input_ids, None)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([st.aux_loss for st in stats.values()]).mean() if stats else zero
         zl = torch.stack([st.z_loss for st in stats.values()]).mean() if stats else zero
@@ -142,6 +204,21 @@ class Transformer(nn.Module):
         if stats and mc.router_entropy_loss_weight > 0:
             loss = loss + mc.router_entropy_loss_weight * torch.stack([st.entropy for st in stats.values()]).mean()
         return ModelOutput(logits, aux, zl, stats, lm, loss)
+
+    def forward_step(self, input_ids: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """Inference: logits [B, S, V] for the S new tokens input_ids [B, S] that follow the P tokens in
+        ``cache``, and the cache grown (in place) by their keys and values. Feed the prompts first, then
+        each chosen token; the result equals ``forward`` on the whole sequence (its last S positions).
+        Each MoE layer routes the new tokens as usual. P + S must not exceed ``max_seq_len``."""
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {len(self.layers)}; "
+                             "make it with KVCache(len(model.layers))")
+        end = cache.seq_len + input_ids.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds model.max_seq_len ({self.cfg.max_seq_len}); "
+                             "the model has not been trained for positions that far")
+        logits, _ = self._run(input_ids, cache)
+        return logits, cache
 
 
 def build_model(cfg: ModelConfig, moe: MoEConfig, seed: int = 0, device: str | torch.device = "cpu",

@@ -1,0 +1,144 @@
+"""Python API: load a model from what a user has (a run, a checkpoint, a Hugging Face folder) and sample.
+
+    import ep_train
+    m = ep_train.load("runs/tiny")                      # run dir, checkpoints/step_N or HF Mixtral folder
+    print(ep_train.generate(m.model, m.tokenizer, "def ", max_new_tokens=20))
+
+Everything loads in one process, tensor by tensor (``ValueSource``), on ``device``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from ep_train.config import Config
+from ep_train.generation import generate
+from ep_train.model.init import ValueSource
+from ep_train.model.transformer import Transformer, build_model
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
+
+RUN_CONFIGS = ("config.yaml", "config.yml", "config.json")  # convert/upcycle write .yaml, the trainer .json
+
+
+class Loaded(NamedTuple):
+    model: Transformer  # eval mode, on the requested device and dtype
+    tokenizer: spm.SentencePieceProcessor | None  # None when none was found (pass tokenizer=)
+    config: Config  # the run's config (or one made from the Hugging Face config.json)
+    weights: Path  # where the weights were read: a checkpoints/step_N folder or a Hugging Face folder
+
+
+def _hf_config(folder: Path) -> dict | None:
+    """The Hugging Face config.json of ``folder`` (it names a model_type), else None."""
+    f = folder / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "model_type" in data else None
+
+
+def _run_config(folder: Path) -> Config | None:
+    from ep_train.config import _read_config_file, config_from_dict
+
+    for name in RUN_CONFIGS:
+        f = folder / name
+        if f.is_file() and not (name == "config.json" and _hf_config(folder) is not None):
+            data = _read_config_file(f)
+            if not isinstance(data, dict):
+                raise ValueError(f"{str(f)!r} must hold a mapping of config sections; it is not an ep-train run config")
+            return config_from_dict(data)
+    return None
+
+
+def _has_checkpoint(p: Path) -> bool:
+    from ep_train.train.checkpoint import STATE_FILE
+
+    return (p.name.startswith("step_") or (p / STATE_FILE).is_file() or (p / "latest").exists()
+            or any(p.glob("step_*")) or any((p / "checkpoints").glob("step_*")))
+
+
+def _tokenizer_candidates(cfg: Config, *folders: Path) -> list[Path]:
+    out: list[Path] = []
+    if cfg.data.tokenizer:
+        out.append(Path(cfg.data.tokenizer))
+    if cfg.data.data_dir and (Path(cfg.data.data_dir) / "manifest.json").is_file():
+        try:
+            manifest = json.loads((Path(cfg.data.data_dir) / "manifest.json").read_text())
+            out.append(Path(manifest["tokenizer"]["path"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    out += [f / "tokenizer.model" for f in folders]
+    return out
+
+
+def resolve(path: str | Path) -> tuple[Config, ValueSource, Path, list[Path]]:
+    """What ``path`` holds: (config, value source, weights folder, tokenizer files to try in order).
+
+    In order: an ep-train checkpoint (a run dir with checkpoints/step_N, its checkpoints/ folder or a
+    step_N folder: converted once to the universal form, then read per parameter); a Hugging Face
+    Mixtral folder (config.json with model_type); a run dir without checkpoints whose config names
+    ``train.init_from`` (what ``ep-train convert`` writes): its Hugging Face weights.
+    """
+    from ep_train.interop.hf import HFMixtralSource
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"checkpoint path {str(p)!r} does not exist; pass a run directory, a checkpoints/step_N "
+                         "folder or a Hugging Face Mixtral folder (config.json + model.safetensors)")
+    if _has_checkpoint(p):
+        from ep_train.interop.universal import UniversalSource, find_checkpoint, run_config, to_universal
+
+        step = find_checkpoint(p)
+        cfg = run_config(step)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's converter talks; stdout is for completions
+            universal = to_universal(step)
+        return cfg, UniversalSource(universal), step, _tokenizer_candidates(cfg, step, step.parent.parent)
+    if _hf_config(p) is not None:
+        src = HFMixtralSource(p)
+        return src.cfg, src, p, _tokenizer_candidates(src.cfg, p)
+    cfg = _run_config(p) if p.is_dir() else None
+    if cfg is not None and cfg.train.init_from:
+        init = Path(cfg.train.init_from)
+        if not init.is_absolute() and not init.exists() and (p / init).exists():
+            init = p / init  # a path relative to the run dir
+        src = HFMixtralSource(init, cfg)  # checks that the run config describes these weights
+        return cfg, src, init, _tokenizer_candidates(cfg, p, init)
+    what = "a run config without train.init_from" if cfg is not None else "no checkpoint and no config"
+    raise ValueError(f"{str(p)!r} holds {what}: nothing to load weights from; pass a run directory with "
+                     "checkpoints/step_N, a checkpoints/step_N folder or a Hugging Face Mixtral folder")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         tokenizer: str | Path | None = None) -> Loaded:
+    """Load a model for inference from a run directory, a ``checkpoints/step_N`` folder or a Hugging
+    Face Mixtral folder (see :func:`resolve`), in eval mode on ``device`` in ``dtype``.
+
+    The tokenizer: ``tokenizer`` if given, else the first that exists of the run's ``data.tokenizer``,
+    its data manifest's tokenizer, and ``tokenizer.model`` beside the weights; None if none exists.
+    Errors (missing path, no weights, a config that does not match the weights) are ``ValueError``s
+    that name the path and what to pass instead.
+    """
+    from ep_train.data.tokenizer import load_tokenizer
+
+    cfg, source, weights, candidates = resolve(path)
+    model = build_model(cfg.model, cfg.moe, device=device, source=source).to(dtype).eval()
+    tok_path = Path(tokenizer) if tokenizer is not None else next((c for c in candidates if c.is_file()), None)
+    sp = load_tokenizer(tok_path) if tok_path is not None else None
+    if sp is not None and sp.get_piece_size() > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {str(tok_path)!r} has {sp.get_piece_size()} pieces, more than the model's "
+                         f"vocabulary (model.vocab_size = {cfg.model.vocab_size}); pass the tokenizer the model "
+                         "was trained with (--tokenizer)")
+    return Loaded(model, sp, cfg, weights)
+
+
+__all__ = ["Loaded", "generate", "load", "resolve"]

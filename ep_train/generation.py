@@ -1,0 +1,237 @@
+"""Sampling from a trained model: ``generate`` (text), ``generate_tokens`` (token ids), ``ep-train generate``.
+
+Shape legend: B prompts in one batch, S tokens fed in one step, V vocab.
+
+Batching: prompts of the same token length run together as one batch; prompts of other lengths run as
+separate batches. No padding, so no position or mask bookkeeping: every sequence sees exactly what it
+would see alone. Generation routes dropless (``ep_train.model.moe.inference_routing``) so a token's
+experts never depend on its batch.
+
+``ep_train.generate`` (the package attribute) is this module's ``generate`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from ep_train.model.moe import inference_routing
+from ep_train.model.transformer import KVCache, Transformer
+
+if TYPE_CHECKING:
+    import sentencepiece as spm
+
+
+class Generated(NamedTuple):
+    tokens: list[list[int]]  # per prompt, the new tokens (ending with EOS where it stopped on one)
+    new_tokens: int  # sum of len(tokens)
+    seconds: float  # wall time of the generation loop (prefill included)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B] from the last position's logits [B, V]: argmax when ``temperature`` is 0,
+    else a draw from softmax(logits / temperature) kept to the ``top_k`` likeliest tokens (0 = all)
+    and to the smallest set whose probability reaches ``top_p`` (nucleus)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each one
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    for name, value, ok, fix in (
+            ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "ask for at least 1 token"),
+            ("temperature", temperature, temperature >= 0, "use 0 for greedy or a positive value"),
+            ("top_p", top_p, 0 < top_p <= 1, "use a value in (0, 1]; 1 keeps every token"),
+            ("top_k", top_k, top_k >= 0, "use 0 to keep every token or a positive count")):
+        if not ok:
+            raise ValueError(f"{name} = {value} is invalid: {fix}")
+
+
+def check_lengths(lengths: list[int], max_new_tokens: int, max_seq_len: int, names: list[str] | None = None) -> None:
+    """Refuse prompts that do not fit the model's context (``model.max_seq_len``), with room for the new tokens."""
+    for i, n in enumerate(lengths):
+        what = names[i] if names else f"prompt {i}"
+        if n == 0:
+            raise ValueError(f"{what} is empty (0 tokens); give at least one token to continue from")
+        if n > max_seq_len:
+            raise ValueError(f"{what} is {n} tokens long, longer than the model's context "
+                             f"(model.max_seq_len = {max_seq_len}); shorten it to at most {max_seq_len} tokens")
+        if n + max_new_tokens > max_seq_len:
+            raise ValueError(f"{what} ({n} tokens) + max_new_tokens ({max_new_tokens}) = {n + max_new_tokens} "
+                             f"exceeds the model's context (model.max_seq_len = {max_seq_len}); lower "
+                             f"max_new_tokens to {max_seq_len - n} or shorten the prompt")
+
+
+@torch.inference_mode()
+def _generate_batch(model: Transformer, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                    top_k: int, generator: torch.Generator | None, eos_id: int | None,
+                    use_kv_cache: bool) -> list[list[int]]:
+    """New tokens for a batch of equal-length prompts ids [B, S0]."""
+    b = ids.shape[0]
+    cache = KVCache(len(model.layers)) if use_kv_cache else None
+    seq, feed = ids, ids  # the whole sequence so far; what the next cached step feeds
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    for _ in range(max_new_tokens):
+        if cache is not None:
+            logits = model.forward_step(feed, cache)[0][:, -1]  # [B, V]
+        else:
+            logits = model(seq).logits[:, -1]  # full recompute: the reference the cache must match
+        nxt = sample_next(logits, temperature, top_p, top_k, generator)  # [B]
+        seq, feed = torch.cat([seq, nxt[:, None]], dim=1), nxt[:, None]
+        for row, t in enumerate(nxt.tolist()):  # host sync per step (the EOS check needs the values)
+            if not done[row]:
+                out[row].append(t)
+                done[row] = t == eos_id
+        if all(done):
+            break
+    return out
+
+
+def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                    top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos_id: int | None = None,
+                    experts_per_token: int | None = None, use_kv_cache: bool = True) -> Generated:
+    """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens, stopping a prompt at ``eos_id``.
+
+    Greedy when ``temperature`` is 0; otherwise sampled (``top_p``, ``top_k``) from a generator seeded by
+    ``seed`` (None: not reproducible). ``experts_per_token`` routes with another K for this call only.
+    ``use_kv_cache=False`` recomputes the whole sequence each step (slow; same tokens). Runs where the
+    model's parameters are, in eval mode (restored after). Returns the new tokens and the throughput.
+    """
+    check_sampling(max_new_tokens, temperature, top_p, top_k)
+    check_lengths([len(p) for p in prompts], max_new_tokens, model.cfg.max_seq_len)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    groups: dict[int, list[int]] = {}  # token length -> prompt indices (one batch each, no padding)
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    result: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with inference_routing(model, experts_per_token):
+            for idx in groups.values():
+                ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)  # [B, S0]
+                new = _generate_batch(model, ids, max_new_tokens, temperature, top_p, top_k, generator, eos_id,
+                                      use_kv_cache)
+                for i, toks in zip(idx, new):
+                    result[i] = toks
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    return Generated(result, sum(len(t) for t in result), seconds)
+
+
+def _snippet(text: str, n: int = 40) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")
+
+
+def generate_text(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts: list[str] | str,
+                  max_new_tokens: int, **kwargs: object) -> tuple[list[str], Generated]:
+    """``generate`` that also returns the token-level result (counts, timing)."""
+    from ep_train.data.tokenizer import safe_decode
+
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids = [tokenizer.encode(t) for t in texts]
+    vocab = model.cfg.vocab_size
+    if tokenizer.get_piece_size() > vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces, more than the model's vocabulary "
+                         f"(model.vocab_size = {vocab}); use the tokenizer the model was trained with")
+    names = [f"prompt {i} {_snippet(t)}" for i, t in enumerate(texts)]
+    check_lengths([len(p) for p in ids], max_new_tokens, model.cfg.max_seq_len, names)
+    kwargs.setdefault("eos_id", tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None)
+    gen = generate_tokens(model, ids, max_new_tokens, **kwargs)  # type: ignore[arg-type]
+    return [safe_decode(tokenizer, toks)[0] for toks in gen.tokens], gen
+
+
+def generate(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts: list[str] | str,
+             max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             seed: int | None = None, experts_per_token: int | None = None, use_kv_cache: bool = True,
+             device: str | torch.device | None = None) -> list[str]:
+    """Completions (the new text only) of each prompt, one string per prompt, in order.
+
+    ``model`` and ``tokenizer`` as ``ep_train.load(path)`` returns them. Greedy by default; ``temperature``
+    > 0 samples (with ``top_p``, ``top_k``; ``seed`` makes it reproducible). Stops a prompt at the
+    tokenizer's EOS. ``experts_per_token`` overrides the trained K for this call only. ``device``: move the
+    model there first (default: where it is). A prompt longer than the model's context, or one that
+    would run past it within ``max_new_tokens``, is refused with a ``ValueError``.
+    """
+    if device is not None:
+        model.to(device)
+    texts, _ = generate_text(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                             top_k=top_k, seed=seed, experts_per_token=experts_per_token, use_kv_cache=use_kv_cache)
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ep-train generate``: print a completion per prompt, then a tokens/s line. Errors: ValueError."""
+    ap = argparse.ArgumentParser(prog="ep-train generate", description="Sample from a run directory, a "
+                                 "checkpoints/step_N folder or a Hugging Face Mixtral folder (with a KV cache).")
+    ap.add_argument("--checkpoint", required=True, help="run dir, checkpoints/step_N or Hugging Face Mixtral folder")
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    ap.add_argument("--prompts-file", default=None, help="a text file, one prompt per line")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--experts-per-token", type=int, default=None, help="route with this K (inference only)")
+    ap.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+    ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: found from the checkpoint)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = ap.parse_args(argv)
+    prompts = list(args.prompt)
+    if args.prompts_file is not None:
+        f = Path(args.prompts_file)
+        if not f.is_file():
+            raise ValueError(f"--prompts-file {args.prompts_file!r} not found; pass a text file, one prompt per line")
+        prompts += [line for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given; pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    from ep_train.api import load
+
+    loaded = load(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype), tokenizer=args.tokenizer)
+    if loaded.tokenizer is None:
+        raise ValueError(f"no tokenizer found for {args.checkpoint!r} (looked for data.tokenizer, the data "
+                         "manifest's tokenizer and tokenizer.model beside the weights); pass --tokenizer FILE")
+    texts, gen = generate_text(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens,
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               experts_per_token=args.experts_per_token, use_kv_cache=not args.no_kv_cache)
+    for prompt, text in zip(prompts, texts):
+        print(f"=== {prompt!r}\n{prompt}{text}")
+    cache = "no KV cache" if args.no_kv_cache else "KV cache"
+    print(f"{gen.new_tokens} tokens in {gen.seconds:.2f} s: {gen.tokens_per_sec:.1f} tokens/s "
+          f"({len(prompts)} prompt(s), {cache}, {args.device})")
+    return 0
+
+
+if __name__ == "__main__":  # python -m ep_train.generation: as ep-train generate (errors -> exit 2)
+    from ep_train.cli import main as cli_main
+
+    sys.exit(cli_main(["generate", *sys.argv[1:]]))

@@ -1,0 +1,222 @@
+"""Generation: the KV cache against full recompute, batching, the inference-only K, Hugging Face's generate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ep_train.config import Config
+from ep_train.generation import generate_tokens, sample_next
+from ep_train.model.moe import MoELayer, inference_routing
+from ep_train.model.transformer import KVCache, Transformer, build_model
+
+
+def tiny(num_experts: int = 4, k: int = 2, max_seq_len: int = 48, capacity_factor: float | None = None
+         ) -> Transformer:
+    c = Config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 64, 32, 48, 2
+    m.num_heads, m.num_kv_heads, m.max_seq_len, m.rope_theta = 4, 2, max_seq_len, 10000.0
+    c.moe.num_experts, c.moe.num_experts_per_token, c.moe.capacity_factor = num_experts, k, capacity_factor
+    model = build_model(c.model, c.moe, seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # decisive routing and sharp attention, so a wrong expert or position shows
+        for mod in model.modules():
+            if isinstance(mod, MoELayer):
+                mod.router.weight.normal_(std=0.5, generator=g)
+                for w in (mod.experts.w1, mod.experts.w2, mod.experts.w3):
+                    w.normal_(std=0.3, generator=g)
+        for layer in model.layers:
+            layer.attn.q_proj.weight.normal_(std=0.5, generator=g)
+            layer.attn.k_proj.weight.normal_(std=0.5, generator=g)
+    return model
+
+
+def prompts(lengths: list[int], vocab: int = 64, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_cached_logits_equal_full_recompute_at_every_step(k) -> None:
+    model = tiny(k=k)
+    seq = torch.tensor(prompts([5, 5]))  # [B, S0]
+    cache = KVCache(len(model.layers))
+    feed = seq
+    with torch.no_grad():
+        for _ in range(12):
+            cached = model.forward_step(feed, cache)[0]  # [B, S, V]
+            full = model(seq).logits[:, -feed.shape[1]:]
+            assert (cached - full).abs().max().item() < 1e-5
+            feed = cached[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, feed], dim=1)
+        assert cache.seq_len == seq.shape[1] - 1
+        # several new tokens after a non-empty cache: causal among themselves, all past keys visible
+        chunk = torch.tensor(prompts([4, 4], seed=5))
+        cached = model.forward_step(chunk, cache)[0]
+        full = model(torch.cat([seq[:, :-1], chunk], dim=1)).logits[:, -4:]
+        assert (cached - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("num_experts,k", [(0, 2), (4, 2), (4, 1)])
+def test_greedy_same_tokens_with_and_without_cache(num_experts, k) -> None:
+    model = tiny(num_experts, k)
+    p = prompts([6, 3, 6, 9])  # two share a length (one batch), the others run alone
+    cached = generate_tokens(model, p, 10)
+    recomputed = generate_tokens(model, p, 10, use_kv_cache=False)
+    assert cached.tokens == recomputed.tokens
+    assert [len(t) for t in cached.tokens] == [10] * 4 and cached.new_tokens == 40
+    assert cached.tokens_per_sec > 0
+    alone = [generate_tokens(model, [q], 10).tokens[0] for q in p]  # batching changes nothing
+    assert cached.tokens == alone
+
+
+def test_generation_is_dropless_and_restores_capacity() -> None:
+    """With a capacity factor, a token's experts would depend on its batch; generation routes dropless."""
+    model = tiny(capacity_factor=0.5)
+    p = prompts([7, 7, 7])
+    assert generate_tokens(model, p, 6).tokens == generate_tokens(model, p, 6, use_kv_cache=False).tokens
+    assert all(m.router.capacity_factor == 0.5 for m in model.modules() if isinstance(m, MoELayer))
+
+
+def test_experts_per_token_changes_routing_at_inference_only() -> None:
+    model = tiny(k=2)
+    p = prompts([8, 8])
+    base = generate_tokens(model, p, 12).tokens
+    with torch.no_grad():
+        ids = torch.tensor(p)
+        ref_logits = model(ids).logits
+        with inference_routing(model, experts_per_token=1):
+            k1_logits = model(ids).logits
+    assert (k1_logits - ref_logits).abs().max().item() > 1e-3
+    k1 = generate_tokens(model, p, 12, experts_per_token=1)
+    assert k1.tokens != base
+    assert k1.tokens == generate_tokens(model, p, 12, experts_per_token=1, use_kv_cache=False).tokens
+    moe = [m for m in model.modules() if isinstance(m, MoELayer)]
+    assert moe and all(m.top_k == 2 and m.router.top_k == 2 for m in moe)  # the training K is back
+    assert model.moe_cfg.num_experts_per_token == 2
+    assert generate_tokens(model, p, 12).tokens == base
+    with pytest.raises(ValueError, match=r"experts_per_token = 5 .*number of experts \(4\)"):
+        generate_tokens(model, p, 2, experts_per_token=5)
+    assert all(m.top_k == 2 for m in moe)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        generate_tokens(tiny(num_experts=0), p, 2, experts_per_token=1)
+
+
+def test_eos_stops_a_prompt_and_training_mode_is_restored() -> None:
+    model = tiny()
+    p = prompts([5, 5])
+    free = generate_tokens(model, p, 10).tokens
+    eos = free[0][3]
+    got = generate_tokens(model, p, 10, eos_id=eos).tokens
+    assert got[0] == free[0][:free[0].index(eos) + 1]  # stops after its EOS (included)
+    assert got[1] == (free[1][:free[1].index(eos) + 1] if eos in free[1] else free[1])
+    model.train()
+    generate_tokens(model, p, 2)
+    assert model.training
+
+
+def test_prompts_past_the_context_are_refused() -> None:
+    model = tiny(max_seq_len=16)
+    with pytest.raises(ValueError, match=r"prompt 1 is 17 tokens long.*model.max_seq_len = 16"):
+        generate_tokens(model, prompts([3, 17]), 1)
+    with pytest.raises(ValueError, match=r"\(10 tokens\) \+ max_new_tokens \(7\) = 17.*lower max_new_tokens to 6"):
+        generate_tokens(model, prompts([10]), 7)
+    assert len(generate_tokens(model, prompts([10]), 6).tokens[0]) == 6  # exactly fills the context
+    with pytest.raises(ValueError, match="empty"):
+        generate_tokens(model, [[]], 1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.forward_step(torch.zeros(1, 17, dtype=torch.long), KVCache(len(model.layers)))
+
+
+def test_sampling_options() -> None:
+    model = tiny()
+    p = prompts([6, 6])
+    greedy = generate_tokens(model, p, 8).tokens
+    a = generate_tokens(model, p, 8, temperature=1.0, seed=3).tokens
+    assert a == generate_tokens(model, p, 8, temperature=1.0, seed=3).tokens  # seeded: reproducible
+    assert a == generate_tokens(model, p, 8, temperature=1.0, seed=3, use_kv_cache=False).tokens
+    assert generate_tokens(model, p, 8, temperature=1.0, top_k=1, seed=4).tokens == greedy
+    assert generate_tokens(model, p, 8, temperature=0.7, top_p=1e-6, seed=5).tokens == greedy
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    draws = {sample_next(logits, 1.0, top_p=0.9, generator=torch.Generator().manual_seed(i)).item()
+             for i in range(200)}
+    assert draws == {1, 2, 3}  # p = .64, .24, .09, .03: .64 + .24 < 0.9, so the nucleus needs token 1 too
+    draws = {sample_next(logits, 5.0, top_k=2, generator=torch.Generator().manual_seed(i)).item() for i in range(200)}
+    assert draws == {2, 3}
+    for kw, field in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k")):
+        with pytest.raises(ValueError, match=field):
+            generate_tokens(model, p, 2, **kw)
+
+
+def test_import_ep_train_stays_light() -> None:
+    code = ("import sys, ep_train; assert 'torch' not in sys.modules; "
+            "assert callable(ep_train.load) and 'torch' in sys.modules; import ep_train.generation as g; "
+            "assert ep_train.generate is g.generate and ep_train.Loaded")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+
+
+# ---- Hugging Face Mixtral --------------------------------------------------------------------------
+def hf_mixtral(tmp_path, vocab: int = 96, **kw):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64, rope_theta=10000.0, **kw)
+    hf = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():  # decisive routing (HF's init gives near-uniform routers)
+        for layer in hf.model.layers:
+            layer.mlp.gate.weight.normal_(std=0.5)
+            layer.self_attn.q_proj.weight.normal_(std=0.5)
+            layer.self_attn.k_proj.weight.normal_(std=0.5)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_greedy_tokens_equal_hugging_face_generate(tmp_path) -> None:
+    import ep_train
+
+    hf = hf_mixtral(tmp_path / "hf")
+    loaded = ep_train.load(tmp_path / "hf")
+    assert loaded.tokenizer is None and not loaded.model.training
+    p = prompts([7, 7], vocab=96, seed=2)
+    ids = torch.tensor(p)
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                          min_new_tokens=12, eos_token_id=None, pad_token_id=0)[:, 7:]
+    got = generate_tokens(loaded.model, p, 12)
+    assert got.tokens == ref.tolist()
+    assert generate_tokens(loaded.model, p, 12, use_kv_cache=False).tokens == ref.tolist()
+
+
+def test_load_resolves_paths(tmp_path) -> None:
+    """A run dir that only names its initial weights (convert/upcycle) loads them; bad paths say why."""
+    import yaml
+
+    import ep_train
+    from ep_train.api import load
+
+    hf_mixtral(tmp_path / "run" / "init")
+    ref = load(tmp_path / "run" / "init")
+    run_cfg = {"model": {k: getattr(ref.config.model, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                                   "num_layers", "num_heads", "num_kv_heads",
+                                                                   "max_seq_len", "rope_theta")},
+               "moe": {"num_experts": 4, "num_experts_per_token": 2},
+               "data": {"seq_len": 32}, "train": {"init_from": "init"}}  # relative to the run dir
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    run = ep_train.load(tmp_path / "run", dtype=torch.bfloat16)
+    assert run.weights == tmp_path / "run" / "init" and run.model.embed.weight.dtype == torch.bfloat16
+    assert torch.equal(run.model.embed.weight.float(), ref.model.embed.weight.bfloat16().float())
+    with pytest.raises(ValueError, match="does not exist"):
+        load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="nothing to load weights from"):
+        load(tmp_path / "empty")
+    run_cfg["model"]["num_layers"] = 3
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    with pytest.raises(ValueError, match="num_layers"):
+        load(tmp_path / "run")
