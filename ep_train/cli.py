@@ -74,6 +74,7 @@ def _check(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"plan": _plan, "check": _check}
+    commands["convert"] = lambda a: __import__("ep_train.interop.convert", fromlist=["main"]).main(a)
     try:
         from ep_train.train import main as train_main
         commands["train"] = train_main
