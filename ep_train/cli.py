@@ -1,8 +1,9 @@
-"""The ``ep-train`` command: ``train``, ``plan``, ``check``."""
+"""The ``ep-train`` command: ``train``, ``plan``, ``check``, ``generate``, ``convert``, ``analyze-experts``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ep_train.config import load_config, parse_overrides, validate
@@ -70,12 +71,16 @@ def _check(argv: list[str]) -> int:
     return 0
 
 
+LAZY_COMMANDS = {"generate": "ep_train.generation", "convert": "ep_train.interop.convert",
+                 "analyze-experts": "ep_train.analyze"}
+
+
 @exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"plan": _plan, "check": _check}
-    commands["generate"] = lambda args: __import__("ep_train.generation", fromlist=["main"]).main(args)  # torch on use
-    commands["analyze-experts"] = lambda args: __import__("ep_train.analyze", fromlist=["main"]).main(args)
+    for name, module in LAZY_COMMANDS.items():  # torch is imported only when one of these runs
+        commands[name] = lambda args, m=module: importlib.import_module(m).main(args)
     try:
         from ep_train.train import main as train_main
         commands["train"] = train_main

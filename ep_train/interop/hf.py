@@ -20,19 +20,28 @@ from ep_train.config import Config, validate
 from ep_train.model.transformer import Transformer
 
 
-def config_from_hf(hf: dict[str, Any]) -> Config:
-    if hf.get("model_type") != "mixtral":
-        raise ValueError(f"config.json model_type = {hf.get('model_type')!r}; from_hf_mixtral needs 'mixtral'")
+def model_config_from_hf(hf: dict[str, Any], kinds: tuple[str, ...] = ("mixtral",)) -> Config:
+    """The ``model`` section from a Hugging Face Llama-family config.json (Mixtral, or Llama/Mistral for
+    upcycling); the checks refuse what ep-train's decoder would compute differently."""
+    kind = hf.get("model_type")
+    if kind not in kinds:
+        hint = ("; a dense Llama/Mistral model becomes MoE with `ep-train convert upcycle`"
+                if kind in ("llama", "mistral") else "")
+        raise ValueError(f"config.json model_type = {kind!r}; this needs {' or '.join(map(repr, kinds))}{hint}")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act = {hf['hidden_act']!r}; ep-train experts are SwiGLU (silu)")
     if hf.get("sliding_window") is not None:
         raise ValueError(f"config.json sliding_window = {hf['sliding_window']}; ep-train uses full causal "
                          "attention, set sliding_window to null for a model trained without it")
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"config.json rope_parameters.rope_type = {rope['rope_type']!r}; only 'default' is supported")
+    for bias in ("attention_bias", "mlp_bias"):
+        if hf.get(bias):
+            raise ValueError(f"config.json {bias} = true; ep-train's linear layers have no bias")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"config.json rope_parameters.rope_type = {rope.get('rope_type', rope.get('type'))!r}; "
+                         "only 'default' is supported")
     c = Config()
-    m, e = c.model, c.moe
+    m = c.model
     m.vocab_size, m.hidden_size = hf["vocab_size"], hf["hidden_size"]
     m.intermediate_size, m.num_layers = hf["intermediate_size"], hf["num_hidden_layers"]
     m.num_heads = hf["num_attention_heads"]
@@ -43,11 +52,18 @@ def config_from_hf(hf: dict[str, Any]) -> Config:
     m.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-5))
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.init_std = float(hf.get("initializer_range", 0.02))
+    c.moe.num_experts = 0
+    c.data.seq_len = min(c.data.seq_len, m.max_seq_len)
+    return c
+
+
+def config_from_hf(hf: dict[str, Any]) -> Config:
+    c = model_config_from_hf(hf)
+    e = c.moe
     e.num_experts, e.num_experts_per_token = hf["num_local_experts"], hf["num_experts_per_tok"]
     e.aux_loss_weight = float(hf.get("router_aux_loss_coef", e.aux_loss_weight))
     e.router_jitter_noise = float(hf.get("router_jitter_noise", 0.0))
-    e.moe_layers = list(range(m.num_layers))
-    c.data.seq_len = min(c.data.seq_len, m.max_seq_len)
+    e.moe_layers = list(range(c.model.num_layers))
     validate(c)
     return c
 
@@ -175,3 +191,98 @@ def from_hf_mixtral(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 
     source = HFMixtralSource(path)
     return build_model(source.cfg.model, source.cfg.moe, source=source).to(dtype), source.cfg
+
+
+# The MoE fields a Mixtral checkpoint (or an upcycled model) fixes; the other moe fields (z-loss weight,
+# capacity, router_init_std ...) are training choices and come from the base config.
+MIXTRAL_MOE = {"num_shared_experts": 0, "normalize_top_k": True, "router_type": "topk",
+               "expert_intermediate_size": None, "moe_layer_frequency": 1, "moe_layer_start": 0,
+               "moe_layer_end": None}
+SHAPE_FIELDS = [("model", f) for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                       "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings")]
+SHAPE_FIELDS += [("moe", f) for f in ("num_experts", "num_experts_per_token", "expert_intermediate_size",
+                                      *MIXTRAL_MOE)]
+
+
+MODEL_MOE = ("num_experts", "num_experts_per_token", "aux_loss_weight", "router_jitter_noise", "moe_layers")
+
+
+def run_config_for(model: Config, base: str | Path | None, overrides: list[tuple[str, Any]], what: str,
+                   moe_fields: tuple[str, ...] = MODEL_MOE) -> Config:
+    """A run config for a model given by a checkpoint: the model section and the MoE fields the model fixes
+    come from ``model`` (over the base file, a recipe that may describe another model); everything else
+    from the base file; command-line overrides last, refused when they contradict the model (``what``
+    names it in the message)."""
+    import copy
+
+    from ep_train.config import _set, load_config
+
+    cfg = load_config(base) if base is not None else Config()
+    cfg.model = copy.deepcopy(model.model)
+    for f in moe_fields:
+        setattr(cfg.moe, f, copy.deepcopy(getattr(model.moe, f)))
+    for f, v in MIXTRAL_MOE.items():
+        setattr(cfg.moe, f, v)
+    cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
+    for key, value in overrides:
+        _set(cfg, key, value, Config)
+    diff = [f"{sec}.{f} = {getattr(getattr(cfg, sec), f)!r} but {what} has {getattr(getattr(model, sec), f)!r}"
+            for sec, f in SHAPE_FIELDS if getattr(getattr(cfg, sec), f) != getattr(getattr(model, sec), f)]
+    if diff:
+        raise ValueError(f"the requested config does not describe {what}: {'; '.join(diff)}; drop those "
+                         "overrides (the model's shape comes from its weights)")
+    validate(cfg)
+    return cfg
+
+
+def write_run_config(cfg: Config, out: Path) -> Path:
+    """``RUN/config.yaml``: the whole config (every section), so the run does not depend on the base file."""
+    import yaml
+
+    from ep_train.config import config_to_dict
+
+    if cfg.train.resume is None:
+        cfg.train.resume = "auto"  # the first start begins at init_from; a restart continues from its checkpoint
+    path = out / "config.yaml"
+    path.write_text("# written by `ep-train convert`; train with:\n#   ep-train train --config "
+                    f"{path} --run-dir {out} [--data_dir DIR]\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def from_hf(hf_dir: str | Path, output: str | Path, config: str | Path | None = None,
+            overrides: list[tuple[str, Any]] | None = None, link: bool = False) -> Path:
+    """Make a run directory that starts from a Hugging Face Mixtral folder; returns its ``config.yaml``.
+
+    The folder's safetensors, config and tokenizer files are copied (``link``: hard-linked, no extra disk,
+    but a later in-place rewrite of the source would change the run's weights) into ``RUN/init/``, and
+    ``RUN/config.yaml`` gets ``train.init_from: RUN/init`` (absolute), the model section from
+    config.json, the rest from ``config`` and ``overrides``. Train with ``ep-train train --config
+    RUN/config.yaml --run-dir RUN``: every rank streams its share of ``RUN/init`` (``HFMixtralSource``).
+    The weights are the HF files themselves, so ``to_hf`` of the run before any step writes them back
+    bit for bit.
+    """
+    import os
+    import shutil
+
+    src, out = Path(hf_dir), Path(output)
+    source = HFMixtralSource(src)  # checks config.json and that the tensors are that model's
+    if (out / "config.yaml").exists() or (out / "init").exists() or (out / "checkpoints").exists():
+        raise ValueError(f"--output {str(out)!r} already holds a run (config.yaml, init/ or checkpoints/); "
+                         "pass a new folder")
+    cfg = run_config_for(source.cfg, config, overrides or [], f"the checkpoint {str(src)!r}")
+    init = out / "init"
+    init.mkdir(parents=True)
+    for name in sorted({*source.where.values(), *(f for f in HF_FILES if (src / f).is_file())}):
+        if link:
+            try:
+                os.link(src / name, init / name)
+                continue
+            except OSError:  # another file system: copy instead
+                pass
+        shutil.copyfile(src / name, init / name)
+    cfg.train.init_from = str(init.resolve())
+    return write_run_config(cfg, out)

@@ -1,0 +1,176 @@
+"""`ep-train convert`: Hugging Face Mixtral round trips (from-hf -> to-hf byte for byte), upcycling a dense model
+(HF Llama and an ep-train dense run) and the tokenizer export, against transformers' own models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ep_train.interop.hf import from_hf, from_hf_mixtral  # noqa: E402
+from ep_train.interop.hf_export import to_hf  # noqa: E402
+from ep_train.interop.upcycle import upcycle  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "ep_train.cli", "convert", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def hub_names(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's fused expert tensors split into the Hub's per-expert names (views, same bytes)."""
+    out = {}
+    for k, v in t.items():
+        pre = k.rsplit("mlp.", 1)[0]
+        if k.endswith("mlp.experts.gate_up_proj"):  # [E, 2F, D]: gate rows first, then up
+            f = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{pre}block_sparse_moe.experts.{e}.w1.weight"] = v[e, :f]
+                out[f"{pre}block_sparse_moe.experts.{e}.w3.weight"] = v[e, f:]
+        elif k.endswith("mlp.experts.down_proj"):
+            for e in range(v.shape[0]):
+                out[f"{pre}block_sparse_moe.experts.{e}.w2.weight"] = v[e]
+        elif k.endswith("mlp.gate.weight"):
+            out[pre + "block_sparse_moe.gate.weight"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and (
+        a.contiguous().view(torch.uint8).flatten().numpy().tobytes() ==
+        b.contiguous().view(torch.uint8).flatten().numpy().tobytes())
+
+
+@pytest.mark.parametrize("style", ["hub_sharded", "fused_bf16_tied"])
+def test_from_hf_then_to_hf_is_byte_identical(tmp_path, style) -> None:
+    torch.manual_seed(7)
+    tied = style == "fused_bf16_tied"
+    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **TINY, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=tied, router_aux_loss_coef=0.02))
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.mlp.gate.weight.normal_(std=0.5)
+    src = tmp_path / "src"
+    if tied:
+        hf.to(torch.bfloat16).save_pretrained(src, save_original_format=False)  # transformers 5's fused names
+    else:
+        hf.save_pretrained(src, max_shard_size="100KB")  # the Hub's per-expert names, several shards
+    run, out = tmp_path / "run", tmp_path / "out"
+    if tied:
+        from_hf(src, run)
+        to_hf(run, out, max_shard_size="100KB")
+    else:  # the real command line, as users run it
+        r = cli("from-hf", "--hf", str(src), "--output", str(run))
+        assert r.returncode == 0, r.stderr
+        assert f"ep-train train --config {run}/config.yaml --run-dir {run}" in r.stdout
+        r = cli("to-hf", "--checkpoint", str(run), "--output", str(out))
+        assert r.returncode == 0, r.stderr
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    want, got = hub_names(tensors(src)), tensors(out)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert same_bytes(got[k], want[k]), k
+    assert ("lm_head.weight" in got) == (not tied)
+    assert (out / "model.safetensors.index.json").is_file() == tied  # 100KB shards; unsharded = one file
+    back, orig = (transformers.MixtralForCausalLM.from_pretrained(p).eval() for p in (out, src))
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, orig(ids).logits)
+
+
+def _llama(tmp_path: Path, tied: bool) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(3)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=tied)).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    return llama, tmp_path / "llama"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_upcycled_hf_llama_computes_the_dense_model(tmp_path, tied) -> None:
+    llama, src = _llama(tmp_path, tied)
+    cfg_file = upcycle(src, tmp_path / "up", num_experts=4, experts_per_token=2)
+    model, cfg = from_hf_mixtral(tmp_path / "up" / "init")
+    assert (cfg.moe.num_experts, cfg.moe.num_experts_per_token, cfg.moe.normalize_top_k) == (4, 2, True)
+    assert "init_from" in cfg_file.read_text()
+    mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "up" / "init").eval()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = llama(ids).logits
+        assert (model.eval()(ids).logits - ref).abs().max().item() < 1e-5
+        assert (mixtral(ids).logits - ref).abs().max().item() < 1e-5
+    # noise: every expert its own (seeded) perturbation of the dense FFN; a normal router
+    upcycle(src, tmp_path / "noisy", num_experts=4, noise=0.01, router_init="normal", seed=1)
+    w = tensors(tmp_path / "noisy" / "init")
+    d = llama.model.layers[0].mlp.gate_proj.weight
+    e0, e1 = (w[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] for e in (0, 1))
+    assert not torch.equal(e0, e1) and 0.005 < (e0 - d).std().item() < 0.02
+    assert w["model.layers.0.block_sparse_moe.gate.weight"].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def dense_run(built, tmp_path_factory) -> Path:
+    """A dense ep-train run with a checkpoint (one step, one process, ZeRO-3)."""
+    run = tmp_path_factory.mktemp("dense") / "run"
+    cmd = [sys.executable, "-m", "ep_train.train", "--config", str(ROOT / "configs" / "tiny.yaml"), "--run-dir",
+           str(run), "--data_dir", str(built), "--seq_len", "32", "--max_steps", "1", "--warmup_steps", "0",
+           "--num_experts", "0", "--ep_size", "1", "--batch_size", "2", "--ds_config", "zero3"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
+
+
+def test_upcycle_an_ep_train_dense_run_then_export(tmp_path, dense_run, tokenizer) -> None:
+    import sentencepiece as spm
+
+    from ep_train.interop.universal import UniversalSource, find_checkpoint, run_config, to_universal
+    from ep_train.model.transformer import build_model
+
+    up, out = tmp_path / "up", tmp_path / "hf"
+    r = cli("upcycle", "--dense", str(dense_run), "--output", str(up), "--num-experts", "4")
+    assert r.returncode == 0, r.stderr
+    step = find_checkpoint(dense_run)
+    cfg = run_config(step)
+    dense = build_model(cfg.model, cfg.moe, source=UniversalSource(to_universal(step))).eval()
+    assert not any(b.is_moe for b in dense.layers)
+    moe, _ = from_hf_mixtral(up / "init")
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = dense(ids).logits
+        assert (moe.eval()(ids).logits - ref).abs().max().item() < 1e-5
+    # the upcycled run, not trained yet, exports its init weights, with the dense run's tokenizer
+    to_hf(up, out)
+    hf = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - ref).abs().max().item() < 1e-5
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ["def f(x):\n    return  x + 12345", " leading space and tabs\t", "héllo wörld 中文 🙂", ""]:
+        assert tok(text)["input_ids"] == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == text
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
+        sp.bos_id(), sp.eos_id(), sp.pad_id())
