@@ -41,13 +41,22 @@ def check_exportable(cfg: Config, allow_dropless: bool = False) -> None:
     elif moe_layer_indices(m, e) != list(range(m.num_layers)):
         why = (f"MoE only in layers {moe_layer_indices(m, e)} of {m.num_layers} (moe.moe_layers / "
                "moe_layer_frequency): Mixtral has an MoE FFN in every layer, no dense layers")
+    elif e.router_type == "expert_choice":
+        why = "moe.router_type = 'expert_choice': Mixtral routes each token to its own top-k experts"
+    elif e.top_groups is not None and e.top_groups < e.num_expert_groups:
+        why = (f"moe.top_groups = {e.top_groups} (group-limited routing): Mixtral picks the top-k of all "
+               "experts")
+    elif e.expert_bias_update_rate > 0:
+        why = ("moe.expert_bias_update_rate > 0: the learned expert bias steers the selection and Mixtral has "
+               "no place for it")
     elif not e.normalize_top_k:
         why = "moe.normalize_top_k = false: Mixtral always renormalises the top-k router weights"
     elif e.capacity_factor is not None and not allow_dropless:
         why = (f"moe.capacity_factor = {e.capacity_factor}: Mixtral is dropless, ep-train drops over-capacity "
                "assignments also at inference; pass --allow-dropless to export the same weights as a dropless "
                "model (it computes what ep-train computes with moe.capacity_factor null)")
-    # router_type noisy_topk is fine: its noise is training-only, inference is plain top-k softmax.
+    # Fine: noisy_topk and jitter (training-only noise), expert dropout and the balance-loss terms
+    # (training only); inference is plain top-k softmax.
     if why:
         raise ValueError(f"this model cannot be exported as Hugging Face Mixtral: {why}")
 

@@ -59,10 +59,17 @@ def test_to_hf_missing_and_partial_checkpoints(tmp_path, capsys) -> None:
     ("normalize_top_k", False, "renormalises"),
     ("capacity_factor", 1.25, "--allow-dropless"),
     ("num_experts", 0, "dense model"),
+    ("router_type", "expert_choice", "own top-k"),
+    ("expert_bias_update_rate", 0.001, "expert bias"),
+    ("top_groups", 2, "group-limited"),
 ])
 def test_to_hf_refuses_what_mixtral_cannot_express(tmp_path, capsys, field, value, says) -> None:
     cfg = Config()
     setattr(cfg.moe, field, value)
+    if field == "top_groups":
+        cfg.moe.num_expert_groups = 4
+    if value == "expert_choice":
+        cfg.moe.capacity_factor = 2.0
     fake_checkpoint(tmp_path / "run", cfg)
     err = run(capsys, "to-hf", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "o"))
     assert says in err and field in err
