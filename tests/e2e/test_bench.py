@@ -70,3 +70,15 @@ def test_scale_bench_small(tmp_path) -> None:
     assert isinstance(out["shrinks"], bool) and "shrinks with the world size" in out["text"]
     assert "bytes / parameter" in out["text"] and "| 2 | 2 |" in out["text"]
     assert (tmp_path / "scale.png").stat().st_size > 0 and (tmp_path / "scale.csv").is_file()
+
+
+def test_moe_vs_dense_bench_small() -> None:
+    """Both models train on the same tokens; active parameters matched up to the routers."""
+    from bench.moe_vs_dense import main, reading
+
+    out = main(["--small"])
+    d, m = out["dense"], out["moe"]
+    assert d["val"] and m["val"] and d["val"][-1][0] == m["val"][-1][0]  # same token budget
+    assert m["total"] > d["total"] and abs(m["active"] - d["active"]) / d["active"] < 0.05
+    assert d["tok_s"] > 0 and m["tok_s"] > 0
+    assert "validation loss" in reading(out)
