@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -102,10 +103,9 @@ def reading(r: dict[str, dict]) -> str:
     better = "lower" if mv < dv else "higher"
     return (f"At {m['active'] / d['active']:.3f}x the dense model's active parameters and "
             f"{m['total'] / d['total']:.2f}x its total, the MoE's final validation loss is {mv:.4f} against "
-            f"{dv:.4f}: {abs(mv - dv):.4f} {better} (perplexity {2.718281828 ** mv:.1f} vs "
-            f"{2.718281828 ** dv:.1f}), after the same {d['val'][-1][0]:,} tokens. It trains at "
-            f"{m['tok_s'] / d['tok_s']:.2f}x the dense model's tokens/s on this machine (the all-to-all, routing "
-            "and the per-expert matmuls cost more than one dense matmul of the same FLOPs on CPU).")
+            f"{dv:.4f}: {abs(mv - dv):.4f} {better} (perplexity {math.exp(mv):.1f} vs "
+            f"{math.exp(dv):.1f}), after the same {d['val'][-1][0]:,} tokens. It trains at "
+            f"{m['tok_s'] / d['tok_s']:.2f}x the dense model's tokens/s on this machine.")
 
 
 def main(argv: list[str] | None = None) -> dict:
