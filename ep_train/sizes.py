@@ -43,7 +43,9 @@ def model_size(cfg: Config) -> ModelSize:
     shared = n_moe * e.num_shared_experts * 3 * d * f_s
     norms = (2 * m.num_layers + 1) * d
     total = embedding + attention + dense_ffn + experts + router + shared + norms
-    active = total - experts + n_moe * e.num_experts_per_token * per_expert
+    # expert choice: capacity_factor is the mean number of experts per token (when no expert is full)
+    per_token = e.capacity_factor if e.router_type == "expert_choice" and e.capacity_factor else e.num_experts_per_token
+    active = total - experts + round(n_moe * per_token * per_expert)
     return ModelSize(total, active, embedding, attention, dense_ffn, experts, router, shared, norms)
 
 
