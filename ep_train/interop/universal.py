@@ -26,6 +26,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ep_train.config import Config, config_from_dict
 from ep_train.train.checkpoint import (MANIFEST, STATE_FILE, CheckpointError, complete_checkpoints, latest_target,
@@ -90,6 +91,31 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     os.replace(tmp / UNIVERSAL, dest)
     shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def to_universal_everywhere(step_dir: Path) -> Path:
+    """Collective: rank 0 converts (or finds the cached conversion), the others wait; every rank returns
+    the folder or raises the same ``CheckpointError``, so a failed conversion never leaves ranks hanging.
+
+    The folder must be visible to every rank (a shared filesystem, as for the checkpoints themselves).
+    The other ranks wait inside a collective, so a conversion longer than the process group's timeout
+    (30 minutes, ep_train.parallel.groups) fails them; convert such a model beforehand (``to_universal``
+    caches its result in the step folder)."""
+    err = ""
+    if dist.get_rank() == 0:
+        try:
+            to_universal(step_dir)
+        except Exception as e:  # DeepSpeed's converter raises what it meets (RuntimeError for a missing rank
+            # file, AssertionError, KeyError...); whatever it is must reach every rank
+            err = f"{type(e).__name__}: {e}"
+    msg = [err]
+    dist.broadcast_object_list(msg, src=0)  # communication: the other ranks wait here for the conversion
+    if msg[0]:
+        raise CheckpointError(f"converting checkpoint {str(step_dir)!r} to DeepSpeed's universal form (to resume "
+                              f"at another world or EP size) failed: {msg[0]}. The checkpoint is incomplete or "
+                              "damaged (train.verify_checkpoint full checks every file): resume another "
+                              "checkpoints/step_N folder")
+    return step_dir / UNIVERSAL
 
 
 def read_param(universal: Path, name: str, shape: tuple[int, ...], rows: list[int] | None = None) -> torch.Tensor:

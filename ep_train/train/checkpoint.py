@@ -301,13 +301,22 @@ def safe_checkpoint_engine(config_params: Any = None) -> Any:
     return SafeCheckpointEngine(config_params)
 
 
-def load(engine: Any, path: Path) -> dict[str, Any]:
+def load(engine: Any, path: Path, universal: Path | None = None) -> dict[str, Any]:
+    """Load ``path`` into the engine; ``universal`` (its converted form, the engine built with
+    ``checkpoint.load_universal``) when the checkpoint was written at another world or EP size."""
     engine.checkpoint_engine = safe_checkpoint_engine()
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    where = universal if universal is not None else path
+    # The universal loader reads its per-parameter files with torch.load(weights_only=False) itself.
+    with only_safe_loads() if universal is not None else contextlib.nullcontext():
+        load_path, _ = engine.load_checkpoint(str(where.parent), tag=where.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint at {str(path)!r}; is it complete?")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint at {str(where)!r}; is it complete?")
     state = json.loads((path / STATE_FILE).read_text())
+    # Each rank restores the RNG streams its rank number had (router noise, dropout). At a new world size
+    # a rank without a file (rank 1 of a checkpoint written by one process) keeps the stream it was
+    # seeded with (train.seed + rank): such a run is not bit-identical to continuing where noise is drawn;
+    # the default routing draws none.
     rng_file = path / f"rng_rank{dist.get_rank()}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

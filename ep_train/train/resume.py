@@ -1,8 +1,14 @@
 """What may change between a checkpoint and the run that resumes it.
 
-- Refused (a clear error before DeepSpeed touches the files): the model and MoE architecture, the
-  world size and EP size (resharding to another shape is the portability issue's work), the data
-  position's meaning (global batch, sequence length, data seed).
+- Refused (a clear error before DeepSpeed touches the files): the model and MoE architecture and the
+  data position's meaning (global batch ``train.batch_size``, sequence length, data seed, shuffling).
+- Resharded: the world size and EP size. The checkpoint's ``ep_train_state.json`` says which shape
+  wrote it; at another shape rank 0 converts it once to DeepSpeed's universal form
+  (``step_N/universal``, kept for later resumes) and every rank loads its new share from there.
+  Parameters, Adam moments, the schedule, the step and ``consumed_samples`` carry over. The data
+  position is exact because ``consumed_samples`` counts the global batch, which cannot change (above):
+  ``DistributedBatches`` cuts the same global batches at any world size; only the micro-batch split
+  (gradient accumulation) differs.
 - Applied and logged: optimizer hyperparameters (learning rate, router multiplier, betas, eps, weight
   decay), which DeepSpeed would otherwise silently restore from the checkpoint, and the schedule and
   clipping fields, which the run's own config already drives.
@@ -11,9 +17,12 @@ So the run's ``config.json`` always says what actually runs.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from ep_train.config import Config, config_to_dict
+from ep_train.train import checkpoint
 from ep_train.train.optim import lr_factor
 
 FIXED_TRAIN = ("batch_size", "seed")
@@ -27,31 +36,74 @@ def _diff(old: dict[str, Any], new: dict[str, Any], section: str, keys: Any = No
     return [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def check_resumable(state: dict[str, Any], cfg: Config, world: int, path: Any) -> None:
+def shape_changes(state: dict[str, Any], cfg: Config, world: int) -> list[str]:
+    """How this run's world and EP size differ from the checkpoint's ([] at the same shape)."""
+    changes = []
+    if state.get("world_size") != world:
+        changes.append(f"world size: {state.get('world_size')} -> {world}")
+    return changes + _diff(state["config"]["parallel"], config_to_dict(cfg)["parallel"], "parallel", ["ep_size"])
+
+
+def check_resumable(state: dict[str, Any], cfg: Config, world: int, path: Any) -> list[str]:
+    """Refuse what cannot change (module docstring); return the shape changes that need resharding."""
     saved = state["config"]
     now = config_to_dict(cfg)
-    shape = []
-    if state.get("world_size") != world:
-        shape.append(f"world size: {state.get('world_size')} -> {world}")
-    shape += _diff(saved["parallel"], now["parallel"], "parallel", ["ep_size"])
-    if shape:
-        raise ValueError(f"checkpoint {str(path)!r} was written at another cluster shape ({'; '.join(shape)}); "
-                         f"ep-train resumes only at the saved shape today: launch {state.get('world_size')} "
-                         f"processes with parallel.ep_size {saved['parallel']['ep_size']} (see the saved "
-                         "ep_train_state.json)")
     fixed = (_diff(saved["model"], now["model"], "model") + _diff(saved["moe"], now["moe"], "moe")
              + _diff(saved["train"], now["train"], "train", FIXED_TRAIN)
              + _diff(saved["data"], now["data"], "data", FIXED_DATA))
     if fixed:
         raise ValueError(f"cannot resume {str(path)!r} with a different {', '.join(fixed)}; these define the "
                          "model or the data position: set them back to the checkpoint's values, or start a new run")
+    return shape_changes(state, cfg, world)
 
 
-def apply_changes(scheduler: Any, saved: dict[str, Any], cfg: Config, step: int) -> list[str]:
-    """Put the run's optimizer hyperparameters into the loaded optimizer and schedule; return what changed."""
+@dataclass
+class ResumePlan:
+    path: Path  # the chosen checkpoint folder (step_N)
+    state: dict[str, Any]  # its ep_train_state.json
+    reshard: list[str]  # shape changes ("world size: 2 -> 1", ...); [] at the same shape
+    universal: Path | None  # step_N/universal when resharding
+
+
+def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, Any],
+         log: Callable[[str], None] = print) -> ResumePlan | None:
+    """Collective. Which checkpoint to resume and how; None when there is nothing to resume.
+
+    Runs before ``deepspeed.initialize``: loading at another shape is a ds_config switch
+    (``checkpoint.load_universal``) that the engine reads when it is built."""
+    t = cfg.train
+    if t.resume is None:
+        return None
+    path = checkpoint.choose(t.resume, root, t.verify_checkpoint, t.resume_fallback, log=log)
+    if path is None:
+        return None
+    state = checkpoint.read_state(path)
+    reshard = check_resumable(state, cfg, world, path)  # before DeepSpeed reads a file
+    if not reshard:
+        return ResumePlan(path, state, [], None)
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if offload.get("device") == "nvme":
+        # DeepSpeed 0.19.8's load_checkpoint skips the ZeRO (and so the universal) load when the optimizer
+        # lives on NVMe and copies the old world's per-rank swap files instead: no resharding there.
+        raise checkpoint.CheckpointError(
+            f"checkpoint {str(path)!r} was written at another shape ({'; '.join(reshard)}) and this run offloads "
+            "the optimizer to nvme, which DeepSpeed cannot reshard; resume at the saved shape (world size "
+            f"{state.get('world_size')}, parallel.ep_size {state['config']['parallel']['ep_size']}) or offload "
+            "the optimizer to cpu (parallel.ds_config zero3_offload)")
+    from ep_train.interop.universal import to_universal_everywhere
+
+    if rank == 0:
+        log(f"resume: checkpoint {path.name} was written at another shape ({'; '.join(reshard)}); resharding "
+            f"through DeepSpeed's universal form in {path / 'universal'}")
+    return ResumePlan(path, state, reshard, to_universal_everywhere(path))
+
+
+def apply_changes(scheduler: Any, saved: dict[str, Any], cfg: Config, step: int, force: bool = False) -> list[str]:
+    """Put the run's optimizer hyperparameters into the loaded optimizer and schedule; return what changed.
+    ``force``: write them even when the config did not change (after a universal load, see below)."""
     t = cfg.train
     changed = _diff(saved["train"], config_to_dict(cfg)["train"], "train", OPTIMIZER + SCHEDULE)
-    if not changed:
+    if not changed and not force:
         return []
     factor = lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     for i, g in enumerate(scheduler.optimizer.param_groups):
@@ -63,3 +115,22 @@ def apply_changes(scheduler: Any, saved: dict[str, Any], cfg: Config, step: int)
         g["weight_decay"] = t.weight_decay if g["decay"] else 0.0
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
     return changed
+
+
+GROUP_TAGS = ("router", "decay", "name", "moe")  # what optimizer_param_groups marks each group with
+
+
+def group_tags(optimizer: Any) -> list[dict[str, Any]]:
+    return [{k: g[k] for k in GROUP_TAGS if k in g} for g in optimizer.param_groups]
+
+
+def restore_group_tags(optimizer: Any, tags: list[dict[str, Any]]) -> None:
+    """DeepSpeed 0.19.8's universal loader (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+    copies the checkpoint's group 0 settings onto every group: each group would train with the dense
+    no-decay group's weight decay (0) and learning rate (no router multiplier), and our tags would all say
+    "dense, no decay". The tags go back by position (the same optimizer object, so the order is the one
+    it was built with); ``apply_changes(force=True)`` then rewrites the hyperparameters from the config."""
+    for g, tag in zip(optimizer.param_groups, tags, strict=True):
+        for k in GROUP_TAGS:
+            g.pop(k, None)
+        g.update(tag)

@@ -27,10 +27,9 @@ from ep_train.parallel import parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
 from ep_train.sizes import model_size
 from ep_train.stdio import keep_running_on_broken_pipe
-from ep_train.train import checkpoint
+from ep_train.train import checkpoint, resume
 from ep_train.train.metrics import CollapseWatch, MetricsLogger
 from ep_train.train.optim import lr_factor, optimizer_param_groups
-from ep_train.train.resume import apply_changes, check_resumable
 from ep_train.train.signals import STOP_EXIT_CODE, STOP_MARKER, StopFlag
 
 
@@ -73,6 +72,14 @@ class Trainer:
         t = cfg.train
         use_bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and self.device.type == "cuda")
         self.ds_config = build_ds_config(cfg, self.world, use_bf16)
+        self.ckpt_root = run_dir / "checkpoints"
+        # Chosen before the engine exists: a checkpoint from another world/EP size is converted here (rank 0,
+        # before this rank builds its model) and needs DeepSpeed's universal loader, a switch the engine
+        # reads when it is built.
+        self.resume_plan = resume.plan(cfg, self.ckpt_root, self.world, self.rank, self.ds_config,
+                                       log=lambda m: print(m, flush=True))
+        if self.resume_plan is not None and self.resume_plan.universal is not None:
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(t.seed + self.rank)  # per-rank streams (router noise); the model init is shared
 
         assert cfg.data.data_dir is not None  # main() refuses a missing data_dir before any process group
@@ -110,7 +117,6 @@ class Trainer:
                                           seed=t.seed, shuffle=cfg.data.shuffle)
         self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps,
                                      CollapseWatch(t.collapse_threshold, t.collapse_intervals))
-        self.ckpt_root = run_dir / "checkpoints"
         self.stop = stop or StopFlag()
 
     def _value_source(self):  # type: ignore[no-untyped-def]
@@ -134,22 +140,24 @@ class Trainer:
         return path
 
     def maybe_resume(self) -> None:
-        t = self.cfg.train
-        if t.resume is None:
-            return
-        path = checkpoint.choose(t.resume, self.ckpt_root, t.verify_checkpoint, t.resume_fallback,
-                                 log=lambda m: print(m, flush=True))
-        if path is None:
-            if self.rank == 0:
+        plan = self.resume_plan
+        if plan is None:
+            if self.cfg.train.resume is not None and self.rank == 0:
                 print(f"resume auto: no checkpoint in {self.ckpt_root}, starting fresh", flush=True)
             return
-        check_resumable(checkpoint.read_state(path), self.cfg, self.world, path)  # before DeepSpeed reads a file
-        state = checkpoint.load(self.engine, path)
+        optimizer = self.scheduler.optimizer
+        tags = resume.group_tags(optimizer)
+        state = checkpoint.load(self.engine, plan.path, plan.universal)
+        if plan.universal is not None:
+            resume.restore_group_tags(optimizer, tags)  # DeepSpeed's universal load overwrote them
         self.step, self.skipped = state["step"], state["skipped_steps"]
         self.batches.consumed_samples = state["consumed_samples"]
-        changed = apply_changes(self.scheduler, state["config"], self.cfg, self.step)
+        changed = resume.apply_changes(self.scheduler, state["config"], self.cfg, self.step,
+                                       force=plan.universal is not None)
         if self.rank == 0:
-            print(f"resumed from {path} at step {self.step} ({self.batches.consumed_samples} samples)", flush=True)
+            how = f", resharded ({'; '.join(plan.reshard)})" if plan.reshard else ""
+            print(f"resumed from {plan.path} at step {self.step} ({self.batches.consumed_samples} samples){how}",
+                  flush=True)
             for c in changed:
                 print(f"resume: applying changed {c}", flush=True)
 

@@ -79,3 +79,69 @@ def test_collapse_watch_names_layer_and_expert_once_after_n_intervals() -> None:
     assert w.update(starving) == []  # once per streak
     assert w.update({1: [250, 250, 250, 250]}) == []  # recovered: the streak restarts
     assert CollapseWatch(0.0, 1).update(starving) == []  # off
+
+
+def test_a_cached_universal_conversion_neither_breaks_verify_nor_outlives_pruning(tmp_path) -> None:
+    """Resharding leaves step_N/universal (not in the manifest) behind: verify ignores it, prune removes it
+    with its step folder."""
+    old = _ckpt(tmp_path, 10)
+    (old / "universal" / "zero" / "embed.weight").mkdir(parents=True)
+    (old / "universal" / "zero" / "embed.weight" / "fp32.pt").write_bytes(b"y" * 10)
+    assert ck.verify(old, full=True) is None
+    _ckpt(tmp_path, 20)
+    (tmp_path / "latest").write_text("step_00000020")
+    ck.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000020"]
+
+
+def _tiny_cfg(*overrides: str):  # type: ignore[no-untyped-def]
+    from ep_train.config import load_config, parse_overrides
+
+    root = Path(__file__).resolve().parents[2]
+    return load_config(root / "configs" / "tiny.yaml", parse_overrides(list(overrides)))
+
+
+def test_resume_reshards_another_shape_and_refuses_another_batch() -> None:
+    from ep_train.config import config_to_dict
+    from ep_train.train.resume import check_resumable
+
+    saved = {"world_size": 2, "config": config_to_dict(_tiny_cfg("--ep_size", "2"))}
+    assert check_resumable(saved, _tiny_cfg("--ep_size", "2"), 2, "ck") == []
+    assert check_resumable(saved, _tiny_cfg("--ep_size", "1"), 1, "ck") == ["world size: 2 -> 1",
+                                                                          "parallel.ep_size: 2 -> 1"]
+    with pytest.raises(ValueError, match=r"train.batch_size: 8 -> 16"):
+        check_resumable(saved, _tiny_cfg("--ep_size", "1", "--batch_size", "16"), 1, "ck")
+
+
+def test_group_settings_come_back_after_a_universal_load() -> None:
+    """DeepSpeed 0.19.8's universal load copies group 0's settings (and our tags) onto every group;
+    restore_group_tags + apply_changes(force=True) give each group its own again."""
+    import torch
+
+    from ep_train.model.transformer import build_model
+    from ep_train.train.optim import lr_factor, optimizer_param_groups
+    from ep_train.config import config_to_dict
+    from ep_train.train.resume import apply_changes, group_tags, restore_group_tags
+
+    cfg = _tiny_cfg("--ep_size", "1", "--router_lr_multiplier", "4", "--warmup_steps", "2")
+    t = cfg.train
+    model = build_model(cfg.model, cfg.moe)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=t.learning_rate, betas=(t.beta1, t.beta2),
+                            eps=t.eps, weight_decay=t.weight_decay)  # as the trainer builds it
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    want = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    assert len({g["weight_decay"] for g in want}) == 2 and len({g["lr"] for g in want}) == 2
+
+    tags = group_tags(opt)
+    first = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    for g in opt.param_groups:  # what stage3.py does after a universal load
+        g.update(first)
+    restore_group_tags(opt, tags)
+    assert apply_changes(sched, config_to_dict(cfg), cfg, 3, force=True) == []
+    got = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    assert got == want
+    assert sched.get_last_lr() == [g["lr"] for g in want]
