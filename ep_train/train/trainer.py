@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ep_train.config import Config, config_to_dict, load_config, parse_overrides, validate
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.verify import verify_for_training
+from ep_train.model.moe import update_expert_biases
 from ep_train.model.transformer import Transformer, build_model
 from ep_train.parallel import parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
@@ -133,6 +134,8 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
                  "world_size": self.world, "config": config_to_dict(self.cfg)}
+        if self._biased_layers():  # in the JSON, not DeepSpeed's files: exact (float32 -> float64 -> float32)
+            state["expert_bias"] = {str(i): r.expert_bias.tolist() for i, r in self._biased_layers().items()}
         estimate = model_size(self.cfg).total * 16  # fp32 parameters + master copy + two Adam moments
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_last, estimate)
         if self.rank == 0:
@@ -152,6 +155,9 @@ class Trainer:
             resume.restore_group_tags(optimizer, tags)  # DeepSpeed's universal load overwrote them
         self.step, self.skipped = state["step"], state["skipped_steps"]
         self.batches.consumed_samples = state["consumed_samples"]
+        for i, bias in state.get("expert_bias", {}).items():  # the moe section cannot change on resume
+            router = self._biased_layers()[int(i)]
+            router.expert_bias.copy_(torch.tensor(bias, dtype=router.expert_bias.dtype))
         changed = resume.apply_changes(self.scheduler, state["config"], self.cfg, self.step,
                                        force=plan.universal is not None)
         if self.rank == 0:
@@ -192,7 +198,7 @@ class Trainer:
                                  dtype=torch.float64)
             for i, st in out.router_stats.items():
                 row = torch.cat([st.tokens_per_expert.float().cpu(),
-                                 torch.stack([st.dropped, st.assignments, st.entropy]).float().cpu()])
+                                 torch.stack([st.dropped, st.assignments, st.entropy]).detach().float().cpu()])
                 layer_acc[i] = layer_acc.get(i, 0) + row
         if hook is not None:
             hook.remove()
@@ -210,8 +216,24 @@ class Trainer:
             self.consecutive_skips += 1
         else:
             self.consecutive_skips = 0
+            self._update_expert_bias(layer_acc)
         sums /= len(micro)
         return {"sums": sums, "layers": layer_acc, "nonfinite": nonfinite, "lr": lr}
+
+    def _biased_layers(self) -> dict[int, Any]:
+        """MoE layer index -> router, for routers with an aux-loss-free expert bias."""
+        return {i: b.ffn.router for i, b in enumerate(self.model.layers)
+                if b.is_moe and b.ffn.router.expert_bias is not None}
+
+    def _update_expert_bias(self, layer_acc: dict[int, torch.Tensor]) -> None:
+        """After an applied optimizer step: every rank moves its biases by the counts of the whole step
+        (all micro-batches, all ranks), so the biases stay identical everywhere. Skipped steps move nothing."""
+        layers = self._biased_layers()
+        if not layers:
+            return
+        e = self.cfg.moe.num_experts
+        counts = self._all_reduce(torch.stack([layer_acc[i][:e] for i in sorted(layers)])).cpu()  # communication
+        update_expert_biases(self.model, {i: counts[j] for j, i in enumerate(sorted(layers))})
 
     def profiled_step(self) -> dict[str, Any]:
         """One training step under torch.profiler: a Chrome trace (open in Perfetto or chrome://tracing)

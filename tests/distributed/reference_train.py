@@ -15,8 +15,10 @@ from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.model import build_model
 
 
-def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset()) -> list[float]:
-    """Per-step mean loss; steps in ``skip`` (1-based) consume their batch but change nothing."""
+def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
+                     biases: dict[int, dict[str, list[float]]] | None = None) -> list[float]:
+    """Per-step mean loss; steps in ``skip`` (1-based) consume their batch but change nothing.
+    ``biases``, when given, receives the routers' expert biases after every step (step -> layer -> values)."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.moe, seed=t.seed)
@@ -44,13 +46,17 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset()) -> l
     data = DistributedBatches(TokenWindows(cfg.data.data_dir, "train", cfg.data.seq_len), t.batch_size,
                               t.micro_batch_size, 0, 1, seed=t.seed)
     losses = []
+    rate = cfg.moe.expert_bias_update_rate
     for step in range(1, steps + 1):
         micro = data.next()
         total = 0.0
+        counts: dict[int, torch.Tensor] = {}  # MoE layer -> tokens per expert over the whole step
         for x, y in micro:
             out = model(x, y)
             (out.loss / len(micro)).backward()
             total += out.loss.item()
+            for i, st in out.router_stats.items():
+                counts[i] = counts.get(i, 0) + st.tokens_per_expert.float()
         if step in skip:
             opt.zero_grad()
             losses.append(float("nan"))
@@ -60,5 +66,12 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset()) -> l
         opt.step()
         opt.zero_grad()
         sched.step()
+        if rate > 0:  # aux-loss-free balancing, written out: bias += rate * sign(mean load - load)
+            for i, c in counts.items():
+                bias = model.layers[i].ffn.router.expert_bias
+                with torch.no_grad():
+                    bias += rate * torch.sign(c.mean() - c)
+            if biases is not None:
+                biases[step] = {str(i): model.layers[i].ffn.router.expert_bias.tolist() for i in sorted(counts)}
         losses.append(total / len(micro))
     return losses
