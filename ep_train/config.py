@@ -104,6 +104,7 @@ class TrainConfig:
     router_lr_multiplier: float = 1.0  # guides recommend 2-5x for the router
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
+    recompute: str = "full"  # with activation_checkpointing: "full" block | "attention" only | "experts" (MoE layers)
     log_interval: int = 10
     log_expert_stats: bool = True
     eval_interval: int = 0  # 0 = never
@@ -567,6 +568,10 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
         _check(e.capacity_factor > 0 and math.isfinite(e.capacity_factor), "moe.capacity_factor", e.capacity_factor,
                "must be a positive number (1.0-1.25 is typical) or null for dropless")
     _check(e.drop_policy in ("drop", "overflow"), "moe.drop_policy", e.drop_policy, "use 'drop' or 'overflow'")
+    tr = getattr(cfg, "train", None)
+    if tr is not None:
+        _check(tr.recompute in ("full", "attention", "experts"), "train.recompute", tr.recompute,
+               "use 'full' (whole blocks), 'attention' or 'experts' (the MoE layers)")
     _check(e.cv_loss_weight >= 0, "moe.cv_loss_weight", e.cv_loss_weight, "must be >= 0 (0.01 is typical; 0 = off)")
     _check(e.router_entropy_loss_weight >= 0, "moe.router_entropy_loss_weight", e.router_entropy_loss_weight,
            "must be >= 0 (0 = off)")

@@ -19,7 +19,7 @@ import torch.nn as nn
 from ep_train.config import Config, check_ep_layout
 from ep_train.model.dispatch import LocalDispatcher
 from ep_train.model.moe import MoELayer, RouterStats
-from ep_train.model.transformer import Block
+from ep_train.model.transformer import Attention, Block
 from ep_train.parallel.dispatch import AllToAllDispatcher
 
 
@@ -95,35 +95,51 @@ _CHECKPOINTED: dict[type, type] = {}
 
 
 def _checkpointed_class(cls: type) -> type:
-    """A subclass of the block type whose call runs under activation checkpointing.
+    """A subclass of ``cls`` whose call runs under activation checkpointing.
 
-    The block's own ``__call__`` (and so every ZeRO-3 hook of its children) runs inside
+    The module's own ``__call__`` (and so every ZeRO-3 hook of its children) runs inside
     ``torch.utils.checkpoint``. Routing statistics come out of the first forward only (returned,
     never accumulated in buffers), so the recompute cannot count them twice; every rank recomputes
-    the same blocks in the same order, so the all-to-alls still pair up. A class swap, not a wrapper
-    module, so parameter names (checkpoints, Hugging Face export) do not change.
+    the same modules in the same order, so the all-to-alls still pair up. The RNG state is replayed
+    (router noise, expert dropout draw the same values). A class swap, not a wrapper module, so
+    parameter names (checkpoints, Hugging Face export) do not change. Without gradients (eval,
+    generation with a KV cache) there is nothing to recompute and the plain call runs.
     """
     if cls not in _CHECKPOINTED:
-        def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                     ) -> tuple[torch.Tensor, RouterStats | None]:
+        def __call__(self, *args: object, **kwargs: object) -> object:
             call = super(sub, self).__call__
+            if not torch.is_grad_enabled() or kwargs:
+                return call(*args, **kwargs)
 
-            def run(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-                y, st = call(h, cos, sin)
-                return y, (st.as_tensor() if st is not None else None)  # tensors only through checkpoint
+            def run(*a: object) -> object:
+                out = call(*a)
+                if isinstance(out, tuple):  # (y, RouterStats | None): tensors only through checkpoint
+                    y, st = out
+                    return y, (st.as_tensor() if st is not None else None)
+                return out
 
-            y, packed = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-            return y, (RouterStats.from_tensor(packed) if packed is not None else None)
+            out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+            if isinstance(out, tuple):
+                y, packed = out
+                return y, (RouterStats.from_tensor(packed) if packed is not None else None)
+            return out
 
         sub = type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
         _CHECKPOINTED[cls] = sub
     return _CHECKPOINTED[cls]
 
 
-def checkpoint_blocks(model: nn.Module) -> nn.Module:
-    """Activation checkpointing of every transformer block (see ``_checkpointed_class``)."""
+# train.recompute: what activation checkpointing recomputes in the backward
+RECOMPUTE: dict[str, type] = {"full": Block, "attention": Attention, "experts": MoELayer}
+
+
+def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
+    """Activation checkpointing: ``full`` recomputes every transformer block (least memory), ``attention``
+    only the attention sub-blocks, ``experts`` only the MoE layers (router, all-to-all, experts; the
+    dense parts keep their activations). See ``_checkpointed_class``."""
+    target = RECOMPUTE[policy]
     for module in model.modules():
-        if isinstance(module, Block):
+        if isinstance(module, target):
             module.__class__ = _checkpointed_class(type(module))
     return model
 
@@ -137,7 +153,7 @@ def parallelize(model: nn.Module, cfg: Config, layout: ParallelLayout, *, deepsp
     if cfg.moe.balance_stats == "global_batch" and layout.world_size > 1 and dist.is_initialized():
         _global_balance_counts(model)
     if cfg.train.activation_checkpointing:
-        checkpoint_blocks(model)
+        checkpoint_blocks(model, cfg.train.recompute)
     if deepspeed:
         from ep_train.parallel.zero import tag_experts_for_deepspeed
 
