@@ -144,6 +144,17 @@ def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
     return model
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """``train.compile``: ``torch.compile`` per transformer block (``nn.Module.compile``: the block's call,
+    ZeRO-3's gather hooks and the recompute wrapper included). The MoE layer's host syncs (token counts
+    for the all-to-all and the grouped matmul) and DeepSpeed's hooks break the graph into pieces; the
+    pieces between them (norms, attention, rotary, SwiGLU math) are what gets fused."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
+    return model
+
+
 def parallelize(model: nn.Module, cfg: Config, layout: ParallelLayout, *, deepspeed: bool = True) -> nn.Module:
     """Keep this rank's experts, route with all-to-all over the EP group, recompute blocks when
     ``train.activation_checkpointing`` is on, and (``deepspeed``) give DeepSpeed the expert-placement
@@ -171,5 +182,5 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup) -> nn.M
     return model
 
 
-__all__ = ["AllToAllDispatcher", "LocalDispatcher", "ParallelLayout", "apply_expert_parallel", "checkpoint_blocks",
+__all__ = ["compile_blocks", "AllToAllDispatcher", "LocalDispatcher", "ParallelLayout", "apply_expert_parallel", "checkpoint_blocks",
            "parallelize"]

@@ -24,7 +24,7 @@ from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.verify import verify_for_training
 from ep_train.model.moe import update_expert_biases
 from ep_train.model.transformer import Transformer, build_model
-from ep_train.parallel import parallelize
+from ep_train.parallel import compile_blocks, parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
 from ep_train.sizes import model_size
 from ep_train.stdio import keep_running_on_broken_pipe
@@ -107,6 +107,8 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
         self.model: Transformer = model
+        if t.compile:
+            compile_blocks(model)
         report = partition_report(model)
         (run_dir / "partitions").mkdir(parents=True, exist_ok=True)
         (run_dir / "partitions" / f"rank{self.rank}.json").write_text(json.dumps(report))
