@@ -82,3 +82,14 @@ def test_moe_vs_dense_bench_small() -> None:
     assert m["total"] > d["total"] and abs(m["active"] - d["active"]) / d["active"] < 0.05
     assert d["tok_s"] > 0 and m["tok_s"] > 0
     assert "validation loss" in reading(out)
+
+
+def test_recompute_bench_small() -> None:
+    """Every policy runs end to end and computes the same function."""
+    from bench.recompute import main
+
+    out = main(["--small"])
+    assert set(out) == {"no recompute", "recompute full blocks", "recompute attention only", "recompute experts only"}
+    losses = [r["loss"] for r in out.values()]
+    assert max(losses) - min(losses) < 1e-4
+    assert all(r["tok_s"] > 0 and r["rss"] > 0 for r in out.values())
