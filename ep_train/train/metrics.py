@@ -109,6 +109,14 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, "tokens": tokens, "val_loss": val_loss}) + "\n")
         self.jsonl.flush()
 
+    def log_memory(self, step: int, phase: str, max_rss_mb: float) -> None:
+        """A memory mark: ``setup`` (engine built, before the first step) or ``final`` (after the last save)."""
+        if not self.enabled:
+            return
+        print(f"peak RSS of the largest rank, {phase}: {max_rss_mb:,.0f} MiB", flush=True)
+        self.jsonl.write(json.dumps({"step": step, "phase": phase, f"{phase}_max_rss_mb": max_rss_mb}) + "\n")
+        self.jsonl.flush()
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

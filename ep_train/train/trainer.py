@@ -315,6 +315,7 @@ class Trainer:
             print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
                   f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
                   f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
+        self.metrics.log_memory(self.step, "setup", self._max_rss_mb())  # collective; set-up ends here
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         last_log, t_log = self.step, time.monotonic()
         while self.step < t.max_steps:
@@ -351,6 +352,7 @@ class Trainer:
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.max_steps:
                 self.save()
         self.save()
+        self.metrics.log_memory(self.step, "final", self._max_rss_mb())  # the whole run, the last save included
         self.metrics.close()
         return 0
 

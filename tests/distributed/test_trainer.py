@@ -208,7 +208,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, built) -> None:
     run = tmp_path / "one"
     train(run, built, 2, "--ep_size", "2", "--inject_nonfinite_steps", "3")
     _assert_close(losses(run), ref, skip={3})  # step 3 changed nothing: later losses follow the reference
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    last = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
     assert last["skipped_steps"] == 1
 
     # NaN in one parameter's gradient (the loss stays finite): DeepSpeed skips the update, counted alike;
@@ -232,3 +232,17 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, built) -> None:
                 expect_rc=1)  # torchrun reports a failed worker as 1
     assert "3 consecutive steps had a non-finite loss" in out
     assert (run / "checkpoints" / "latest").read_text() == "step_00000005"
+
+
+def test_memory_marks_in_metrics(tmp_path, built) -> None:
+    """The set-up peak (engine built, before step 1) and the final peak (after the last save) are logged."""
+    run = tmp_path / "run"
+    out = train(run, built, 2, "--ep_size", "2", "--max_steps", "2", "--warmup_steps", "1")
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    setup = [r for r in recs if r.get("phase") == "setup"]
+    final = [r for r in recs if r.get("phase") == "final"]
+    steps = [r for r in recs if "max_rss_mb" in r]
+    assert len(setup) == 1 and len(final) == 1 and steps
+    assert recs.index(setup[0]) < recs.index(steps[0]) and recs[-1] is final[0]
+    assert 0 < setup[0]["setup_max_rss_mb"] <= steps[-1]["max_rss_mb"] <= final[0]["final_max_rss_mb"]
+    assert "peak RSS of the largest rank, setup" in out
