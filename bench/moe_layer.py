@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
 
     from ep_train.model.experts import SwiGLU
     from ep_train.model.moe import MoELayer
+    from ep_train.model.router import Router
     from ep_train.parallel import apply_expert_parallel
 
     device = args.device
@@ -98,20 +99,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
         xe.grad = None
 
     res["ep-train"] = _time_iters(ep_step, args.iters, args.repeat, device)
-    # all-to-all volume of one forward: rows this rank sends to the other rank vs the minimum
-    with torch.no_grad():
-        r = layer.router(x)
-        ids = r.expert_ids[r.keep]  # [kept assignments]
-        owner = ids // (E // world)
-        leaving = int((owner != rank).sum())  # routed (token, expert) rows that must leave the rank
-        # token-level minimum: a token needs to reach each remote rank once, whatever its expert count there
-        per_token = torch.zeros(t, world, dtype=torch.bool, device=x.device)
-        per_token[torch.arange(t, device=x.device).repeat_interleave(K)[r.keep.reshape(-1)], owner] = True
-        per_token[:, rank] = False
-        _, _, meta = layer.dispatcher.dispatch(x, r.expert_ids, r.keep)  # what the dispatcher really sends
-        sent["dropless minimum (routed assignments leaving the rank)"] = leaving
-        sent["ep-train (its all-to-all send splits)"] = sum(n for i, n in enumerate(meta.send_splits) if i != rank)
-        sent["token-level minimum (unique token, remote rank pairs)"] = int(per_token.sum())
+    # all-to-all volume of one forward: rows this rank sends to the other ranks, and the counts from the routing
+    sent.update(_rows_sent(layer.router, layer.dispatcher, x, rank, world, ""))
+    # group-limited routing (DeepSeek-V2): groups = the EP ranks' experts, each token picks 1 group
+    grouped = Router(d, E, K, num_groups=world, top_groups=1)
+    grouped.load_state_dict(layer.router.state_dict())  # the same router weights as the unlimited row
+    sent.update(_rows_sent(grouped.to(device), layer.dispatcher, x, rank, world, "top_groups 1 of 2: "))
+    leaving = sent["ep-train (its all-to-all send splits)"]
 
     # ---- DeepSpeed MoE (its long-standing layer), same expert math
     from deepspeed.moe.layer import MoE
@@ -167,6 +161,48 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
     queue.put((rank, res, sent, profiles))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _rows_sent(router, dispatcher, x: torch.Tensor, rank: int, world: int, prefix: str) -> dict[str, int]:
+    """Rows of D one dispatch sends to other ranks: one per routed (token, expert) assignment (what
+    ep-train sent before dedup), what the dispatcher really sends, and the token-level minimum."""
+    t = x.shape[0]
+    with torch.no_grad():
+        r = router(x)
+        owner = r.expert_ids // (E // world)  # [T, K] EP rank of each assignment
+        remote = r.keep & (owner != rank)
+        per_token = torch.zeros(t, world + 1, dtype=torch.bool, device=x.device)  # column world: not remote
+        per_token.scatter_(1, owner.masked_fill(~remote, world), True)
+        _, _, meta = dispatcher.dispatch(x, r.expert_ids, r.keep)
+    return {prefix + "per-assignment rows (routed assignments leaving the rank)": int(remote.sum()),
+            prefix + "ep-train (its all-to-all send splits)":
+                sum(n for i, n in enumerate(meta.send_splits) if i != rank),
+            prefix + "token-level minimum (unique token, remote rank pairs)": int(per_token[:, :world].sum())}
+
+
+def _combine_bench(t: int, d: int, repeat: int) -> dict[str, list[float]]:
+    """The combine alone, forward + backward, one thread: index_add vs the slot gather (interleaved)."""
+    from ep_train.model.dispatch import LocalDispatcher, weighted_scatter
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.argsort(torch.rand(t, E, generator=g), dim=1)[:, :K]  # [T, K] distinct experts
+    disp = LocalDispatcher(E)
+    x = torch.randn(t, d, generator=g)
+    _, _, meta = disp.dispatch(x, ids, torch.ones_like(ids, dtype=torch.bool))
+    y0, gout = torch.randn(t * K, d, generator=g), torch.randn(t, d, generator=g)
+    w0 = torch.rand(t, K, generator=g)
+    fns = {"index_add (zeros + index_add of y * w)": lambda y, w: weighted_scatter(y, w, meta.layout.slot, t),
+           "slot gather + bmm (ep-train)": lambda y, w: disp.combine(y, w, meta)}
+    out: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeat + 1):
+        for name, fn in fns.items():
+            y, w = y0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            fn(y, w).backward(gout)
+            if i:  # the first round warms up
+                out[name].append((time.perf_counter() - t0) * 1000)
+    return out
 
 
 def _profile(fn, device: str, rows: int = 8) -> str:
@@ -282,17 +318,25 @@ def main(argv: list[str] | None = None) -> dict:
         med, lo, hi = stats(ts)
         rows.append(f"| {name} | {med:.1f} ({lo:.1f}-{hi:.1f}) | {med / ours:.2f} |")
     sent = {k: sum(r[2][k] for r in results) for k in results[0][2]}
-    minimum = sent["dropless minimum (routed assignments leaving the rank)"]
-    rows2 = ["| rows of D sent to the other rank (both ranks, one dispatch) | rows | ratio to the dropless minimum |",
+    base = sent["per-assignment rows (routed assignments leaving the rank)"]
+    rows2 = ["| rows of D sent to the other rank (both ranks, one dispatch) | rows | ratio to one row per assignment |",
              "|---|---|---|"]
     for name, v in sent.items():
-        rows2.append(f"| {name} | {v:,} | {v / minimum:.2f} |")
-    table, table2 = "\n".join(rows), "\n".join(rows2)
+        rows2.append(f"| {name} | {v:,} | {v / base:.2f} |")
+    comb_t, comb_d = (256, 64) if args.small else (8192, 1024)
+    combine = _combine_bench(comb_t, comb_d, args.repeat)
+    rows3 = [f"| combine, fwd + bwd (T={comb_t}, D={comb_d}, K={K}, 1 thread) | ms, median (min-max) |", "|---|---|"]
+    for name, ts in combine.items():
+        med, lo, hi = stats(ts)
+        rows3.append(f"| {name} | {med:.1f} ({lo:.1f}-{hi:.1f}) |")
+    table, table2, table3 = "\n".join(rows), "\n".join(rows2), "\n".join(rows3)
     profiles = "\n".join(f"{name} (rank 0, two iterations):\n\n```\n{text.strip()}\n```\n"
                          for name, text in results[0][3].items())
     print(table)
     print()
     print(table2)
+    print()
+    print(table3)
     ds_ratio = stats(times["DeepSpeed MoE"])[0] / ours
     aep_ratio = stats(times["DeepSpeed AutoEP"])[0] / ours
     lim_ratio = ours / stats(limit)[0]
@@ -320,18 +364,25 @@ as many back):
 
 {table2}
 
-The minimum is counted from the routing decisions; ep-train's number is read from its dispatcher's
-all-to-all send splits. ep-train sends one row per (token, expert) assignment: a token whose two
-experts share a remote rank crosses twice, so the token-level minimum is lower still (sending such a
-token once and expanding it on the receiver is a possible improvement). DeepSpeed pads every expert
-to the busiest expert's count (its capacity buffers with drop_tokens=False).
+The per-assignment and token-level counts come from the routing decisions; ep-train's numbers are
+read from its dispatcher's all-to-all send splits. ep-train sends a token once per remote rank that
+holds any of its experts and expands it there; the receiver returns one partial weighted sum per
+(token, rank), so the combine's exchange shrinks the same way. The "top_groups 1 of 2" rows route
+with the same router weights, limited to one group of experts (groups = the EP ranks' experts,
+DeepSeek-V2 device-limited routing): a token then reaches at most one remote rank. DeepSpeed pads
+every expert to the busiest expert's count (its capacity buffers with drop_tokens=False).
+
+The combine alone (one process, one thread, forward + backward, index_add and the slot gather
+interleaved in one run):
+
+{table3}
 
 Where the time goes (torch.profiler, operators by self CPU time; `aten::mm`/`bmm`/`addmm` are the expert
 matmuls, which both layers spend most of their time in):
 
 {profiles}
 """)
-    return {"times": times, "sent": sent, "profiles": results[0][3]}
+    return {"times": times, "sent": sent, "combine": combine, "profiles": results[0][3]}
 
 
 if __name__ == "__main__":
