@@ -1,4 +1,5 @@
-"""``ep-train convert``: Hugging Face Mixtral out (``to-hf``) and in (``from-hf``), and dense -> MoE (``upcycle``)."""
+"""``ep-train convert``: Hugging Face Mixtral out (``to-hf``) and in (``from-hf``), dense -> MoE (``upcycle``),
+and ``reshard`` (the offline form of resuming at another world/EP size)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,20 @@ def main(argv: list[str]) -> int:
                     help="zeros: uniform routing, the MoE computes the dense model; normal: moe.router_init_std")
     up.add_argument("--seed", type=int, default=0, help="seed of the noise and the normal router")
     up.add_argument("--config", default=None, help="base run config (data, training); the model comes from --dense")
+    rs = sub.add_parser("reshard", help="prepare a checkpoint for resuming at any world/EP size ahead of time (the "
+                        "trainer does it by itself at resume; for big models, do it here, off the cluster's clock)")
+    rs.add_argument("--checkpoint", required=True, help="run directory (latest checkpoint) or checkpoints/step_N")
     args, rest = ap.parse_known_args(argv)
+    if args.cmd == "reshard":
+        if rest:
+            ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        from ep_train.interop.universal import find_checkpoint, to_universal
+
+        step = find_checkpoint(args.checkpoint)
+        out = to_universal(step)
+        print(f"wrote {out}: every parameter whole, experts by global id; `ep-train train ... --resume {step}` "
+              "now resumes at any world size and parallel.ep_size that divides the experts, without converting")
+        return 0
     if args.cmd == "to-hf":
         if rest:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")

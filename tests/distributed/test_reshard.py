@@ -9,6 +9,8 @@ so only the gradient accumulation changes (2 at world 2, 4 at world 1).
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,12 @@ def resumed(straight, built) -> dict[str, Path]:
     procs, runs = {}, {}
     for name, (src, nproc, ep) in shapes.items():
         ckpt = _copy_step4(straight[src], root / f"{name}_ckpt")
+        if name == "w2ep2_to_w2ep1":  # converted ahead of time by the offline form; the resume reuses it
+            p = subprocess.run([sys.executable, "-m", "ep_train.cli", "convert", "reshard", "--checkpoint", str(ckpt)],
+                               capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0 and "resumes at any world size" in p.stdout, p.stdout + p.stderr
+            runs["offline_stamp"] = ckpt / "universal" / "zero"
+            runs["offline_mtime"] = runs["offline_stamp"].stat().st_mtime_ns  # type: ignore[assignment]
         runs[name] = root / name
         procs[name] = launch(runs[name], built, nproc, *ARGS, "--ep_size", ep, "--resume", str(ckpt))
     _wait(root, procs)
@@ -77,6 +85,11 @@ def test_resume_at_another_shape_continues_the_run(resumed, straight, name, ref)
     _assert_matches(losses(resumed[name]), losses(straight[ref]))
     log = (resumed[name].parent / f"{name}.log").read_text()
     assert "resumed from" in log and "at step 4 (32 samples), resharded (" in log, log[-3000:]
+
+
+def test_the_offline_conversion_is_reused(resumed) -> None:
+    """ep-train convert reshard wrote the universal form; the resume used it instead of converting again."""
+    assert resumed["offline_stamp"].stat().st_mtime_ns == resumed["offline_mtime"]
 
 
 def test_the_conversion_is_kept_and_the_checkpoint_still_verifies(resumed, straight) -> None:
