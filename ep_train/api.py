@@ -20,6 +20,7 @@ import torch
 from ep_train.config import Config
 from ep_train.generation import generate
 from ep_train.model.init import ValueSource
+from ep_train.model.moe import set_expert_biases
 from ep_train.model.transformer import Transformer, build_model
 
 if TYPE_CHECKING:
@@ -132,6 +133,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
     cfg, source, weights, candidates = resolve(path)
     model = build_model(cfg.model, cfg.moe, device=device, source=source).to(dtype).eval()
+    state_file = weights / "ep_train_state.json"
+    if state_file.is_file():  # aux-loss-free expert biases live beside DeepSpeed's files (selection only)
+        set_expert_biases(model, json.loads(state_file.read_text()).get("expert_bias", {}))
     tok_path = Path(tokenizer) if tokenizer is not None else next((c for c in candidates if c.is_file()), None)
     sp = load_tokenizer(tok_path) if tok_path is not None else None
     if sp is not None and sp.get_piece_size() > cfg.model.vocab_size:

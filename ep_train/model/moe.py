@@ -96,6 +96,21 @@ def update_expert_biases(model: nn.Module, counts: dict[int, torch.Tensor]) -> N
             router.update_bias(c)
 
 
+def expert_biases(model: nn.Module) -> dict[str, list[float]]:
+    """The routers' aux-loss-free biases by MoE layer index (str keys: they go into JSON)."""
+    return {str(i): b.ffn.router.expert_bias.tolist() for i, b in enumerate(getattr(model, "layers"))
+            if isinstance(b.ffn, MoELayer) and b.ffn.router.expert_bias is not None}
+
+
+def set_expert_biases(model: nn.Module, biases: dict[str, list[float]]) -> None:
+    """Put saved biases (``expert_biases``' output, from ``ep_train_state.json``) back, exactly."""
+    layers = getattr(model, "layers")
+    for i, values in biases.items():
+        bias = layers[int(i)].ffn.router.expert_bias
+        assert bias is not None, f"layer {i} has no expert bias to restore"
+        bias.copy_(torch.tensor(values, dtype=bias.dtype))
+
+
 @contextlib.contextmanager
 def inference_routing(model: nn.Module, experts_per_token: int | None = None) -> Iterator[None]:
     """Route for inference inside the block; every MoE layer gets its own settings back on exit.

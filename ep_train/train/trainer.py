@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ep_train.config import Config, config_to_dict, load_config, parse_overrides, validate
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.verify import verify_for_training
-from ep_train.model.moe import update_expert_biases
+from ep_train.model.moe import expert_biases, set_expert_biases, update_expert_biases
 from ep_train.model.transformer import Transformer, build_model
 from ep_train.parallel import compile_blocks, parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
@@ -137,7 +137,7 @@ class Trainer:
         state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
                  "world_size": self.world, "config": config_to_dict(self.cfg)}
         if self._biased_layers():  # in the JSON, not DeepSpeed's files: exact (float32 -> float64 -> float32)
-            state["expert_bias"] = {str(i): r.expert_bias.tolist() for i, r in self._biased_layers().items()}
+            state["expert_bias"] = expert_biases(self.model)
         estimate = model_size(self.cfg).total * 16  # fp32 parameters + master copy + two Adam moments
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_last, estimate)
         if self.rank == 0:
@@ -157,9 +157,7 @@ class Trainer:
             resume.restore_group_tags(optimizer, tags)  # DeepSpeed's universal load overwrote them
         self.step, self.skipped = state["step"], state["skipped_steps"]
         self.batches.consumed_samples = state["consumed_samples"]
-        for i, bias in state.get("expert_bias", {}).items():  # the moe section cannot change on resume
-            router = self._biased_layers()[int(i)]
-            router.expert_bias.copy_(torch.tensor(bias, dtype=router.expert_bias.dtype))
+        set_expert_biases(self.model, state.get("expert_bias", {}))  # the moe section cannot change on resume
         changed = resume.apply_changes(self.scheduler, state["config"], self.cfg, self.step,
                                        force=plan.universal is not None)
         if self.rank == 0:
