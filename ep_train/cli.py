@@ -87,7 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(f"usage: ep-train {{{','.join(commands)}}} --config C.yaml [--section.key value ...]", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"ep-train: error: unknown command {argv[0]!r}", file=sys.stderr)
+        print("usage: ep-train COMMAND ...   (ep-train COMMAND --help for its options)\n"
+              "  train --config C.yaml [--section.key value ...]   the trainer (under torchrun/deepspeed)\n"
+              "  plan --config C.yaml [--nodes N --gpus-per-node G]   parameters and per-rank memory\n"
+              "  check --config C.yaml [--world-size N]            the config's checks, nothing else\n"
+              "  generate --checkpoint PATH --prompt TEXT           sampling with a KV cache\n"
+              "  convert {to-hf,from-hf,upcycle,reshard} ...        Hugging Face in/out, dense -> MoE, resharding\n"
+              "  analyze-experts --checkpoint PATH --data DIR --output DIR   what each expert takes",
+              file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     errors: tuple[type[Exception], ...] = (ValueError,)
     if argv[0] == "train":  # only the trainer needs torch; plan and check stay quick
