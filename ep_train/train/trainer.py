@@ -372,4 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         # failed resume included), only a new, successful stop writes one (sbatch requeues on it).
         (run_dir / STOP_MARKER).unlink(missing_ok=True)
     trainer = Trainer(cfg, run_dir, stop)
-    return trainer.fit()
+    rc = trainer.fit()
+    # Every rank got here (fit ends with a collective save): an orderly teardown, so that no gloo/NCCL
+    # worker thread is still running while the interpreter exits (a rank once aborted with "terminate
+    # called without an active exception" after its final save). Not on errors: a peer may be gone.
+    dist.barrier()
+    dist.destroy_process_group()
+    return rc
