@@ -146,6 +146,10 @@ def test_routing_variants_under_zero3_offload_match_single_process(tmp_path, bui
         assert abs(got[step] - ref[step - 1]) <= 1e-5 * abs(ref[step - 1]), (step, got[step], ref[step - 1])
     final = json.loads((resumed / "checkpoints" / "step_00000020" / "ep_train_state.json").read_text())
     assert final["expert_bias"] == saved[1]  # bit-exact after the round trip and 10 more updates
+    import ep_train
+    from ep_train.model.moe import expert_biases
+
+    assert expert_biases(ep_train.load(resumed).model) == saved[1]  # generation selects as training did
 
 
 def test_expert_choice_trains_under_zero3_offload(tmp_path, built) -> None:
