@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_section, machine, stats, timed  # noqa: E402
+from bench.targets import describe  # noqa: E402
+from bench.targets import verdict as target_verdict  # noqa: E402
 
 _sp = None
 
@@ -111,18 +113,17 @@ def main(argv: list[str] | None = None) -> dict:
     table = "\n".join(rows)
     print(table)
     share = (tokens["ep-train"] / stats(results["ep-train"])[0]) / lim_rate
-    verdict = "met" if share >= 0.85 else "MISSED"
+    verdict = target_verdict("data_prep_share", share)
     if args.write:
         append_section("Data preparation", f"""
 `python bench/data_prep.py --workers {args.workers} --repeat {args.repeat} --write` on {machine()}.
 Corpus: {len(texts)} documents, every `.py` file of the Python standard library; sentencepiece BPE, 4096 pieces;
-{args.workers} processes for every tool. Target: ep-train at least 85% of the limit: **{verdict}** ({share:.0%}).
+{args.workers} processes for every tool. Target (bench/targets.py): ep-train's tokens/s {describe('data_prep_share')} of the limit's: **{verdict}** ({share:.0%}).
 
 {table}
 
 The limit only encodes documents already in memory; ep-train also reads and decodes the files
-(plain text is read directly: through `datasets`' text loader the per-file set-up cost a third of the
-build time), splits train/validation, writes shards and hashes them. Token counts differ by a few
+(plain text directly, not through `datasets`' text loader), splits train/validation, writes shards and hashes them. Token counts differ by a few
 tokens: the limit reads in text mode, which turns `\\r\\n` into `\\n`; ep-train keeps the bytes as they are.
 """)
     return {"share": share, "tokens": tokens}

@@ -53,7 +53,7 @@ def main() -> None:
         def forward(self, x: torch.Tensor):  # type: ignore[override]
             y, aux, counts = self.moe(x)
             zero = aux.detach() * 0
-            return y, RouterStats(aux, zero, counts.detach(), zero, zero, zero)
+            return y, RouterStats(aux, zero, counts.detach(), zero, zero, zero, zero)  # no entropy or CV losses
 
     model = build_model(m, e, seed=t.seed)
     for block in model.layers:

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import DOC, append_section, machine  # noqa: E402
+from bench.targets import TARGETS, describe  # noqa: E402
+from bench.targets import verdict as target_verdict  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
 SETUP_LINE = "training: world"  # the trainer prints it once the engine is built, before step 1
@@ -433,8 +435,10 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
     setups = ", ".join(f"{_gib(max(r['setup_peak']))}" for r in ran)
     shrink = (f"A rank's set-up peak shrinks with the world size: **{'yes' if result['shrinks'] else 'NO'}** "
               f"({setups} GiB at world {', '.join(str(r['world']) for r in ran)}).")
-    within = [r for r in ran if abs(r["plan_host"] / max(r["train_peak"]) - 1) <= 0.15]
-    plan_v = f"`ep-train plan --device cpu` within 15% of the measured training peak: {len(within)} of {len(ran)} runs."
+    within = [r for r in ran
+              if target_verdict("scale_plan_error", abs(r["plan_host"] / max(r["train_peak"]) - 1)) == "met"]
+    plan_v = (f"`ep-train plan --device cpu` error against the measured training peak {describe('scale_plan_error')}: "
+              f"{len(within)} of {len(ran)} runs.")
     lrows = ["| precision | layers | parameters | result | training peak, summed | bytes / parameter (summed) | "
              "vs 18-byte floor | plan (per rank) / measured | seconds |", "|---|---|---|---|---|---|---|---|---|"]
     best: dict[str, dict[str, Any]] = {}
@@ -453,16 +457,19 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
             best[r["precision"]] = r
     verdicts = []
     bf = best.get("bf16")
-    verdicts.append(f">= 1.0B parameters trained in bf16 with CPU offload at world 2: "
-                    f"**{'met' if bf and bf['params'] >= 1e9 else 'MISSED'}** (largest that trained: "
-                    f"{bf['params'] / 1e9:.3f}B)" if bf else ">= 1.0B parameters in bf16: **MISSED** (no bf16 run trained)")
+    goal = f"Largest MoE trained in bf16 with CPU offload at world 2 {describe('scale_bf16_params')} parameters"
+    verdicts.append(f"{goal}: **{target_verdict('scale_bf16_params', bf['params'])}** (largest that trained: "
+                    f"{bf['params'] / 1e9:.3f}B)" if bf else f"{goal}: **MISSED** (no bf16 run trained)")
     fp = next((r for r in largest if r["precision"] == "fp32" and r["name"] == "largest_8l" and r.get("finite")), None)
     if fp:
         bpp = sum(fp["train_peak"]) / fp["params"]
-        verdicts.append(f"583M in fp32 at world 2 at most 22 bytes per parameter (summed over ranks): "
-                        f"**{'met' if bpp <= 22 else 'MISSED'}** ({bpp:.1f} bytes)")
+        verdicts.append(f"583M in fp32 at world 2, {describe('scale_fp32_bytes_per_param')} per parameter (summed "
+                        f"over ranks): **{target_verdict('scale_fp32_bytes_per_param', bpp)}** ({bpp:.1f} bytes)")
     else:
-        verdicts.append("583M in fp32 at world 2, <= 22 bytes per parameter: **not measured**")
+        verdicts.append(f"583M in fp32 at world 2, {describe('scale_fp32_bytes_per_param')} per parameter: "
+                        "**not measured**")
+    verdicts.append(f"{TARGETS['scale_nvme_params'].what}: {describe('scale_nvme_params')} parameters: "
+                    "**not measured** here")
     return f"""`python bench/scale.py{' --small' if args.small else ''} --write` on {machine()}.
 Every run: `ep_train.train` under torchrun, gloo, 1 thread per rank, {STEPS} steps, seq_len {seq}, micro batch 1,
 activation checkpointing, CPU offload. Peaks are VmHWM of each rank process read from /proc by this script:

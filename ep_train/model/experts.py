@@ -74,6 +74,11 @@ class GroupedExperts(nn.Module):
         are the same on every rank whatever the routing.
         """
         assert len(counts) == self.num_local_experts and sum(counts) == x.shape[0], (counts, x.shape)
+        # A profiler scope (bench/step_breakdown.py counts the matmuls under it; nearly free without a profiler).
+        with torch.profiler.record_function("ep_train.experts"):
+            return self._forward(x, counts)
+
+    def _forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
         if x.shape[0] > 0 and _grouped_mm_ok(x, w1, w2, w3):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)

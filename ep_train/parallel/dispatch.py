@@ -33,6 +33,9 @@ import torch.distributed as dist
 from ep_train.model.dispatch import SlotLayout, combine_slots, expand, slot_layout
 
 
+A2A_SCOPE = "ep_train.all_to_all"  # profiler scope of every EP exchange (tokens, counts, expert membership)
+
+
 class _AllToAll(torch.autograd.Function):
     """Uneven all_to_all_single whose backward is the reverse exchange."""
 
@@ -40,13 +43,15 @@ class _AllToAll(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> torch.Tensor:
         ctx.send, ctx.recv, ctx.group = send, recv, group
         out = x.new_empty(sum(recv), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)  # communication
+        with torch.profiler.record_function(A2A_SCOPE):  # bench/step_breakdown.py reads this scope
+            dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)  # communication
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
-        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)  # communication
+        with torch.profiler.record_function(A2A_SCOPE):
+            dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)  # communication
         return out, None, None, None
 
 
@@ -97,7 +102,8 @@ class AllToAllDispatcher:
         need = routed.any(-1)  # [T, ep] token t crosses to rank r (once)
         counts = torch.cat([routed.sum(0), need.sum(0)[:, None]], 1)  # [ep, E_l + 1]: per expert, rows
         recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)  # communication: counts exchange
+        with torch.profiler.record_function(A2A_SCOPE):
+            dist.all_to_all_single(recv_counts, counts, group=self.group)  # communication: counts exchange
         both = torch.cat([counts, recv_counts]).tolist()  # the one host sync of the layer
         send_splits = [row[el] for row in both[:ep]]
         recv_splits = [row[el] for row in both[ep:]]
@@ -111,7 +117,8 @@ class AllToAllDispatcher:
         send_layout = slot_layout(send_token * c_s + c, t, c_s)
         member = routed[send_token, send_rank].to(torch.uint8)  # [M_s, E_l]
         recv_member = member.new_empty(sum(recv_splits), el)
-        dist.all_to_all_single(recv_member, member, recv_splits, send_splits, group=self.group)  # communication
+        with torch.profiler.record_function(A2A_SCOPE):
+            dist.all_to_all_single(recv_member, member, recv_splits, send_splits, group=self.group)  # communication
         received = all_to_all(expand(x, send_layout), send_splits, recv_splits, self.group)  # [M, D] source-major
 
         # Receiver: expand each received row to its local experts, expert-major.

@@ -193,7 +193,8 @@ class Trainer:
             # optimizer step and clears the gradients (DeepSpeed's overflow path), and every rank
             # still enters the same collectives.
             self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed counts micro-steps: only the last one of the batch updates
+            with torch.profiler.record_function("ep_train.optimizer_step"):  # read by bench/step_breakdown.py
+                self.engine.step()  # DeepSpeed counts micro-steps: only the last one of the batch updates
             sums += torch.tensor([loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()],
                                  dtype=torch.float64)
             for i, st in out.router_stats.items():

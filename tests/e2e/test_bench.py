@@ -9,11 +9,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def test_moe_layer_bench_small() -> None:
-    from bench.moe_layer import main
+    from bench.moe_layer import ROUTINGS, main
 
     out = main(["--small"])
-    assert {"ep-train", "DeepSpeed MoE", "DeepSpeed AutoEP", "HF Mixtral block (1 process)",
-            "limit (matmuls + all-to-all)"} <= set(out["times"])
+    impls = {"ep-train", "DeepSpeed MoE", "DeepSpeed AutoEP", "HF Mixtral block (1 process)",
+             "limit (matmuls + all-to-all)"}
+    assert set(out["times"]) == set(ROUTINGS) == {"balanced", "skewed"}
+    for case in ROUTINGS:
+        assert set(out["times"][case]) == impls
+        assert all(min(ts) > 0 for ts in out["times"][case].values())
     # the profiles of the two layers name the operators the time went to
     assert set(out["profiles"]) == {"ep-train", "DeepSpeed MoE"}
     assert all("aten::" in text for text in out["profiles"].values())
@@ -29,6 +33,18 @@ def test_moe_layer_bench_small() -> None:
     g = "top_groups 1 of 2: "
     assert 2 * sent[g + ours] == sent[g + per_assignment] > 0
     assert sent[g + ours] == sent[g + "token-level minimum (unique token, remote rank pairs)"] < sent[ours]
+    # skewed routing: the calibrated bias reproduces the Zipf shares, the busiest expert carries far more
+    # than 1/E, and DeepSpeed's padded buffers make each rank compute more rows than ep-train's busiest rank
+    assert max(abs(a - b) for a, b in zip(out["zipf"], out["calibrated"])) < 0.01
+    bal, skew = out["load"]["balanced"], out["load"]["skewed"]
+    busiest = "busiest expert, rows (tokens of one rank)"
+    assert skew[busiest] > 2 * bal[busiest]
+    assert skew["DeepSpeed rows per rank (padded)"] > 1.5 * skew["ep-train rows on the busiest rank"]
+    assert sent["skewed: " + ours] > 0
+    # verdicts are computed for every target, from the run's ratios
+    assert set(out["verdicts"]) == {"layer_vs_ds_balanced (balanced)", "layer_vs_ds_skewed (skewed)",
+                                    "layer_vs_limit (balanced)", "layer_vs_limit (skewed)"}
+    assert set(out["verdicts"].values()) <= {"met", "MISSED"}
     # the combine micro-benchmark timed both implementations
     assert all(len(ts) == 2 and min(ts) > 0 for ts in out["combine"].values()) and len(out["combine"]) == 2
 
@@ -103,3 +119,18 @@ def test_recompute_bench_small() -> None:
     losses = [r["loss"] for r in out.values()]
     assert max(losses) - min(losses) < 1e-4
     assert all(r["tok_s"] > 0 and r["rss"] > 0 for r in out.values())
+
+
+def test_step_breakdown_bench_small(tmp_path) -> None:
+    """bench/step_breakdown.py on a tiny model: a profiled trainer step split into disjoint categories."""
+    from bench.step_breakdown import CATEGORIES, main
+
+    out = main(["--small", "--out", str(tmp_path)])
+    assert sorted(out["per_rank"]) == [0, 1]
+    for r in out["per_rank"].values():
+        assert set(CATEGORIES) <= set(r) and r["step"] > 0
+        assert all(r[c] >= 0 for c in CATEGORIES)
+        assert abs(sum(r[c] for c in CATEGORIES) - r["step"]) <= 1e-3 * r["step"]  # disjoint, sum to the step
+        assert r["expert matmuls"] > 0 and r["dense matmuls"] > 0 and r["all-to-all"] > 0
+        assert r["optimizer"] > 0  # the trainer's engine.step() scope was found
+    assert out["verdict"] in ("met", "MISSED") and "bench/targets.py" in out["text"]

@@ -1,0 +1,255 @@
+"""Where one training step goes: expert matmuls, dense matmuls, all-to-all, ZeRO gathers and
+reduce-scatters, other all-reduces, the optimizer step, other.
+
+    python bench/step_breakdown.py [--small] [--write] [--out DIR]
+
+Runs ``ep_train.train`` under torchrun exactly as bench/scale.py runs its 583M model (hidden 1024,
+8 layers, 8 experts of width 2816, vocab 4096; world 2, EP 2, fp32, ZeRO-3 + CPU offload with
+scale.py's lean DeepSpeed JSON and environment, activation checkpointing, seq_len 128, micro batch 1),
+3 steps, the last under torch.profiler (``train.profile_step``): the trainer writes
+``run_dir/profile/rank{r}_step3.json`` (Chrome trace) per rank, and this script classifies it.
+
+Method. Only the main thread of each rank is read (it runs forward, backward and the optimizer; gloo's
+worker threads only carry the collectives the main thread waits on). Its events nest; every
+microsecond of the step belongs to the innermost event running then (its *self time*: duration minus
+its children's), and the step's wall time is the profiler's top-level event, so the categories are
+disjoint and sum to the step exactly; time in no recorded op (Python between ops) is the top-level
+event's self time and goes to "other". An event's category is the first of these rules that names it,
+else its parent's (innermost wins):
+
+- all-to-all: the ``ep_train.all_to_all`` scope (ep_train/parallel/dispatch.py: token, count and
+  membership exchanges, forward and backward) and any other ``alltoall`` op;
+- ZeRO gathers: ``allgather`` / ``all_gather`` ops (DeepSpeed's ZeRO-3 parameter fetches);
+- ZeRO reduce-scatters: ``reduce_scatter`` ops (gradient partitioning);
+- other all-reduces: ``allreduce`` ops (gradient norm / overflow check, the trainer's metrics);
+- expert matmuls: ``aten::mm/bmm/addmm/matmul/linear/_grouped_mm`` (and what runs inside them) under
+  the ``ep_train.experts`` scope (ep_train/model/experts.py), or under an autograd backward node whose
+  sequence number is that of an op recorded under that scope (the experts' backward);
+- dense matmuls: the same ops anywhere else (attention projections and attention's own matmuls, the
+  dense FFN layers, the router, the LM head), forward and backward;
+- optimizer: the rest of ``engine.step()`` (the trainer's ``ep_train.optimizer_step`` scope: CPU Adam,
+  the gradient norm, the copies between fp32 partitions and parameters);
+- other: everything else (element-wise ops, SwiGLU's activation, norms, softmax, routing, dispatch
+  bookkeeping, ZeRO-3's hooks and bucket copies, autograd overhead, Python).
+
+Collective ops on gloo include the time a rank waits for the other to arrive, so load imbalance shows
+as collective time. The goal (bench/targets.py ``step_non_matmul_share``) is judged on the mean of the
+ranks' shares outside the matmuls and the all-to-all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import append_section, machine  # noqa: E402
+from bench.scale import (LEAN_DS, LEAN_ENV, MODEL_583M, MODEL_SMALL, STEPS, _overrides, plan_host,  # noqa: E402
+                         prepare_data, run_trainer)
+from bench.targets import TARGETS, describe, verdict  # noqa: E402
+
+CATEGORIES = ("expert matmuls", "dense matmuls", "all-to-all", "ZeRO gathers", "ZeRO reduce-scatters",
+              "other all-reduces", "optimizer", "other")
+MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_grouped_mm", "aten::mv", "aten::addmv", "aten::dot"}
+EXPERT_SCOPE, A2A_SCOPE, OPT_SCOPE = "ep_train.experts", "ep_train.all_to_all", "ep_train.optimizer_step"
+BACKWARD = "autograd::engine::evaluate_function:"
+
+
+def _own_label(e: dict[str, Any], expert_seq: set[int]) -> str | None:
+    """The category an event names itself, or a context marker ('expert scope'), or None (inherit)."""
+    name = e["name"]
+    low = name.lower()
+    if name == A2A_SCOPE or "alltoall" in low or "all_to_all" in low:
+        return "all-to-all"
+    if "allgather" in low or "all_gather" in low:
+        return "ZeRO gathers"
+    if "reduce_scatter" in low or "reducescatter" in low:
+        return "ZeRO reduce-scatters"
+    if "allreduce" in low or "all_reduce" in low:
+        return "other all-reduces"
+    if name in MATMUL_OPS:
+        return "matmul"
+    if name == EXPERT_SCOPE or (name.startswith(BACKWARD) and e.get("args", {}).get("Sequence number") in expert_seq):
+        return "expert scope"
+    if name == OPT_SCOPE or name.startswith("Optimizer.step#"):
+        return "optimizer"
+    return None
+
+
+def classify(trace: dict[str, Any]) -> dict[str, float]:
+    """Milliseconds per category of the profiled step in one rank's Chrome trace (see the module doc)."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    roots = [e for e in events if str(e["name"]).startswith(("PyTorch Profiler", "ProfilerStep"))]
+    root = max(roots, key=lambda e: e["dur"])
+    by_tid: dict[Any, list[dict[str, Any]]] = {}
+    for e in events:
+        if e is not root and e.get("cat") in ("cpu_op", "user_annotation"):
+            by_tid.setdefault(e["tid"], []).append(e)
+    main = max(by_tid.values(), key=lambda es: sum(e["dur"] for e in es))  # the thread that ran the step
+    main.sort(key=lambda e: (e["ts"], -e["dur"]))
+    t0, t1 = root["ts"], root["ts"] + root["dur"]
+
+    # Sequence numbers of the ops recorded under the experts' scope: their backward nodes carry the same.
+    expert_seq: set[int] = set()
+    stack: list[dict[str, Any]] = []
+    for e in main:
+        while stack and e["ts"] >= stack[-1]["ts"] + stack[-1]["dur"]:
+            stack.pop()
+        if any(s["name"] == EXPERT_SCOPE for s in stack) and "Sequence number" in e.get("args", {}):
+            expert_seq.add(e["args"]["Sequence number"])
+        stack.append(e)
+
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    other: dict[str, float] = {}  # what "other" is made of: self time per op name
+    top = {"end": t1, "cat": "other", "expert": False, "child": 0.0, "start": t0, "name": "(no recorded op: Python)",
+           "ctx": ""}
+    stack2 = [top]
+
+    def close(frame: dict[str, Any]) -> None:
+        self_t = max(0.0, (frame["end"] - frame["start"]) - frame["child"])
+        out[frame["cat"]] += self_t
+        if frame["cat"] == "other":
+            other[frame["name"]] = other.get(frame["name"], 0.0) + self_t
+
+    for e in main:
+        start = max(e["ts"], t0)
+        while len(stack2) > 1 and start >= stack2[-1]["end"]:
+            close(stack2.pop())
+        parent = stack2[-1]
+        end = min(e["ts"] + e["dur"], parent["end"])
+        if end <= start:
+            continue
+        label = _own_label(e, expert_seq)
+        in_expert = parent["expert"] or label == "expert scope"
+        if label == "matmul":
+            cat = "expert matmuls" if in_expert else "dense matmuls"
+            if parent["cat"] in ("expert matmuls", "dense matmuls"):
+                cat = parent["cat"]  # aten::mm inside aten::matmul: the outer call decides
+        elif label in (None, "expert scope"):
+            cat = parent["cat"]
+            if label == "expert scope" and cat in ("expert matmuls", "dense matmuls"):
+                cat = "other"
+        else:
+            cat = label
+        parent["child"] += end - start
+        name = e["name"]
+        ctx = parent["ctx"] if name.startswith("aten::") else name.replace(BACKWARD, "").strip()
+        if name.startswith("aten::") and ctx:
+            name = f"{name} under {ctx}"  # e.g. aten::fill_ under SelectBackward0
+        stack2.append({"end": end, "cat": cat, "expert": in_expert, "child": 0.0, "start": start, "name": name,
+                       "ctx": ctx})
+    while stack2:
+        close(stack2.pop())
+    return {k: v / 1000 for k, v in out.items()} | {"step": root["dur"] / 1000,
+                                                      "other_by_op": {k: v / 1000 for k, v in other.items()}}
+
+
+NON_MATMUL = ("ZeRO gathers", "ZeRO reduce-scatters", "other all-reduces", "optimizer", "other")
+
+
+def breakdown(run_dir: Path) -> dict[int, dict[str, float]]:
+    per_rank = {}
+    for f in sorted((run_dir / "profile").glob("rank*_step*.json")):
+        rank = int(f.name[4:f.name.index("_")])
+        per_rank[rank] = classify(json.loads(f.read_text()))
+    return per_rank
+
+
+def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, params: int, seq: int) -> dict[str, Any]:
+    ranks = sorted(per_rank)
+    shares = {r: sum(per_rank[r][c] for c in NON_MATMUL) / per_rank[r]["step"] for r in ranks}
+    mean_share = sum(shares.values()) / len(shares)
+    head = "| category | " + " | ".join(f"rank {r}, ms" for r in ranks) + " | share of the step (mean of ranks) |"
+    rows = [head, "|---" * (len(ranks) + 2) + "|"]
+    for c in CATEGORIES + ("step",):
+        share = sum(per_rank[r][c] / per_rank[r]["step"] for r in ranks) / len(ranks)
+        name = "**step (wall time)**" if c == "step" else c
+        rows.append(f"| {name} | " + " | ".join(f"{per_rank[r][c]:,.0f}" for r in ranks) + f" | {share:.1%} |")
+    summed = {r: sum(per_rank[r][c] for c in CATEGORIES) for r in ranks}
+    mm = {r: per_rank[r]["expert matmuls"] + per_rank[r]["dense matmuls"] for r in ranks}
+    a2a = {r: per_rank[r]["all-to-all"] for r in ranks}
+    name = "step_non_matmul_share"
+    result = verdict(name, mean_share)
+    goal = (f"Goal (bench/targets.py `{name}`, {TARGETS[name].source}): everything other than matmuls and the "
+            f"all-to-all {describe(name)} of the step: **{result}** (mean {mean_share:.1%}; "
+            + ", ".join(f"rank {r} {shares[r]:.1%}" for r in ranks) + ").")
+    facts = ("Per rank: " + "; ".join(
+        f"rank {r}: matmuls {mm[r] / per_rank[r]['step']:.1%} (expert "
+        f"{per_rank[r]['expert matmuls'] / per_rank[r]['step']:.1%}), all-to-all {a2a[r] / per_rank[r]['step']:.1%}, "
+        f"ZeRO gathers + reduce-scatters "
+        f"{(per_rank[r]['ZeRO gathers'] + per_rank[r]['ZeRO reduce-scatters']) / per_rank[r]['step']:.1%}, "
+        f"optimizer {per_rank[r]['optimizer'] / per_rank[r]['step']:.1%}" for r in ranks) + ".")
+    names: dict[str, float] = {}
+    for r in ranks:
+        for k, v in per_rank[r]["other_by_op"].items():
+            names[k] = names.get(k, 0.0) + v / per_rank[r]["step"] / len(ranks)
+    biggest = sorted(names.items(), key=lambda kv: -kv[1])[:6]
+    other_line = ("The largest parts of \"other\" (self time, mean share of the step; an op is named with the "
+                  "nearest recorded non-aten event around it): " + "; ".join(f"`{k}` {v:.1%}" for k, v in biggest) + ".")
+    model = MODEL_SMALL if args.small else MODEL_583M
+    table = "\n".join(rows)
+    text = f"""`python bench/step_breakdown.py{' --small' if args.small else ''} --write` on {machine()}.
+The {params / 1e6:.1f}M-parameter MoE of bench/scale.py (hidden {model['hidden_size']}, {model['num_layers']} layers,
+{model['num_experts']} experts of width {model['intermediate_size']}, vocab {model['vocab_size']}), world 2, EP 2, fp32,
+ZeRO-3 + CPU offload (scale.py's lean DeepSpeed JSON and environment), activation checkpointing,
+seq_len {seq}, micro batch 1; step {STEPS} of {STEPS} under torch.profiler, each rank's main thread
+classified by self time (innermost event wins; the method is in the script's docstring), so the
+categories sum to the step's wall time (sums: {', '.join(f'rank {r} {summed[r]:,.0f} of {per_rank[r]["step"]:,.0f} ms' for r in ranks)}).
+
+{table}
+
+{goal}
+{facts}
+
+{other_line}
+
+Collectives on gloo include the time a rank waits for the other (load imbalance shows there).
+"Other" holds the element-wise work (SwiGLU's activation, norms, softmax, routing, dispatch
+bookkeeping), ZeRO-3's hooks and bucket copies, autograd overhead and Python between ops.
+"""
+    return {"per_rank": per_rank, "shares": shares, "other_top": biggest, "mean_share": mean_share, "verdict": result,
+            "text": text,
+            "table": table}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="a tiny model (seconds): the test suite runs this")
+    ap.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--out", default=None, help="run folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--reuse", action="store_true", help="classify the traces already in --out (no new run)")
+    args = ap.parse_args(argv)
+    model = MODEL_SMALL if args.small else MODEL_583M
+    seq = 32 if args.small else args.seq_len
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_step_"))
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = out / "run"
+    lean = out / "ds_lean.json"
+    lean.write_text(json.dumps(LEAN_DS, indent=1))
+    params = plan_host(model, 2, 2, seq, "fp32", str(lean), LEAN_ENV)["params"]
+    if not args.reuse:
+        data, _ = prepare_data(out)
+        res = run_trainer(run_dir, data, 2, _overrides(model, 2, 2, seq, "fp32") + ["--profile_step", str(STEPS)],
+                          str(lean), env=LEAN_ENV)
+        if not res.ok:
+            raise RuntimeError(f"the profiled run failed:\n{res.error}")
+    result = report(breakdown(run_dir), args, params, seq)
+    print(result["text"])
+    if args.write:
+        append_section("Where a step goes", result["text"])
+    if not args.out:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Every benchmark target, in one place, each with where it comes from.
+
+Benchmarks read their goals from ``TARGETS`` and compute the verdict with ``verdict``; no script types a
+target number into its text (tests/unit/test_bench_targets.py checks that). ``describe`` gives the
+target as words for the write-ups, e.g. "at least 1.2x".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Target:
+    value: float
+    op: str  # ">=": the measured figure must reach value; "<=": it must not exceed it
+    unit: str  # "x" (a ratio), "%" (value is a fraction, shown in percent), "B" (parameters), "bytes", "" (plain)
+    what: str  # the measured figure, in words
+    source: str  # where the target was set
+
+    def words(self) -> str:
+        bound = "at least" if self.op == ">=" else "at most"
+        return f"{bound} {fmt(self.value, self.unit)}"
+
+
+def fmt(value: float, unit: str) -> str:
+    if unit == "x":
+        text = f"{value:g}"
+        return (text if "." in text else text + ".0") + "x"
+    if unit == "%":
+        return f"{100 * value:.0f}%"
+    if unit == "B":
+        return f"{value / 1e9:.1f}B"
+    if unit == "bytes":
+        return f"{value:g} bytes"
+    return f"{value:g}"
+
+
+TARGETS: dict[str, Target] = {
+    # issue 14 (performance): end to end
+    "e2e_vs_autoep": Target(1.2, ">=", "x", "ep-train tokens/s / DeepSpeed AutoEP's, both ZeRO-3 (with and without "
+                            "CPU offload), at the demo size and at 583M", "issue 14"),
+    "e2e_vs_ds_moe": Target(1.0, ">=", "x", "ep-train tokens/s under ZeRO-3 / DeepSpeed-MoE's under its own ZeRO-2",
+                            "issue 14"),
+    # issue 14: the MoE layer
+    "layer_vs_ds_skewed": Target(1.3, ">=", "x", "DeepSpeed MoE layer time / ep-train's, Zipf-skewed routing",
+                                 "issue 14"),
+    "layer_vs_ds_balanced": Target(1.0, ">=", "x", "DeepSpeed MoE layer time / ep-train's, balanced routing",
+                                   "issue 14"),
+    "layer_vs_limit": Target(1.1, "<=", "x", "ep-train layer time / the limit (matmuls + all-to-all of the same "
+                             "rows and bytes)", "issue 14"),
+    # issue 14: GPU (when a GPU is lent)
+    "gpu_expert_mfu": Target(0.50, ">=", "%", "expert-matmul MFU of ep-train's layer, forward+backward, bf16",
+                             "issue 14"),
+    "gpu_layer_mfu": Target(0.40, ">=", "%", "whole-layer MFU of ep-train's layer, forward+backward, bf16",
+                            "issue 14"),
+    # issue 14 part 4: where a step goes
+    "step_non_matmul_share": Target(0.30, "<=", "%", "share of a 583M training step (CPU, ZeRO-3 + offload) "
+                                    "outside the matmuls and the all-to-all", "issue 14 part 4"),
+    # scale issue (issue 11): memory
+    "scale_bf16_params": Target(1.0e9, ">=", "B", "largest MoE trained in bf16 with CPU offload at world 2",
+                                "issue 11"),
+    "scale_nvme_params": Target(2.5e9, ">=", "B", "largest MoE trained with NVMe offload at world 2 (not measured "
+                                "by bench/scale.py)", "issue 11"),
+    "scale_fp32_bytes_per_param": Target(22, "<=", "bytes", "583M in fp32 at world 2: training peaks summed over "
+                                         "ranks / parameters", "issue 11"),
+    "scale_plan_error": Target(0.15, "<=", "%", "|ep-train plan / measured training peak - 1|", "issue 11"),
+    # data preparation
+    "data_prep_share": Target(0.85, ">=", "%", "ep-train's tokens/s as a share of the encode-only limit",
+                              "data-prep issue (bench/data_prep.py)"),
+    # soak
+    "soak_growth": Target(0.02, "<=", "%", "predicted RSS growth after warm-up over the run / mean RSS, every rank",
+                          "soak issue (bench/soak.py)"),
+}
+
+
+def verdict(name: str, measured: float) -> str:
+    """'met' or 'MISSED' for ``measured`` against ``TARGETS[name]``."""
+    t = TARGETS[name]
+    ok = measured >= t.value if t.op == ">=" else measured <= t.value
+    return "met" if ok else "MISSED"
+
+
+def describe(name: str) -> str:
+    """The target in words: 'at least 1.2x'."""
+    return TARGETS[name].words()
