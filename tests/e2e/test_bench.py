@@ -1,17 +1,39 @@
-"""Each benchmark at toy size, so they keep working (no timing is asserted: speed lives in docs/benchmarks.md)."""
+"""Each benchmark at toy size, so they keep working (no timing is asserted: speed lives in docs/benchmarks.md).
+
+``bash bench/run_all --small`` runs once (module fixture); each test checks one benchmark's figures, as
+that run returned them (``bench/record.py`` writes them as JSON: dict keys become strings)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 
-def test_moe_layer_bench_small() -> None:
-    from bench.moe_layer import ROUTINGS, main
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict[str, dict]:
+    results = tmp_path_factory.mktemp("bench_results")
+    p = subprocess.run(["bash", str(ROOT / "bench" / "run_all"), "--small"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "BENCH_RESULTS": str(results)}, timeout=1800)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return {f.stem: json.loads(f.read_text()) for f in results.glob("*.json")}
 
-    out = main(["--small"])
+
+def test_run_all_small_ran_every_benchmark(small) -> None:
+    assert set(small) == {"moe_layer", "data_prep", "train_e2e", "step_breakdown", "recompute", "moe_vs_dense"}
+
+
+def test_moe_layer_bench_small(small) -> None:
+    from bench.moe_layer import ROUTINGS
+
+    out = small["moe_layer"]
     impls = {"ep-train", "DeepSpeed MoE", "DeepSpeed AutoEP", "HF Mixtral block (1 process)",
              "limit (matmuls + all-to-all)"}
     assert set(out["times"]) == set(ROUTINGS) == {"balanced", "skewed"}
@@ -49,17 +71,13 @@ def test_moe_layer_bench_small() -> None:
     assert all(len(ts) == 2 and min(ts) > 0 for ts in out["combine"].values()) and len(out["combine"]) == 2
 
 
-def test_data_prep_bench_small() -> None:
-    from bench.data_prep import main
-
-    out = main(["--small", "--repeat", "1"])
+def test_data_prep_bench_small(small) -> None:
+    out = small["data_prep"]
     assert out["tokens"]["ep-train"] > 0 and out["share"] > 0
 
 
-def test_train_e2e_bench_small() -> None:
-    from bench.train_e2e import main
-
-    out = main(["--small"])
+def test_train_e2e_bench_small(small) -> None:
+    out = small["train_e2e"]
     assert set(out) == {"zero3_offload", "zero3", "zero2", "DeepSpeed MoE layer, ZeRO-2 (peer)",
                         "DeepSpeed AutoEP, ZeRO-3 (peer)", "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"}
     for r in out.values():
@@ -98,11 +116,11 @@ def test_scale_bench_small(tmp_path) -> None:
     assert (tmp_path / "scale.png").stat().st_size > 0 and (tmp_path / "scale.csv").is_file()
 
 
-def test_moe_vs_dense_bench_small() -> None:
+def test_moe_vs_dense_bench_small(small) -> None:
     """Both models train on the same tokens; active parameters matched up to the routers."""
-    from bench.moe_vs_dense import main, reading
+    from bench.moe_vs_dense import reading
 
-    out = main(["--small"])
+    out = small["moe_vs_dense"]
     d, m = out["dense"], out["moe"]
     assert d["val"] and m["val"] and d["val"][-1][0] == m["val"][-1][0]  # same token budget
     assert m["total"] > d["total"] and abs(m["active"] - d["active"]) / d["active"] < 0.05
@@ -110,23 +128,21 @@ def test_moe_vs_dense_bench_small() -> None:
     assert "validation loss" in reading(out)
 
 
-def test_recompute_bench_small() -> None:
+def test_recompute_bench_small(small) -> None:
     """Every policy runs end to end and computes the same function."""
-    from bench.recompute import main
-
-    out = main(["--small"])
+    out = small["recompute"]
     assert set(out) == {"no recompute", "recompute full blocks", "recompute attention only", "recompute experts only"}
     losses = [r["loss"] for r in out.values()]
     assert max(losses) - min(losses) < 1e-4
     assert all(r["tok_s"] > 0 and r["rss"] > 0 for r in out.values())
 
 
-def test_step_breakdown_bench_small(tmp_path) -> None:
+def test_step_breakdown_bench_small(small) -> None:
     """bench/step_breakdown.py on a tiny model: a profiled trainer step split into disjoint categories."""
-    from bench.step_breakdown import CATEGORIES, main
+    from bench.step_breakdown import CATEGORIES
 
-    out = main(["--small", "--out", str(tmp_path)])
-    assert sorted(out["per_rank"]) == [0, 1]
+    out = small["step_breakdown"]
+    assert sorted(out["per_rank"]) == ["0", "1"]
     for r in out["per_rank"].values():
         assert set(CATEGORIES) <= set(r) and r["step"] > 0
         assert all(r[c] >= 0 for c in CATEGORIES)
