@@ -104,7 +104,7 @@ class TrainConfig:
     router_lr_multiplier: float = 1.0  # guides recommend 2-5x for the router
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (the guides' --compile_model)
+    compile: bool = False  # torch.compile the static-shape parts of each block (the guides' --compile_model)
     recompute: str = "full"  # with activation_checkpointing: "full" block | "attention" only | "experts" (MoE layers)
     log_interval: int = 10
     log_expert_stats: bool = True

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ep_train.config import Config, check_ep_layout
 from ep_train.model.dispatch import LocalDispatcher
+from ep_train.model.experts import SwiGLU
 from ep_train.model.moe import MoELayer, RouterStats
 from ep_train.model.transformer import Attention, Block
 from ep_train.parallel.dispatch import AllToAllDispatcher
@@ -145,12 +146,16 @@ def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
 
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """``train.compile``: ``torch.compile`` per transformer block (``nn.Module.compile``: the block's call,
-    ZeRO-3's gather hooks and the recompute wrapper included). The MoE layer's host syncs (token counts
-    for the all-to-all and the grouped matmul) and DeepSpeed's hooks break the graph into pieces; the
-    pieces between them (norms, attention, rotary, SwiGLU math) are what gets fused."""
+    """``train.compile``: ``torch.compile`` the parts of every block whose shapes never change: attention
+    (with its norm-free projections and rotary math) and dense SwiGLU FFNs (dense layers, shared experts).
+
+    Not the MoE layer: its per-expert row counts change every step, so a compiled MoE layer recompiles
+    or turns dynamic, and under activation checkpointing the recompute can then pick another compiled
+    graph than the forward did (torch.utils.checkpoint raises "a different number of tensors was saved",
+    pytorch/pytorch#166926; seen in CI). Static shapes keep forward and recompute on the same graph.
+    ``nn.Module.compile`` compiles the module's call, ZeRO-3's gather hooks included."""
     for module in model.modules():
-        if isinstance(module, Block):
+        if isinstance(module, (Attention, SwiGLU)):
             module.compile()
     return model
 
