@@ -99,13 +99,18 @@ def bytes_needed(root: Path, estimate: int) -> int:
     return estimate
 
 
+def _previous(latest: Path | None) -> str:
+    return f"the previous checkpoint {latest.name} is intact and still latest" if latest else \
+        "there is no previous checkpoint"
+
+
 def check_free_space(root: Path, need: int) -> None:
     free = shutil.disk_usage(root).free
     if free < need * 1.1:  # 10% headroom: DeepSpeed writes a few extra files, sizes vary a little
         latest = latest_target(root)
         raise CheckpointError(
             f"not enough disk space to save a checkpoint in {str(root)!r}: about {need:,} bytes needed, "
-            f"{free:,} free. Nothing was written; {'the previous checkpoint ' + latest.name + ' is intact and still latest' if latest else 'there is no previous checkpoint'}. "
+            f"{free:,} free. Nothing was written; {_previous(latest)}. "
             "Free space (or lower train.keep_last) and resume with --resume auto")
 
 
@@ -152,7 +157,7 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
             latest = latest_target(root)
             err = (f"saving checkpoint {str(path)!r} failed ({err or 'on another rank'}); about "
                    f"{bytes_needed(root, estimate):,} bytes needed, {free:,} free. The partial folder was removed; "
-                   f"{'the previous checkpoint ' + latest.name + ' is intact and still latest' if latest else 'there is no previous checkpoint'}")
+                   f"{_previous(latest)}")
         msg = [err]
         dist.broadcast_object_list(msg, src=0)
         raise CheckpointError(msg[0])
