@@ -25,7 +25,9 @@ def _default_torch_extensions_dir() -> None:
 
 _default_torch_extensions_dir()
 
-_API = {"load": "ep_train.api", "Loaded": "ep_train.api", "generate": "ep_train.api"}
+_API = {"load": "ep_train.api", "Loaded": "ep_train.api", "generate": "ep_train.api",
+        "to_hf": "ep_train.interop.hf_export", "from_hf": "ep_train.interop.hf", "upcycle": "ep_train.interop.upcycle",
+        "analyze_experts": "ep_train.analyze"}
 
 
 def __getattr__(name: str) -> object:
@@ -34,5 +36,5 @@ def __getattr__(name: str) -> object:
     if name in _API:
         import importlib
 
-        return getattr(importlib.import_module(_API[name]), name)
+        return getattr(importlib.import_module(_API[name]), "analyze" if name == "analyze_experts" else name)
     raise AttributeError(f"module 'ep_train' has no attribute {name!r}")

@@ -155,7 +155,10 @@ def test_sampling_options() -> None:
 def test_import_ep_train_stays_light() -> None:
     code = ("import sys, ep_train; assert 'torch' not in sys.modules; "
             "assert callable(ep_train.load) and 'torch' in sys.modules; import ep_train.generation as g; "
-            "assert ep_train.generate is g.generate and ep_train.Loaded")
+            "assert ep_train.generate is g.generate and ep_train.Loaded; "
+            "from ep_train.interop import hf, hf_export, upcycle; import ep_train.analyze as a; "
+            "assert ep_train.to_hf is hf_export.to_hf and ep_train.from_hf is hf.from_hf; "
+            "assert ep_train.upcycle is upcycle.upcycle and ep_train.analyze_experts is a.analyze")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
 
