@@ -151,3 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.out:
         shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+if __name__ == "__main__":
+    main()

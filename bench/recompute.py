@@ -101,3 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                        f"`python bench/recompute.py --steps {steps}` ({machine()}). configs/demo.yaml, 2 processes, "
                        f"EP 2, ZeRO-3 + CPU offload; tokens/s median over steps {WARM + 1}-{steps}.\n\n" + text)
     return results
+
+
+if __name__ == "__main__":
+    main()
