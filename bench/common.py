@@ -13,6 +13,30 @@ from typing import Callable
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
+def free_port() -> int:
+    """A free TCP port on localhost (torchrun's master port, the benchmarks' process groups)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stdlib_data(out: Path, packages: list[str], vocab: int, val_fraction: float = 0.0) -> tuple[Path, Path]:
+    """Real text already on the machine: a sentencepiece model trained on some standard-library packages
+    and their tokenized shards, in ``out``. Returns (tokenizer model, data folder)."""
+    import sysconfig
+
+    from ep_train.data.prep import build, expand_inputs
+    from ep_train.data.tokenizer import train_tokenizer
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [str(stdlib / p) for p in packages]
+    tok = train_tokenizer([str(f) for f in expand_inputs(inputs)], vocab, str(out / "tok"))
+    build(inputs, str(tok), str(out / "data"), progress=False, val_fraction=val_fraction)
+    return tok, out / "data"
+
+
 def timed(fn: Callable[[], object], repeat: int) -> list[float]:
     out = []
     for _ in range(repeat):

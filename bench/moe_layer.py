@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import append_section, machine, stats  # noqa: E402
+from bench.common import append_section, free_port, machine, stats  # noqa: E402
 from bench.targets import TARGETS, describe, verdict  # noqa: E402
 
 E, K = 8, 2
@@ -72,11 +71,6 @@ def _set_router(param: torch.Tensor, w: torch.Tensor) -> None:
     with torch.no_grad():
         param.copy_(w.to(param.device, param.dtype))
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sync(device: str) -> None:
@@ -364,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     world = 2
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -17,26 +17,19 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, machine  # noqa: E402
+from bench.common import append_section, free_port, machine, stdlib_data  # noqa: E402
 
 PNG = ROOT / "docs" / "moe_vs_dense.png"
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shapes(experts: int, top_k: int, small: bool) -> dict[str, list[str]]:
@@ -54,7 +47,7 @@ def shapes(experts: int, top_k: int, small: bool) -> dict[str, list[str]]:
 def run(name: str, extra: list[str], data: Path, tok: Path, out: Path, steps: int) -> dict:
     run_dir = out / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), "-m", "ep_train.train", "--config",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train", "--config",
            str(ROOT / "configs/demo.yaml"), "--run-dir", str(run_dir), "--data_dir", str(data), "--tokenizer",
            str(tok), "--max_steps", str(steps), "--warmup_steps", str(max(1, min(20, steps // 10))),
            "--log_interval", "1", "--eval_interval", str(max(1, steps // 10)), "--eval_batches", "8",
@@ -117,19 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--write", action="store_true", help="write the section and PNG into docs/")
     ap.add_argument("--out", help="keep the runs here (default: a temporary folder, removed)")
     args = ap.parse_args(argv)
-    from ep_train.data.prep import build, expand_inputs
-    from ep_train.data.tokenizer import train_tokenizer
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     tmp = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_moe_dense_"))
     tmp.mkdir(parents=True, exist_ok=True)
-    inputs = [str(stdlib / "json"), str(stdlib / "email")] if args.small else \
-        [str(stdlib / p) for p in ("json", "email", "asyncio", "logging", "unittest", "http", "xml")]
-    tok = train_tokenizer([str(f) for f in expand_inputs(inputs)], 1000 if args.small else 4096, str(tmp / "tok"))
-    build(inputs, str(tok), str(tmp / "data"), progress=False, val_fraction=0.05)
+    packages = ["json", "email"] if args.small else ["json", "email", "asyncio", "logging", "unittest", "http", "xml"]
+    tok, data = stdlib_data(tmp, packages, 1000 if args.small else 4096, val_fraction=0.05)
     steps = 6 if args.small else args.steps
     extra = ["--vocab_size", "1000"] if args.small else []
-    results = {name: run(name, extra + ov, tmp / "data", tok, tmp, steps)
+    results = {name: run(name, extra + ov, data, tok, tmp, steps)
                for name, ov in shapes(args.experts, args.top_k, args.small).items()}
     rows = ["| model | total params | active per token | tokens/s (median) | final val loss | best val loss |",
             "|---|---|---|---|---|---|"]

@@ -15,11 +15,9 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, machine  # noqa: E402
+from bench.common import append_section, free_port, machine, stdlib_data  # noqa: E402
 
 SETTINGS = {
     "no recompute": ["--activation_checkpointing", "false"],
@@ -39,16 +37,11 @@ SETTINGS = {
 WARM = 5  # steps left out of the tokens/s median (compilation, allocator warm-up)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run(name: str, extra: list[str], data: Path, tok: Path, out: Path, steps: int) -> dict:
     run_dir = out / name.replace(" ", "_").replace("+", "plus")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), "-m", "ep_train.train", "--config",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train", "--config",
            str(ROOT / "configs/demo.yaml"), "--run-dir", str(run_dir), "--data_dir", str(data), "--tokenizer",
            str(tok), "--max_steps", str(steps), "--warmup_steps", str(min(5, steps)), "--log_interval", "1",
            "--eval_interval", "0", "--save_interval", "0", *extra]
@@ -72,19 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
-    from ep_train.data.prep import build, expand_inputs
-    from ep_train.data.tokenizer import train_tokenizer
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     tmp = Path(tempfile.mkdtemp(prefix="bench_recompute_"))
-    inputs = [str(stdlib / "json"), str(stdlib / "email")] + ([] if args.small else [str(stdlib / "asyncio")])
-    tok = train_tokenizer([str(f) for f in expand_inputs(inputs)], 1000 if args.small else 4096, str(tmp / "tok"))
-    build(inputs, str(tok), str(tmp / "data"), progress=False)
+    tok, data = stdlib_data(tmp, ["json", "email"] + ([] if args.small else ["asyncio"]), 1000 if args.small else 4096)
     extra = ["--hidden_size", "32", "--intermediate_size", "64", "--seq_len", "32", "--vocab_size", "1000"] \
         if args.small else []
     steps = WARM + 2 if args.small else args.steps
     settings = {k: v for k, v in SETTINGS.items() if not (args.small and "compile" in k)}  # compiling: ~40 s
-    results = {name: run(name, extra + ov, tmp / "data", tok, tmp, steps) for name, ov in settings.items()}
+    results = {name: run(name, extra + ov, data, tok, tmp, steps) for name, ov in settings.items()}
     shutil.rmtree(tmp, ignore_errors=True)
     base = results["no recompute"]
     rows = ["| setting | tokens/s (median) | vs no recompute | peak RSS, largest rank | vs no recompute | "

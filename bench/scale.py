@@ -17,7 +17,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import DOC, append_section, machine  # noqa: E402
+from bench.common import DOC, append_section, free_port, machine  # noqa: E402
 from bench.targets import TARGETS, describe  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 
@@ -50,11 +49,6 @@ MODEL_SMALL = {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, 
 # more layers of the 583M model's shape, so bytes per parameter compare like for like.
 LARGEST_LAYERS = (12, 13, 14)
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status_kib(pid: int, key: str) -> int | None:
@@ -109,7 +103,7 @@ def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(world),
-           "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "ep_train.train",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train",
            "--run-dir", str(run_dir), "--data_dir", str(data), "--ds_config", ds_config, *overrides]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     import psutil

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,16 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, machine  # noqa: E402
+from bench.common import append_section, free_port, machine  # noqa: E402
 from bench.targets import TARGETS  # noqa: E402
 
 GROWTH_LIMIT = TARGETS["soak_growth"].value  # predicted RSS growth over the run after warm-up, as a share of the mean
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _workers(launcher: "psutil.Process") -> list["psutil.Process"]:  # noqa: F821
@@ -126,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = work / "run"
     log_every = max(1, args.steps // 300)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), "-m", "ep_train.train", "--config",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train", "--config",
            str(ROOT / "configs/tiny.yaml"), "--run-dir", str(run_dir), "--data_dir", str(work / "data"),
            "--tokenizer", str(tok), "--max_steps", str(args.steps), "--warmup_steps", str(min(100, args.steps)),
            "--log_interval", str(log_every), "--save_interval", str(args.save_interval), "--keep_last", "2"]

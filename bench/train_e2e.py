@@ -15,18 +15,16 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, machine  # noqa: E402
+from bench.common import append_section, free_port, machine, stdlib_data  # noqa: E402
 from bench.targets import TARGETS, describe  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 
@@ -36,11 +34,6 @@ DS_MOE = "DeepSpeed MoE layer, ZeRO-2 (peer)"
 AUTOEP = "DeepSpeed AutoEP, ZeRO-3 (peer)"
 AUTOEP_OFF = "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _top(table: str, rows: int = 12) -> str:
@@ -52,7 +45,7 @@ def _top(table: str, rows: int = 12) -> str:
 def run(ds_config: str, data: Path, tok: Path, out: Path, steps: int, extra: list[str]) -> dict:
     run_dir = out / ds_config
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), "-m", "ep_train.train", "--config",
+           "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train", "--config",
            str(ROOT / "configs/demo.yaml"), "--run-dir", str(run_dir), "--data_dir", str(data), "--tokenizer",
            str(tok), "--ds_config", ds_config, "--max_steps", str(steps),
            "--warmup_steps", str(min(20, steps)), "--log_interval", "1", "--eval_interval",
@@ -73,7 +66,7 @@ def run_peer(script: str, data: Path, out: Path, steps: int, extra: list[str]) -
     """A peer script (bench/ds_moe_train.py, bench/autoep_train.py) on the same config, data and batch."""
     log = out / f"peer_{len(list(out.glob('peer_*.jsonl')))}.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(_port()), str(ROOT / "bench" / script), "--config",
+           "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "bench" / script), "--config",
            str(ROOT / "configs/demo.yaml"), "--data_dir", str(data), "--steps", str(steps), "--out", str(log),
            "--profile_step", str(PROFILE_STEP), *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
@@ -93,15 +86,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
     from ep_train.config import load_config
-    from ep_train.data.prep import build, expand_inputs
-    from ep_train.data.tokenizer import train_tokenizer
     from ep_train.sizes import model_size
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
-    inputs = [str(stdlib / "json"), str(stdlib / "email"), str(stdlib / "asyncio")]
-    tok = train_tokenizer([str(f) for f in expand_inputs(inputs)], 4096, str(tmp / "tok"))
-    build(inputs, str(tok), str(tmp / "data"), progress=False)
+    tok, _ = stdlib_data(tmp, ["json", "email", "asyncio"], 4096)
     # every layer MoE: a transformers Mixtral (the AutoEP peer) has no dense layers
     extra = ["--moe_layers", "[0, 1, 2, 3]"]
     if args.small:

@@ -136,8 +136,9 @@ class Trainer:
     def save(self) -> Path:
         state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
                  "world_size": self.world, "config": config_to_dict(self.cfg)}
-        if self._biased_layers():  # in the JSON, not DeepSpeed's files: exact (float32 -> float64 -> float32)
-            state["expert_bias"] = expert_biases(self.model)
+        biases = expert_biases(self.model)
+        if biases:  # in the JSON, not DeepSpeed's files: exact (float32 -> float64 -> float32)
+            state["expert_bias"] = biases
         estimate = model_size(self.cfg).total * 16  # fp32 parameters + master copy + two Adam moments
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_last, estimate)
         if self.rank == 0:
