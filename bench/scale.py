@@ -6,8 +6,10 @@ that trains on this machine, and ``ep-train plan`` against every measured peak.
 Every run is ``ep_train.train`` under torchrun (gloo, one thread per rank), 3 steps. This script
 samples each rank process from outside: ``VmHWM`` (the kernel's peak RSS) of every rank read from
 /proc/<pid>/status the moment rank 0 prints ``training: world`` (the end of set-up: engine built,
-before the first step) is the set-up peak; the last ``VmHWM`` read before the ranks exit is the
-training peak (cross-checked with the trainer's own ``max_rss_mb``).
+before the first step) is the set-up peak; the last ``VmHWM`` read before the ranks exit, every 0.2 s, is
+the outside training peak. A short run can reach its peak less than one poll before it exits, so the
+training peak of a rank is the larger of that and the rank's own final reading (``ru_maxrss`` after the
+last save, the ``final_rss_mb_per_rank`` mark in metrics.jsonl); the outside reading must never exceed it.
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class RunResult:
     params: int
     ok: bool
     setup_peak: list[int] = field(default_factory=list)  # bytes per rank (VmHWM at the end of set-up)
-    train_peak: list[int] = field(default_factory=list)  # bytes per rank (last VmHWM before exit)
+    train_peak: list[int] = field(default_factory=list)  # bytes per rank: max(outside_peak, trainer_final)
+    outside_peak: list[int] = field(default_factory=list)  # bytes per rank (last VmHWM read before exit)
+    trainer_final: list[int] = field(default_factory=list)  # bytes per rank (the trainer's final mark)
     trainer_max_rss: int = 0  # bytes, the trainer's max_rss_mb (largest rank)
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -116,6 +120,8 @@ def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_
     done = threading.Event()
     stopped: list[str] = []
 
+    rank_of: dict[int, int] = {}  # pid -> RANK
+
     def workers() -> list[int]:
         try:
             # torchrun's agent starts the ranks as its direct children; deeper ones are short-lived forks of
@@ -127,8 +133,10 @@ def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_
         for k in kids:
             try:
                 if "ep_train.train" in " ".join(k.cmdline()):
+                    if k.pid not in rank_of:
+                        rank_of[k.pid] = int(k.environ()["RANK"])
                     out.append(k.pid)
-            except psutil.NoSuchProcess:
+            except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError):
                 continue
         return out
 
@@ -170,15 +178,24 @@ def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_
     # The trainer's final checkpoint is not what is measured, and a ~1B model's is ~16 GB: remove it.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     res = RunResult(world, ep, precision, 0, rc == 0, seconds=time.monotonic() - t0)
-    res.setup_peak = [kib * 1024 for _, kib in sorted(setup.items())]
-    res.train_peak = [kib * 1024 for _, kib in sorted(ranks.items())]
+    def by_rank(kib_of: dict[int, int]) -> list[int]:
+        return [kib * 1024 for _, kib in sorted((rank_of.get(pid, pid), kib) for pid, kib in kib_of.items())]
+
+    res.setup_peak = by_rank(setup)
+    res.outside_peak = by_rank(ranks)
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        recs = [json.loads(x) for x in metrics.read_text().splitlines()]
-        recs = [r for r in recs if "loss" in r and "max_rss_mb" in r]
+        all_recs = [json.loads(x) for x in metrics.read_text().splitlines()]
+        recs = [r for r in all_recs if "loss" in r and "max_rss_mb" in r]
         res.losses = [r["loss"] for r in recs]
         if recs:
             res.trainer_max_rss = int(max(r["max_rss_mb"] for r in recs) * MIB)
+        final = [r["final_rss_mb_per_rank"] for r in all_recs if "final_rss_mb_per_rank" in r]
+        if final:
+            res.trainer_final = [int(x * MIB) for x in final[-1]]
+    res.train_peak = list(res.outside_peak)
+    if len(res.trainer_final) == len(res.outside_peak):
+        res.train_peak = [max(a, b) for a, b in zip(res.outside_peak, res.trainer_final)]
     if rc != 0:
         res.error = (stopped[0] + "\n" if stopped else "") + "".join(tail[-30:])
     return res
@@ -263,7 +280,8 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
     res = run_trainer(out / f"{name}_w{world}_{precision}", data, world,
                       _overrides(model, world, ep, seq_len, precision), ds_config, env=env)
     row.update(ok=res.ok, finite=res.finite, losses=res.losses, seconds=res.seconds,
-               setup_peak=res.setup_peak, train_peak=res.train_peak, trainer_max_rss=res.trainer_max_rss,
+               setup_peak=res.setup_peak, train_peak=res.train_peak, outside_peak=res.outside_peak,
+               trainer_final=res.trainer_final, trainer_max_rss=res.trainer_max_rss,
                busy=_other_load())
     if not res.ok:
         row["error"] = res.error[-2000:]
@@ -468,7 +486,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
 Every run: `ep_train.train` under torchrun, gloo, 1 thread per rank, {STEPS} steps, seq_len {seq}, micro batch 1,
 activation checkpointing, CPU offload. Peaks are VmHWM of each rank process read from /proc by this script:
 **set-up** at the moment rank 0 prints `training: world` (engine built, before step 1), **training** the
-last reading before the ranks exit; "trainer max_rss_mb" is the trainer's own figure (largest rank).
+last reading before the ranks exit (every 0.2 s), or the rank's own reading after its last save where that is
+larger (a short run can peak less than one poll before it exits); "trainer max_rss_mb" is the largest rank's
+figure in the step logs.
 "load avg" is the machine's 1-minute load average at the end of the run (2 cores: above ~2 means
 other users' work ran alongside; memory figures are per process and not affected by it).
 

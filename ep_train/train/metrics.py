@@ -109,12 +109,15 @@ class MetricsLogger:
         self.jsonl.write(json.dumps({"step": step, "tokens": tokens, "val_loss": val_loss}) + "\n")
         self.jsonl.flush()
 
-    def log_memory(self, step: int, phase: str, max_rss_mb: float) -> None:
-        """A memory mark: ``setup`` (engine built, before the first step) or ``final`` (after the last save)."""
+    def log_memory(self, step: int, phase: str, rss_mb_per_rank: list[float]) -> None:
+        """A memory mark: ``setup`` (engine built, before the first step) or ``final`` (after the last save),
+        with every rank's peak RSS so far (MiB, index = rank)."""
         if not self.enabled:
             return
-        print(f"peak RSS of the largest rank, {phase}: {max_rss_mb:,.0f} MiB", flush=True)
-        self.jsonl.write(json.dumps({"step": step, "phase": phase, f"{phase}_max_rss_mb": max_rss_mb}) + "\n")
+        top = max(rss_mb_per_rank)
+        print(f"peak RSS of the largest rank, {phase}: {top:,.0f} MiB", flush=True)
+        self.jsonl.write(json.dumps({"step": step, "phase": phase, f"{phase}_max_rss_mb": top,
+                                     f"{phase}_rss_mb_per_rank": rss_mb_per_rank}) + "\n")
         self.jsonl.flush()
 
     def close(self) -> None:

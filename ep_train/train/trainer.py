@@ -272,12 +272,17 @@ class Trainer:
         vals = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), sums.tolist()))
         return vals, counts, stats
 
-    def _max_rss_mb(self) -> float:
-        """Peak resident memory of the largest rank (MiB): host RAM is where offloaded states live."""
+    def _rss_peaks_mb(self) -> list[float]:
+        """Peak resident memory of every rank so far (MiB, index = rank): host RAM is where offloaded states live."""
         import resource
 
-        mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])  # ru_maxrss is KiB
-        return float(self._all_reduce(mine, dist.ReduceOp.MAX).item())
+        mine = torch.zeros(self.world, dtype=torch.float64)
+        mine[self.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # ru_maxrss is KiB
+        return self._all_reduce(mine).tolist()  # communication + host sync; one slot per rank, the others zero
+
+    def _max_rss_mb(self) -> float:
+        """Peak resident memory of the largest rank (MiB)."""
+        return max(self._rss_peaks_mb())
 
     def evaluate(self) -> float | None:
         try:
@@ -315,7 +320,7 @@ class Trainer:
             print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
                   f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
                   f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
-        self.metrics.log_memory(self.step, "setup", self._max_rss_mb())  # collective; set-up ends here
+        self.metrics.log_memory(self.step, "setup", self._rss_peaks_mb())  # collective; set-up ends here
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         last_log, t_log = self.step, time.monotonic()
         while self.step < t.max_steps:
@@ -352,7 +357,7 @@ class Trainer:
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.max_steps:
                 self.save()
         self.save()
-        self.metrics.log_memory(self.step, "final", self._max_rss_mb())  # the whole run, the last save included
+        self.metrics.log_memory(self.step, "final", self._rss_peaks_mb())  # the whole run, the last save included
         self.metrics.close()
         return 0
 

@@ -249,4 +249,7 @@ def test_memory_marks_in_metrics(tmp_path, built) -> None:
     assert len(setup) == 1 and len(final) == 1 and steps
     assert recs.index(setup[0]) < recs.index(steps[0]) and recs[-1] is final[0]
     assert 0 < setup[0]["setup_max_rss_mb"] <= steps[-1]["max_rss_mb"] <= final[0]["final_max_rss_mb"]
+    per_rank = final[0]["final_rss_mb_per_rank"]
+    assert len(per_rank) == 2 and min(per_rank) > 0 and max(per_rank) == final[0]["final_max_rss_mb"]
+    assert all(a <= b for a, b in zip(setup[0]["setup_rss_mb_per_rank"], per_rank))  # peaks only grow
     assert "peak RSS of the largest rank, setup" in out

@@ -108,7 +108,12 @@ def test_scale_bench_small(tmp_path) -> None:
         assert not r.get("skipped"), r
         assert r["finite"] and len(r["setup_peak"]) == len(r["train_peak"]) == r["world"]
         assert 0 < max(r["setup_peak"]) <= max(r["train_peak"])  # VmHWM only grows
-        assert abs(r["trainer_max_rss"] - max(r["train_peak"])) < 0.1 * max(r["train_peak"])  # two readings agree
+        # Two readings of one kernel counter: from outside (polled, may miss the last moments) and the rank's own
+        # after its last save. The outside one can only be lower, and the step records lie between them.
+        assert len(r["outside_peak"]) == len(r["trainer_final"]) == r["world"]
+        for outside, own, peak in zip(r["outside_peak"], r["trainer_final"], r["train_peak"]):
+            assert 0 < outside <= own + 2 * 2**20 and peak == max(outside, own)
+        assert max(r["setup_peak"]) <= r["trainer_max_rss"] <= max(r["train_peak"]) + 2**20
         assert r["plan_host"] > 0
     assert {r["precision"] for r in out["largest"]} == {"fp32", "bf16"}
     assert isinstance(out["shrinks"], bool) and "shrinks with the world size" in out["text"]
