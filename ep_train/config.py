@@ -80,8 +80,38 @@ class ParallelConfig:
 
 
 @dataclass
+class DataSource:
+    """One folder of a weighted mixture (``data.sources``); see ep_train/data/mixture.py."""
+
+    path: str  # output of `data_prep_tool build` (or `data_prep_tool adopt`)
+    weight: float = 1.0  # share of the training samples (normalised over the sources)
+    name: str | None = None  # for logs and metrics; defaults to the folder's name
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+    @staticmethod
+    def parse_flat(text: str, where: str) -> list[dict[str, Any]]:
+        """Megatron's ``--data-path`` form: ``"0.7 web 0.3 code"`` -> [{path: web, weight: 0.7}, ...]."""
+        parts = text.split()
+        if not parts or len(parts) % 2:
+            raise ValueError(f"{where} = {text!r} is invalid: expected pairs 'WEIGHT FOLDER ...' such as "
+                             "'0.7 data/web 0.3 data/code'")
+        out = []
+        for weight, path in zip(parts[::2], parts[1::2]):
+            try:
+                out.append({"path": path, "weight": float(weight)})
+            except ValueError:
+                raise ValueError(f"{where} = {text!r} is invalid: {weight!r} is not a weight; write pairs "
+                                 "'WEIGHT FOLDER', weight first (e.g. '0.7 data/web 0.3 data/code')") from None
+        return out
+
+
+@dataclass
 class DataConfig:
-    data_dir: str | None = None  # output of `data_prep_tool build`
+    data_dir: str | None = None  # output of `data_prep_tool build` (one source)
+    sources: list[DataSource] | None = None  # a weighted mixture instead of data_dir
     tokenizer: str | None = None  # if set, must be the model the shards were built with
     seq_len: int = 512
     shuffle: bool = True
@@ -135,6 +165,8 @@ class Config:
 
 # Names from MoE guides and Hugging Face configs -> (section, field, converter).
 ALIASES: dict[str, tuple[str, str]] = {
+    "data_sources": ("data", "sources"),
+    "data_path": ("data", "sources"),  # Megatron's --data-path "0.7 web 0.3 code"
     "top_k": ("moe", "num_experts_per_token"),
     "experts_per_tok": ("moe", "num_experts_per_token"),
     "num_experts_per_tok": ("moe", "num_experts_per_token"),
@@ -197,9 +229,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         args = typing.get_args(typ)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        candidates = [arg for arg in args if arg is not type(None)]
+        if len(candidates) == 1:  # `X | None`: the error of X names what is wrong
+            return _coerce(value, candidates[0], where)
+        for arg in candidates:
             try:
                 return _coerce(value, arg, where)
             except ValueError:
@@ -207,7 +240,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         raise ValueError(f"{where} = {value!r} is invalid: expected {typ}")
     if origin is list:
         (inner,) = typing.get_args(typ)
-        if isinstance(value, str):
+        if isinstance(value, str) and dataclasses.is_dataclass(inner):
+            value = inner.parse_flat(value, where)
+        elif isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
             value = [yaml.safe_load(v) for v in value]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -215,6 +250,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} = {value!r} is invalid: expected a list (write e.g. [1, 3] or 1,3)")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(typ):
+        return _coerce_record(value, typ, where)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -246,6 +283,24 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ValueError(f"{where} = {value!r} is invalid: expected a string")
         return value
     raise AssertionError(f"unsupported annotation {typ} for {where}")
+
+
+def _coerce_record(value: Any, typ: type, where: str) -> Any:
+    """A mapping (``{path: web, weight: 0.7}``) or an instance -> the dataclass ``typ``, each field checked."""
+    hints = typing.get_type_hints(typ)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} = {value!r} is invalid: expected a mapping with keys {sorted(hints)}")
+    unknown = sorted(set(value) - set(hints))
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; it accepts {sorted(hints)}")
+    required = [f.name for f in dataclasses.fields(typ)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; write e.g. {{path: data/web, weight: 0.7}}")
+    return typ(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in value.items()})
 
 
 def _set(cfg: Any, key: str, value: Any, cfg_cls: type) -> None:
@@ -423,6 +478,13 @@ def config_from_dict(data: dict[str, Any], cfg_cls: type = Config) -> Any:
     return cfg
 
 
+def data_sources(d: DataConfig) -> list[DataSource]:
+    """The run's training sources: ``data.sources``, or ``data.data_dir`` as one source of weight 1."""
+    if d.sources:
+        return list(d.sources)
+    return [DataSource(d.data_dir, 1.0)] if d.data_dir is not None else []
+
+
 def moe_layer_indices(model: ModelConfig, moe: MoEConfig) -> list[int]:
     """Which decoder layers get an MoE FFN."""
     if moe.num_experts <= 1:
@@ -481,6 +543,7 @@ def _check_finite(cfg: Any) -> None:
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             values = v if isinstance(v, list) else [v]
+            values = [x.weight if isinstance(x, DataSource) else x for x in values]
             if any(isinstance(x, float) and not math.isfinite(x) for x in values):
                 default = None if f.default is dataclasses.MISSING else f.default
                 _check(False, f"{sec.name}.{f.name}", v, f"must be a finite number; {_example(sec.name, f.name, default)}")
@@ -504,6 +567,17 @@ def _check_paths(cfg: Any) -> None:
         _check((data / "manifest.json").is_file(), "data.data_dir", d.data_dir,
                "has no manifest.json; pass the output folder of data_prep_tool build (after merge, for "
                "--num-tasks builds) and check that the build finished")
+    if d is not None and d.sources:
+        from ep_train.data.mixture import check_same_tokenizer
+
+        for i, src in enumerate(d.sources):
+            data = Path(src.path)
+            _check(data.is_dir(), f"data.sources[{i}].path", src.path,
+                   "no such folder; each source is the output folder of data_prep_tool build (or adopt)")
+            _check((data / "manifest.json").is_file(), f"data.sources[{i}].path", src.path,
+                   "has no manifest.json; pass the output of data_prep_tool build, or run data_prep_tool adopt "
+                   "on shards made by another tool")
+        check_same_tokenizer(d.sources)
     if t is not None and t.resume not in (None, "auto"):
         _check(Path(t.resume).is_dir(), "train.resume", t.resume,
                "no such checkpoint folder; pass a run's checkpoints/step_* folder, or auto for the latest one")
@@ -650,6 +724,14 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
                    f"must be a multiple of micro_batch_size x world size ({t.micro_batch_size} x {world_size})")
     if d is not None:
         _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be a positive integer; set data.seq_len, e.g. 512")
+        if d.sources is not None:
+            from ep_train.data.mixture import check_weights
+
+            _check(d.data_dir is None, "data.data_dir", d.data_dir,
+                   "is set together with data.sources; give one of them (data_dir is the one-source form)")
+            _check(len(d.sources) > 0, "data.sources", d.sources,
+                   "is empty; list at least one {path, weight}, or use data.data_dir")
+            check_weights(d.sources)
         _check(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
                f"must not exceed model.max_seq_len ({m.max_seq_len})")
     if check_paths:

@@ -30,3 +30,14 @@ def built(tokenizer, tmp_path_factory) -> Path:
     build([str(c) for c in CORPUS], str(tokenizer), str(out), workers=1, val_fraction=0.1, shard_size_mb=0.25,
           progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def built_small(tokenizer, tmp_path_factory) -> Path:
+    """A second, smaller source (other stdlib text, the same tokenizer): for weighted mixtures."""
+    from ep_train.data.prep import build
+
+    out = tmp_path_factory.mktemp("shards_small")
+    build([str(STDLIB / "logging"), str(STDLIB / "html")], str(tokenizer), str(out), workers=1, val_fraction=0.3,
+          shard_size_mb=0.25, progress=False)
+    return out

@@ -5,7 +5,8 @@ The split's shards form one token stream, cut into windows of ``seq_len + 1`` to
 ``perm_e[s % W]`` with ``e = s // W`` and ``perm_e`` a permutation seeded by (seed, e). A global batch
 is samples [consumed, consumed + G); data-parallel rank r reads its contiguous 1/dp of it. So the
 position is one integer (``consumed_samples``), and resuming with another number of data-parallel
-ranks (same G) reads the same samples.
+ranks (same G) reads the same samples. A weighted mixture of folders (``data.sources``) maps the same
+sample index onto (source, window) instead: see ``mixture.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ep_train.data.mixture import Blend
 from ep_train.data.shards import IndexedShard
 from ep_train.data.verify import check_tokenizer, load_manifest
 
@@ -53,27 +55,23 @@ class TokenWindows:
 class DistributedBatches:
     """This rank's micro-batches of each global batch, positioned by ``consumed_samples``."""
 
-    def __init__(self, windows: TokenWindows, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 seed: int, consumed_samples: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, windows: TokenWindows | Blend, global_batch: int, micro_batch: int, dp_rank: int,
+                 dp_size: int, seed: int, consumed_samples: int = 0, shuffle: bool = True) -> None:
         if global_batch % (micro_batch * dp_size):
             raise ValueError(f"train.batch_size ({global_batch}) must be a multiple of micro_batch_size x "
                              f"data-parallel ranks ({micro_batch} x {dp_size})")
-        if windows.num_windows == 0:
-            raise ValueError(f"the data holds {windows.total_tokens} tokens: not one window of seq_len + 1 "
-                             f"({windows.seq_len + 1}); use more text or a shorter seq_len")
-        self.w, self.g, self.mb = windows, global_batch, micro_batch
-        self.rank, self.dp, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        if isinstance(windows, TokenWindows):
+            if windows.num_windows == 0:
+                raise ValueError(f"the data holds {windows.total_tokens} tokens: not one window of seq_len + 1 "
+                                 f"({windows.seq_len + 1}); use more text or a shorter seq_len")
+            windows = Blend.single(windows, seed, shuffle)
+        self.blend = windows
+        self.g, self.mb, self.rank, self.dp = global_batch, micro_batch, dp_rank, dp_size
         self.consumed_samples = consumed_samples
-        self._perm: tuple[int, np.ndarray] | None = None
 
     def sample_window(self, s: int) -> int:
-        n = self.w.num_windows
-        epoch, pos = divmod(s, n)
-        if not self.shuffle:
-            return pos
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
-        return int(self._perm[1][pos])
+        """The window (inside its source) that global sample ``s`` reads."""
+        return self.blend.locate(s)[1]
 
     @property
     def grad_accum_steps(self) -> int:
@@ -86,7 +84,7 @@ class DistributedBatches:
         """Micro-batches (inputs [mb, S], targets [mb, S]) for this rank; advances by one global batch."""
         per_rank = self.g // self.dp
         first = self.consumed_samples + self.rank * per_rank
-        rows = np.stack([self.w.window(self.sample_window(s)) for s in range(first, first + per_rank)])
+        rows = np.stack([self.blend.sample(s) for s in range(first, first + per_rank)])
         self.consumed_samples += self.g
         t = torch.from_numpy(rows)
         return [(t[i:i + self.mb, :-1], t[i:i + self.mb, 1:]) for i in range(0, per_rank, self.mb)]

@@ -89,6 +89,8 @@ class MetricsLogger:
             self.tb.add_scalar(f"moe/layer_{i}/max_over_mean", s["max_over_mean"], step)
             self.tb.add_scalar(f"moe/layer_{i}/entropy", layer_stats[i]["entropy"], step)
             self.tb.add_scalar(f"moe/layer_{i}/dropped_frac", layer_stats[i]["dropped_frac"], step)
+        for name, n in rec.get("tokens_by_source", {}).items():
+            self.tb.add_scalar(f"data/tokens/{name}", n, step)
         if expert_counts:
             load = np.stack([np.asarray(c, dtype=np.float64) for c in expert_counts.values()])  # [layers, E]
             share = load / np.maximum(load.sum(1, keepdims=True), 1)
@@ -99,14 +101,27 @@ class MetricsLogger:
         self.jsonl.flush()
         self.tb.flush()
 
-    def log_eval(self, step: int, tokens: int, val_loss: float) -> None:
+    def log_eval(self, step: int, tokens: int, by_source: dict[str, float], weights: dict[str, float]) -> None:
+        """Validation loss per source; ``val_loss`` is their mean weighted as the training mixture is (over
+        the sources that have a validation split), which with one source is that source's loss."""
         if not self.enabled:
             return
-        print(f"step {step}/{self.max_steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}",
-              flush=True)
+        w = {k: weights[k] for k in by_source}
+        total = sum(w.values())
+        val_loss = (sum(by_source[k] * w[k] for k in by_source) / total if total > 0
+                    else sum(by_source.values()) / len(by_source))
+        line = f"step {step}/{self.max_steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}"
+        if len(by_source) > 1 or set(by_source) != set(weights):
+            line += " | " + " | ".join(f"{k} {v:.4f}" for k, v in by_source.items())
+        print(line, flush=True)
         self.tb.add_scalar("val/loss", val_loss, step)
         self.tb.add_scalar("val_by_tokens/loss", val_loss, tokens)
-        self.jsonl.write(json.dumps({"step": step, "tokens": tokens, "val_loss": val_loss}) + "\n")
+        rec: dict[str, Any] = {"step": step, "tokens": tokens, "val_loss": val_loss}
+        if len(weights) > 1:
+            rec["val_loss_by_source"] = by_source
+            for k, v in by_source.items():
+                self.tb.add_scalar(f"val/{k}/loss", v, step)
+        self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
 
     def log_memory(self, step: int, phase: str, rss_mb_per_rank: list[float]) -> None:

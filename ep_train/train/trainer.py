@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ep_train.config import Config, config_to_dict, load_config, parse_overrides, validate
+from ep_train.config import Config, config_to_dict, data_sources, load_config, parse_overrides, validate
 from ep_train.data.loader import DistributedBatches, TokenWindows
+from ep_train.data.mixture import Blend
 from ep_train.data.verify import verify_for_training
 from ep_train.model.moe import expert_biases, set_expert_biases, update_expert_biases
 from ep_train.model.transformer import Transformer, build_model
@@ -83,11 +84,15 @@ class Trainer:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(t.seed + self.rank)  # per-rank streams (router noise); the model init is shared
 
-        assert cfg.data.data_dir is not None  # main() refuses a missing data_dir before any process group
+        self.sources = data_sources(cfg.data)
+        assert self.sources  # main() refuses a run without data before any process group
         # Every rank checks (and fails alike): manifest sizes and index checksums, tokenizer and vocabulary,
         # no token id >= model.vocab_size (found here with its shard and position, not deep in the model).
-        verify_for_training(cfg.data.data_dir, "train", cfg.model.vocab_size, cfg.data.tokenizer)
-        self.windows = TokenWindows(cfg.data.data_dir, "train", cfg.data.seq_len, cfg.data.tokenizer)
+        for src in self.sources:
+            verify_for_training(src.path, "train", cfg.model.vocab_size, cfg.data.tokenizer)
+        self.blend = Blend([TokenWindows(src.path, "train", cfg.data.seq_len, cfg.data.tokenizer)
+                            for src in self.sources], [src.weight for src in self.sources], t.seed,
+                           cfg.data.shuffle, [src.label for src in self.sources])
         # Sharded construction: shapes on `meta`, this rank's experts only, then values module by module
         # straight into this rank's ZeRO-3 partitions (ep_train.parallel.zero.materialize_partitioned).
         layout = deepspeed_layout(cfg.parallel.ep_size)
@@ -116,7 +121,7 @@ class Trainer:
             print(f"rank 0 holds {report['dense']:,} dense and {report['expert']:,} expert parameter elements "
                   f"(ZeRO-{self.ds_config['zero_optimization']['stage']} partitions)", flush=True)
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
-        self.batches = DistributedBatches(self.windows, t.batch_size, t.micro_batch_size, self.rank, self.world,
+        self.batches = DistributedBatches(self.blend, t.batch_size, t.micro_batch_size, self.rank, self.world,
                                           seed=t.seed, shuffle=cfg.data.shuffle)
         self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps,
                                      CollapseWatch(t.collapse_threshold, t.collapse_intervals))
@@ -167,6 +172,14 @@ class Trainer:
                   flush=True)
             for c in changed:
                 print(f"resume: applying changed {c}", flush=True)
+            saved = state["config"].get("data", {})
+            before = saved.get("sources") or [{"path": saved.get("data_dir"), "weight": 1.0, "name": None}]
+            now = [{"path": s.path, "weight": s.weight, "name": s.name} for s in self.sources]
+            if [(Path(str(b["path"])).resolve(), b["weight"] / sum(x["weight"] for x in before)) for b in before] != \
+                    [(Path(n["path"]).resolve(), n["weight"] / sum(x["weight"] for x in now)) for n in now]:
+                print(f"resume: the data sources or weights differ from the checkpoint's ({before} -> {now}): "
+                      f"samples from {self.batches.consumed_samples} on follow the new mixture, which does not "
+                      "continue the old one's order (some samples may repeat or be skipped)", flush=True)
 
     # ---- one step ----------------------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -284,9 +297,18 @@ class Trainer:
         """Peak resident memory of the largest rank (MiB)."""
         return max(self._rss_peaks_mb())
 
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation loss per source with a ``val`` split (names as in the logs); None if none has one."""
+        out: dict[str, float] = {}
+        for src in self.sources:
+            loss = self._evaluate_folder(src.path)
+            if loss is not None:
+                out[src.label] = loss
+        return out or None
+
+    def _evaluate_folder(self, data_dir: str) -> float | None:
         try:
-            val = TokenWindows(self.cfg.data.data_dir, "val", self.cfg.data.seq_len)
+            val = TokenWindows(data_dir, "val", self.cfg.data.seq_len)
         except ValueError:
             return None
         if val.num_windows == 0:
@@ -307,6 +329,17 @@ class Trainer:
         total = self._all_reduce(total).cpu() / (self.world * len(batches))
         return float(total.item())
 
+    def _log_data_position(self, before: int) -> None:
+        """A line when a source starts another pass over its data (reshuffled): the run repeats it."""
+        if self.rank != 0:
+            return
+        old, new = self.blend.epochs(before), self.blend.epochs(self.batches.consumed_samples)
+        for src, e0, e1 in zip(self.sources, old, new):
+            if e1 > e0 and e1 > 1:
+                print(f"data: source {src.label!r} wrapped around at step {self.step}: pass {e1} over its "
+                      f"{self.blend.windows[self.sources.index(src)].num_windows:,} windows begins (reshuffled)",
+                      flush=True)
+
     # ---- loop ----------------------------------------------------------------------------------
     def fit(self) -> int:
         t = self.cfg.train
@@ -320,11 +353,20 @@ class Trainer:
             print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
                   f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
                   f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
+            if len(self.sources) > 1:  # what the weights mean for this run, before it starts
+                planned = self.blend.samples_per_source(t.max_steps * t.batch_size)
+                total_w = sum(src.weight for src in self.sources)
+                for src, w, n in zip(self.sources, self.blend.windows, planned):
+                    print(f"data: source {src.label!r} ({src.path}): weight {src.weight / total_w:.3f}, "
+                          f"{w.num_windows:,} windows; {t.max_steps} steps read {n:,} samples = "
+                          f"{n / max(w.num_windows, 1):.2f} passes (each pass reshuffled)", flush=True)
         self.metrics.log_memory(self.step, "setup", self._rss_peaks_mb())  # collective; set-up ends here
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         last_log, t_log = self.step, time.monotonic()
         while self.step < t.max_steps:
+            before = self.batches.consumed_samples
             res = self.profiled_step() if self.step + 1 == t.profile_step else self.train_step()
+            self._log_data_position(before)
             if self.consecutive_skips >= t.max_consecutive_skips:
                 path = self.save()  # weights are those of the last good step: skipped steps change nothing
                 raise NonFiniteLossError(
@@ -340,12 +382,16 @@ class Trainer:
                        "tokens_per_sec": (self.step - last_log) * tokens_per_step / max(elapsed, 1e-9),
                        "skipped_steps": self.skipped, "nonfinite": res["nonfinite"],
                        "max_rss_mb": self._max_rss_mb()}
+                if len(self.sources) > 1:
+                    seen = self.blend.samples_per_source(self.batches.consumed_samples)
+                    rec["tokens_by_source"] = {src.label: n * self.cfg.data.seq_len for src, n in zip(self.sources, seen)}
                 self.metrics.log(rec, counts if t.log_expert_stats else {}, stats)
                 last_log, t_log = self.step, time.monotonic()
             if t.eval_interval and self.step % t.eval_interval == 0:
                 val = self.evaluate()
                 if val is not None:
-                    self.metrics.log_eval(self.step, self.step * tokens_per_step, val)
+                    self.metrics.log_eval(self.step, self.step * tokens_per_step, val,
+                                          {src.label: src.weight for src in self.sources})
             stop = self._all_reduce(torch.tensor([1.0 if self.stop.raised else 0.0]), dist.ReduceOp.MAX)
             if bool(stop.item()):
                 path = self.save()
@@ -371,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(args.config, overrides)
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
-    if cfg.data.data_dir is None:
-        raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build)")
+    if not data_sources(cfg.data):
+        raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build), or "
+                         "a weighted mixture as --data_sources '0.7 DIR_A 0.3 DIR_B'")
     run_dir = Path(args.run_dir)
     if os.environ.get("RANK", "0") == "0":
         # A stop marker from an earlier attempt must not outlive it: whatever happens from here on (a

@@ -10,8 +10,9 @@ import math
 
 import torch
 
-from ep_train.config import Config
+from ep_train.config import Config, data_sources
 from ep_train.data.loader import DistributedBatches, TokenWindows
+from ep_train.data.mixture import Blend
 from ep_train.model import build_model
 
 
@@ -43,8 +44,10 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    data = DistributedBatches(TokenWindows(cfg.data.data_dir, "train", cfg.data.seq_len), t.batch_size,
-                              t.micro_batch_size, 0, 1, seed=t.seed)
+    sources = data_sources(cfg.data)
+    blend = Blend([TokenWindows(s.path, "train", cfg.data.seq_len) for s in sources], [s.weight for s in sources],
+                  t.seed, cfg.data.shuffle)
+    data = DistributedBatches(blend, t.batch_size, t.micro_batch_size, 0, 1, seed=t.seed)
     losses = []
     rate = cfg.moe.expert_bias_update_rate
     for step in range(1, steps + 1):
