@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ep_train.config import Config
+from ep_train.config import Config, data_sources
 from ep_train.generation import generate
 from ep_train.model.init import ValueSource
 from ep_train.model.moe import set_expert_biases
@@ -72,9 +72,11 @@ def _tokenizer_candidates(cfg: Config, *folders: Path) -> list[Path]:
     out: list[Path] = []
     if cfg.data.tokenizer:
         out.append(Path(cfg.data.tokenizer))
-    if cfg.data.data_dir and (Path(cfg.data.data_dir) / "manifest.json").is_file():
+    for src in data_sources(cfg.data)[:1]:  # one tokenizer for every source (checked when the run started)
+        if not (Path(src.path) / "manifest.json").is_file():
+            continue
         try:
-            manifest = json.loads((Path(cfg.data.data_dir) / "manifest.json").read_text())
+            manifest = json.loads((Path(src.path) / "manifest.json").read_text())
             out.append(Path(manifest["tokenizer"]["path"]))
         except (json.JSONDecodeError, KeyError, TypeError):
             pass

@@ -1,4 +1,4 @@
-"""``data_prep_tool``: train-tokenizer, build, merge, inspect."""
+"""``data_prep_tool``: train-tokenizer, build, merge, adopt, inspect."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="one manifest over the part_* folders of a --num-tasks build")
     m.add_argument("output")
 
+    a = sub.add_parser("adopt", help="write manifest.json for Megatron/GPT-NeoX .bin/.idx shards made elsewhere")
+    a.add_argument("folder", help="the folder holding PREFIX.bin + PREFIX.idx pairs (searched recursively)")
+    a.add_argument("--tokenizer", required=True, help="the sentencepiece .model the shards were made with")
+    a.add_argument("--val", nargs="*", default=[], metavar="PATTERN",
+                   help="prefixes (fnmatch, relative to the folder) that form the validation split")
+
     i = sub.add_parser("inspect", help="counts, dtype, length histogram, decoded samples, checksums")
     i.add_argument("data_dir")
     i.add_argument("--samples", type=int, default=3)
@@ -88,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "merge":
             man = prep.merge(args.output)
             print(f"merged {len(man['splits']['train']['shards'])} train shard(s) into {args.output}/manifest.json")
+        elif args.cmd == "adopt":
+            from ep_train.data.adopt import adopt
+
+            man = adopt(args.folder, args.tokenizer, args.val)
+            s = man["splits"]
+            print(f"wrote {args.folder}/manifest.json: train {len(s['train']['shards'])} shard(s), "
+                  f"{s['train']['tokens']:,} tokens; val {len(s['val']['shards'])} shard(s), {s['val']['tokens']:,} "
+                  "tokens")
         elif args.cmd == "inspect":
             text, ok = prep.inspect(args.data_dir, args.samples, args.tokenizer, verify=not args.no_verify,
                                     force_tokenizer=args.force_tokenizer)

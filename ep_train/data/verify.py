@@ -82,8 +82,13 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
         lines.append(warning)
     ok = True
     for split, info in m["splits"].items():
-        lines.append(f"{split}: {len(info['shards'])} shard(s), {info['documents']:,} documents, "
-                     f"{info['tokens']:,} tokens")
+        # An index entry is a document in ep-train's builds; Megatron's sentence-split builds (adopted) hold
+        # several sequences per document: say which is counted.
+        docs = sum(s.get("megatron_documents", s["documents"]) for s in info["shards"])
+        seqs = sum(s["documents"] for s in info["shards"])
+        unit = "document" if docs == seqs else "sequence"
+        lines.append(f"{split}: {len(info['shards'])} shard(s), {docs:,} documents"
+                     + (f" in {seqs:,} sequences" if docs != seqs else "") + f", {info['tokens']:,} tokens")
         lengths = []
         for s in info["shards"]:
             prefix = Path(data_dir) / s["prefix"]
@@ -97,13 +102,13 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
             all_len = np.concatenate(lengths)
             edges = np.unique(np.geomspace(1, max(int(all_len.max()), 2), 9).astype(int))
             hist, edges = np.histogram(all_len, bins=edges)
-            lines.append(f"  document length: min {all_len.min()}, median {int(np.median(all_len))}, "
+            lines.append(f"  {unit} length: min {all_len.min()}, median {int(np.median(all_len))}, "
                          f"max {all_len.max()}")
             for n, lo, hi in zip(hist, edges[:-1], edges[1:]):
                 lines.append(f"  {lo:>8}-{hi:<8} {'#' * int(40 * n / max(hist.max(), 1)):<40} {n}")
     if verify:
         lines.append("checksums: " + ("OK" if ok else "MISMATCH"))
-    train = m["splits"]["train"]["shards"]
+    train = m["splits"].get("train", {}).get("shards", [])
     if samples and train and sp is not None:
         shard = IndexedShard(Path(data_dir) / train[0]["prefix"])
         for i in range(min(samples, len(shard))):

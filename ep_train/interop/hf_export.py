@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ep_train.config import Config, moe_layer_indices
+from ep_train.config import Config, data_sources, moe_layer_indices
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Source = Callable[[str, tuple[int, ...], "list[int] | None"], torch.Tensor]  # a ValueSource
@@ -225,8 +225,9 @@ def run_dir_config(path: Path) -> Config | None:
 def run_tokenizer(cfg: Config, log: Callable[[str], None] = print) -> Path | None:
     """The run's sentencepiece model: data.tokenizer, else the one its shards' manifest names."""
     t = cfg.data.tokenizer
-    if t is None and cfg.data.data_dir is not None and (Path(cfg.data.data_dir) / "manifest.json").is_file():
-        t = json.loads((Path(cfg.data.data_dir) / "manifest.json").read_text())["tokenizer"]["path"]
+    first = next(iter(data_sources(cfg.data)), None)  # every source has the same tokenizer (checked at start)
+    if t is None and first is not None and (Path(first.path) / "manifest.json").is_file():
+        t = json.loads((Path(first.path) / "manifest.json").read_text())["tokenizer"]["path"]
     if t is None:
         return None
     if not Path(t).is_file():  # a run from another machine: the weights are still worth exporting
