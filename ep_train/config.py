@@ -115,6 +115,10 @@ class DataConfig:
     tokenizer: str | None = None  # if set, must be the model the shards were built with
     seq_len: int = 512
     shuffle: bool = True
+    # Packed windows hold several documents: attend only inside one's own document (Llama 3; Megatron's
+    # --reset-attention-mask), found by the tokenizer's EOS ending each document. Off by default, as Megatron.
+    document_mask: bool = False
+    reset_positions: bool = False  # with document_mask: rotary positions restart at 0 in each document
 
 
 @dataclass
@@ -724,6 +728,8 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
                    f"must be a multiple of micro_batch_size x world size ({t.micro_batch_size} x {world_size})")
     if d is not None:
         _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be a positive integer; set data.seq_len, e.g. 512")
+        _check(d.document_mask or not d.reset_positions, "data.reset_positions", d.reset_positions,
+               "needs data.document_mask: true (positions restart per document, so attention must stay in it)")
         if d.sources is not None:
             from ep_train.data.mixture import check_weights
 

@@ -44,6 +44,38 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device
     return emb.cos(), emb.sin()
 
 
+def rope_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [B, 1, S, Hd] for per-sequence positions [B, S] (documents restarting at 0)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # [B, S, Hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, S, Hd]: broadcasts over heads
+    return emb.cos(), emb.sin()
+
+
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, S] index of the document each token belongs to inside a packed window: a document ends with
+    its EOS token, so a new one starts after each EOS (the EOS itself stays in the document it ends)."""
+    ends = (input_ids == eos_id).long()
+    return ends.cumsum(dim=1) - ends  # exclusive cumulative count
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, S] position of each token inside its own document (0 at each document's first token)."""
+    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    new = torch.ones_like(doc_ids, dtype=torch.bool)
+    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(new, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] bool: query i may attend to key j iff j <= i and both lie in one document."""
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x: [B, h, S, Hd]
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
@@ -100,8 +132,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.g * self.hd, bias=False)
         self.o_proj = nn.Linear(self.h * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None
-                ) -> torch.Tensor:  # x: [B, S, D]; cos, sin [S, Hd] at the new tokens' positions
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: [B, S, D]; cos, sin [S, Hd] (or [B, 1, S, Hd]) at the new tokens' positions; mask [B, 1, S, S]
+        # bool (True = attend) replaces plain causal attention (document masking; no cache then)
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.h, self.hd).transpose(1, 2)  # [B, H, S, Hd]
         k = self.k_proj(x).view(b, s, self.g, self.hd).transpose(1, 2)  # [B, G, S, Hd]
@@ -111,7 +145,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = 0 if cache.k is None else cache.k.shape[2]  # P
             k, v = cache.append(k, v)  # [B, G, P + S, Hd]
-        if past == 0:  # no cached keys: plain causal attention (the training path)
+        if mask is not None:
+            assert cache is None, "document masking is a training option"
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.g != self.h)
+        elif past == 0:  # no cached keys: plain causal attention (the training path)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.g != self.h)
         else:  # is_causal would align the mask top-left; the new queries sit at the bottom-right
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(s, past, x.device),
@@ -143,9 +180,10 @@ class Block(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.ffn, MoELayer)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None
-                ) -> tuple[torch.Tensor, RouterStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        # positional arguments only: activation checkpointing passes them through torch.utils.checkpoint
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         if self.is_moe:
             y, stats = self.ffn(self.ffn_norm(x))
             return x + y, stats
@@ -175,22 +213,35 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.head_dim = cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
-    def _run(self, input_ids: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, dict[int, RouterStats]]:
+    def _run(self, input_ids: torch.Tensor, cache: KVCache | None, doc_ids: torch.Tensor | None = None,
+             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, RouterStats]]:
         """Logits [B, S, V] of input_ids [B, S] placed after the cache's P tokens (P = 0 without a cache)."""
         s, start = input_ids.shape[1], cache.seq_len if cache is not None else 0
-        cos, sin = rope_cos_sin(s, self.head_dim, self.cfg.rope_theta, input_ids.device, start=start)
+        if positions is not None:
+            cos, sin = rope_at(positions, self.head_dim, self.cfg.rope_theta)  # [B, 1, S, Hd]
+        else:
+            cos, sin = rope_cos_sin(s, self.head_dim, self.cfg.rope_theta, input_ids.device, start=start)
+        mask = document_mask(doc_ids) if doc_ids is not None else None
         x = self.embed(input_ids)  # [B, S, D]
         stats: dict[int, RouterStats] = {}
         for i, layer in enumerate(self.layers):
-            # Training calls blocks with (x, cos, sin) only: activation checkpointing wraps that call.
-            x, st = layer(x, cos, sin) if cache is None else layer(x, cos, sin, cache.layers[i])
+            # Training calls blocks with positional tensors only: activation checkpointing wraps that call.
+            if cache is not None:
+                x, st = layer(x, cos, sin, cache.layers[i])
+            elif mask is not None:
+                x, st = layer(x, cos, sin, None, mask)
+            else:
+                x, st = layer(x, cos, sin)
             if st is not None:
                 stats[i] = st
         return self.lm_head(self.norm(x)), stats  # [B, S, V]
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids [B, S]; targets [B, S] already shifted (targets[:, i] follows input_ids[:, i]), -100 = ignore."""
-        logits, stats = self._run(input_ids, None)
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids [B, S]; targets [B, S] already shifted (targets[:, i] follows input_ids[:, i]), -100 = ignore.
+        ``doc_ids`` [B, S] (``document_ids``): attend only inside one's own document of a packed window;
+        ``positions`` [B, S] (``document_positions``): rotary positions, e.g. restarting at each document."""
+        logits, stats = self._run(input_ids, None, doc_ids, positions)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([st.aux_loss for st in stats.values()]).mean() if stats else zero
         zl = torch.stack([st.z_loss for st in stats.values()]).mean() if stats else zero

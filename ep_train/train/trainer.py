@@ -24,7 +24,7 @@ from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.mixture import Blend
 from ep_train.data.verify import verify_for_training
 from ep_train.model.moe import expert_biases, set_expert_biases, update_expert_biases
-from ep_train.model.transformer import Transformer, build_model
+from ep_train.model.transformer import Transformer, build_model, document_ids, document_positions
 from ep_train.parallel import compile_blocks, parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
 from ep_train.sizes import model_size
@@ -90,6 +90,7 @@ class Trainer:
         # no token id >= model.vocab_size (found here with its shard and position, not deep in the model).
         for src in self.sources:
             verify_for_training(src.path, "train", cfg.model.vocab_size, cfg.data.tokenizer)
+        self.eos_id = self._document_eos() if cfg.data.document_mask else None
         self.blend = Blend([TokenWindows(src.path, "train", cfg.data.seq_len, cfg.data.tokenizer)
                             for src in self.sources], [src.weight for src in self.sources], t.seed,
                            cfg.data.shuffle, [src.label for src in self.sources])
@@ -126,6 +127,23 @@ class Trainer:
         self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps,
                                      CollapseWatch(t.collapse_threshold, t.collapse_intervals))
         self.stop = stop or StopFlag()
+
+    def _document_eos(self) -> int:
+        """The EOS id that ends each document in the shards (data.document_mask cuts windows at it)."""
+        man = json.loads((Path(self.sources[0].path) / "manifest.json").read_text())
+        eos = man["tokenizer"].get("eos_id")
+        if not isinstance(eos, int) or eos < 0:
+            raise ValueError(f"data.document_mask = true needs the EOS id that ends each document, but "
+                             f"{self.sources[0].path}/manifest.json has tokenizer.eos_id = {eos!r}; rebuild the "
+                             "shards with a tokenizer that has EOS (data_prep_tool build), or set document_mask false")
+        return eos
+
+    def _forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
+        x, y = x.to(self.device), y.to(self.device)
+        if self.eos_id is None:
+            return self.engine(x, y)
+        doc = document_ids(x, self.eos_id)
+        return self.engine(x, y, doc, document_positions(doc) if self.cfg.data.reset_positions else None)
 
     def _value_source(self):  # type: ignore[no-untyped-def]
         """Initial values: the seeded initialisation, or a Hugging Face checkpoint streamed tensor by tensor."""
@@ -200,7 +218,7 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (dense parameters)
         micro = self.batches.next()
         for x, y in micro:
-            out = self.engine(x.to(self.device), y.to(self.device))
+            out = self._forward(x, y)
             loss = out.loss * float("nan") if inject and hook is None else out.loss
             nonfinite |= not bool(torch.isfinite(loss))  # host sync
             # Backward even when non-finite: ZeRO sees a non-finite gradient norm, skips the
@@ -325,7 +343,7 @@ class Trainer:
         batches = loader.next()
         with torch.no_grad():
             for x, y in batches:
-                total += self.engine(x.to(self.device), y.to(self.device)).lm_loss.item()
+                total += self._forward(x, y).lm_loss.item()
         total = self._all_reduce(total).cpu() / (self.world * len(batches))
         return float(total.item())
 

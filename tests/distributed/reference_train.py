@@ -14,6 +14,7 @@ from ep_train.config import Config, data_sources
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.mixture import Blend
 from ep_train.model import build_model
+from ep_train.model.transformer import document_ids, document_positions
 
 
 def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
@@ -48,6 +49,12 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
     blend = Blend([TokenWindows(s.path, "train", cfg.data.seq_len) for s in sources], [s.weight for s in sources],
                   t.seed, cfg.data.shuffle)
     data = DistributedBatches(blend, t.batch_size, t.micro_batch_size, 0, 1, seed=t.seed)
+    eos = None
+    if cfg.data.document_mask:
+        import json
+        from pathlib import Path
+
+        eos = json.loads((Path(sources[0].path) / "manifest.json").read_text())["tokenizer"]["eos_id"]
     losses = []
     rate = cfg.moe.expert_bias_update_rate
     for step in range(1, steps + 1):
@@ -55,7 +62,8 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
         total = 0.0
         counts: dict[int, torch.Tensor] = {}  # MoE layer -> tokens per expert over the whole step
         for x, y in micro:
-            out = model(x, y)
+            doc = document_ids(x, eos) if eos is not None else None
+            out = model(x, y, doc, document_positions(doc) if doc is not None and cfg.data.reset_positions else None)
             (out.loss / len(micro)).backward()
             total += out.loss.item()
             for i, st in out.router_stats.items():
