@@ -30,7 +30,7 @@ import numpy as np
 
 from ep_train.data import resume
 from ep_train.data.resume import atomic_json as _atomic_json
-from ep_train.data.shards import ShardWriter, sha256_file, token_dtype
+from ep_train.data.shards import IndexedShard, ShardWriter, sha256_file, token_dtype
 from ep_train.data.tokenizer import load_tokenizer
 from ep_train.data.verify import inspect, load_manifest  # noqa: F401  (re-exported: cli, older callers)
 
@@ -311,6 +311,8 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
         "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS})
     action, previous = resume.check_previous(out, key, records, tokenizer, overwrite)
     if action == "done":
+        for f in out.glob("valseg_*"):  # a crash between the manifest and this clean-up left them
+            f.unlink()
         return {**previous, "already_built": True}  # type: ignore[dict-item]
     opts = {"append_bos": append_bos, "val_fraction": val_fraction, "dtype": np_dtype.str}
     state: dict[str, Any] = {"tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": tok_sha},
@@ -328,7 +330,10 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
 
     def writer(split: str) -> ShardWriter:
         if writers[split] is None:
-            writers[split] = ShardWriter(out / f"{split}_{len(state['shards'][split]):05d}", np_dtype)
+            # Validation is written in segments closed with each training shard (so a resume re-reads at most
+            # one training shard's input) and joined into shards of up to the size cap at the end.
+            name = "valseg" if split == "val" else split
+            writers[split] = ShardWriter(out / f"{name}_{len(state['shards'][split]):05d}", np_dtype)
         return writers[split]  # type: ignore[return-value]
 
     def roll(consumed: int) -> None:
@@ -382,6 +387,8 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
         bar.close()
         if pool:
             pool.terminate()
+    segments = state["shards"]["val"]
+    state["shards"]["val"] = _join_segments(out, segments, cap, np_dtype)
     manifest = {
         "format": "megatron-mmidx-v1", "dtype": np_dtype.name, "append_bos": append_bos, "text_key": text_key,
         "tokenizer": {**state["tokenizer"], "vocab_size": vocab, "eos_id": eos, "bos_id": sp.bos_id()},
@@ -398,9 +405,43 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
         raise ValueError(f"no documents found in {len(files)} input file(s) ({names}): all empty, binary or "
                          f"without a string field --text-key ({text_key!r}); the report: {report.examples[:3]}")
     _atomic_json(manifest_path, manifest)
+    for seg in segments:  # only once the manifest (naming the joined shards) is written
+        for ext in ("bin", "idx"):
+            (out / f"{seg['prefix']}.{ext}").unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)  # the manifest now holds the key and the input list
     (out / resume.INPUTS).unlink(missing_ok=True)
     return manifest
+
+
+def _join_segments(out: Path, segments: list[dict], cap: float, dtype: np.dtype) -> list[dict]:
+    """Validation segments -> shards ``val_00000 ...`` of up to ``cap`` bytes each, documents in order.
+    Rerun after a crash, it rewrites the same shards (``ShardWriter`` renames only finished files)."""
+    shards: list[dict] = []
+    w: ShardWriter | None = None
+
+    def close() -> None:
+        assert w is not None
+        bin_p, idx_p = w.close()
+        shards.append({"prefix": bin_p.stem, "documents": w.num_docs, "tokens": w.tokens,
+                       "bin_sha256": w.bin_sha256, "idx_sha256": sha256_file(idx_p),
+                       "bin_bytes": bin_p.stat().st_size, "idx_bytes": idx_p.stat().st_size,
+                       "max_token_id": w.max_token})
+
+    for seg in segments:
+        part = IndexedShard(out / seg["prefix"])
+        if w is not None and w.nbytes and w.nbytes + part.num_tokens * dtype.itemsize > cap:
+            close()
+            w = None
+        if w is None:
+            w = ShardWriter(out / f"val_{len(shards):05d}", dtype)
+        step = 4096  # documents per copy: memory bounded by a few thousand documents, whatever the size
+        for lo in range(0, len(part), step):
+            lengths = part.lengths[lo:lo + step]
+            start = int(part.offsets[lo]) // dtype.itemsize
+            w.add(lengths, part.tokens[start:start + int(lengths.astype(np.int64).sum())])
+    if w is not None and w.num_docs:
+        close()
+    return shards
 
 
 def merge(output: str) -> dict:

@@ -27,8 +27,8 @@ KEY_VERSION = 1
 MANIFEST, PROGRESS, INPUTS = "manifest.json", "progress.json", "inputs.json"
 # Every file name the build writes (shards, their temporaries, the state files): --overwrite and the
 # resume clean-up delete these and nothing else.
-OWN_FILE = re.compile(r"^((train|val)_\d{5}\.(bin|idx)|manifest\.json|progress\.json|inputs\.json)(\.tmp)?$")
-SHARD_FILE = re.compile(r"^(?P<prefix>(train|val)_\d{5})\.(bin|idx)(\.tmp)?$")
+OWN_FILE = re.compile(r"^((train|val|valseg)_\d{5}\.(bin|idx)|manifest\.json|progress\.json|inputs\.json)(\.tmp)?$")
+SHARD_FILE = re.compile(r"^(?P<prefix>(train|val|valseg)_\d{5})\.(bin|idx)(\.tmp)?$")
 
 
 def input_records(files: list[Path]) -> list[dict[str, Any]]:

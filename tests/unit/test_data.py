@@ -53,6 +53,15 @@ def test_shards_hold_exactly_the_sentencepiece_tokens(built, tokenizer) -> None:
     assert seen == sources
 
 
+def test_validation_is_not_cut_with_every_training_shard(built) -> None:
+    """Validation segments are closed with each training shard (resume) and joined at the end."""
+    manifest = json.loads((built / "manifest.json").read_text())
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert len(train["shards"]) >= 2 and len(val["shards"]) == 1  # val holds far less than one 0.25 MB shard
+    assert val["shards"][0]["prefix"] == "val_00000" and val["shards"][0]["documents"] == val["documents"] > 1
+    assert not list(built.glob("valseg_*"))
+
+
 def test_worker_count_does_not_change_bytes(tokenizer, built, tmp_path) -> None:
     build([str(c) for c in CORPUS], str(tokenizer), str(tmp_path), workers=2, val_fraction=0.1,
           shard_size_mb=0.25, progress=False)
