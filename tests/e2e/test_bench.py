@@ -27,7 +27,8 @@ def small(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_run_all_small_ran_every_benchmark(small) -> None:
-    assert set(small) == {"moe_layer", "data_prep", "train_e2e", "step_breakdown", "recompute", "moe_vs_dense"}
+    assert set(small) == {"moe_layer", "data_prep", "corpus_scale", "train_e2e", "step_breakdown", "recompute",
+                          "moe_vs_dense"}
 
 
 def test_moe_layer_bench_small(small) -> None:
@@ -69,6 +70,19 @@ def test_moe_layer_bench_small(small) -> None:
     assert set(out["verdicts"].values()) <= {"met", "MISSED"}
     # the combine micro-benchmark timed both implementations
     assert all(len(ts) == 2 and min(ts) > 0 for ts in out["combine"].values()) and len(out["combine"]) == 2
+
+
+def test_corpus_scale_bench_small(small) -> None:
+    """Two corpus sizes: build and array tasks + merge give the same tokens, every process was sampled."""
+    out = small["corpus_scale"]
+    rows = out["rows"]
+    assert len(rows) == 2 and rows[1]["bytes"] > 3 * rows[0]["bytes"] and rows[1]["tokens"] > 3 * rows[0]["tokens"]
+    for r in rows:
+        assert r["array_tokens"] == r["tokens"] == r["limit_tokens"]  # the whole toy corpus fits the limit's budget
+        assert min(r["build_main_peak"], r["build_worker_peak"], r["array_task_peak"], r["merge_peak"]) > 10 * 2**20
+        assert r["build_tok_s"] > 0 and r["limit_tok_s"] > 0
+    assert out["growth"] == max(rows[1][k] / rows[0][k] for k in ("build_main_peak", "build_worker_peak",
+                                                                   "array_task_peak"))
 
 
 def test_data_prep_bench_small(small) -> None:
