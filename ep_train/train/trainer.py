@@ -352,11 +352,10 @@ class Trainer:
         if self.rank != 0:
             return
         old, new = self.blend.epochs(before), self.blend.epochs(self.batches.consumed_samples)
-        for src, e0, e1 in zip(self.sources, old, new):
+        for src, windows, e0, e1 in zip(self.sources, self.blend.windows, old, new):
             if e1 > e0 and e1 > 1:
                 print(f"data: source {src.label!r} wrapped around at step {self.step}: pass {e1} over its "
-                      f"{self.blend.windows[self.sources.index(src)].num_windows:,} windows begins (reshuffled)",
-                      flush=True)
+                      f"{windows.num_windows:,} windows begins (reshuffled)", flush=True)
 
     # ---- loop ----------------------------------------------------------------------------------
     def fit(self) -> int:
