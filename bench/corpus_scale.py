@@ -47,7 +47,7 @@ _sp = None
 
 
 def make_corpus(out: Path, size: int, seed: int = 0) -> tuple[int, int]:
-    """jsonl parts of about ``size`` bytes of text in total; returns (documents, text bytes)."""
+    """jsonl parts of about ``size`` characters of text in total; returns (documents, characters)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(errors="replace") for p in sorted(stdlib.rglob("*.py")) if "site-packages" not in p.parts]
     texts = [t for t in texts if t.strip()]
@@ -73,6 +73,8 @@ def make_corpus(out: Path, size: int, seed: int = 0) -> tuple[int, int]:
             if written >= size:
                 break
     f.close()
+    if part_bytes == 0:  # the size was reached right after a part was closed
+        (out / f"part_{part:03d}.jsonl").unlink()
     return docs, written
 
 
@@ -92,8 +94,9 @@ def sampled(cmds: list[list[str]]) -> tuple[float, dict[str, int], list[str]]:
     import psutil
 
     t0 = time.monotonic()
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for c in cmds]
+    logs = [tempfile.TemporaryFile("w+") for _ in cmds]  # files, not pipes: concurrent tasks never block on output
+    procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for c, log in zip(cmds, logs)]
     peaks = {"main": 0, "worker": 0}
     done = threading.Event()
 
@@ -113,9 +116,15 @@ def sampled(cmds: list[list[str]]) -> tuple[float, dict[str, int], list[str]]:
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    outs = [p.communicate()[0] for p in procs]
+    for p in procs:
+        p.wait()
     done.set()
     th.join()
+    outs = []
+    for log in logs:
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
     for c, p, o in zip(cmds, procs, outs):
         if p.returncode:
             raise RuntimeError(f"{' '.join(c)} failed ({p.returncode}):\n{o[-3000:]}")
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(arr)
             lim, lim_tokens = limit_rate(corpus, model, args.workers, min(size, 200 * MIB))
             shutil.rmtree(corpus)
-            row = {"bytes": nbytes, "documents": docs, "tokens": tokens, "build_s": secs, "build_tok_s": tokens / secs,
+            row = {"chars": nbytes, "documents": docs, "tokens": tokens, "build_s": secs, "build_tok_s": tokens / secs,
                    "build_main_peak": peaks["main"], "build_worker_peak": peaks["worker"],
                    "array_s": a_secs + m_secs, "array_tok_s": a_tokens / (a_secs + m_secs),
                    "array_task_peak": a_peaks["main"], "merge_peak": m_peaks["main"], "array_tokens": a_tokens,
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = ["| corpus | documents | tokens | tool | seconds | tokens/s | share of the limit | peak RSS per process "
              "| load avg |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        gb = f"{r['bytes'] / 2**30:.2f} GiB"
+        gb = f"{r['chars'] / 1e9:.2f} G chars"
         table.append(f"| {gb} | {r['documents']:,} | {r['tokens']:,} | build, {args.workers} workers | "
                      f"{r['build_s']:.0f} | {r['build_tok_s']:,.0f} | {r['build_tok_s'] / r['limit_tok_s']:.0%} | "
                      f"main {r['build_main_peak'] / MIB:.0f} MiB, workers {r['build_worker_peak'] / MIB:.0f} MiB | "
@@ -241,7 +250,7 @@ alongside: the times then include it).
 {text}
 
 Memory does not grow with the corpus ({TARGETS['corpus_memory_growth'].what}: {describe('corpus_memory_growth')}):
-**{verdict}** (ratio {growth:.2f} for {rows[-1]['bytes'] / rows[0]['bytes']:.0f}x the text).
+**{verdict}** (ratio {growth:.2f} for {rows[-1]['chars'] / rows[0]['chars']:.0f}x the text).
 """)
     return {"rows": rows, "growth": growth}
 

@@ -138,7 +138,7 @@ def _batches(data: str, split: str | None, seq_len: int, max_tokens: int) -> tup
     from ep_train.data.verify import load_manifest
 
     splits = load_manifest(data)["splits"]
-    split = split or ("val" if "val" in splits else "train")
+    split = split or ("val" if splits.get("val", {}).get("tokens") else "train")  # held-out text when there is some
     windows = TokenWindows(data, split, seq_len)
     n = min(windows.num_windows, max(1, max_tokens // seq_len))
     if n == 0:

@@ -16,6 +16,9 @@ the tokenizer they are said to come from and recording what was found:
 
 Nothing is moved or rewritten: the manifest names the shards where they are (prefixes relative to the
 folder). Prefixes matching ``--val`` (fnmatch patterns) form the validation split; the rest are training.
+Subfolders holding their own build (a ``manifest.json`` or ``progress.json``) are skipped. The tokenizer
+must be a sentencepiece model, as everywhere in ep-train: shards made with a GPT-2/Hugging Face BPE
+tokenizer cannot be adopted.
 """
 
 from __future__ import annotations
@@ -72,13 +75,19 @@ def adopt(folder: str | Path, tokenizer: str | Path, val_patterns: list[str] | N
             prev = json.loads(existing.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             prev = {}
-        if prev.get("adopted", {}).get("tool") != ADOPTED:
+        adopted = prev.get("adopted") if isinstance(prev, dict) else None
+        if not isinstance(adopted, dict) or adopted.get("tool") != ADOPTED:
             raise ValueError(f"{str(existing)!r} exists and was not written by {ADOPTED} (a data_prep_tool build?): "
                              "adopt never replaces another tool's manifest; use that folder as it is, or move the "
                              "shards to a new folder")
     sp = load_tokenizer(tokenizer)
     vocab, eos = sp.get_piece_size(), sp.eos_id()
-    idx_files = sorted(root.rglob("*.idx"))
+    # Folders below that hold their own build (manifest.json, or progress.json of an unfinished one) are
+    # not ours to adopt: an unmerged --num-tasks build or a parent of several builds would mix splits.
+    nested = {p.parent for name in ("manifest.json", "progress.json") for p in root.rglob(name) if p.parent != root}
+    idx_files = sorted(p for p in root.rglob("*.idx") if not any(n == p.parent or n in p.parents for n in nested))
+    if nested:
+        log(f"skipping {len(nested)} folder(s) holding their own build: {sorted(str(n) for n in nested)[:3]}")
     if not idx_files:
         raise ValueError(f"no .idx files under {str(folder)!r}; adopt takes Megatron/GPT-NeoX indexed datasets "
                          "(PREFIX.bin + PREFIX.idx); for raw text use data_prep_tool build")
@@ -126,6 +135,10 @@ def adopt(folder: str | Path, tokenizer: str | Path, val_patterns: list[str] | N
             "bin_bytes": bin_path.stat().st_size, "idx_bytes": idx.stat().st_size})
         log(f"{rel}: {len(shard):,} sequences, {docs:,} documents, {shard.num_tokens:,} tokens, {shard.dtype}"
             f"{', validation' if is_val else ''}")
+    for pat in val_patterns or []:
+        if not any(fnmatch.fnmatch(str(p.with_suffix("").relative_to(root)), pat) for p in idx_files):
+            log(f"warning: --val {pat!r} matches no shard prefix (prefixes are relative to {folder}, without "
+                ".bin/.idx)")
     if not splits["train"]:
         raise ValueError(f"every shard under {str(folder)!r} matched --val {val_patterns}: nothing is left to "
                          "train on; narrow the patterns")

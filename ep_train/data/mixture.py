@@ -3,8 +3,8 @@
 Global sample ``s`` of the run (the index across all data-parallel ranks, as in ``loader.py``) is taken
 from source ``pattern[s % B]``, a fixed interleaving of ``B = BLOCK`` samples built once from the weights
 by the greedy rule Megatron's blended dataset uses: sample ``i`` goes to the source whose share so far
-lags its weight the most (``argmax_k w_k (i + 1) - count_k``). Within one block every source's share is
-within one sample of ``w_k B``, so over any span the shares are exact to about ``1 / B`` plus one block.
+lags its weight the most (``argmax_k w_k (i + 1) - count_k``). Within one block every source's count is
+within about one sample of ``w_k B``, so over any span the shares are exact to about ``1 / B`` plus one block.
 Sample ``s`` is then that source's ``j``-th sample, ``j = (s // B) count_k + (its rank inside the block)``,
 which is O(1) to compute: no table grows with the run, and a run resumed at ``consumed_samples`` or at
 another data-parallel size reads the same samples (the position is a function of ``s`` alone).
@@ -18,12 +18,12 @@ a single ``data_dir`` run, so a one-source mixture reads exactly what ``data_dir
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ep_train.data.verify import load_manifest
 
 if TYPE_CHECKING:
     from ep_train.config import DataSource
@@ -40,6 +40,13 @@ def check_weights(sources: list[DataSource], where: str = "data.sources") -> Non
     if not sum(s.weight for s in sources) > 0:
         raise ValueError(f"{where} weights are all zero ({[s.weight for s in sources]}): give at least one "
                          "source a positive weight")
+    per_block = Interleave([s.weight for s in sources]).per_block
+    for i, s in enumerate(sources):
+        if s.weight > 0 and per_block[i] == 0:
+            total = sum(x.weight for x in sources)
+            raise ValueError(f"{where}[{i}].weight = {s.weight!r} is invalid ({s.path}): its share "
+                             f"{s.weight / total:.2e} gets no sample in {BLOCK:,}, so the source would never be "
+                             "read; raise it, or set 0 to leave the source out")
     names = [s.label for s in sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -48,10 +55,10 @@ def check_weights(sources: list[DataSource], where: str = "data.sources") -> Non
 
 
 def check_same_tokenizer(sources: list[DataSource]) -> None:
-    """Every source must be built with one tokenizer (sha256) and dtype: ids mean the same in every shard."""
+    """Every source must be built with one tokenizer (sha256, vocabulary): ids mean the same in every shard."""
     ref = None
     for i, s in enumerate(sources):
-        m = json.loads((Path(s.path) / "manifest.json").read_text())
+        m = load_manifest(s.path)  # a ValueError naming the file when it is not a valid manifest
         tok = m.get("tokenizer", {})
         mine = (tok.get("sha256"), tok.get("vocab_size"))
         if ref is None:

@@ -311,8 +311,9 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
         "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS})
     action, previous = resume.check_previous(out, key, records, tokenizer, overwrite)
     if action == "done":
-        for f in out.glob("valseg_*"):  # a crash between the manifest and this clean-up left them
-            f.unlink()
+        for f in out.glob("valseg_*"):  # a crash between the manifest and the clean-up left them
+            if f.is_file() and resume.SHARD_FILE.match(f.name):
+                f.unlink()
         return {**previous, "already_built": True}  # type: ignore[dict-item]
     opts = {"append_bos": append_bos, "val_fraction": val_fraction, "dtype": np_dtype.str}
     state: dict[str, Any] = {"tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": tok_sha},
@@ -406,6 +407,7 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
                          f"without a string field --text-key ({text_key!r}); the report: {report.examples[:3]}")
     _atomic_json(manifest_path, manifest)
     for seg in segments:  # only once the manifest (naming the joined shards) is written
+        assert seg["prefix"].startswith("valseg_"), seg  # never a joined shard
         for ext in ("bin", "idx"):
             (out / f"{seg['prefix']}.{ext}").unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)  # the manifest now holds the key and the input list

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: validation written as valseg_* segments, joined at the end
 MANIFEST, PROGRESS, INPUTS = "manifest.json", "progress.json", "inputs.json"
 # Every file name the build writes (shards, their temporaries, the state files): --overwrite and the
 # resume clean-up delete these and nothing else.

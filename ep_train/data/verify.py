@@ -122,6 +122,11 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
     return "\n".join(lines), ok
 
 
+def has_split(data_dir: str | Path, split: str) -> bool:
+    """Whether the build holds at least one shard of ``split`` (a build without validation has none)."""
+    return bool(load_manifest(data_dir)["splits"].get(split, {}).get("shards"))
+
+
 def check_tokenizer(data_dir: str | Path, manifest: dict, tokenizer_path: str | Path) -> None:
     """The training tokenizer must be the one the shards were built with (by sha256)."""
     check_tokenizer_path(tokenizer_path)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from ep_train.config import Config, moe_layer_indices
+from ep_train.config import Config, data_sources, moe_layer_indices
 from ep_train.interop.hf import model_config_from_hf, run_config_for, write_run_config
 from ep_train.interop.hf_export import Source, copy_tokenizer_files, run_tokenizer, write_hf
 from ep_train.model.init import _generator
@@ -154,6 +154,8 @@ def upcycle(dense: str | Path, output: str | Path, num_experts: int, experts_per
         copy_tokenizer_files(src, init)
     write_hf(init, cfg, source, dtype, "2GB", base=hf, tokenizer=tokenizer)
     cfg.train.init_from = str(init.resolve())
-    if hf is None and cfg.data.data_dir is None and dense_cfg.data.data_dir and Path(dense_cfg.data.data_dir).is_dir():
-        cfg.data.data_dir = dense_cfg.data.data_dir  # keep training on the dense run's data unless told otherwise
+    dense_data = data_sources(dense_cfg.data)
+    if hf is None and not data_sources(cfg.data) and dense_data and all(Path(s.path).is_dir() for s in dense_data):
+        # keep training on the dense run's data (one folder or its mixture) unless told otherwise
+        cfg.data.data_dir, cfg.data.sources = dense_cfg.data.data_dir, dense_cfg.data.sources
     return write_run_config(cfg, out)

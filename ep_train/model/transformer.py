@@ -145,8 +145,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = 0 if cache.k is None else cache.k.shape[2]  # P
             k, v = cache.append(k, v)  # [B, G, P + S, Hd]
-        if mask is not None:
-            assert cache is None, "document masking is a training option"
+        if mask is not None:  # (never with a cache: Transformer._run refuses that)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.g != self.h)
         elif past == 0:  # no cached keys: plain causal attention (the training path)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.g != self.h)
@@ -216,6 +215,7 @@ class Transformer(nn.Module):
     def _run(self, input_ids: torch.Tensor, cache: KVCache | None, doc_ids: torch.Tensor | None = None,
              positions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, RouterStats]]:
         """Logits [B, S, V] of input_ids [B, S] placed after the cache's P tokens (P = 0 without a cache)."""
+        assert cache is None or (doc_ids is None and positions is None), "document masking is a training option"
         s, start = input_ids.shape[1], cache.seq_len if cache is not None else 0
         if positions is not None:
             cos, sin = rope_at(positions, self.head_dim, self.cfg.rope_theta)  # [B, 1, S, Hd]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from ep_train.config import Config, config_to_dict, data_sources, load_config, parse_overrides, validate
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.mixture import Blend
-from ep_train.data.verify import verify_for_training
+from ep_train.data.verify import has_split, verify_for_training
 from ep_train.model.moe import expert_biases, set_expert_biases, update_expert_biases
 from ep_train.model.transformer import Transformer, build_model, document_ids, document_positions
 from ep_train.parallel import compile_blocks, parallelize
@@ -90,6 +90,8 @@ class Trainer:
         # no token id >= model.vocab_size (found here with its shard and position, not deep in the model).
         for src in self.sources:
             verify_for_training(src.path, "train", cfg.model.vocab_size, cfg.data.tokenizer)
+            if t.eval_interval and has_split(src.path, "val"):
+                verify_for_training(src.path, "val", cfg.model.vocab_size, cfg.data.tokenizer)
         self.eos_id = self._document_eos() if cfg.data.document_mask else None
         self.blend = Blend([TokenWindows(src.path, "train", cfg.data.seq_len, cfg.data.tokenizer)
                             for src in self.sources], [src.weight for src in self.sources], t.seed,
@@ -191,6 +193,10 @@ class Trainer:
             for c in changed:
                 print(f"resume: applying changed {c}", flush=True)
             saved = state["config"].get("data", {})
+            for key in ("document_mask", "reset_positions"):  # changes what the model computes: say so
+                if bool(saved.get(key, False)) != getattr(self.cfg.data, key):
+                    print(f"resume: data.{key} changes from {bool(saved.get(key, False))} to "
+                          f"{getattr(self.cfg.data, key)} at step {self.step}", flush=True)
             before = saved.get("sources") or [{"path": saved.get("data_dir"), "weight": 1.0, "name": None}]
             now = [{"path": s.path, "weight": s.weight, "name": s.name} for s in self.sources]
             if [(Path(str(b["path"])).resolve(), b["weight"] / sum(x["weight"] for x in before)) for b in before] != \
@@ -325,10 +331,9 @@ class Trainer:
         return out or None
 
     def _evaluate_folder(self, data_dir: str) -> float | None:
-        try:
-            val = TokenWindows(data_dir, "val", self.cfg.data.seq_len)
-        except ValueError:
+        if not has_split(data_dir, "val"):  # no held-out text here; a damaged one was refused at start
             return None
+        val = TokenWindows(data_dir, "val", self.cfg.data.seq_len)
         if val.num_windows == 0:
             return None
         t = self.cfg.train

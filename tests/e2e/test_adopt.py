@@ -4,6 +4,7 @@ format, not with ep-train's writer), then inspected and trained on; bad shards r
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -111,6 +112,15 @@ def test_adopt_refuses_bad_shards_by_name_and_position(tokenizer, built, tmp_pat
     first = len(docs[0][0])
     assert p.returncode == 2 and not (bad / "manifest.json").exists()
     assert f"part.bin: token id {sp.get_piece_size() + 4} at token position {first + 3} (document 1)" in p.stderr
+
+    nested = tmp_path / "nested"  # a folder holding its own build below is skipped, not mixed in
+    nested.mkdir()
+    write_megatron(nested / "mine", [[sp.encode("x = 1") + [sp.eos_id()]]], np.uint16)
+    shutil.copytree(built, nested / "a_build")
+    p = run("adopt", str(nested), "--tokenizer", str(tokenizer), "--val", "nothing*")
+    man = json.loads((nested / "manifest.json").read_text())
+    assert [s["prefix"] for s in man["splits"]["train"]["shards"]] == ["mine"] and not man["splits"]["val"]["shards"]
+    assert "skipping 1 folder(s) holding their own build" in p.stdout and "--val 'nothing*' matches no" in p.stdout
 
     small = tmp_path / "small"  # uint8 cannot hold a 1,000-piece vocabulary
     small.mkdir()

@@ -125,6 +125,8 @@ def test_bad_mixtures_are_refused_with_the_field_and_fix(built, built_small, tok
         _cfg("--data_dir", str(built), "--data_sources", f"1 {built_small}")
     with pytest.raises(ValueError, match=r"'0.7 a 0.3' is invalid: expected pairs"):
         _cfg("--data_sources", "0.7 a 0.3")
+    with pytest.raises(ValueError, match=r"data.sources\[1\].weight = 1e-05 is invalid .* gets no sample in 4,096"):
+        _cfg("--data_sources", f"1 {built} 0.00001 {built_small}")
     with pytest.raises(ValueError, match=r"used twice"):
         _cfg("--data_sources", f"0.5 {built} 0.5 {built}")
     # a source built with another tokenizer: ids would mean other pieces
