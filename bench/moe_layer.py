@@ -227,7 +227,7 @@ def _rows_sent(router, dispatcher, x: torch.Tensor, rank: int, world: int, prefi
         remote = r.keep & (owner != rank)
         per_token = torch.zeros(t, world + 1, dtype=torch.bool, device=x.device)  # column world: not remote
         per_token.scatter_(1, owner.masked_fill(~remote, world), True)
-        _, local_counts, meta = dispatcher.dispatch(x, r.expert_ids, r.keep)
+        _, local_counts, meta = dispatcher.dispatch(x, r.expert_ids, r.keep, r.weights)
     return {prefix + "per-assignment rows (routed assignments leaving the rank)": int(remote.sum()),
             prefix + "ep-train (its all-to-all send splits)":
                 sum(n for i, n in enumerate(meta.send_splits) if i != rank),
@@ -237,18 +237,18 @@ def _rows_sent(router, dispatcher, x: torch.Tensor, rank: int, world: int, prefi
 
 def _combine_bench(t: int, d: int, repeat: int) -> dict[str, list[float]]:
     """The combine alone, forward + backward, one thread: index_add vs the slot gather (interleaved)."""
-    from ep_train.model.dispatch import LocalDispatcher, weighted_scatter
+    from ep_train.model.dispatch import LocalDispatcher, combine_slots, weighted_scatter
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     ids = torch.argsort(torch.rand(t, E, generator=g), dim=1)[:, :K]  # [T, K] distinct experts
     disp = LocalDispatcher(E)
     x = torch.randn(t, d, generator=g)
-    _, _, meta = disp.dispatch(x, ids, torch.ones_like(ids, dtype=torch.bool))
+    _, _, meta = disp.dispatch(x, ids, torch.ones_like(ids, dtype=torch.bool), torch.ones(t, K))
     y0, gout = torch.randn(t * K, d, generator=g), torch.randn(t, d, generator=g)
     w0 = torch.rand(t, K, generator=g)
     fns = {"index_add (zeros + index_add of y * w)": lambda y, w: weighted_scatter(y, w, meta.layout.slot, t),
-           "slot gather + bmm (ep-train)": lambda y, w: disp.combine(y, w, meta)}
+           "slot gather + bmm (ep-train)": lambda y, w: combine_slots(y, w.reshape(-1)[meta.layout.slot], meta.layout)}
     out: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(repeat + 1):
         for name, fn in fns.items():

@@ -7,8 +7,10 @@ S rows of a slot layout, each with C slots (S * C >= N).
 
 Interface (no parameters, swappable; ``ep_train.parallel.dispatch.AllToAllDispatcher`` is the
 expert-parallel one):
-    dispatch(x [T, D], expert_ids [T, K], keep [T, K]) -> (x_grouped [N, D], counts: list[int] (E_l), meta)
-    combine(y_grouped [N, D], weights [T, K], meta) -> [T, D]
+    dispatch(x [T, D], expert_ids [T, K], keep [T, K], weights [T, K]) -> (x_grouped [N, D], counts: list[int]
+             (E_l), meta)
+    combine(y_grouped [N, D], meta) -> [T, D]: each token's rows summed with its routing weights
+The weights go in at dispatch so that an expert-parallel dispatcher can send them with the tokens.
 A token's kept experts are distinct (every router makes them so).
 
 Expand and combine go through a slot layout: grouped row n fills slot ``slot[n]`` of S rows x C
@@ -125,6 +127,7 @@ def weighted_scatter(y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor
 @dataclass
 class DispatchMeta:
     layout: SlotLayout  # grouped rows -> (token, k) slots: S = T, C = K, slot = t * K + k
+    weights: torch.Tensor  # [N] routing weight of each grouped row
 
 
 class LocalDispatcher:
@@ -133,15 +136,15 @@ class LocalDispatcher:
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor
                  ) -> tuple[torch.Tensor, list[int], DispatchMeta]:
         order, counts = sort_by_expert(expert_ids, keep, self.num_experts)
         counts_list = counts.tolist()  # host sync: group sizes for the expert matmuls
         lay = slot_layout(order[: sum(counts_list)], expert_ids.shape[0], expert_ids.shape[1])
-        return expand(x, lay), counts_list, DispatchMeta(lay)
+        return expand(x, lay), counts_list, DispatchMeta(lay, weights.reshape(-1)[lay.slot])
 
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        return combine_slots(y, weights.reshape(-1)[meta.layout.slot], meta.layout)
+    def combine(self, y: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        return combine_slots(y, meta.weights, meta.layout)
 
 
 class Dispatcher(Protocol):
@@ -149,7 +152,7 @@ class Dispatcher(Protocol):
 
     num_experts: int
 
-    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, keep: torch.Tensor, weights: torch.Tensor
                  ) -> tuple[torch.Tensor, list[int], Any]: ...
 
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, meta: Any) -> torch.Tensor: ...
+    def combine(self, y: torch.Tensor, meta: Any) -> torch.Tensor: ...

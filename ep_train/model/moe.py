@@ -67,9 +67,9 @@ class MoELayer(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         r = self.router(x)
-        xg, counts, meta = self.dispatcher.dispatch(x, r.expert_ids, r.keep)  # [N, D]; may communicate
+        xg, counts, meta = self.dispatcher.dispatch(x, r.expert_ids, r.keep, r.weights)  # [N, D]; may communicate
         yg = self.experts(xg, counts)  # always called, even with N == 0 (ZeRO-3 hooks, collective order)
-        y = self.dispatcher.combine(yg, r.weights, meta)  # [T, D]; may communicate
+        y = self.dispatcher.combine(yg, meta)  # [T, D]; may communicate
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         kept = r.expert_ids.reshape(-1)[r.keep.reshape(-1)]

@@ -40,10 +40,10 @@ def _worker(rank: int, world: int, k: int, num_experts: int, kind: str) -> dict:
     disp = AllToAllDispatcher(num_experts, dist.group.WORLD)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(50 + rank), requires_grad=True)
     w = w.clone().requires_grad_(True)
-    xg, counts, meta = disp.dispatch(x, ids, keep)
+    xg, counts, meta = disp.dispatch(x, ids, keep, w)
     # identity experts scaled by (global id + 1): an expert's rows are told apart by the factor
     scale = torch.cat([torch.full((n,), float(rank * disp.num_local + j + 1)) for j, n in enumerate(counts)])
-    out = disp.combine(xg * scale[:, None], w, meta)
+    out = disp.combine(xg * scale[:, None], meta)
     g = torch.randn(T, D, generator=torch.Generator().manual_seed(70 + rank))
     (out * g).sum().backward()
     # reference: out[t] = sum_k keep * w[t, k] * (id + 1) * x[t], on this rank alone
