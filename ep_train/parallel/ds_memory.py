@@ -21,7 +21,8 @@ Why patches of two methods during construction, not a fix-up after ``deepspeed.i
 high-water mark; building every duplicate first and freeing it later would leave the set-up peak where
 it was. Each patch calls DeepSpeed's own method unchanged and replaces the duplicate right after it
 (clones: after ``_create_fp32_partitions``; optimizer gradients: after ``set_grad_positions``, which
-``__init__`` calls right after ``_setup_for_real_optimizer`` made the accumulation buffer), so the transient stays below the training peak
+``__init__`` calls right after ``_setup_for_real_optimizer`` made the accumulation buffer), so the
+transient stays below the training peak
 (fp32: 12 bytes/param at set-up against 16 in training). The patches live only inside the
 ``lean_offload_buffers`` context, around ``deepspeed.initialize``.
 
@@ -64,8 +65,9 @@ log = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger: it has a handler
 
 SUPPORTED_DEEPSPEED = "0.19.8"
 _MAPPING = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"  # name-mangled __param_id_to_grad_partition
-_METHODS = ("_create_fp32_partitions", "_setup_for_real_optimizer", "set_grad_positions", "initialize_optimizer_states",
-            "partition_grads", "_offload_grad_partition_at_boundary", "unscale_and_clip_grads",
+_METHODS = ("_create_fp32_partitions", "_setup_for_real_optimizer", "set_grad_positions",
+            "initialize_optimizer_states", "partition_grads", "_offload_grad_partition_at_boundary",
+            "unscale_and_clip_grads",
             "_swappable_optimizer_subgroup", "offload_states", "reload_states")
 _MASTER_ATTRS = ("fp16_partitioned_groups_flat", "fp32_partitioned_groups_flat", "offload_optimizer",
                  "subgroup_to_device")
@@ -87,7 +89,8 @@ def unsupported_reason() -> str | None:
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
     if deepspeed.__version__ != SUPPORTED_DEEPSPEED:
-        return f"deepspeed {deepspeed.__version__} is not {SUPPORTED_DEEPSPEED}, the version these patches were checked on"
+        return (f"deepspeed {deepspeed.__version__} is not {SUPPORTED_DEEPSPEED}, "
+                "the version these patches were checked on")
     missing = [m for m in _METHODS if not callable(getattr(Stage3, m, None))]
     return f"DeepSpeedZeroOptimizer_Stage3 lacks {missing}" if missing else None
 
@@ -130,7 +133,8 @@ def _share_grads(opt: Any) -> None:
         inner, ok = 0, True
         for p in group:  # every parameter's accumulation slot sits where the optimizer gradient expects it
             slot = slots.get(p.ds_id)
-            ok = ok and slot is not None and opt.grad_position.get(opt.get_param_id(p)) == [i, inner, p.partition_numel()]
+            where = opt.grad_position.get(opt.get_param_id(p))
+            ok = ok and slot is not None and where == [i, inner, p.partition_numel()]
             ok = ok and slot.untyped_storage().data_ptr() == acc.untyped_storage().data_ptr()
             ok = ok and slot.storage_offset() == base + start + inner and slot.numel() == p.partition_numel()
             inner += p.partition_numel()

@@ -72,10 +72,21 @@ def _train(rank: int, world: int, data: str, run_dir: str, ds: str, extra: list[
     cfg = load_config(CONFIG, parse_overrides(["--data_dir", data, *COMMON, "--ds_config", ds, *extra]))
     trainer = Trainer(cfg, Path(run_dir))
     _starve_routers(trainer)
-    assert trainer.fit() == 0
     opt = trainer.engine.optimizer
+    # Parameters with no gradient in a window (DeepSpeed's _offload_boundary_param_ids leaves them out).
+    inactive: list[int] = []
+    finalize = opt.finalize_gradient_accumulation_boundary
+
+    def counting_finalize() -> None:
+        inactive.append(sum(1 for g in opt.fp16_groups for p in g
+                            if p.partition_numel() * opt._get_param_partition_rank(p) < p.ds_numel
+                            and p.ds_id not in opt._offload_boundary_param_ids))
+        finalize()
+
+    opt.finalize_gradient_accumulation_boundary = counting_finalize
+    assert trainer.fit() == 0
     acc = opt.grad_partitions_flat_buffer
-    out: dict[str, Any] = {"summary": shared_summary(opt), "grad_accum_dtype": str(acc.dtype),
+    out: dict[str, Any] = {"summary": shared_summary(opt), "inactive_per_window": inactive, "grad_accum_dtype": str(acc.dtype),
                            "masters": hashlib.sha256(b"".join(t.detach().numpy().tobytes()
                                                               for t in opt.fp32_partitioned_groups_flat)).hexdigest(),
                            "partition_elements": sum(t.numel() for t in opt.fp32_partitioned_groups_flat)}
@@ -90,8 +101,8 @@ def _train(rank: int, world: int, data: str, run_dir: str, ds: str, extra: list[
 
 def _run(tmp: Path, name: str, data: Path, ds: str, *extra: str) -> tuple[dict[int, float], list[dict[str, Any]]]:
     run = tmp / name
-    infos = run_distributed(_train, 2, str(data), str(run), ds, ["--max_steps", str(STEPS), "--save_interval", "4", *extra],
-                            timeout=300)
+    args = ["--max_steps", str(STEPS), "--save_interval", "4", *extra]
+    infos = run_distributed(_train, 2, str(data), str(run), ds, args, timeout=300)
     return read_losses(run), infos
 
 
@@ -112,6 +123,7 @@ def test_fp32_dedup_is_bitwise_equal_and_shares_storage(fp32_runs) -> None:
     assert sorted(loss_on) == list(range(1, STEPS + 1))
     assert loss_on == loss_off  # bitwise: float equality of every step's loss
     assert [i["masters"] for i in on] == [i["masters"] for i in off]  # final fp32 masters, bytes
+    print("parameters without a gradient per window, per rank:", [i["inactive_per_window"] for i in on])
     norms = _grad_norms(fp32_runs["tmp"] / "on")
     assert len(norms) == STEPS and min(norms) > 0.05, norms  # clipping scaled every step's gradient
     for i in on:
