@@ -273,8 +273,9 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
         time.sleep(5)
     avail = _mem_available()
     if need + RESERVE > avail:
-        row["skipped"] = (f"not run: the plan needs {need / GIB:.1f} GiB (+10%) for {world} ranks and "
-                          f"{avail / GIB:.1f} GiB were available")
+        row["skipped"] = (f"not run: the plan needs {need / GIB:.1f} GiB (+10%) for {world} ranks, plus "
+                          f"{RESERVE / GIB:.0f} GiB left to the machine's other users, and {avail / GIB:.1f} GiB "
+                          "were available")
         print(f"{name}: {row['skipped']}", flush=True)
         return row
     res = run_trainer(out / f"{name}_w{world}_{precision}", data, world,

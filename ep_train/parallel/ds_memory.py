@@ -97,15 +97,15 @@ def unsupported_reason() -> str | None:
 
 def _cpu_subgroup(opt: Any, i: int) -> bool:
     """A sub-group whose optimizer runs on the CPU from in-memory buffers (not NVMe, not partial offload)."""
-    return (opt.offload_optimizer and not opt._swappable_optimizer_subgroup(i)
-            and opt.subgroup_to_device.get(i) == "cpu" and opt.fp16_partitioned_groups_flat[i] is not None)
+    return bool(opt.offload_optimizer and not opt._swappable_optimizer_subgroup(i)
+                and opt.subgroup_to_device.get(i) == "cpu")
 
 
 def _share_masters(opt: Any) -> None:
     """fp32 master = the fp32 parameter partition itself (what DeepSpeed does without offload)."""
     shared = 0
     for i, master in enumerate(opt.fp32_partitioned_groups_flat):
-        lp = opt.fp16_partitioned_groups_flat[i] if _cpu_subgroup(opt, i) else None
+        lp = opt.fp16_partitioned_groups_flat[i] if _cpu_subgroup(opt, i) else None  # None: swapped to NVMe
         if (lp is None or lp.dtype != master.dtype or lp.device != master.device or lp.shape != master.shape
                 or master.grad is not None or not torch.equal(lp, master)):
             continue
@@ -138,13 +138,19 @@ def _share_grads(opt: Any) -> None:
             ok = ok and slot.untyped_storage().data_ptr() == acc.untyped_storage().data_ptr()
             ok = ok and slot.storage_offset() == base + start + inner and slot.numel() == p.partition_numel()
             inner += p.partition_numel()
-        if not ok or not torch.equal(grad, acc.narrow(0, start, numel)):
+        if not ok or not torch.equal(grad, acc.narrow(0, start, numel)):  # both still zero here
             log.warning("ep_train: optimizer sub-group %d keeps its own gradient buffer (slot layout differs)", i)
             continue
         master.grad = acc.narrow(0, start, numel)
         opt._ep_shared_grad_groups.add(i)
         shared += numel
     opt._ep_shared_grad_elements = shared
+
+
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _refuse(name: str):  # type: ignore[no-untyped-def]
@@ -184,6 +190,11 @@ def lean_offload_buffers(ds: dict[str, Any]) -> Iterator[None]:
             log.warning("ep_train: DeepSpeed optimizer lacks %s; gradients not shared", missing)
             return
         _share_grads(self)
+        if dist_rank() == 0:
+            shared = shared_summary(self)
+            log.info("ep_train: shared %d fp32 master and %d gradient elements of %d (ep_train/parallel/ds_memory.py)",
+                     shared["master_elements"], shared["grad_elements"],
+                     sum(t.numel() for t in self.fp32_partitioned_groups_flat))
         if self._ep_shared_grad_groups:
             self.partition_grads = _partition_grads_from_zero.__get__(self)
             self.offload_states = _refuse("offload_states").__get__(self)
