@@ -31,16 +31,21 @@ accumulation buffer's slot of every parameter at the sub-group's offset, equal v
 fails a check, is swapped to NVMe or is kept on the accelerator keeps DeepSpeed's own buffers. Another
 DeepSpeed version, or a missing attribute, turns everything off with a log line.
 
-What sharing changes, checked in DeepSpeed 0.19.8's code:
+What sharing changes, checked in DeepSpeed 0.19.8's code (the engine runs in managed gradient
+accumulation: ``partition_grads`` copies a slot into the optimizer gradient during the last micro-step's
+backward, for the parameters reduced in it; ``_finalize_offload_gradient_accumulation`` is not called):
 - ``unscale_and_clip_grads`` scales ``.grad`` in place, so after a step the accumulation slots hold the
-  clipped gradient (DeepSpeed's: the unclipped one). They are overwritten by the next window's first
-  micro-step (``micro_step_id == 0``: ``copy_``) before anyone reads them, except for a parameter whose
-  first gradient of a window arrives at a later micro-step (DeepSpeed then adds to the previous
-  window's stale slot: upstream leaks old gradients either way). The patched ``partition_grads`` zeroes
-  such a slot first, so that case accumulates from zero.
-- A parameter with no gradient in a whole window (not in ``_offload_boundary_param_ids``) keeps its old
-  optimizer gradient in both layouts (DeepSpeed does not refresh it; the slot holds the same clipped
-  value), so the step is the same.
+  clipped gradient (DeepSpeed's: the unclipped one). The next window's first micro-step overwrites them
+  (``micro_step_id == 0``: ``copy_``) before anyone reads them.
+- Nothing differs while every parameter gets a gradient in every micro-step, which ep_train's model
+  does (an expert with no tokens still gets a zero gradient from the grouped matmul;
+  tests/distributed/test_offload_dedup.py counts parameters without one and finds none). Otherwise, in
+  DeepSpeed's own layout: a parameter with no gradient in a whole window steps on its previous window's
+  clipped gradient (shared: the same, the slot holds that value); one with a gradient in an earlier
+  micro-step but not the last keeps the previous window's gradient (shared: this window's, which is
+  right; its norm is left out of clipping either way); one whose first gradient arrives after the first
+  micro-step is added to the previous window's slot (shared: the patched ``partition_grads`` zeroes
+  such a slot first, so it accumulates from zero).
 - Overflow/inf checks read the accumulation buffer before the step (unchanged); the gradient norm is
   taken from the accumulation slots at the boundary (unchanged).
 - Checkpoints: save reads ``fp32_partitioned_groups_flat`` (same values); every load path

@@ -73,20 +73,33 @@ def _train(rank: int, world: int, data: str, run_dir: str, ds: str, extra: list[
     trainer = Trainer(cfg, Path(run_dir))
     _starve_routers(trainer)
     opt = trainer.engine.optimizer
-    # Parameters with no gradient in a window (DeepSpeed's _offload_boundary_param_ids leaves them out).
-    inactive: list[int] = []
-    finalize = opt.finalize_gradient_accumulation_boundary
+    # Parameters (with real data in this rank's partition) that got no gradient in a micro-step / a window:
+    # there DeepSpeed's buffers and the shared ones could differ (see ds_memory's docstring).
+    real = [p for g in opt.fp16_groups for p in g
+            if p.partition_numel() * opt._get_param_partition_rank(p) < p.ds_numel]
+    seen: set[int] = set()
+    missing: dict[str, list[int]] = {"micro_steps": [], "windows": []}
+    partition_grads, backward, pre_step = opt.partition_grads, trainer.engine.backward, opt._pre_step
 
-    def counting_finalize() -> None:
-        inactive.append(sum(1 for g in opt.fp16_groups for p in g
-                            if p.partition_numel() * opt._get_param_partition_rank(p) < p.ds_numel
-                            and p.ds_id not in opt._offload_boundary_param_ids))
-        finalize()
+    def recording_partition_grads(params: list, grads: list) -> Any:
+        seen.update(p.ds_id for p in params)
+        return partition_grads(params, grads)
 
-    opt.finalize_gradient_accumulation_boundary = counting_finalize
+    def recording_backward(*args: Any, **kwargs: Any) -> Any:
+        seen.clear()
+        out = backward(*args, **kwargs)
+        missing["micro_steps"].append(sum(p.ds_id not in seen for p in real))
+        return out
+
+    def recording_pre_step() -> None:
+        missing["windows"].append(sum(p.ds_id not in opt._offload_boundary_param_ids for p in real))
+        pre_step()
+
+    opt.partition_grads, trainer.engine.backward, opt._pre_step = (recording_partition_grads, recording_backward,
+                                                                   recording_pre_step)
     assert trainer.fit() == 0
     acc = opt.grad_partitions_flat_buffer
-    out: dict[str, Any] = {"summary": shared_summary(opt), "inactive_per_window": inactive, "grad_accum_dtype": str(acc.dtype),
+    out: dict[str, Any] = {"summary": shared_summary(opt), "missing_grads": missing, "grad_accum_dtype": str(acc.dtype),
                            "masters": hashlib.sha256(b"".join(t.detach().numpy().tobytes()
                                                               for t in opt.fp32_partitioned_groups_flat)).hexdigest(),
                            "partition_elements": sum(t.numel() for t in opt.fp32_partitioned_groups_flat)}
@@ -123,7 +136,11 @@ def test_fp32_dedup_is_bitwise_equal_and_shares_storage(fp32_runs) -> None:
     assert sorted(loss_on) == list(range(1, STEPS + 1))
     assert loss_on == loss_off  # bitwise: float equality of every step's loss
     assert [i["masters"] for i in on] == [i["masters"] for i in off]  # final fp32 masters, bytes
-    print("parameters without a gradient per window, per rank:", [i["inactive_per_window"] for i in on])
+    print("parameters without a gradient per micro-step / window, per rank:", [i["missing_grads"] for i in on])
+    for i in on:  # the recorders saw every backward and every step
+        assert len(i["missing_grads"]["micro_steps"]) == 2 * STEPS and len(i["missing_grads"]["windows"]) == STEPS
+        # Starved experts still get (zero) gradients: the precondition of bitwise equality (ds_memory docstring)
+        assert not any(i["missing_grads"]["micro_steps"]) and not any(i["missing_grads"]["windows"]), i
     norms = _grad_norms(fp32_runs["tmp"] / "on")
     assert len(norms) == STEPS and min(norms) > 0.05, norms  # clipping scaled every step's gradient
     for i in on:
@@ -164,9 +181,11 @@ def test_resume_under_dedup_continues_exactly(fp32_runs, built) -> None:
     assert got == {s: straight[s] for s in got}  # bitwise
 
 
-def test_dedup_releases_host_memory(tmp_path, built) -> None:
-    """A 25M-parameter variant: the peak RSS of each rank falls by ~8 bytes per partition element."""
-    big = ("--hidden_size", "512", "--intermediate_size", "2048", "--max_steps", "2")
+def test_dedup_releases_host_memory(tmp_path, built, monkeypatch) -> None:
+    """A 50M-parameter variant: the peak RSS of each rank falls by ~8 bytes per partition element. Freed
+    tensors above 1 MiB go back to the OS (as in bench/scale.py), so glibc's heap does not blur the peaks."""
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(2 ** 20))  # inherited by the spawned ranks
+    big = ("--hidden_size", "512", "--intermediate_size", "4096", "--max_steps", "2")
     peaks = {}
     for dedup in (False, True):
         infos = run_distributed(_train, 2, str(built), str(tmp_path / f"big_{dedup}"), _ds_json(tmp_path, dedup),
@@ -177,5 +196,6 @@ def test_dedup_releases_host_memory(tmp_path, built) -> None:
     expected = [8 * n for n in elements]
     print(f"VmHWM per rank without / with dedup: {peaks[False]} / {peaks[True]} bytes; saved {saved}, "
           f"8 bytes x partition = {expected}")
+    assert sum(saved) > 0.75 * sum(expected), (saved, expected)
     for s, e in zip(saved, expected):
-        assert s > 0.6 * e, (saved, expected)
+        assert s > 0.5 * e, (saved, expected)
