@@ -273,8 +273,9 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
         time.sleep(5)
     avail = _mem_available()
     if need + RESERVE > avail:
-        row["skipped"] = (f"not run: the plan needs {need / GIB:.1f} GiB (+10%) for {world} ranks and "
-                          f"{avail / GIB:.1f} GiB were available")
+        row["skipped"] = (f"not run: the plan needs {need / GIB:.1f} GiB (+10%) for {world} ranks, plus "
+                          f"{RESERVE / GIB:.0f} GiB left to the machine's other users, and {avail / GIB:.1f} GiB "
+                          "were available")
         print(f"{name}: {row['skipped']}", flush=True)
         return row
     res = run_trainer(out / f"{name}_w{world}_{precision}", data, world,
@@ -482,6 +483,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
                         "**not measured**")
     verdicts.append(f"{TARGETS['scale_nvme_params'].what}: {describe('scale_nvme_params')} parameters: "
                     "**not measured** here")
+    from ep_train.parallel.ds_memory import dedup_enabled
+
+    dedup_bytes = 16 if dedup_enabled(LEAN_DS) else 24
     return f"""`python bench/scale.py{' --small' if args.small else ''} --write` on {machine()}.
 Every run: `ep_train.train` under torchrun, gloo, 1 thread per rank, {STEPS} steps, seq_len {seq}, micro batch 1,
 activation checkpointing, CPU offload. Peaks are VmHWM of each rank process read from /proc by this script:
@@ -514,7 +518,10 @@ Bytes per parameter are the training peaks summed over both ranks divided by the
 18-byte floor is bf16 parameter + fp32 master + fp32 gradient + two fp32 Adam moments. DeepSpeed 0.19.8's
 ZeRO-3 with optimizer offload holds per partition element: the parameter, an fp32 master clone (also in fp32),
 a gradient-accumulation partition, a second fp32 gradient for the optimizer, two moments: 24 bytes in fp32,
-20 in bf16, before the process baseline and buffers.
+20 in bf16. ep-train removes the duplicates (`ep_train/parallel/ds_memory.py`, on unless the DeepSpeed JSON
+sets `"ep_train": {{"dedup_offload_buffers": false}}`): the fp32 master is the fp32 parameter partition and the
+optimizer's gradient is the accumulation buffer, which bf16 runs then keep in fp32: {dedup_bytes} bytes in
+fp32 and 18 in bf16, before the process baseline and buffers.
 
 {chr(10).join(lrows)}
 

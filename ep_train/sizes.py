@@ -286,9 +286,17 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
         off_opt, off_par = offload, offload and stage >= 3
     precision = resolve_precision(cfg, device)
     pb = _DTYPE_BYTES[precision]
+    from ep_train.parallel.ds_memory import dedup_enabled
+
+    # ep_train.parallel.ds_memory: under ZeRO-3 with the optimizer offloaded to CPU (and the JSON's switch on)
+    # the fp32 master shares an fp32 parameter partition on the host, and the optimizer's gradient is the
+    # accumulation buffer when both are fp32.
+    dedup = dedup_enabled({**ds, "zero_optimization": {**z, "stage": stage,
+                                                        "offload_optimizer": {"device": "cpu" if off_opt else "none"}}})
     # DeepSpeed accumulates gradients in the model dtype unless data_types.grad_accum_dtype says otherwise
-    # (engine.get_data_types).
-    gb = _DTYPE_BYTES.get(str(ds.get("data_types", {}).get("grad_accum_dtype", precision)).lower(), pb)
+    # (engine.get_data_types); build_ds_config makes that fp32 for bf16 when the deduplication applies.
+    accum = ds.get("data_types", {}).get("grad_accum_dtype", "fp32" if dedup and precision == "bf16" else precision)
+    gb = _DTYPE_BYTES.get(str(accum).lower(), pb)
     threshold = heap_threshold(env)
     s = _rank_shapes(cfg, world, stage, pb, threshold)
     p = s.partition
@@ -303,15 +311,21 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     items.append(("parameters", where(off_par), lp * pb,
                   f"{precision} parameters: the ZeRO-3 partition (offload_param: DeepSpeed's flat host buffer)"
                   if stage >= 3 else f"{precision} parameters: full copy under ZeRO-{stage}"))
-    shared_master = stage >= 3 and not off_opt and pb == 4  # stage3._create_fp32_partitions reuses the buffer
+    # stage3._create_fp32_partitions reuses an fp32 partition without offload; with offload ds_memory shares it
+    # when the partition is on the host too (offload_param, or a CPU run).
+    par_nvme = z.get("offload_param", {}).get("device") == "nvme"  # swapped partitions have no host copy to share
+    shared_master = stage >= 3 and pb == 4 and (not off_opt or (dedup and not par_nvme and (off_par or cpu)))
     items.append(("fp32 master", where(off_opt), 0 if shared_master else p * 4,
-                  "fp32 master partition (a clone even in fp32 when the optimizer is offloaded)"))
+                  "fp32 master partition (none in fp32: it is the parameter partition)" if shared_master else
+                  "fp32 master partition"))
     grad_elems = p if stage >= 2 else s.local_full
     items.append(("gradient partition", where(off_opt and stage >= 3), grad_elems * gb,
                   "gradients accumulated per partition (stage3 grad_partitions_flat_buffer, grad_accum dtype)"))
+    shared_grad = dedup and gb == 4  # the optimizer steps on its slice of the accumulation buffer
     if off_opt:
-        items.append(("optimizer gradient", where(True), p * 4,
-                      "fp32 gradient the offloaded optimizer steps on (a second buffer, pinned)"))
+        items.append(("optimizer gradient", where(True), 0 if shared_grad else p * 4,
+                      "none: the optimizer's fp32 gradient is the accumulation buffer (ep_train ds_memory)"
+                      if shared_grad else "fp32 gradient the offloaded optimizer steps on (a second buffer, pinned)"))
     items.append(("Adam moments", where(off_opt), p * 8, "exp_avg and exp_avg_sq, fp32, created at step 1"))
     # --- DeepSpeed buffers ----------------------------------------------------------------------
     bucket = int(float(z.get("reduce_bucket_size", 5e8)))
@@ -354,6 +368,8 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     host = sum(b for _, w, b, _ in items if w == "host")
     dev = sum(b for _, w, b, _ in items if w == "device")
     setup_host = sum(b for n, w, b, _ in items if w == "host" and n in setup_names) + HOST_BASELINE_SETUP
+    if shared_grad and off_opt:
+        setup_host += p * 4  # DeepSpeed's own optimizer gradient exists until ds_memory swaps in the slice
     per_rank = [{"rank": r, "host_peak_bytes": host, "device_peak_bytes": dev, "host_setup_bytes": setup_host}
                 for r in range(world)]
     return {"world": world, "ep_size": cfg.parallel.ep_size, "zero_stage": stage, "device": device,

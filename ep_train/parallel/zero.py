@@ -58,6 +58,13 @@ def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
     if stage not in (1, 2, 3):
         raise ValueError(f"{path.name}: zero_optimization.stage = {stage}; ep-train supports ZeRO stages 1, 2 and 3")
     _merge_nvme(ds, cfg, path.name, world)
+    from ep_train.parallel.ds_memory import dedup_enabled
+
+    if use_bf16 and dedup_enabled(ds) and "grad_accum_dtype" not in ds.get("data_types", {}):
+        # bf16 with deduplicated offload buffers: accumulating in fp32 costs no memory (the optimizer's fp32
+        # gradient is the accumulation buffer: 18 bytes/param instead of 20 with a bf16 buffer plus an fp32
+        # copy) and sums micro-batches without bf16 rounding. A JSON that sets data_types.grad_accum_dtype wins.
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     return ds
 
 

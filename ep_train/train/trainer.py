@@ -67,6 +67,7 @@ class Trainer:
         import deepspeed
 
         from ep_train.parallel.zero import build_ds_config, is_offloading_optimizer, materialize_partitioned
+        from ep_train.parallel.ds_memory import lean_offload_buffers
 
         self.cfg, self.run_dir = cfg, run_dir
         self.rank, self.world, self.device = init_distributed()
@@ -112,8 +113,9 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, **adam)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
+        with lean_offload_buffers(self.ds_config):  # no duplicate fp32 master / gradient buffers (ds_memory.py)
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
         self.model: Transformer = model
         if t.compile:
             compile_blocks(model)

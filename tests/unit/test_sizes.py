@@ -85,16 +85,25 @@ def _bytes(plan: dict, name: str) -> int:
 
 def test_plan_model_states_follow_deepspeed_semantics() -> None:
     """ZeRO-3 + offload keeps per partition element: parameter, fp32 master, gradient partition, fp32
-    optimizer gradient, two Adam moments: 24 bytes in fp32, 20 in bf16 (2 + 4 + 2 + 4 + 8)."""
+    optimizer gradient, two Adam moments: 24 bytes in fp32, 20 in bf16 (2 + 4 + 2 + 4 + 8) in DeepSpeed 0.19.8.
+    ep_train.parallel.ds_memory (default on) shares the fp32 master with an fp32 parameter partition and the
+    optimizer gradient with the fp32 accumulation buffer: 16 bytes in fp32, 18 in bf16 (2 + 4 + 4 + 8, fp32
+    accumulation)."""
+    import json
+
+    from ep_train.config import resolve_ds_config
     from ep_train.sizes import plan_memory
 
     states = ("parameters", "fp32 master", "gradient partition", "optimizer gradient", "Adam moments")
     fp32 = plan_memory(_moe_cfg(), 2, "cpu")
     assert fp32["precision"] == "fp32" and fp32["device_peak_bytes"] == 0
-    assert sum(_bytes(fp32, n) for n in states) == 24 * fp32["partition_elements"]
+    assert sum(_bytes(fp32, n) for n in states) == 16 * fp32["partition_elements"]
     bf16 = plan_memory(_moe_cfg(), 2, "cuda")
     assert bf16["precision"] == "bf16" and bf16["device_peak_bytes"] > 0
-    assert sum(_bytes(bf16, n) for n in states) == 20 * bf16["partition_elements"]
+    assert sum(_bytes(bf16, n) for n in states) == 18 * bf16["partition_elements"]
+    off = {**json.loads(resolve_ds_config("zero3_offload").read_text()), "ep_train": {"dedup_offload_buffers": False}}
+    assert sum(_bytes(plan_memory(_moe_cfg(), 2, "cpu", ds=off), n) for n in states) == 24 * fp32["partition_elements"]
+    assert sum(_bytes(plan_memory(_moe_cfg(), 2, "cuda", ds=off), n) for n in states) == 20 * bf16["partition_elements"]
     # without optimizer offload in fp32, DeepSpeed's master is the parameter buffer itself (no copy)
     ds = {"zero_optimization": {"stage": 3}}
     plain = plan_memory(_moe_cfg(), 2, "cpu", ds=ds)
