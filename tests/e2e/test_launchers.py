@@ -73,12 +73,22 @@ def test_deepspeed_launcher_with_localhost_hostfile(tmp_path, built, reference) 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run = tmp_path / "run"
+    port = str(free_port())
     p = _start("deepspeed.sh", "--config", str(CONFIG), "--data", str(built), "--run-dir", str(run), "--hostfile",
-               str(hostfile), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--no_ssh",
+               str(hostfile), "--master_addr", "127.0.0.1", "--master_port", port, "--no_ssh",
                "--node_rank", "0", "--", *OVERRIDES, "--ep_size", "2", log=tmp_path / "ds.log")
+    seen: set[str] = set()
+    while p.poll() is None:  # DeepSpeed's shared-memory allreduce segments of this run, while they exist
+        seen |= {f.name for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*")}
+        time.sleep(0.05)
     out = _finish(p, tmp_path / "ds.log")
     assert "deepspeed.launcher.runner" in out and "world 2, ep_size 2" in out
     _check(run, reference)
+    # The launcher sets LOCAL_SIZE, so DeepSpeed made one /dev/shm segment per rank; none outlives the run.
+    left = sorted(f.name for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
+    assert left == [], left
+    if not seen:
+        pytest.skip("no shared-memory segment was observed (too brief to sample, or not made): leak check inconclusive")
 
 
 def test_sigkill_of_a_rank_restarts_and_resumes(tmp_path, built, reference) -> None:
