@@ -4,7 +4,7 @@
 
 configs/tiny.yaml (EP 2, ZeRO-3 + CPU offload) on the Python standard library, 2 processes launched by
 torchrun, a checkpoint every 500 steps (so saves are part of what is watched). A sampler reads each
-trainer process's RSS (psutil) once a second; tokens/s come from the run's metrics.jsonl. After a
+trainer process's RSS (psutil) once a second (``--sample-interval``); tokens/s come from the run's metrics.jsonl. After a
 warm-up (the first 10% of steps) the RSS of each rank is fitted with a straight line against the step:
 the slope (MiB per 1000 steps) and the growth it predicts over the run are reported, and the verdict
 "RSS does not grow" is computed from them (growth under bench/targets.py's ``soak_growth`` share of the
@@ -61,9 +61,9 @@ def _last_step(metrics: Path) -> int:
         return 0
 
 
-def sample(proc: subprocess.Popen, metrics: Path, samples: list[tuple[int, int, float]], stop: threading.Event
-           ) -> None:
-    """(latest logged step, rank index, RSS MiB) once a second for each trainer process of the launch."""
+def sample(proc: subprocess.Popen, metrics: Path, samples: list[tuple[int, int, float]], stop: threading.Event,
+           interval: float = 1.0) -> None:
+    """(latest logged step, rank index, RSS MiB) every ``interval`` seconds for each trainer process."""
     import psutil
 
     launcher = psutil.Process(proc.pid)
@@ -76,7 +76,7 @@ def sample(proc: subprocess.Popen, metrics: Path, samples: list[tuple[int, int, 
                 samples.append((step, rank, w.memory_info().rss / 2**20))
             except psutil.NoSuchProcess:
                 pass
-        stop.wait(1.0)
+        stop.wait(interval)
 
 
 def analyse(samples: list[tuple[int, int, float]], total_steps: int) -> dict[int, dict[str, float]]:
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="run folder (default: a temporary one)")
     ap.add_argument("--write", action="store_true", help="write docs/benchmarks.md and docs/soak.png")
     ap.add_argument("--save-interval", type=int, default=500)
+    ap.add_argument("--sample-interval", type=float, default=1.0,
+                    help="seconds between RSS samples (short runs need shorter: 3 samples after warm-up per rank)")
     args = ap.parse_args(argv)
 
     from ep_train.data.prep import build, expand_inputs
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(work / "soak.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-        sampler = threading.Thread(target=sample, args=(proc, run_dir / "metrics.jsonl", samples, stop), daemon=True)
+        sampler = threading.Thread(target=sample, args=(proc, run_dir / "metrics.jsonl", samples, stop,
+                                                        args.sample_interval), daemon=True)
         sampler.start()
         rc = proc.wait()
         stop.set()
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
     grows = any(v["growth_share"] > GROWTH_LIMIT for v in per_rank.values())
     result = {"per_rank": per_rank, "tok_s_median": float(np.median(tok_s)) if tok_s else 0.0,
               "tok_s_first_last": (tok_s[0], tok_s[-1]) if tok_s else (0.0, 0.0), "wall_s": wall,
-              "rss_grows": grows, "steps": args.steps, "samples": len(samples), "final_loss": recs[-1]["loss"]}
+              "rss_grows": grows, "steps": args.steps, "samples": len(samples), "final_loss": recs[-1]["loss"],
+              "sample_interval": args.sample_interval}
     if args.write:
         _write(result, samples, recs)
     print(json.dumps(result, indent=1))
@@ -177,7 +181,7 @@ def _write(result: dict, samples: list, recs: list) -> None:
     first, last = result["tok_s_first_last"]
     body = (f"`python bench/soak.py --steps {result['steps']} --write` on {machine()}.\n"
             f"configs/tiny.yaml, world 2, EP 2, ZeRO-3 + CPU offload, a checkpoint every 500 steps; RSS of each "
-            f"trainer sampled once a second ({result['samples']} samples), wall time {result['wall_s']:.0f} s, "
+            f"trainer sampled every {result['sample_interval']:g} s ({result['samples']} samples), wall time {result['wall_s']:.0f} s, "
             f"final loss {result['final_loss']:.3f}.\n\n" + "\n".join(rows) +
             f"\n\ntokens/s after warm-up: median {result['tok_s_median']:,.0f} (first {first:,.0f}, last {last:,.0f}).\n"
             f"Verdict (predicted growth after warm-up under {GROWTH_LIMIT:.0%} of the mean on every rank): "

@@ -105,7 +105,8 @@ def test_train_e2e_bench_small(small) -> None:
 def test_soak_bench_small(tmp_path) -> None:
     from bench.soak import main
 
-    out = main(["--steps", "30", "--save-interval", "15", "--out", str(tmp_path)])
+    # a 30-step run trains for a few seconds: sample often enough for 3 samples per rank after warm-up
+    out = main(["--steps", "30", "--save-interval", "15", "--sample-interval", "0.1", "--out", str(tmp_path)])
     assert sorted(out["per_rank"]) == [0, 1]  # both trainer processes were sampled
     for v in out["per_rank"].values():
         assert v["mean_mib"] > 100 and v["samples"] >= 3
