@@ -19,6 +19,7 @@ a single ``data_dir`` run, so a one-source mixture reads exactly what ``data_dir
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,6 +53,12 @@ def check_weights(sources: list[DataSource], where: str = "data.sources") -> Non
     if dup:
         raise ValueError(f"{where}: the name(s) {dup} are used twice (a source is named after its folder unless "
                          "it has one); give each source a distinct `name:`")
+
+
+def mixture_key(sources: list[DataSource]) -> list[tuple[Path, float]]:
+    """What decides which sample comes from where: each folder (resolved) and its normalised weight."""
+    total = sum(s.weight for s in sources)
+    return [(Path(s.path).resolve(), s.weight / total) for s in sources]
 
 
 def check_same_tokenizer(sources: list[DataSource]) -> None:

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ep_train.config import Config, config_to_dict, data_sources, load_config, parse_overrides, validate
+from ep_train.config import (Config, config_from_dict, config_to_dict, data_sources, load_config, parse_overrides,
+                             validate)
 from ep_train.data.loader import DistributedBatches, TokenWindows
-from ep_train.data.mixture import Blend
-from ep_train.data.verify import has_split, verify_for_training
+from ep_train.data.mixture import Blend, mixture_key
+from ep_train.data.verify import has_split, load_manifest, verify_for_training
 from ep_train.model.moe import expert_biases, set_expert_biases, update_expert_biases
 from ep_train.model.transformer import Transformer, build_model, document_ids, document_positions
 from ep_train.parallel import compile_blocks, parallelize
@@ -134,8 +135,7 @@ class Trainer:
 
     def _document_eos(self) -> int:
         """The EOS id that ends each document in the shards (data.document_mask cuts windows at it)."""
-        man = json.loads((Path(self.sources[0].path) / "manifest.json").read_text())
-        eos = man["tokenizer"].get("eos_id")
+        eos = load_manifest(self.sources[0].path)["tokenizer"].get("eos_id")
         if not isinstance(eos, int) or eos < 0:
             raise ValueError(f"data.document_mask = true needs the EOS id that ends each document, but "
                              f"{self.sources[0].path}/manifest.json has tokenizer.eos_id = {eos!r}; rebuild the "
@@ -194,18 +194,20 @@ class Trainer:
                   flush=True)
             for c in changed:
                 print(f"resume: applying changed {c}", flush=True)
-            saved = state["config"].get("data", {})
+            saved = config_from_dict(state["config"]).data  # the checkpoint's, defaults for fields it predates
             for key in ("document_mask", "reset_positions"):  # changes what the model computes: say so
-                if bool(saved.get(key, False)) != getattr(self.cfg.data, key):
-                    print(f"resume: data.{key} changes from {bool(saved.get(key, False))} to "
-                          f"{getattr(self.cfg.data, key)} at step {self.step}", flush=True)
-            before = saved.get("sources") or [{"path": saved.get("data_dir"), "weight": 1.0, "name": None}]
-            now = [{"path": s.path, "weight": s.weight, "name": s.name} for s in self.sources]
-            if [(Path(str(b["path"])).resolve(), b["weight"] / sum(x["weight"] for x in before)) for b in before] != \
-                    [(Path(n["path"]).resolve(), n["weight"] / sum(x["weight"] for x in now)) for n in now]:
-                print(f"resume: the data sources or weights differ from the checkpoint's ({before} -> {now}): "
-                      f"samples from {self.batches.consumed_samples} on follow the new mixture, which does not "
-                      "continue the old one's order (some samples may repeat or be skipped)", flush=True)
+                if getattr(saved, key) != getattr(self.cfg.data, key):
+                    print(f"resume: data.{key} changes from {getattr(saved, key)} to {getattr(self.cfg.data, key)} "
+                          f"at step {self.step}", flush=True)
+            before, now = mixture_key(data_sources(saved)), mixture_key(self.sources)
+            if before != now:
+                def show(key: list[tuple[Path, float]]) -> str:
+                    return ", ".join(f"{w:.3f} {path}" for path, w in key)
+
+                print(f"resume: the data sources or weights differ from the checkpoint's "
+                      f"({show(before)} -> {show(now)}): samples from "
+                      f"{self.batches.consumed_samples} on follow the new mixture, which does not continue the old "
+                      "one's order (some samples may repeat or be skipped)", flush=True)
 
     # ---- one step ----------------------------------------------------------------------------
     def _all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -379,9 +381,9 @@ class Trainer:
                   f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
             if len(self.sources) > 1:  # what the weights mean for this run, before it starts
                 planned = self.blend.samples_per_source(t.max_steps * t.batch_size)
-                total_w = sum(src.weight for src in self.sources)
-                for src, w, n in zip(self.sources, self.blend.windows, planned):
-                    print(f"data: source {src.label!r} ({src.path}): weight {src.weight / total_w:.3f}, "
+                shares = [share for _, share in mixture_key(self.sources)]
+                for src, share, w, n in zip(self.sources, shares, self.blend.windows, planned):
+                    print(f"data: source {src.label!r} ({src.path}): weight {share:.3f}, "
                           f"{w.num_windows:,} windows; {t.max_steps} steps read {n:,} samples = "
                           f"{n / max(w.num_windows, 1):.2f} passes (each pass reshuffled)", flush=True)
         self.metrics.log_memory(self.step, "setup", self._rss_peaks_mb())  # collective; set-up ends here
