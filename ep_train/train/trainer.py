@@ -68,6 +68,7 @@ class Trainer:
         import deepspeed
 
         from ep_train.parallel.zero import build_ds_config, is_offloading_optimizer, materialize_partitioned
+        from ep_train.parallel.ds_grad_path import apply_fast_grad_path
         from ep_train.parallel.ds_memory import lean_offload_buffers
 
         self.cfg, self.run_dir = cfg, run_dir
@@ -117,6 +118,7 @@ class Trainer:
         with lean_offload_buffers(self.ds_config):  # no duplicate fp32 master / gradient buffers (ds_memory.py)
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
+        apply_fast_grad_path(self.engine.optimizer, self.ds_config)  # no full-size gradient copies (ds_grad_path.py)
         self.model: Transformer = model
         if t.compile:
             compile_blocks(model)

@@ -24,12 +24,12 @@ STEPS = 8
 COMMON = ["--seq_len", "32", "--warmup_steps", "2", "--ep_size", "2", "--grad_clip", "0.05", "--log_interval", "1"]
 
 
-def _ds_json(folder: Path, dedup: bool, fp32_accum: bool = False) -> str:
+def _ds_json(folder: Path, dedup: bool, fp32_accum: bool = False, fast: bool = True) -> str:
     ds = json.loads((ROOT / "ds_configs" / "zero3_offload.json").read_text())
-    ds["ep_train"] = {"dedup_offload_buffers": dedup}
+    ds["ep_train"] = {"dedup_offload_buffers": dedup, "fast_grad_path": fast}
     if fp32_accum:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    path = folder / f"ds_{'on' if dedup else 'off'}{'_fp32acc' if fp32_accum else ''}.json"
+    path = folder / f"ds_{'on' if dedup else 'off'}{'_fp32acc' if fp32_accum else ''}{'' if fast else '_slow'}.json"
     path.write_text(json.dumps(ds))
     return str(path)
 
@@ -65,6 +65,8 @@ def _starve_routers(trainer: Any) -> None:
 
 def _train(rank: int, world: int, data: str, run_dir: str, ds: str, extra: list[str]) -> dict[str, Any]:
     import hashlib
+
+    import torch
 
     from ep_train.parallel.ds_memory import shared_summary
     from ep_train.train.trainer import Trainer
@@ -103,6 +105,10 @@ def _train(rank: int, world: int, data: str, run_dir: str, ds: str, extra: list[
                            "masters": hashlib.sha256(b"".join(t.detach().numpy().tobytes()
                                                               for t in opt.fp32_partitioned_groups_flat)).hexdigest(),
                            "partition_elements": sum(t.numel() for t in opt.fp32_partitioned_groups_flat)}
+    # ds_grad_path: bound to this optimizer, and expert partitions on one-rank groups (its in-place path)
+    out["fast_grad_path"] = "_constant_buffered_norm2" in vars(opt)
+    out["one_rank_groups"] = sum(torch.distributed.get_world_size(opt._get_param_partition_group(p)) == 1
+                                 for g in opt.fp16_groups for p in g)
     out["grad_shares_acc"] = [t.grad.untyped_storage().data_ptr() == acc.untyped_storage().data_ptr()
                               for t in opt.fp32_partitioned_groups_flat]
     out["master_shares_param"] = [m.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
@@ -127,7 +133,7 @@ def _grad_norms(run: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def fp32_runs(tmp_path_factory, built) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("dedup_fp32")
-    return {"tmp": tmp, "off": _run(tmp, "off", built, _ds_json(tmp, False)),
+    return {"tmp": tmp, "data": built, "off": _run(tmp, "off", built, _ds_json(tmp, False)),
             "on": _run(tmp, "on", built, _ds_json(tmp, True))}
 
 
@@ -149,6 +155,20 @@ def test_fp32_dedup_is_bitwise_equal_and_shares_storage(fp32_runs) -> None:
     for i in off:
         assert not any(i["grad_shares_acc"]) and not any(i["master_shares_param"]), i
         assert i["summary"] == {"master_elements": 0, "grad_elements": 0}
+
+
+def test_fast_grad_path_is_bitwise_equal(fp32_runs) -> None:
+    """ep_train.parallel.ds_grad_path (on in fp32_runs) against DeepSpeed's own gradient norm and reduce:
+    losses, clipped gradient norms and final fp32 masters bitwise equal (every gradient partition of this
+    model fits in one fp64 piece of the norm; tests/unit/test_ds_grad_path.py checks several pieces)."""
+    tmp = fp32_runs["tmp"]
+    loss_on, on = fp32_runs["on"]
+    loss_slow, slow = _run(tmp, "slow", fp32_runs["data"], _ds_json(tmp, True, fast=False))
+    assert [i["fast_grad_path"] for i in on] == [True, True] and [i["fast_grad_path"] for i in slow] == [False, False]
+    assert all(i["one_rank_groups"] > 0 for i in on), on  # EP 2 of world 2: experts reduce over one rank
+    assert sorted(loss_on) == list(range(1, STEPS + 1)) and loss_on == loss_slow
+    assert _grad_norms(tmp / "on") == _grad_norms(tmp / "slow")
+    assert [i["masters"] for i in on] == [i["masters"] for i in slow]
 
 
 def test_bf16_fp32_accumulation_dedup_is_bitwise_equal(tmp_path, built) -> None:

@@ -1,0 +1,111 @@
+"""DeepSpeed 0.19.8's ZeRO-3 gradient path without two avoidable full-size copies per gradient.
+
+Measured with bench/step_breakdown.py on the 583M MoE (world 2, EP 2, ZeRO-3 + CPU offload, 2 cores):
+these two took about a quarter of a training step, all of it in fresh host allocations being faulted in
+(a copy into memory already mapped runs ~5x faster than one into a new tensor of the same size).
+
+1. The gradient norm. At every accumulation boundary ``_offload_grad_partition_at_boundary`` (and, without
+   offload, ``set_norm_for_param_grad_in_gpu``) calls ``_constant_buffered_norm2``, which converts the whole
+   gradient partition into a new fp64 tensor (``part.to(float64).norm(2)``, in 250M-element pieces): 8
+   bytes per element allocated and filled for one scalar; ~14% of the step. The replacement on CPU
+   accumulates in fp64 over pieces of ``NORM_PIECE`` elements, whose fp64 copy (512 KiB) stays below
+   glibc's mmap threshold and is reused from the heap. Same precision (fp64 squares and sums, one piece is
+   bitwise DeepSpeed's value); a multi-piece sum differs from DeepSpeed's only in summation order. On an
+   accelerator DeepSpeed's own method runs (its caching allocator reuses memory, and small pieces would
+   only add kernel launches).
+2. Expert gradients on a one-rank partition group. When expert parallelism spans the data-parallel ranks
+   (EP = world: each expert lives on one rank), DeepSpeed still reduce-scatters each expert gradient over
+   its one-rank expert-data-parallel group (``reduce_scatter_coalesced``: a divide by 1, and a collective
+   that gloo runs on a clone of the gradient), then rescales it out of place for AutoEP's averaging
+   (``g.mul(scale)``, a new tensor). ``__avg_scatter_grads``' replacement computes the same values for a
+   one-rank group in place on the gradient (which DeepSpeed drops right after): the reduce over one rank
+   is the identity, the divide by 1 is exact, and the scale is the same Python float. Bitwise DeepSpeed's
+   result. Every other case (groups of several ranks, another communication dtype, gradient pre-division,
+   the quantized all-to-all reduce) calls DeepSpeed's method unchanged.
+
+The patches are bound to one optimizer object after ``deepspeed.initialize`` (nothing global is changed).
+Another DeepSpeed version, or a missing attribute, leaves DeepSpeed's methods in place with a log line.
+Control: the DeepSpeed JSON's ``"ep_train": {"fast_grad_path": false}`` turns both off (default on).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from typing import Any
+
+import torch
+
+log = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger: it has a handler, so these lines show
+
+SUPPORTED_DEEPSPEED = "0.19.8"
+NORM_PIECE = 1 << 16  # elements per fp64 piece of the gradient norm (512 KiB in fp64)
+_AVG_SCATTER = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"  # name-mangled __avg_scatter_grads
+_NEEDED = ("_constant_buffered_norm2", _AVG_SCATTER, "_get_param_partition_group", "_assert_same_partition_group",
+           "_gradient_averaging_world_size", "dtype", "gradient_accumulation_dtype", "postscale_gradients",
+           "gradient_predivide_factor", "all2all_process_group")
+
+
+def fast_grad_path_enabled(ds: dict[str, Any]) -> bool:
+    """The JSON's switch (default on) and whether it can apply: ZeRO stage 3."""
+    wanted = bool(ds.get("ep_train", {}).get("fast_grad_path", True))
+    return wanted and ds.get("zero_optimization", {}).get("stage") == 3
+
+
+def fp64_norm(t: torch.Tensor, piece: int = NORM_PIECE) -> torch.Tensor:
+    """The 2-norm of ``t`` with fp64 squares and sums, converting ``piece`` elements at a time -> [] fp64."""
+    total: torch.Tensor | None = None
+    for part in t.detach().reshape(-1).split(piece):
+        sq = torch.linalg.vector_norm(part, 2, dtype=torch.float64) ** 2.0  # DeepSpeed's `to(fp64).norm(2)**2.0`
+        total = sq if total is None else total + sq
+    if total is None:  # an empty partition
+        return torch.zeros((), dtype=torch.float64, device=t.device)
+    return total ** 0.5
+
+
+def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
+    """Bind the two replacements to this ZeRO-3 optimizer; True when they were applied."""
+    if not fast_grad_path_enabled(ds):
+        return False
+    import deepspeed
+    import deepspeed.comm as dist
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    if deepspeed.__version__ != SUPPORTED_DEEPSPEED or not isinstance(optimizer, Stage3):
+        log.info("ep_train: DeepSpeed's gradient path kept (deepspeed %s, optimizer %s; checked on %s, stage 3)",
+                 deepspeed.__version__, type(optimizer).__name__, SUPPORTED_DEEPSPEED)
+        return False
+    missing = [a for a in _NEEDED if not hasattr(optimizer, a)]
+    if missing:
+        log.warning("ep_train: DeepSpeed's gradient path kept: the optimizer lacks %s", missing)
+        return False
+    own_norm = optimizer._constant_buffered_norm2
+    own_avg_scatter = getattr(optimizer, _AVG_SCATTER)
+
+    def constant_buffered_norm2(self: Any, input: torch.Tensor, buffer_size: int = 250_000_000) -> torch.Tensor:
+        if input.device.type != "cpu" or get_norm_dtype() != torch.float64:
+            return own_norm(input, buffer_size)
+        return fp64_norm(input)
+
+    def avg_scatter_grads(self: Any, params: list, communication_data_type: torch.dtype) -> list[torch.Tensor]:
+        group = self._get_param_partition_group(params[0])
+        if (dist.get_world_size(group) != 1 or communication_data_type != self.dtype
+                or communication_data_type != self.gradient_accumulation_dtype
+                or (self.postscale_gradients and self.gradient_predivide_factor != 1.0)
+                or self.all2all_process_group is not None):
+            return own_avg_scatter(params, communication_data_type)
+        self._assert_same_partition_group(params)
+        averaging = self._gradient_averaging_world_size(params, 1)
+        out = [p.grad.reshape(-1) for p in params]  # a one-rank reduce-scatter returns its input
+        if averaging != 1:
+            scale = 1 / float(averaging)  # DeepSpeed: partition_world_size / float(averaging_world_size)
+            for g in out:
+                g.mul_(scale)  # in place: DeepSpeed drops param.grad once partition_grads has copied it
+        return out
+
+    optimizer._constant_buffered_norm2 = types.MethodType(constant_buffered_norm2, optimizer)
+    setattr(optimizer, _AVG_SCATTER, types.MethodType(avg_scatter_grads, optimizer))
+    log.info("ep_train: ZeRO-3 gradient norm and one-rank gradient reduce without full-size copies "
+             "(ep_train/parallel/ds_grad_path.py)")
+    return True
