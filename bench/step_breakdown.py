@@ -22,7 +22,7 @@ else its parent's (innermost wins):
 - ZeRO gathers: ``allgather`` / ``all_gather`` ops (DeepSpeed's ZeRO-3 parameter fetches);
 - ZeRO reduce-scatters: ``reduce_scatter`` ops (gradient partitioning);
 - other all-reduces: ``allreduce`` ops (gradient norm / overflow check, the trainer's metrics);
-- expert matmuls: ``aten::mm/bmm/addmm/matmul/linear/_grouped_mm`` (and what runs inside them) under
+- expert matmuls: ``aten::mm/bmm/addmm(_)/matmul/linear/_grouped_mm`` (and what runs inside them) under
   the ``ep_train.experts`` scope (ep_train/model/experts.py), or under an autograd backward node whose
   sequence number is that of an op recorded under that scope (the experts' backward);
 - dense matmuls: the same ops anywhere else (attention projections and attention's own matmuls, the
@@ -62,7 +62,7 @@ from bench.targets import TARGETS, describe, verdict  # noqa: E402
 
 CATEGORIES = ("expert matmuls", "dense matmuls", "all-to-all", "ZeRO gathers", "ZeRO reduce-scatters",
               "other all-reduces", "optimizer", "other")
-MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::matmul", "aten::linear",
               "aten::_grouped_mm", "aten::mv", "aten::addmv", "aten::dot"}
 EXPERT_SCOPE, A2A_SCOPE, OPT_SCOPE = "ep_train.experts", "ep_train.all_to_all", "ep_train.optimizer_step"
 BACKWARD = "autograd::engine::evaluate_function:"

@@ -9,6 +9,8 @@ Weights follow the layout DeepSpeed AutoEP and Hugging Face Mixtral use (``nn.Li
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -85,12 +87,61 @@ class GroupedExperts(nn.Module):
             h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
                 x, w3.transpose(1, 2), offs=offs)
             return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
-        outs = []
-        # unbind, not w[i]: the backward of E_l index ops zero-fills a full [E_l, F, D] gradient each
-        # (18% of a 583M CPU step, bench/step_breakdown.py); unbind's backward is one stack.
-        per_expert = zip(w1.unbind(0), w2.unbind(0), w3.unbind(0), torch.split(x, counts))
-        for a, b, c, xi in per_expert:  # loop over groups (E_l), not over tokens
-            h = F.silu(xi @ a.T) * (xi @ c.T)  # [n_i, F]
-            outs.append(h @ b.T)  # [n_i, D]
-        # An empty group still runs its matmuls, so every weight gets a (zero) gradient.
-        return torch.cat(outs)
+        return _ExpertLoop.apply(x, w1, w2, w3, counts)
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """The experts one group at a time (CPU, and GPUs without torch._grouped_mm), with a hand-written backward.
+
+    Why not autograd over a loop of slices: each expert's weight gradient came back as its own tensor and
+    UnbindBackward stacked them into a fresh [E_l, F, D] gradient, one more full-size copy per weight
+    (9% of a 583M CPU step, bench/step_breakdown.py), and autograd kept four [N, F] activations (gate,
+    silu(gate), up, their product). Here the weight gradients are written in place by their matmuls
+    (``out=``), and only gate and up ([N, F] each) are kept: silu and the product are recomputed in the
+    backward (element-wise, cheap beside the matmuls). tests/unit/test_experts.py checks values and
+    gradients against autograd over a plain per-expert loop, and gradcheck in fp64.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+        n, f = x.shape[0], w1.shape[1]
+        gate, up = x.new_empty(n, f), x.new_empty(n, f)  # [N, F]
+        y = x.new_empty(x.shape)  # [N, D]
+        start = 0
+        for i, c in enumerate(counts):  # loop over groups (E_l), not over tokens; an empty group still runs
+            rows = slice(start, start + c)
+            torch.mm(x[rows], w1[i].t(), out=gate[rows])
+            torch.mm(x[rows], w3[i].t(), out=up[rows])
+            torch.mm(F.silu(gate[rows]) * up[rows], w2[i].t(), out=y[rows])
+            start += c
+        ctx.counts = counts
+        ctx.save_for_backward(x, w1, w2, w3, gate, up)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w1, w2, w3, gate, up = ctx.saved_tensors
+        need_w = any(ctx.needs_input_grad[1:4])
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        # Every expert's weight gradient is written (zeros for an empty group: mm over 0 rows): empty_like is safe.
+        dw1, dw2, dw3 = (torch.empty_like(w) for w in (w1, w2, w3)) if need_w else (None, None, None)
+        dy = dy.contiguous()
+        start = 0
+        for i, c in enumerate(ctx.counts):
+            rows = slice(start, start + c)
+            xi, dyi, g, u = x[rows], dy[rows], gate[rows], up[rows]
+            s = F.silu(g)  # recomputed: [n_i, F]
+            dh = dyi @ w2[i]  # [n_i, F]
+            if need_w:
+                torch.mm(dyi.t(), s * u, out=dw2[i])  # [D, F]
+            du = dh * s
+            dg = torch.ops.aten.silu_backward(dh * u, g)
+            if need_w:
+                torch.mm(dg.t(), xi, out=dw1[i])  # [F, D]
+                torch.mm(du.t(), xi, out=dw3[i])
+            if dx is not None:
+                torch.mm(dg, w1[i], out=dx[rows])  # [n_i, D]
+                dx[rows].addmm_(du, w3[i])
+            start += c
+        return dx, dw1, dw2, dw3, None
