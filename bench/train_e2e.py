@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--size", choices=("demo", "583m"), default="demo",
+                    help="583m: ep-train against DeepSpeed AutoEP on bench/scale.py's 583M model (ZeRO-3 + offload)")
     args = ap.parse_args(argv)
+    if args.size == "583m":
+        return main_583m(args)
     from ep_train.config import load_config
     from ep_train.sizes import model_size
 
@@ -164,6 +168,56 @@ Where the time goes: step {PROFILE_STEP} of each run under torch.profiler (opera
 trainer's `--profile_step N` writes the same table and a Chrome trace to `RUN_DIR/profile/`):
 
 {profiles}
+""")
+    return results
+
+
+def main_583m(args: argparse.Namespace) -> dict:
+    """ep-train and DeepSpeed AutoEP on the 583M MoE of bench/scale.py, both under ZeRO-3 + CPU offload."""
+    from bench.scale import MODEL_583M, MODEL_SMALL
+
+    model = MODEL_SMALL if args.small else MODEL_583M
+    steps = 5 if args.small else args.steps
+    tmp = Path(tempfile.mkdtemp(prefix="bench_e2e583_"))
+    tok, _ = stdlib_data(tmp, ["json", "email", "asyncio"], model["vocab_size"])
+    extra = [a for k, v in model.items() for a in (f"--{k}", str(v))]
+    extra += ["--moe_layers", str(list(range(model["num_layers"]))), "--micro_batch_size", "1", "--batch_size", "2",
+              "--seq_len", "128"]
+    results = {"ep-train, ZeRO-3 + offload": run("zero3_offload", tmp / "data", tok, tmp, steps, extra),
+               AUTOEP_OFF: run_peer("autoep_train.py", tmp / "data", tmp, steps, extra + ["--ds_config",
+                                                                                         "zero3_offload"])}
+    shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(r["tok_s"]) for k, r in results.items()}
+    rows = ["| run | tokens/s, median (min-max) | vs AutoEP | peak RSS, largest rank | final loss |",
+            "|---|---|---|---|---|"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {med[name]:,.1f} ({min(r['tok_s']):,.1f}-{max(r['tok_s']):,.1f}) | "
+                    f"{med[name] / med[AUTOEP_OFF]:.2f} | {r['rss']:,.0f} MiB | {r['final_loss']:.4f} |")
+    table = "\n".join(rows)
+    ratio = med["ep-train, ZeRO-3 + offload"] / med[AUTOEP_OFF]
+    verdict = (f"Target (bench/targets.py, {TARGETS['e2e_vs_autoep'].source}): ep-train {describe('e2e_vs_autoep')} "
+               f"DeepSpeed AutoEP's tokens/s under ZeRO-3 + offload at this size: "
+               f"**{target_verdict('e2e_vs_autoep', ratio)}** ({ratio:.2f}x).")
+    print(table + "\n" + verdict)
+    if args.write:
+        append_section("End-to-end training at 583M", f"""
+`python bench/train_e2e.py --size 583m --steps {steps} --write` on {machine()}.
+The 583M MoE of bench/scale.py (hidden {model['hidden_size']}, {model['num_layers']} layers, every layer MoE with
+{model['num_experts']} experts of width {model['intermediate_size']}, top-{model['num_experts_per_token']},
+vocab {model['vocab_size']}), 2 processes, EP 2, ZeRO-3 + CPU offload (`zero3_offload`) for both, activation
+checkpointing, fp32, global batch 2 x 128 tokens; {steps} steps, the first 3 and the profiled step not counted.
+The AutoEP row is bench/autoep_train.py (a `transformers` `MixtralForCausalLM` of the same sizes converted by
+`deepspeed.initialize`, as in "End-to-end training and memory"). The final losses are not a comparison: the two
+start from different random weights of the same distributions, AutoEP computes no router losses, and 10 steps at
+the demo's learning rate are far from converged.
+
+{table}
+
+{verdict}
+
+Where ep-train's step goes at this size: "Where a step goes" (bench/step_breakdown.py). ep-train's
+ZeRO-3 gradient path (ep_train/parallel/ds_grad_path.py) and expert backward (ep_train/model/experts.py)
+remove full-size copies that DeepSpeed's own path and autograd make; the AutoEP peer runs stock DeepSpeed.
 """)
     return results
 

@@ -27,8 +27,8 @@ def small(tmp_path_factory) -> dict[str, dict]:
 
 
 def test_run_all_small_ran_every_benchmark(small) -> None:
-    assert set(small) == {"moe_layer", "data_prep", "corpus_scale", "train_e2e", "step_breakdown", "recompute",
-                          "moe_vs_dense"}
+    assert set(small) == {"moe_layer", "data_prep", "corpus_scale", "train_e2e", "train_e2e_583m", "step_breakdown",
+                          "recompute", "moe_vs_dense"}
 
 
 def test_moe_layer_bench_small(small) -> None:
@@ -100,6 +100,14 @@ def test_train_e2e_bench_small(small) -> None:
     assert out["zero3"]["elements"] < out["zero2"]["elements"]  # ZeRO-3 really partitions parameters
     # AutoEP's ZeRO-3 partitions: each rank holds a share, as ep-train's do
     assert out["DeepSpeed AutoEP, ZeRO-3 (peer)"]["elements"] < out["DeepSpeed MoE layer, ZeRO-2 (peer)"]["elements"]
+
+
+def test_train_e2e_583m_bench_small(small) -> None:
+    """`--size 583m --small`: ep-train and the AutoEP peer on the same (here tiny) model, both measured."""
+    out = small["train_e2e_583m"]
+    assert set(out) == {"ep-train, ZeRO-3 + offload", "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"}
+    for r in out.values():
+        assert r["tok_s"] and min(r["tok_s"]) > 0 and r["rss"] > 0 and r["final_loss"] > 0
 
 
 def test_soak_bench_small(tmp_path) -> None:
