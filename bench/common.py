@@ -80,13 +80,15 @@ def append_section(title: str, body: str) -> None:
 
 
 def profiled(fn: Callable[[], object], table_path: Path, rows: int = 25) -> object:
-    """Run ``fn`` under torch.profiler (CPU) and write its operators by self time to ``table_path``."""
+    """Run ``fn`` under torch.profiler (CPU); write its operators by self time to ``table_path`` and its
+    Chrome trace next to it (``.json``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         out = fn()
     table_path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
                                                     max_name_column_width=60))
+    prof.export_chrome_trace(str(table_path.with_suffix(".json")))  # bench/step_breakdown.classify reads it
     return out
 
 
