@@ -24,6 +24,27 @@ from ep_train.config import DS_CONFIG_DIR, Config, resolve_ds_config  # noqa: F4
 _AUTOEP_CLASSES: dict[type, type] = {}
 
 
+EP_TRAIN_SWITCHES = {
+    "dedup_offload_buffers": "share DeepSpeed's duplicate fp32 master and gradient buffers (ep_train/parallel/ds_memory.py)",
+    "fast_grad_path": "ZeRO-3 gradient norm and one-rank reduce without full-size copies (ep_train/parallel/ds_grad_path.py)",
+}
+
+
+def _check_ep_train_block(ds: dict[str, Any], name: str) -> None:
+    """The JSON's "ep_train" block (DeepSpeed ignores it): known switches, true or false. A misspelt switch
+    would otherwise be ignored silently and leave the default in force."""
+    block = ds.get("ep_train", {})
+    if not isinstance(block, dict):
+        raise ValueError(f'{name}: "ep_train" = {block!r}; it must be an object of switches, e.g. '
+                         '{"dedup_offload_buffers": false}')
+    for key, value in block.items():
+        if key not in EP_TRAIN_SWITCHES:
+            known = "; ".join(f"{k}: {v}" for k, v in EP_TRAIN_SWITCHES.items())
+            raise ValueError(f'{name}: "ep_train" has no switch {key!r}; the switches are {known}')
+        if not isinstance(value, bool):
+            raise ValueError(f'{name}: "ep_train".{key} = {value!r}; use true or false')
+
+
 def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
     """The DeepSpeed JSON with the run's batch sizes, precision and clipping merged in.
 
@@ -58,6 +79,7 @@ def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
     if stage not in (1, 2, 3):
         raise ValueError(f"{path.name}: zero_optimization.stage = {stage}; ep-train supports ZeRO stages 1, 2 and 3")
     _merge_nvme(ds, cfg, path.name, world)
+    _check_ep_train_block(ds, path.name)
     from ep_train.parallel.ds_memory import dedup_enabled
 
     if use_bf16 and dedup_enabled(ds) and "grad_accum_dtype" not in ds.get("data_types", {}):

@@ -34,6 +34,10 @@ def test_default_is_zero3_offload_with_run_values(tmp_path) -> None:
     ({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}}, "enables fp16"),
     ({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}, "optimizer"),
     ({"zero_optimization": {"stage": 0}}, "stage = 0"),
+    # ep-train's own switches: a misspelt one names the known ones; a non-boolean value says what to use
+    ({"zero_optimization": {"stage": 3}, "ep_train": {"fast_grad_paht": False}}, "no switch 'fast_grad_paht'.*fast_grad_path"),
+    ({"zero_optimization": {"stage": 3}, "ep_train": {"dedup_offload_buffers": "no"}}, "dedup_offload_buffers = 'no'; use true"),
+    ({"zero_optimization": {"stage": 3}, "ep_train": ["fast_grad_path"]}, "must be an object"),
 ])
 def test_contradictions_are_refused(tmp_path, ds, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -43,3 +47,9 @@ def test_contradictions_are_refused(tmp_path, ds, match) -> None:
 def test_unknown_name_lists_known_configs(tmp_path) -> None:
     with pytest.raises(ValueError, match="zero3_offload"):
         build_ds_config(load_config(None, [("ds_config", "zero9")]), world=1, use_bf16=False)
+
+
+def test_ep_train_switches_pass_through(tmp_path) -> None:
+    block = {"dedup_offload_buffers": False, "fast_grad_path": True}
+    ds = build_ds_config(_cfg(tmp_path, {"zero_optimization": {"stage": 3}, "ep_train": block}), world=4, use_bf16=False)
+    assert ds["ep_train"] == block
