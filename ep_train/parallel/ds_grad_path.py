@@ -19,9 +19,10 @@ these two took about a quarter of a training step, all of it in fresh host alloc
    that gloo runs on a clone of the gradient), then rescales it out of place for AutoEP's averaging
    (``g.mul(scale)``, a new tensor). ``__avg_scatter_grads``' replacement computes the same values for a
    one-rank group in place on the gradient (which DeepSpeed drops right after): the reduce over one rank
-   is the identity, the divide by 1 is exact, and the scale is the same Python float. Bitwise DeepSpeed's
-   result. Every other case (groups of several ranks, another communication dtype, gradient pre-division,
-   the quantized all-to-all reduce) calls DeepSpeed's method unchanged.
+   is the identity, the divide by 1 is exact, and the scale is the same Python float applied in the same
+   dtype before the same conversion to the accumulation dtype (bf16 gradients, fp32 accumulation). Bitwise
+   DeepSpeed's result. Every other case (groups of several ranks, a communication dtype other than the
+   parameters', gradient pre-division, the quantized all-to-all reduce) calls DeepSpeed's method unchanged.
 
 The patches are bound to one optimizer object after ``deepspeed.initialize`` (nothing global is changed).
 Another DeepSpeed version, or a missing attribute, leaves DeepSpeed's methods in place with a log line.
@@ -91,7 +92,6 @@ def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
     def avg_scatter_grads(self: Any, params: list, communication_data_type: torch.dtype) -> list[torch.Tensor]:
         group = self._get_param_partition_group(params[0])
         if (dist.get_world_size(group) != 1 or communication_data_type != self.dtype
-                or communication_data_type != self.gradient_accumulation_dtype
                 or (self.postscale_gradients and self.gradient_predivide_factor != 1.0)
                 or self.all2all_process_group is not None):
             return own_avg_scatter(params, communication_data_type)
@@ -102,6 +102,8 @@ def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
             scale = 1 / float(averaging)  # DeepSpeed: partition_world_size / float(averaging_world_size)
             for g in out:
                 g.mul_(scale)  # in place: DeepSpeed drops param.grad once partition_grads has copied it
+        if communication_data_type != self.gradient_accumulation_dtype:  # bf16 grads, fp32 accumulation
+            out = [g.to(self.gradient_accumulation_dtype) for g in out]  # after the scale, as DeepSpeed does
         return out
 
     optimizer._constant_buffered_norm2 = types.MethodType(constant_buffered_norm2, optimizer)

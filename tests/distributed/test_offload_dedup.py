@@ -171,10 +171,17 @@ def test_fast_grad_path_is_bitwise_equal(fp32_runs) -> None:
     assert [i["masters"] for i in on] == [i["masters"] for i in slow]
 
 
-def test_bf16_fp32_accumulation_dedup_is_bitwise_equal(tmp_path, built) -> None:
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory, built) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("dedup_bf16")
     bf16 = ("--mixed_precision", "bf16")
-    loss_off, off = _run(tmp_path, "off", built, _ds_json(tmp_path, False, fp32_accum=True), *bf16)
-    loss_on, on = _run(tmp_path, "on", built, _ds_json(tmp_path, True, fp32_accum=True), *bf16)
+    return {"tmp": tmp, "off": _run(tmp, "off", built, _ds_json(tmp, False, fp32_accum=True), *bf16),
+            "on": _run(tmp, "on", built, _ds_json(tmp, True, fp32_accum=True), *bf16),
+            "slow": _run(tmp, "slow", built, _ds_json(tmp, True, fp32_accum=True, fast=False), *bf16)}
+
+
+def test_bf16_fp32_accumulation_dedup_is_bitwise_equal(bf16_runs) -> None:
+    (loss_off, off), (loss_on, on) = bf16_runs["off"], bf16_runs["on"]
     assert sorted(loss_on) == list(range(1, STEPS + 1))
     assert loss_on == loss_off
     assert [i["masters"] for i in on] == [i["masters"] for i in off]
@@ -185,6 +192,16 @@ def test_bf16_fp32_accumulation_dedup_is_bitwise_equal(tmp_path, built) -> None:
         assert i["summary"] == {"master_elements": 0, "grad_elements": i["partition_elements"]}
     for i in off:
         assert not any(i["grad_shares_acc"]), i
+
+
+def test_bf16_fast_grad_path_is_bitwise_equal(bf16_runs) -> None:
+    """bf16 gradients accumulated in fp32: ds_grad_path scales the one-rank expert gradients in bf16, then
+    converts, as DeepSpeed does."""
+    (loss_on, on), (loss_slow, slow) = bf16_runs["on"], bf16_runs["slow"]
+    assert [i["fast_grad_path"] for i in on] == [True, True] and [i["fast_grad_path"] for i in slow] == [False, False]
+    assert sorted(loss_on) == list(range(1, STEPS + 1)) and loss_on == loss_slow
+    assert _grad_norms(bf16_runs["tmp"] / "on") == _grad_norms(bf16_runs["tmp"] / "slow")
+    assert [i["masters"] for i in on] == [i["masters"] for i in slow]
 
 
 def test_resume_under_dedup_continues_exactly(fp32_runs, built) -> None:
