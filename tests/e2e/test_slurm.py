@@ -80,8 +80,10 @@ def _preempt_and_finish(slurm: SlurmCluster, built: Path, tmp_path: Path, straig
     while time.monotonic() < deadline and slurm.job_field(job, "Restarts") in ("", "0"):
         time.sleep(0.5)
     assert slurm.job_field(job, "Restarts") == "1", slurm.log_tail()
-    if slurm.job_state(job) == "PENDING":  # a requeued job waits for its BeginTime; let it start now
-        slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    if slurm.job_state(job) == "PENDING":  # a requeued job waits for its BeginTime; let it start soon
+        # Not "now": slurmd revokes the job's credential when it is requeued and refuses a credential made in
+        # the same second ("Killing non-startable batch JobId=N: Job credential revoked", seen in CI).
+        slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now+2")
     state = slurm.wait(job)
     log = (tmp_path / f"train-{job}.out").read_text()
     assert state == "COMPLETED", f"{state}\n{log[-4000:]}"
