@@ -4,12 +4,12 @@
 
 configs/tiny.yaml (EP 2, ZeRO-3 + CPU offload) on the Python standard library, 2 processes launched by
 torchrun, a checkpoint every 500 steps (so saves are part of what is watched). A sampler reads each
-trainer process's RSS (psutil) once a second (``--sample-interval``); tokens/s come from the run's metrics.jsonl. After a
-warm-up (the first 10% of steps) the RSS of each rank is fitted with a straight line against the step:
-the slope (MiB per 1000 steps) and the growth it predicts over the run are reported, and the verdict
-"RSS does not grow" is computed from them (growth under bench/targets.py's ``soak_growth`` share of the
-rank's mean RSS). With ``--write``
-the figures and a PNG plot (matplotlib, the ``bench`` extra) go to docs/benchmarks.md and docs/soak.png.
+trainer process's RSS (psutil) once a second (``--sample-interval``); tokens/s come from the run's
+metrics.jsonl. After a warm-up (the first 10% of steps) the RSS of each rank is fitted with a straight
+line against the step: the slope (MiB per 1000 steps) and the growth it predicts over the run are
+reported, and the verdict "RSS does not grow" is computed from them (growth under bench/targets.py's
+``soak_growth`` share of the rank's mean RSS). With ``--write`` the figures and a PNG plot (matplotlib,
+the ``bench`` extra) go to docs/benchmarks.md and docs/soak.png.
 """
 
 from __future__ import annotations
@@ -181,7 +181,8 @@ def _write(result: dict, samples: list, recs: list) -> None:
     first, last = result["tok_s_first_last"]
     body = (f"`python bench/soak.py --steps {result['steps']} --write` on {machine()}.\n"
             f"configs/tiny.yaml, world 2, EP 2, ZeRO-3 + CPU offload, a checkpoint every 500 steps; RSS of each "
-            f"trainer sampled every {result['sample_interval']:g} s ({result['samples']} samples), wall time {result['wall_s']:.0f} s, "
+            f"trainer sampled every {result['sample_interval']:g} s ({result['samples']} samples), "
+            f"wall time {result['wall_s']:.0f} s, "
             f"final loss {result['final_loss']:.3f}.\n\n" + "\n".join(rows) +
             f"\n\ntokens/s after warm-up: median {result['tok_s_median']:,.0f} (first {first:,.0f}, last {last:,.0f}).\n"
             f"Verdict (predicted growth after warm-up under {GROWTH_LIMIT:.0%} of the mean on every rank): "

@@ -38,8 +38,9 @@ as collective time. A waited-on collective is not always inside its op's event: 
 then blocks in ``work.wait()``, which records nothing, so the wait is the caller's self time (under
 ``AccumulateGrad``, where ZeRO-3's gradient hooks run). The caller's self time from the end of a
 collective op to its next recorded op (or its own end) therefore goes to that collective's category
-(``collective_waits`` in the JSON; the few microseconds of Python there go with it). The goal (bench/targets.py ``step_non_matmul_share``) is judged on the mean of the
-ranks' shares outside the matmuls and the all-to-all.
+(``collective_waits`` in the JSON; the few microseconds of Python there go with it). The goal
+(bench/targets.py ``step_non_matmul_share``) is judged on the mean of the ranks' shares outside the
+matmuls and the all-to-all.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ from bench.targets import TARGETS, describe, verdict  # noqa: E402
 
 CATEGORIES = ("expert matmuls", "dense matmuls", "all-to-all", "ZeRO gathers", "ZeRO reduce-scatters",
               "other all-reduces", "optimizer", "other")
-MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::matmul", "aten::linear",
-              "aten::_grouped_mm", "aten::mv", "aten::addmv", "aten::dot"}
+MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::matmul",
+              "aten::linear", "aten::_grouped_mm", "aten::mv", "aten::addmv", "aten::dot"}
 EXPERT_SCOPE, A2A_SCOPE, OPT_SCOPE = "ep_train.experts", "ep_train.all_to_all", "ep_train.optimizer_step"
 BACKWARD = "autograd::engine::evaluate_function:"
 COLLECTIVES = ("all-to-all", "ZeRO gathers", "ZeRO reduce-scatters", "other all-reduces")

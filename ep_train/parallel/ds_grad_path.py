@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
+from ep_train.parallel.ds_memory import SUPPORTED_DEEPSPEED  # one pin for every DeepSpeed patch
+
 log = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger: it has a handler, so these lines show
 
-SUPPORTED_DEEPSPEED = "0.19.8"
 NORM_PIECE = 1 << 16  # elements per fp64 piece of the gradient norm (512 KiB in fp64)
 _AVG_SCATTER = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"  # name-mangled __avg_scatter_grads
 _NEEDED = ("_constant_buffered_norm2", _AVG_SCATTER, "_get_param_partition_group", "_assert_same_partition_group",
