@@ -202,10 +202,11 @@ def activation_bytes(cfg: Config, checkpointing: bool, act_bytes: int) -> dict[s
     The head keeps logits [T, V] in the model dtype plus an fp32 copy and its gradient (3 V per token).
     Gradients of activations are freed layer by layer as the backward runs, so the peak is the saved
     forward activations. With activation checkpointing a block keeps only its input (D per token) and
-    one block is recomputed at a time. Checked on an NVIDIA H200 (torch 2.11, bf16, the 583M MoE of
-    bench/scale.py, one process, torch.cuda.max_memory_allocated): planned / measured 1.09 (seq 2048) and
-    1.12 (4096) without recompute, 1.15 and 1.26 with it (the recompute's transients are freed sooner
-    than this counts).
+    one block is recomputed at a time; with ``train.recompute_comm`` off, each MoE layer also keeps its
+    forward's exchanged rows for the recompute (received and returned, K D each at most). Checked on an
+    NVIDIA H200 (torch 2.11, bf16, the 583M MoE of bench/scale.py, one process,
+    torch.cuda.max_memory_allocated): planned / measured 1.09 (seq 2048) and 1.12 (4096) without
+    recompute, 1.15 and 1.26 with it (the recompute's transients are freed sooner than this counts).
     """
     m, e = cfg.model, cfg.moe
     d = m.hidden_size
@@ -225,6 +226,9 @@ def activation_bytes(cfg: Config, checkpointing: bool, act_bytes: int) -> dict[s
     head = 3 * m.vocab_size * tokens * 4
     if checkpointing:
         kept = m.num_layers * d * tokens * act_bytes + max(per_layer) * tokens * act_bytes
+        if not cfg.train.recompute_comm and cfg.train.recompute != "attention" and cfg.parallel.ep_size > 1:
+            # the forward's exchanges kept for the recompute: received and returned rows (K D each, at most)
+            kept += len(moe_layers) * 2 * e.num_experts_per_token * d * tokens * act_bytes
     else:
         kept = sum(per_layer) * tokens * act_bytes
     return {"blocks": int(kept), "head": int(head), "total": int(kept + head)}
@@ -235,7 +239,7 @@ def all_to_all_bytes_per_step(cfg: Config, world: int, act_bytes: int) -> int:
 
     Per MoE layer and micro-batch: T*K assignments, (ep-1)/ep of them to other ranks, rows of D values;
     dispatch and combine in the forward, the same two reversed in the backward, and one more forward
-    pair when activation checkpointing recomputes the block: 4 or 6 exchanges.
+    pair when activation checkpointing recomputes the block and ``train.recompute_comm`` is on: 4 or 6.
     """
     ep = cfg.parallel.ep_size
     if ep <= 1:
@@ -244,7 +248,7 @@ def all_to_all_bytes_per_step(cfg: Config, world: int, act_bytes: int) -> int:
     tokens = cfg.data.seq_len * t.micro_batch_size
     micro = t.batch_size // (t.micro_batch_size * world)
     n_moe = len(moe_layer_indices(cfg.model, cfg.moe))
-    exchanges = 6 if t.activation_checkpointing else 4
+    exchanges = 6 if t.activation_checkpointing and t.recompute_comm and t.recompute != "attention" else 4
     rows = tokens * cfg.moe.num_experts_per_token * (ep - 1) / ep
     return int(n_moe * micro * exchanges * rows * cfg.model.hidden_size * act_bytes)
 

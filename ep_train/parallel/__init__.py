@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils.checkpoint import noop_context_fn
 
 from ep_train.config import Config, check_ep_layout
 from ep_train.model.dispatch import LocalDispatcher
 from ep_train.model.experts import SwiGLU
 from ep_train.model.moe import MoELayer, RouterStats
 from ep_train.model.transformer import Attention, Block
+from ep_train.parallel.comm_replay import exchange, tape_contexts
 from ep_train.parallel.dispatch import AllToAllDispatcher
 
 
@@ -66,9 +68,12 @@ def _keep_local_experts(model: nn.Module, ep_size: int, ep_rank: int, ep_group: 
 
 
 def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
-    out = counts.detach().clone()
-    dist.all_reduce(out)  # communication: E counts summed over every data-parallel rank (the world)
-    return out
+    def run() -> torch.Tensor:
+        out = counts.detach().clone()
+        dist.all_reduce(out)  # communication: E counts summed over every data-parallel rank (the world)
+        return out
+
+    return exchange(run)  # in a checkpointed block's recompute: the forward's sum (comm_replay)
 
 
 def _global_balance_counts(model: nn.Module) -> None:
@@ -87,9 +92,12 @@ class _ScoreGather:
         self.group, self.ep, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
 
     def __call__(self, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
-        parts = [torch.empty_like(scores) for _ in range(self.ep)]  # equal micro-batches on every rank
-        dist.all_gather(parts, scores.contiguous(), group=self.group)  # communication: T * E scores per rank
-        return torch.cat(parts), self.rank * scores.shape[0]
+        def run() -> torch.Tensor:
+            parts = [torch.empty_like(scores) for _ in range(self.ep)]  # equal micro-batches on every rank
+            dist.all_gather(parts, scores.contiguous(), group=self.group)  # communication: T * E scores per rank
+            return torch.cat(parts)
+
+        return exchange(run), self.rank * scores.shape[0]  # replayed in a recompute (comm_replay)
 
 
 _CHECKPOINTED: dict[type, type] = {}
@@ -119,7 +127,9 @@ def _checkpointed_class(cls: type) -> type:
                     return y, (st.as_tensor() if st is not None else None)
                 return out
 
-            out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+            # train.recompute_comm false: the recompute reuses the forward's exchanges (comm_replay)
+            contexts = tape_contexts if getattr(self, "replay_comm", False) else noop_context_fn
+            out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, context_fn=contexts)
             if isinstance(out, tuple):
                 y, packed = out
                 return y, (RouterStats.from_tensor(packed) if packed is not None else None)
@@ -134,14 +144,17 @@ def _checkpointed_class(cls: type) -> type:
 RECOMPUTE: dict[str, type] = {"full": Block, "attention": Attention, "experts": MoELayer}
 
 
-def checkpoint_blocks(model: nn.Module, policy: str = "full") -> nn.Module:
+def checkpoint_blocks(model: nn.Module, policy: str = "full", recompute_comm: bool = True) -> nn.Module:
     """Activation checkpointing: ``full`` recomputes every transformer block (least memory), ``attention``
     only the attention sub-blocks, ``experts`` only the MoE layers (router, all-to-all, experts; the
-    dense parts keep their activations). See ``_checkpointed_class``."""
+    dense parts keep their activations). See ``_checkpointed_class``. ``recompute_comm`` False: the
+    recompute takes the forward's all-to-all (and other exchange) results instead of communicating
+    again (``ep_train.parallel.comm_replay``)."""
     target = RECOMPUTE[policy]
     for module in model.modules():
         if isinstance(module, target):
             module.__class__ = _checkpointed_class(type(module))
+            module.replay_comm = not recompute_comm
     return model
 
 
@@ -169,7 +182,7 @@ def parallelize(model: nn.Module, cfg: Config, layout: ParallelLayout, *, deepsp
     if cfg.moe.balance_stats == "global_batch" and layout.world_size > 1 and dist.is_initialized():
         _global_balance_counts(model)
     if cfg.train.activation_checkpointing:
-        checkpoint_blocks(model, cfg.train.recompute)
+        checkpoint_blocks(model, cfg.train.recompute, cfg.train.recompute_comm)
     if deepspeed:
         from ep_train.parallel.zero import tag_experts_for_deepspeed
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ep_train.model.dispatch import SlotLayout, combine_slots, expand, slot_layout
+from ep_train.parallel.comm_replay import exchange
 
 
 A2A_SCOPE = "ep_train.all_to_all"  # profiler scope of every EP exchange (tokens, counts, expert membership)
@@ -44,10 +45,14 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> torch.Tensor:
         ctx.send, ctx.recv, ctx.group = send, recv, group
-        out = x.new_empty(sum(recv), *x.shape[1:])
-        with torch.profiler.record_function(A2A_SCOPE):  # bench/step_breakdown.py reads this scope
-            dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)  # communication
-        return out
+
+        def run() -> torch.Tensor:
+            out = x.new_empty(sum(recv), *x.shape[1:])
+            with torch.profiler.record_function(A2A_SCOPE):  # bench/step_breakdown.py reads this scope
+                dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)  # communication
+            return out
+
+        return exchange(run)  # in a checkpointed block's recompute: the forward's result (comm_replay)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -94,7 +99,7 @@ class _PackedAllToAll(torch.autograd.Function):
                 recv: list[int], group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.send, ctx.recv, ctx.group = send, recv, group
         ctx.like = [(rows.dtype, rows.shape[1]), (w.dtype, w.shape[1])]
-        got = _exchange(_pack([rows, w, member]), send, recv, group)
+        got = exchange(lambda: _exchange(_pack([rows, w, member]), send, recv, group))  # or replayed
         r, wr, m = _unpack(got, [*ctx.like, (member.dtype, member.shape[1])])
         ctx.mark_non_differentiable(m)
         return r, wr, m
@@ -147,10 +152,14 @@ class AllToAllDispatcher:
         routed = routed.view(t, ep, el)  # [T, ep, E_l] token t uses expert j of rank r
         need = routed.any(-1)  # [T, ep] token t crosses to rank r (once)
         counts = torch.cat([routed.sum(0), need.sum(0)[:, None]], 1)  # [ep, E_l + 1]: per expert, rows
-        recv_counts = torch.empty_like(counts)
-        with torch.profiler.record_function(A2A_SCOPE):
-            dist.all_to_all_single(recv_counts, counts, group=self.group)  # communication: counts exchange
-        both = torch.cat([counts, recv_counts]).tolist()  # the one host sync of the layer
+
+        def count_exchange() -> list[list[int]]:
+            recv_counts = torch.empty_like(counts)
+            with torch.profiler.record_function(A2A_SCOPE):
+                dist.all_to_all_single(recv_counts, counts, group=self.group)  # communication: counts exchange
+            return torch.cat([counts, recv_counts]).tolist()  # the one host sync of the layer
+
+        both = exchange(count_exchange)  # a recompute that replays exchanges has no host sync here
         send_splits = [row[el] for row in both[:ep]]
         recv_splits = [row[el] for row in both[ep:]]
         local_counts = [sum(row[j] for row in both[ep:]) for j in range(el)]  # [E_l] rows per local expert

@@ -43,9 +43,10 @@ def _make(c: Config, idle: bool) -> torch.nn.Module:
 
 
 def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float | None, idle: bool,
-            variant: dict | None = None) -> dict:
+            variant: dict | None = None, recompute_comm: bool = True) -> dict:
     torch.manual_seed(0)
     c = _cfg(k, num_experts, cf, variant)
+    c.train.recompute_comm = recompute_comm
     # global balance counts and expert choice span every rank's tokens: the reference is one process
     # over the whole batch (world == EP here)
     global_batch = c.moe.balance_stats == "global_batch" or c.moe.router_type == "expert_choice"
@@ -77,12 +78,27 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
         model = parallelize(_make(c, idle), c, ParallelLayout(world, rank, ep, ep_group, edp_group), deepspeed=False)
     else:
         model = apply_expert_parallel(_make(c, idle), ep_group)
-    out = model(x[mine], y[mine])
+    calls = {"all_to_all_single": 0, "all_reduce": 0, "all_gather": 0}  # the model's collectives, counted
+    originals = {name: getattr(dist, name) for name in calls}
+
+    def counted(name: str):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in calls:
+        setattr(dist, name, counted(name))
+    try:
+        out = model(x[mine], y[mine])
+        out.loss.backward()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
     if global_batch:  # the ranks' mean loss is the full batch's loss
         loss_t = out.loss.detach().clone()
         dist.all_reduce(loss_t)
         diffs_loss = abs(loss_t.item() / world - ref_losses[rank])
-    out.loss.backward()
     ref_params = dict(ref.named_parameters())
     diffs = {"logits": (out.logits - ref_logits).abs().max().item(),
              "loss": diffs_loss if global_batch else abs(out.loss.item() - ref_losses[rank])}
@@ -104,7 +120,7 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
     for st in out.router_stats.values():
         got_tokens += int(st.tokens_per_expert.sum())
     return {"diffs": diffs, "local_experts": owner.experts.global_expert_ids, "routed": got_tokens,
-            "per_expert": [st.tokens_per_expert.tolist() for st in out.router_stats.values()]}
+            "per_expert": [st.tokens_per_expert.tolist() for st in out.router_stats.values()], "calls": calls}
 
 
 @pytest.mark.parametrize("world,ep,k,num_experts,cf,idle", [
@@ -131,6 +147,9 @@ def test_expert_parallel_matches_single_process(world: int, ep: int, k: int, num
 def test_routing_variants_match_single_process(variant: dict) -> None:
     cf = 1.5 if variant.get("router_type") == "expert_choice" else None
     results = _check_against_reference(2, 2, 2, 4, cf, False, variant)
+    # per MoE layer (2): 3 all-to-alls in the forward (counts, tokens, back), 3 again in the recompute, 2 in
+    # the backward
+    assert all(r["calls"]["all_to_all_single"] == 2 * (3 + 3 + 2) for r in results), [r["calls"] for r in results]
     if cf is not None:  # every expert received exactly its capacity, counted over both ranks' tokens
         tokens = 2 * B_PER_RANK * S
         per_layer = [[a + b for a, b in zip(la, lb)] for la, lb in zip(results[0]["per_expert"],
@@ -138,9 +157,24 @@ def test_routing_variants_match_single_process(variant: dict) -> None:
         assert per_layer and all(counts == [math.ceil(tokens * cf / 4)] * 4 for counts in per_layer), per_layer
 
 
+@pytest.mark.parametrize("variant", [
+    {"balance_stats": "global_batch", "aux_loss_weight": 0.5},  # + the balance counts' all-reduce
+    {"router_type": "expert_choice"},  # + the scores' all-gather
+], ids=["global-batch", "expert-choice"])
+def test_recompute_reuses_the_forwards_exchanges(variant: dict) -> None:
+    """train.recompute_comm false: the same values as the single-process reference, and the recompute
+    communicates nothing (ep_train.parallel.comm_replay)."""
+    cf = 1.5 if variant.get("router_type") == "expert_choice" else None
+    results = _check_against_reference(2, 2, 2, 4, cf, False, variant, recompute_comm=False)
+    other = "all_reduce" if "balance_stats" in variant else "all_gather"
+    for r in results:  # 2 MoE layers: 3 all-to-alls in the forward, none in the recompute, 2 in the backward
+        assert r["calls"]["all_to_all_single"] == 2 * (3 + 2), r["calls"]
+        assert r["calls"][other] == 2, r["calls"]  # once per MoE layer: the forward's, not the recompute's
+
+
 def _check_against_reference(world: int, ep: int, k: int, num_experts: int, cf: float | None, idle: bool,
-                             variant: dict | None) -> list[dict]:
-    results = run_distributed(_worker, world, ep, k, num_experts, cf, idle, variant, timeout=180)
+                             variant: dict | None, recompute_comm: bool = True) -> list[dict]:
+    results = run_distributed(_worker, world, ep, k, num_experts, cf, idle, variant, recompute_comm, timeout=180)
     for rank, res in enumerate(results):
         worst = max(res["diffs"].items(), key=lambda kv: kv[1])
         assert worst[1] < 1e-5, f"rank {rank}: {worst} (all: {res['diffs']})"

@@ -83,12 +83,14 @@ def _assert_close(got: dict[int, float], ref: list[float], skip: set[int] = froz
 
 
 @pytest.mark.parametrize("nproc,ckpt", [(2, "false"), (2, "full"), (4, "false"), (4, "experts"), (2, "attention"),
-                                        (2, "compile")])
+                                        (2, "compile"), (2, "full-reuse-comm")])
 def test_zero3_offload_ep_matches_single_process(tmp_path, built, reference, nproc, ckpt) -> None:
     run = tmp_path / "run"
     profile = (nproc, ckpt) == (2, "full")  # one case also profiles a step: it must not change the numbers
     recompute = {"false": ["--activation_checkpointing", "false"],  # torch.compile per block, with recompute:
-                 "compile": ["--activation_checkpointing", "true", "--compile", "true"]}.get(
+                 "compile": ["--activation_checkpointing", "true", "--compile", "true"],
+                 # the recompute takes the forward's all-to-all results (train.recompute_comm false)
+                 "full-reuse-comm": ["--activation_checkpointing", "true", "--recompute_comm", "false"]}.get(
         ckpt, ["--activation_checkpointing", "true", "--recompute", ckpt])
     out = train(run, built, nproc, *recompute, "--ep_size", "2", *(["--profile_step", "5"] if profile else []))
     _assert_close(losses(run), reference)

@@ -160,7 +160,7 @@ def test_recompute_bench_small(small) -> None:
     """Every policy runs end to end and computes the same function."""
     out = small["recompute"]
     assert set(out) == {"no recompute", "recompute full blocks", "recompute attention only", "recompute experts only",
-                        "full recompute + document mask"}
+                        "full recompute, exchanges reused", "full recompute + document mask"}
     losses = [r["loss"] for k, r in out.items() if "document mask" not in k]
     assert max(losses) - min(losses) < 1e-4
     assert all(r["tok_s"] > 0 and r["rss"] > 0 for r in out.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ep_train.config import Config
+from ep_train.config import Config, moe_layer_indices
 from ep_train.model import build_model
 from ep_train.sizes import model_size
 
@@ -128,6 +128,15 @@ def test_plan_buffers_and_activations() -> None:
     assert activation_bytes(cfg, True, 4)["blocks"] < activation_bytes(cfg, False, 4)["blocks"]
     assert all_to_all_bytes_per_step(cfg, 2, 4) > 0
     assert all_to_all_bytes_per_step(_moe_cfg(ep_size=1), 2, 4) == 0
+    # train.recompute_comm false: the recompute sends nothing (4 exchanges per layer, not 6), and each MoE
+    # layer keeps its received and returned rows (2 K D per token) for it
+    ckpt, reuse = _moe_cfg(), _moe_cfg()
+    ckpt.train.activation_checkpointing = reuse.train.activation_checkpointing = True
+    reuse.train.recompute_comm = False
+    assert all_to_all_bytes_per_step(reuse, 2, 4) * 6 == all_to_all_bytes_per_step(ckpt, 2, 4) * 4
+    tokens, moe_layers = cfg.data.seq_len * cfg.train.micro_batch_size, len(moe_layer_indices(cfg.model, cfg.moe))
+    kept = moe_layers * 2 * cfg.moe.num_experts_per_token * cfg.model.hidden_size * tokens * 4
+    assert activation_bytes(reuse, True, 4)["blocks"] - activation_bytes(ckpt, True, 4)["blocks"] == kept
     assert heap_threshold({}) == 32 * 2 ** 20 and heap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) == 65536
     with pytest.raises(ValueError, match="MALLOC_MMAP_THRESHOLD_"):
         heap_threshold({"MALLOC_MMAP_THRESHOLD_": "lots"})

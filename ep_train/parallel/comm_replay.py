@@ -1,0 +1,82 @@
+"""Reuse a checkpointed forward's exchanges in its recompute (``train.recompute_all_to_all: false``).
+
+Under activation checkpointing the backward runs a block's forward again, and every exchange in it (the
+MoE layers' count and token all-to-alls, the global-batch balance all-reduce, expert choice's score
+all-gather) crosses the network again: time, and a point where every rank waits for the slowest. With a
+tape, the block's first forward records each exchange's result in call order and the recompute takes them
+back in the same order without communicating (torchtitan's selective checkpointing keeps all_to_all
+outputs for the same reason). Only forward exchanges are taped; the backward's (gradients) always
+communicate.
+
+Why the n-th exchange of the recompute is the n-th of the forward: the recompute runs the same module
+code on the same inputs with the RNG state replayed (torch.utils.checkpoint), and torch.utils.checkpoint
+checks the recomputed saved tensors' shapes against the forward's, so a recompute that routed differently
+would be refused. A recompute that stops early (checkpoint's early stop) simply leaves the rest unused.
+Because no rank communicates in its recompute, ranks cannot disagree on which recomputes exchange.
+
+Memory: a block's recorded results live from its forward to the end of its backward (per MoE layer about
+the received and returned rows, up to 2 K D per token; ``ep_train.sizes.activation_bytes`` counts them).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_state = threading.local()  # the recompute runs on the autograd engine's thread (CUDA): per thread
+
+
+class _Tape:
+    def __init__(self) -> None:
+        self.items: list[object] = []
+        self.cursor = 0
+
+
+class _Mode:
+    """Sets this thread's tape and mode ("record" or "replay") for the duration of a forward."""
+
+    def __init__(self, tape: _Tape, mode: str) -> None:
+        self.tape, self.mode = tape, mode
+        self.prev: tuple[_Tape | None, str | None] = (None, None)
+
+    def __enter__(self) -> None:
+        self.prev = (getattr(_state, "tape", None), getattr(_state, "mode", None))
+        _state.tape, _state.mode = self.tape, self.mode
+        if self.mode == "replay":
+            self.tape.cursor = 0  # a second backward over a retained graph replays from the start
+
+    def __exit__(self, *exc: object) -> None:
+        _state.tape, _state.mode = self.prev
+
+
+def tape_contexts() -> tuple[_Mode, _Mode]:
+    """``context_fn`` for ``torch.utils.checkpoint``: (forward context that records, recompute context that
+    replays), sharing one fresh tape per checkpointed call."""
+    tape = _Tape()
+    return _Mode(tape, "record"), _Mode(tape, "replay")
+
+
+def exchange(run: Callable[[], T]) -> T:
+    """``run()``, a forward communication: run, recorded by the enclosing checkpointed forward, or (in its
+    recompute) the recorded result, in call order. Outside a checkpointed call it just runs."""
+    tape, mode = getattr(_state, "tape", None), getattr(_state, "mode", None)
+    if tape is None:
+        return run()
+    if mode == "record":
+        out = run()
+        tape.items.append(_alias(out))
+        return out
+    assert tape.cursor < len(tape.items), "the recompute made more exchanges than its forward"
+    out = tape.items[tape.cursor]
+    tape.cursor += 1
+    return _alias(out)  # type: ignore[return-value]
+
+
+def _alias(x: object) -> object:
+    """A tensor as a new, graph-free alias of the same storage (an autograd Function may then make it its
+    output without touching the forward's graph); anything else as it is."""
+    return x.detach() if isinstance(x, torch.Tensor) else x
