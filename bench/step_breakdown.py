@@ -1,13 +1,16 @@
 """Where one training step goes: expert matmuls, dense matmuls, all-to-all, ZeRO gathers and
 reduce-scatters, other all-reduces, the optimizer step, other.
 
-    python bench/step_breakdown.py [--small] [--write] [--out DIR]
+    python bench/step_breakdown.py [--small] [--write] [--out DIR] [--lean-env]
 
-Runs ``ep_train.train`` under torchrun exactly as bench/scale.py runs its 583M model (hidden 1024,
-8 layers, 8 experts of width 2816, vocab 4096; world 2, EP 2, fp32, ZeRO-3 + CPU offload with
-scale.py's lean DeepSpeed JSON and environment, activation checkpointing, seq_len 128, micro batch 1),
-3 steps, the last under torch.profiler (``train.profile_step``): the trainer writes
-``run_dir/profile/rank{r}_step3.json`` (Chrome trace) per rank, and this script classifies it.
+Runs ``ep_train.train`` under torchrun as bench/scale.py runs its 583M model (hidden 1024, 8 layers,
+8 experts of width 2816, vocab 4096; world 2, EP 2, fp32, ZeRO-3 + CPU offload with scale.py's lean
+DeepSpeed JSON, activation checkpointing, seq_len 128, micro batch 1), 3 steps, the last under
+torch.profiler (``train.profile_step``): the trainer writes ``run_dir/profile/rank{r}_step3.json``
+(Chrome trace) per rank, and this script classifies it. The processes run with glibc's default malloc
+settings, as a user's run does; ``--lean-env`` uses scale.py's ``LEAN_ENV`` instead (a 1 MiB mmap
+threshold, chosen there so RSS follows the live tensors: every larger tensor is then a fresh mapping whose
+pages are faulted in, which costs time that shows up as "other").
 
 Method. Only the main thread of each rank is read (it runs forward, backward and the optimizer; gloo's
 worker threads only carry the collectives the main thread waits on). Its events nest; every
@@ -41,11 +44,18 @@ collective op to its next recorded op (or its own end) therefore goes to that co
 (``collective_waits`` in the JSON; the few microseconds of Python there go with it). The goal
 (bench/targets.py ``step_non_matmul_share``) is judged on the mean of the ranks' shares outside the
 matmuls and the all-to-all.
+
+Waiting for a slower rank. A collective's time on one rank is the transfer plus the time it waited for the
+others to arrive. The ranks' traces share one clock and make the same collective calls in the same order,
+so ``arrival_waits`` pairs the i-th c10d op of every rank and counts, for each rank, the last arrival minus
+its own (at most its time in that call). That part is uneven work between two collectives, reported
+beside the table; the categories and the goal are unchanged by it.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import shutil
 import sys
@@ -91,8 +101,8 @@ def _own_label(e: dict[str, Any], expert_seq: set[int]) -> str | None:
     return None
 
 
-def classify(trace: dict[str, Any]) -> dict[str, float]:
-    """Milliseconds per category of the profiled step in one rank's Chrome trace (see the module doc)."""
+def _main_thread(trace: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The profiled step's top-level event and the events of the thread that ran the step, in time order."""
     events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and "dur" in e]
     roots = [e for e in events if str(e["name"]).startswith(("PyTorch Profiler", "ProfilerStep"))]
     root = max(roots, key=lambda e: e["dur"])
@@ -102,6 +112,74 @@ def classify(trace: dict[str, Any]) -> dict[str, float]:
             by_tid.setdefault(e["tid"], []).append(e)
     main = max(by_tid.values(), key=lambda es: sum(e["dur"] for e in es))  # the thread that ran the step
     main.sort(key=lambda e: (e["ts"], -e["dur"]))
+    return root, main
+
+
+def _matmul_time(trace: dict[str, Any], windows: list[tuple[float, float]]) -> list[float]:
+    """Microseconds of matmul ops (outermost ones) of the main thread starting inside each [a, b) window."""
+    _, main = _main_thread(trace)
+    spans, end = [], -1.0
+    for e in main:
+        if e["name"] in MATMUL_OPS and e["ts"] >= end:
+            spans.append((e["ts"], e["dur"]))
+            end = e["ts"] + e["dur"]
+    starts = [t for t, _ in spans]
+    return [sum(d for _, d in spans[bisect.bisect_left(starts, a):bisect.bisect_left(starts, b)]) for a, b in windows]
+
+
+def _collective_calls(trace: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """(op name, arrival, time in it) of each c10d op of the step's main thread, in call order (microseconds).
+    The time in it runs from the op's start to the thread's next recorded event after the op returned: the
+    op and the wait that follows it (see the module doc)."""
+    root, main = _main_thread(trace)
+    t0, t1 = root["ts"], root["ts"] + root["dur"]
+    starts = [e["ts"] for e in main]
+    calls = []
+    for e in main:
+        if not str(e["name"]).startswith("c10d::") or not t0 <= e["ts"] < t1:
+            continue
+        end = e["ts"] + e["dur"]
+        i = bisect.bisect_left(starts, end)
+        calls.append((e["name"], e["ts"], min(starts[i] if i < len(starts) else t1, t1) - e["ts"]))
+    return calls
+
+
+def arrival_waits(traces: dict[int, dict[str, Any]]) -> dict[int, dict[str, float]] | None:
+    """Milliseconds each rank spent at collectives waiting for a slower rank to arrive, per collective category,
+    or None when the ranks' collective calls do not pair up. Also per rank: ``arrived_early``, how much earlier
+    it arrived than the last rank, summed over the calls, and ``late_matmuls``, how much more matmul time the
+    last rank had than this one in the work before those calls (each rank's work since its previous call).
+
+    The ranks' traces share one clock (one machine). Every rank makes the same collective calls in the same
+    order (every group here spans all ranks: world 2), so the i-th c10d op of each rank is one collective;
+    it cannot complete before the last rank arrives, so a rank that arrived earlier waited ``last arrival -
+    its arrival`` of its time in that call (at most all of it)."""
+    calls = {r: _collective_calls(t) for r, t in traces.items()}
+    names = {tuple(c[0] for c in cs) for cs in calls.values()}
+    if len(names) != 1:
+        return None
+    out: dict[int, dict[str, float]] = {r: dict.fromkeys((*COLLECTIVES, "arrived_early", "late_matmuls"), 0.0)
+                                        for r in calls}
+    matmuls = {}
+    for r, cs in calls.items():  # each rank's work before call i: from the end of call i-1 to its arrival
+        t0 = _main_thread(traces[r])[0]["ts"]
+        matmuls[r] = _matmul_time(traces[r], [(cs[i - 1][1] + cs[i - 1][2] if i else t0, c[1])
+                                              for i, c in enumerate(cs)])
+    for i, name in enumerate(next(iter(names))):
+        cat = _own_label({"name": name}, set())
+        assert cat in COLLECTIVES, name
+        late = max(calls, key=lambda r: calls[r][i][1])
+        last = calls[late][i][1]
+        for r, cs in calls.items():
+            out[r][cat] += min(last - cs[i][1], cs[i][2]) / 1000
+            out[r]["arrived_early"] += (last - cs[i][1]) / 1000
+            out[r]["late_matmuls"] += (matmuls[late][i] - matmuls[r][i]) / 1000
+    return out
+
+
+def classify(trace: dict[str, Any]) -> dict[str, float]:
+    """Milliseconds per category of the profiled step in one rank's Chrome trace (see the module doc)."""
+    root, main = _main_thread(trace)
     t0, t1 = root["ts"], root["ts"] + root["dur"]
 
     # Sequence numbers of the ops recorded under the experts' scope: their backward nodes carry the same.
@@ -178,11 +256,14 @@ def classify(trace: dict[str, Any]) -> dict[str, float]:
 NON_MATMUL = ("ZeRO gathers", "ZeRO reduce-scatters", "other all-reduces", "optimizer", "other")
 
 
-def breakdown(run_dir: Path) -> dict[int, dict[str, float]]:
-    per_rank = {}
+def breakdown(run_dir: Path) -> dict[int, dict[str, Any]]:
+    traces = {}
     for f in sorted((run_dir / "profile").glob("rank*_step*.json")):
-        rank = int(f.name[4:f.name.index("_")])
-        per_rank[rank] = classify(json.loads(f.read_text()))
+        traces[int(f.name[4:f.name.index("_")])] = json.loads(f.read_text())
+    per_rank: dict[int, dict[str, Any]] = {r: classify(t) for r, t in traces.items()}
+    waits = arrival_waits(traces)
+    for r in per_rank:
+        per_rank[r]["arrival_waits"] = None if waits is None else waits[r]
     return per_rank
 
 
@@ -212,6 +293,26 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
         f"optimizer {per_rank[r]['optimizer'] / per_rank[r]['step']:.1%}" for r in ranks) + ". "
         "Of the collectives' time, waits after a collective op had returned (the caller blocked in work.wait(), "
         "see the method): " + ", ".join(f"rank {r} {per_rank[r]['collective_waits']:,.0f} ms" for r in ranks) + ".")
+    arrival = {r: per_rank[r].get("arrival_waits") for r in ranks}
+    if all(a is not None for a in arrival.values()):
+        waited = {r: sum(arrival[r][c] for c in COLLECTIVES) for r in ranks}
+        outside = {r: sum(per_rank[r][c] - (arrival[r][c] if c in COLLECTIVES else 0.0) for c in NON_MATMUL)
+                   for r in ranks}
+        early = sum(arrival[r]["arrived_early"] for r in ranks)
+        late_mm = sum(arrival[r]["late_matmuls"] for r in ranks)
+        level = {r: outside[r] / (per_rank[r]["step"] - waited[r]) for r in ranks}
+        facts += (" Waiting for the other rank to arrive at a collective (the ranks' traces matched call by call, "
+                  "see `arrival_waits`): " + ", ".join(
+                      f"rank {r} {waited[r]:,.0f} ms ({waited[r] / per_rank[r]['step']:.1%} of the step; "
+                      f"{arrival[r]['all-to-all']:,.0f} ms of it at all-to-alls)" for r in ranks)
+                  + f"; this is uneven work between two collectives, not communication: summed over the calls the "
+                  f"ranks arrived {early:,.0f} ms before the last one, and the last one had {late_mm:,.0f} ms more "
+                  "matmul time in the work before those calls (with dropless routing each rank's experts get a "
+                  "different number of rows in each layer). Without the waits the share outside the "
+                  f"matmuls and the all-to-all would be {sum(level.values()) / len(level):.1%} (mean of ranks; "
+                  "not the goal's measure).")
+    else:
+        facts += " The ranks' collective calls did not pair up, so waits for a slower rank are not separated."
     names: dict[str, float] = {}
     for r in ranks:
         for k, v in per_rank[r]["other_by_op"].items():
@@ -221,13 +322,16 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
                   "nearest recorded non-aten event around it): " + "; ".join(f"`{k}` {v:.1%}" for k, v in biggest) + ".")
     model = MODEL_SMALL if args.small else MODEL_583M
     table = "\n".join(rows)
+    env_words = (f"scale.py's environment {' '.join(f'{k}={v}' for k, v in LEAN_ENV.items())}" if args.lean_env
+                 else "glibc's default malloc settings, as a user's run")
+    sums = ", ".join(f"rank {r} {summed[r]:,.0f} of {per_rank[r]['step']:,.0f} ms" for r in ranks)
     text = f"""`python bench/step_breakdown.py{' --small' if args.small else ''} --write` on {machine()}.
 The {params / 1e6:.1f}M-parameter MoE of bench/scale.py (hidden {model['hidden_size']}, {model['num_layers']} layers,
 {model['num_experts']} experts of width {model['intermediate_size']}, vocab {model['vocab_size']}), world 2, EP 2, fp32,
-ZeRO-3 + CPU offload (scale.py's lean DeepSpeed JSON and environment), activation checkpointing,
+ZeRO-3 + CPU offload (scale.py's lean DeepSpeed JSON; {env_words}), activation checkpointing,
 seq_len {seq}, micro batch 1; step {STEPS} of {STEPS} under torch.profiler, each rank's main thread
 classified by self time (innermost event wins; the method is in the script's docstring), so the
-categories sum to the step's wall time (sums: {', '.join(f'rank {r} {summed[r]:,.0f} of {per_rank[r]["step"]:,.0f} ms' for r in ranks)}).
+categories sum to the step's wall time (sums: {sums}).
 
 {table}
 
@@ -236,7 +340,7 @@ categories sum to the step's wall time (sums: {', '.join(f'rank {r} {summed[r]:,
 
 {other_line}
 
-Collectives on gloo include the time a rank waits for the other (load imbalance shows there).
+Collectives on gloo include the time a rank waits for the other to arrive (load imbalance shows there).
 "Other" holds the element-wise work (SwiGLU's activation, norms, softmax, routing, dispatch
 bookkeeping), ZeRO-3's hooks and bucket copies, autograd overhead and Python between ops.
 """
@@ -252,6 +356,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--out", default=None, help="run folder (default: a temporary one, removed at the end)")
     ap.add_argument("--reuse", action="store_true", help="classify the traces already in --out (no new run)")
+    ap.add_argument("--lean-env", action="store_true",
+                    help="bench/scale.py's LEAN_ENV (a 1 MiB mmap threshold: every larger tensor is a fresh mapping "
+                         "faulted in; lower RSS, slower step) instead of glibc's defaults")
     args = ap.parse_args(argv)
     model = MODEL_SMALL if args.small else MODEL_583M
     seq = 32 if args.small else args.seq_len
@@ -260,11 +367,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dir = out / "run"
     lean = out / "ds_lean.json"
     lean.write_text(json.dumps(LEAN_DS, indent=1))
-    params = plan_host(model, 2, 2, seq, "fp32", str(lean), LEAN_ENV)["params"]
+    env = LEAN_ENV if args.lean_env else {}
+    params = plan_host(model, 2, 2, seq, "fp32", str(lean), env)["params"]
     if not args.reuse:
         data, _ = prepare_data(out)
         res = run_trainer(run_dir, data, 2, _overrides(model, 2, 2, seq, "fp32") + ["--profile_step", str(STEPS)],
-                          str(lean), env=LEAN_ENV)
+                          str(lean), env=env)
         if not res.ok:
             raise RuntimeError(f"the profiled run failed:\n{res.error}")
     result = report(breakdown(run_dir), args, params, seq)

@@ -168,7 +168,7 @@ def test_recompute_bench_small(small) -> None:
 
 def test_step_breakdown_bench_small(small) -> None:
     """bench/step_breakdown.py on a tiny model: a profiled trainer step split into disjoint categories."""
-    from bench.step_breakdown import CATEGORIES
+    from bench.step_breakdown import CATEGORIES, COLLECTIVES
 
     out = small["step_breakdown"]
     assert sorted(out["per_rank"]) == ["0", "1"]
@@ -178,4 +178,7 @@ def test_step_breakdown_bench_small(small) -> None:
         assert abs(sum(r[c] for c in CATEGORIES) - r["step"]) <= 1e-3 * r["step"]  # disjoint, sum to the step
         assert r["expert matmuls"] > 0 and r["dense matmuls"] > 0 and r["all-to-all"] > 0
         assert r["optimizer"] > 0  # the trainer's engine.step() scope was found
+        # the two ranks' collective calls pair up; a wait for the other rank is part of that collective's time
+        waits = r["arrival_waits"]
+        assert waits is not None and all(0 <= waits[c] <= r[c] + 1e-6 for c in COLLECTIVES), waits
     assert out["verdict"] in ("met", "MISSED") and "bench/targets.py" in out["text"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.step_breakdown import CATEGORIES, classify
+from bench.step_breakdown import CATEGORIES, arrival_waits, classify
 
 
 def _ev(name: str, ts: float, dur: float, tid: int = 1, cat: str = "cpu_op") -> dict:
@@ -32,3 +32,32 @@ def test_wait_after_a_collective_op_goes_to_the_collective() -> None:
     assert got["all-to-all"] == pytest.approx(0.004 + 0.006)
     # 20..30 and 40..50 and 63..100 top-level Python, 30..31 hook Python, copy 2, 39..40 Python, mul 3
     assert got["other"] == pytest.approx(0.010 + 0.010 + 0.037 + 0.001 + 0.002 + 0.001 + 0.003)
+
+
+def _rank_trace(calls: list[tuple[str, float, float, float]], matmuls: tuple[tuple[float, float], ...] = ()) -> dict:
+    """A step of 0..100 whose main thread makes the given collective calls: (op, start, op duration, next recorded
+    event's start: the wait runs until then), and matmuls (start, duration)."""
+    events = [_ev("ProfilerStep#3", 0, 100, cat="user_annotation")] + [_ev("aten::mm", t, d) for t, d in matmuls]
+    for name, start, dur, resume in calls:
+        events += [_ev(name, start, dur), _ev("aten::mul", resume, 1)]
+    return {"traceEvents": events}
+
+
+def test_arrival_waits_pair_the_ranks_calls() -> None:
+    """Rank 0 reaches the all-to-all at 10 and rank 1 at 25: rank 0 waited 15 of its 16 us there; rank 1 reaches
+    the reduce-scatter at 50, rank 0 at 70, but rank 1 was in it only 8 us (the cap)."""
+    r0 = _rank_trace([("c10d::alltoall_base_", 10, 1, 26), ("c10d::_reduce_scatter_base_", 70, 1, 75)],
+                     matmuls=((30, 20),))  # rank 0's work before the reduce-scatter: 20 us of matmul
+    r1 = _rank_trace([("c10d::alltoall_base_", 25, 1, 26), ("c10d::_reduce_scatter_base_", 50, 1, 58)],
+                     matmuls=((5, 12), (27, 3)))  # 12 us before the all-to-all, 3 before the reduce-scatter
+    got = arrival_waits({0: r0, 1: r1})
+    assert got is not None
+    assert got[0]["all-to-all"] == pytest.approx(0.015) and got[1]["all-to-all"] == pytest.approx(0.0)
+    assert got[1]["ZeRO reduce-scatters"] == pytest.approx(0.008) and got[0]["ZeRO reduce-scatters"] == 0.0
+    # how much earlier each arrived than the last rank, and the last rank's extra matmul time before that call
+    assert got[0]["arrived_early"] == pytest.approx(0.015) and got[1]["arrived_early"] == pytest.approx(0.020)
+    assert got[0]["late_matmuls"] == pytest.approx(0.012) and got[1]["late_matmuls"] == pytest.approx(0.017)
+    # calls that do not pair up (another op, or one call more) are not matched
+    r2 = _rank_trace([("c10d::allreduce_", 25, 1, 26), ("c10d::_reduce_scatter_base_", 50, 1, 58)])
+    assert arrival_waits({0: r0, 1: r2}) is None
+    assert arrival_waits({0: r0, 1: _rank_trace([("c10d::alltoall_base_", 25, 1, 26)])}) is None
