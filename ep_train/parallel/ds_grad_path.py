@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ep_train.parallel.ds_memory import SUPPORTED_DEEPSPEED  # one pin for every DeepSpeed patch
+from ep_train.parallel.zero import ep_train_switch
 
 log = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger: it has a handler, so these lines show
 
@@ -50,7 +51,7 @@ _NEEDED = ("_constant_buffered_norm2", _AVG_SCATTER, "_get_param_partition_group
 
 def fast_grad_path_enabled(ds: dict[str, Any]) -> bool:
     """The JSON's switch (default on) and whether it can apply: ZeRO stage 3."""
-    wanted = bool(ds.get("ep_train", {}).get("fast_grad_path", True))
+    wanted = ep_train_switch(ds, "fast_grad_path")
     return wanted and ds.get("zero_optimization", {}).get("stage") == 3
 
 

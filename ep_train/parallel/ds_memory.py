@@ -66,6 +66,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ep_train.parallel.zero import ep_train_switch
+
 log = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger: it has a handler, so these lines show
 
 SUPPORTED_DEEPSPEED = "0.19.8"
@@ -84,7 +86,7 @@ _STATE_ATTRS = ("fp16_groups", "fp16_partitioned_groups_flat", "fp16_partitioned
 def dedup_enabled(ds: dict[str, Any]) -> bool:
     """The JSON's switch (default on) and whether it can apply: ZeRO-3 with the optimizer offloaded to CPU."""
     z = ds.get("zero_optimization", {})
-    wanted = bool(ds.get("ep_train", {}).get("dedup_offload_buffers", True))
+    wanted = ep_train_switch(ds, "dedup_offload_buffers")
     return wanted and z.get("stage") == 3 and z.get("offload_optimizer", {}).get("device") == "cpu"
 
 

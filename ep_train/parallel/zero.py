@@ -30,6 +30,13 @@ EP_TRAIN_SWITCHES = {
 }
 
 
+def ep_train_switch(ds: dict[str, Any], name: str) -> bool:
+    """A switch of the DeepSpeed JSON's "ep_train" block (checked at load by ``_check_ep_train_block``); every
+    switch is on unless the JSON says false."""
+    assert name in EP_TRAIN_SWITCHES, name
+    return bool(ds.get("ep_train", {}).get(name, True))
+
+
 def _check_ep_train_block(ds: dict[str, Any], name: str) -> None:
     """The JSON's "ep_train" block (DeepSpeed ignores it): known switches, true or false. A misspelt switch
     would otherwise be ignored silently and leave the default in force."""
