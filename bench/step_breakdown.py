@@ -129,18 +129,23 @@ def _matmul_time(trace: dict[str, Any], windows: list[tuple[float, float]]) -> l
 
 def _collective_calls(trace: dict[str, Any]) -> list[tuple[str, float, float]]:
     """(op name, arrival, time in it) of each c10d op of the step's main thread, in call order (microseconds).
-    The time in it runs from the op's start to the thread's next recorded event after the op returned: the
-    op and the wait that follows it (see the module doc)."""
+    The time in it runs from the op's start to the thread's next recorded event after the op returned, or
+    the end of the event the op ran in if that comes first: the op and the wait after it, as ``classify``
+    counts them (see the module doc)."""
     root, main = _main_thread(trace)
     t0, t1 = root["ts"], root["ts"] + root["dur"]
     starts = [e["ts"] for e in main]
     calls = []
+    stack: list[float] = []  # ends of the events enclosing the current one
     for e in main:
-        if not str(e["name"]).startswith("c10d::") or not t0 <= e["ts"] < t1:
-            continue
-        end = e["ts"] + e["dur"]
-        i = bisect.bisect_left(starts, end)
-        calls.append((e["name"], e["ts"], min(starts[i] if i < len(starts) else t1, t1) - e["ts"]))
+        while stack and e["ts"] >= stack[-1]:
+            stack.pop()
+        if str(e["name"]).startswith("c10d::") and t0 <= e["ts"] < t1:
+            end = e["ts"] + e["dur"]
+            i = bisect.bisect_left(starts, end)
+            until = min(starts[i] if i < len(starts) else t1, stack[-1] if stack else t1, t1)
+            calls.append((e["name"], e["ts"], until - e["ts"]))
+        stack.append(e["ts"] + e["dur"])
     return calls
 
 
@@ -151,9 +156,10 @@ def arrival_waits(traces: dict[int, dict[str, Any]]) -> dict[int, dict[str, floa
     last rank had than this one in the work before those calls (each rank's work since its previous call).
 
     The ranks' traces share one clock (one machine). Every rank makes the same collective calls in the same
-    order (every group here spans all ranks: world 2), so the i-th c10d op of each rank is one collective;
-    it cannot complete before the last rank arrives, so a rank that arrived earlier waited ``last arrival -
-    its arrival`` of its time in that call (at most all of it)."""
+    order, so the i-th c10d op of each rank is one collective (at world 2 the shared groups span both ranks;
+    an op on a one-rank group, if any, pairs with the other rank's matching one and counts at most its own
+    brief time); a collective cannot complete before the last rank arrives, so a rank that arrived earlier
+    waited ``last arrival - its arrival`` of its time in that call (at most all of it)."""
     calls = {r: _collective_calls(t) for r, t in traces.items()}
     names = {tuple(c[0] for c in cs) for cs in calls.values()}
     if len(names) != 1:

@@ -203,7 +203,8 @@ def activation_bytes(cfg: Config, checkpointing: bool, act_bytes: int) -> dict[s
     Gradients of activations are freed layer by layer as the backward runs, so the peak is the saved
     forward activations. With activation checkpointing a block keeps only its input (D per token) and
     one block is recomputed at a time; with ``train.recompute_comm`` off, each MoE layer also keeps its
-    forward's exchanged rows for the recompute (received and returned, K D each at most). Checked on an
+    forward's exchanged rows for the recompute (received and returned, about K D each under even routing;
+    a rank whose experts are popular receives more). Checked on an
     NVIDIA H200 (torch 2.11, bf16, the 583M MoE of bench/scale.py, one process,
     torch.cuda.max_memory_allocated): planned / measured 1.09 (seq 2048) and 1.12 (4096) without
     recompute, 1.15 and 1.26 with it (the recompute's transients are freed sooner than this counts).
@@ -227,7 +228,7 @@ def activation_bytes(cfg: Config, checkpointing: bool, act_bytes: int) -> dict[s
     if checkpointing:
         kept = m.num_layers * d * tokens * act_bytes + max(per_layer) * tokens * act_bytes
         if not cfg.train.recompute_comm and cfg.train.recompute != "attention" and cfg.parallel.ep_size > 1:
-            # the forward's exchanges kept for the recompute: received and returned rows (K D each, at most)
+            # the forward's exchanges kept for the recompute: received and returned rows (~K D each, even routing)
             kept += len(moe_layers) * 2 * e.num_experts_per_token * d * tokens * act_bytes
     else:
         kept = sum(per_layer) * tokens * act_bytes

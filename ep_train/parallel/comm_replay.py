@@ -1,4 +1,4 @@
-"""Reuse a checkpointed forward's exchanges in its recompute (``train.recompute_all_to_all: false``).
+"""Reuse a checkpointed forward's exchanges in its recompute (``train.recompute_comm: false``).
 
 Under activation checkpointing the backward runs a block's forward again, and every exchange in it (the
 MoE layers' count and token all-to-alls, the global-batch balance all-reduce, expert choice's score
@@ -9,13 +9,17 @@ outputs for the same reason). Only forward exchanges are taped; the backward's (
 communicate.
 
 Why the n-th exchange of the recompute is the n-th of the forward: the recompute runs the same module
-code on the same inputs with the RNG state replayed (torch.utils.checkpoint), and torch.utils.checkpoint
-checks the recomputed saved tensors' shapes against the forward's, so a recompute that routed differently
-would be refused. A recompute that stops early (checkpoint's early stop) simply leaves the rest unused.
-Because no rank communicates in its recompute, ranks cannot disagree on which recomputes exchange.
+code on the same inputs with the RNG state replayed (torch.utils.checkpoint), so it routes as the forward
+did and makes the same exchanges in the same order (the same requirement as without the tape, where the
+ranks' recomputes must pair up; torch.utils.checkpoint also compares the recomputed saved tensors' shapes
+and dtypes with the forward's, which catches most divergence but not all). A recompute that stops early
+(checkpoint's early stop) leaves the rest unused. Since no rank communicates in its recompute, ranks
+cannot disagree on which recomputes exchange.
 
-Memory: a block's recorded results live from its forward to the end of its backward (per MoE layer about
-the received and returned rows, up to 2 K D per token; ``ep_train.sizes.activation_bytes`` counts them).
+Memory: a block's recorded results live from its forward to the end of its backward: per MoE layer the
+received rows (with their fp32 weights and membership bytes) and the returned rows, about K D values per
+token each under even routing (more on a rank whose experts are popular), the counts, and for expert
+choice the gathered scores (ep T E fp32). ``ep_train.sizes.activation_bytes`` adds the 2 K D estimate.
 """
 
 from __future__ import annotations

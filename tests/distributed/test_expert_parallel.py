@@ -89,6 +89,10 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
 
     for name in calls:
         setattr(dist, name, counted(name))
+    routed = [0]  # router forwards: once per MoE layer, twice when activation checkpointing recomputes it
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.router.register_forward_hook(lambda *_: routed.__setitem__(0, routed[0] + 1))
     try:
         out = model(x[mine], y[mine])
         out.loss.backward()
@@ -120,7 +124,8 @@ def _worker(rank: int, world: int, ep: int, k: int, num_experts: int, cf: float 
     for st in out.router_stats.values():
         got_tokens += int(st.tokens_per_expert.sum())
     return {"diffs": diffs, "local_experts": owner.experts.global_expert_ids, "routed": got_tokens,
-            "per_expert": [st.tokens_per_expert.tolist() for st in out.router_stats.values()], "calls": calls}
+            "per_expert": [st.tokens_per_expert.tolist() for st in out.router_stats.values()], "calls": calls,
+            "router_calls": routed[0]}
 
 
 @pytest.mark.parametrize("world,ep,k,num_experts,cf,idle", [
@@ -150,6 +155,7 @@ def test_routing_variants_match_single_process(variant: dict) -> None:
     # per MoE layer (2): 3 all-to-alls in the forward (counts, tokens, back), 3 again in the recompute, 2 in
     # the backward
     assert all(r["calls"]["all_to_all_single"] == 2 * (3 + 3 + 2) for r in results), [r["calls"] for r in results]
+    assert all(r["router_calls"] == 2 * 2 for r in results)  # the recompute ran: 2 MoE layers, twice each
     if cf is not None:  # every expert received exactly its capacity, counted over both ranks' tokens
         tokens = 2 * B_PER_RANK * S
         per_layer = [[a + b for a, b in zip(la, lb)] for la, lb in zip(results[0]["per_expert"],
@@ -168,6 +174,7 @@ def test_recompute_reuses_the_forwards_exchanges(variant: dict) -> None:
     results = _check_against_reference(2, 2, 2, 4, cf, False, variant, recompute_comm=False)
     other = "all_reduce" if "balance_stats" in variant else "all_gather"
     for r in results:  # 2 MoE layers: 3 all-to-alls in the forward, none in the recompute, 2 in the backward
+        assert r["router_calls"] == 2 * 2  # the recompute did run (each MoE layer routed twice)
         assert r["calls"]["all_to_all_single"] == 2 * (3 + 2), r["calls"]
         assert r["calls"][other] == 2, r["calls"]  # once per MoE layer: the forward's, not the recompute's
 

@@ -57,6 +57,11 @@ def test_arrival_waits_pair_the_ranks_calls() -> None:
     # how much earlier each arrived than the last rank, and the last rank's extra matmul time before that call
     assert got[0]["arrived_early"] == pytest.approx(0.015) and got[1]["arrived_early"] == pytest.approx(0.020)
     assert got[0]["late_matmuls"] == pytest.approx(0.012) and got[1]["late_matmuls"] == pytest.approx(0.017)
+    # a call inside an event that ends first (a gradient hook returning): its time ends there, as in classify
+    hooked = _rank_trace([("c10d::alltoall_base_", 10, 1, 30)])
+    hooked["traceEvents"].append(_ev("torch::autograd::AccumulateGrad", 8, 6))  # 8..14
+    late = _rank_trace([("c10d::alltoall_base_", 25, 1, 26)])
+    assert arrival_waits({0: hooked, 1: late})[0]["all-to-all"] == pytest.approx(0.004)  # 10..14, not 10..25
     # calls that do not pair up (another op, or one call more) are not matched
     r2 = _rank_trace([("c10d::allreduce_", 25, 1, 26), ("c10d::_reduce_scatter_base_", 50, 1, 58)])
     assert arrival_waits({0: r0, 1: r2}) is None
