@@ -353,8 +353,10 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
                       "fp32 copy of the largest optimizer sub-group's gradients at the step"))
     # --- activations ----------------------------------------------------------------------------
     act = activation_bytes(cfg, cfg.train.activation_checkpointing, pb)
-    items.append(("activations", where(False), act["total"],
-                  f"one micro-batch ({'checkpointed blocks' if cfg.train.activation_checkpointing else 'no recompute'})"))
+    how = "no recompute"
+    if cfg.train.activation_checkpointing:
+        how = "checkpointed blocks" + ("" if cfg.train.recompute_comm else ", exchanged rows kept for the recompute")
+    items.append(("activations", where(False), act["total"], f"one micro-batch ({how})"))
     # --- allocator and baseline -----------------------------------------------------------------
     if stage >= 3:
         # A module's initial values are made in fp32, one tensor of at most 3 (SwiGLU) heap-sized at a time.
