@@ -10,12 +10,16 @@ from typing import Any
 import numpy as np
 
 
-def expert_summary(counts: np.ndarray) -> dict[str, float]:
-    """Load statistics of one layer from its per-expert token counts [E]."""
+def expert_summary(counts: np.ndarray, ep_size: int = 1) -> dict[str, float]:
+    """Load statistics of one layer from its per-expert token counts [E]. ``ep_rank_max_over_mean``: the rows
+    of the EP rank whose experts (rank r holds experts [r E/ep, (r + 1) E/ep)) get the most, over the mean
+    rank's: under expert parallelism every rank waits for that one at the layer's all-to-alls."""
     mean = counts.mean()
+    ranks = counts.reshape(ep_size, -1).sum(1)  # [ep] rows per EP rank
     return {"cv": float(counts.std() / mean) if mean > 0 else 0.0,
             "max_over_mean": float(counts.max() / mean) if mean > 0 else 0.0,
-            "min_share": float(counts.min() / counts.sum()) if counts.sum() > 0 else 0.0}
+            "min_share": float(counts.min() / counts.sum()) if counts.sum() > 0 else 0.0,
+            "ep_rank_max_over_mean": float(ranks.max() / ranks.mean()) if ranks.sum() > 0 else 0.0}
 
 
 class CollapseWatch:
@@ -44,8 +48,9 @@ class CollapseWatch:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, collapse: CollapseWatch | None = None) -> None:
-        self.enabled, self.max_steps = enabled, max_steps
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, collapse: CollapseWatch | None = None,
+                 ep_size: int = 1) -> None:
+        self.enabled, self.max_steps, self.ep_size = enabled, max_steps, ep_size
         self.collapse = collapse or CollapseWatch(0.0, 1)
         self.tb = None
         self.jsonl = None
@@ -60,12 +65,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         step, tokens = rec["step"], rec["tokens"]
-        cvs = [expert_summary(np.asarray(c, dtype=np.float64))["cv"] for c in expert_counts.values()]
+        summary = {i: expert_summary(np.asarray(c, dtype=np.float64), self.ep_size) for i, c in expert_counts.items()}
         line = (f"step {step}/{self.max_steps} | loss {rec['loss']:.4f} | aux {rec['aux_loss']:.4f} | "
                 f"z {rec['z_loss']:.4f} | lr {rec['lr']:.2e} | grad {rec['grad_norm']:.3f} | "
                 f"tok/s {rec['tokens_per_sec']:.0f}")
-        if cvs:
-            line += f" | expert cv {float(np.mean(cvs)):.3f}"
+        if summary:
+            line += f" | expert cv {float(np.mean([s['cv'] for s in summary.values()])):.3f}"
+            if self.ep_size > 1:  # mean over the MoE layers: each layer waits for its busiest EP rank
+                ranks = np.mean([s["ep_rank_max_over_mean"] for s in summary.values()])
+                line += f" | ep rank load max/mean {ranks:.2f}"
         if rec.get("skipped_steps"):
             line += f" | skipped {rec['skipped_steps']}"
         print(line, flush=True)
@@ -73,8 +81,9 @@ class MetricsLogger:
             print(warning, flush=True)
         for i, counts in expert_counts.items():
             share = np.asarray(counts, dtype=np.float64) / max(sum(counts), 1)
+            ranks = f" | ep rank max/mean {summary[i]['ep_rank_max_over_mean']:.2f}" if self.ep_size > 1 else ""
             print(f"    layer {i}: tokens/expert {' '.join(f'{x:.2f}' for x in share)} | "
-                  f"entropy {layer_stats[i]['entropy']:.3f} | dropped {layer_stats[i]['dropped_frac']:.3f}",
+                  f"entropy {layer_stats[i]['entropy']:.3f} | dropped {layer_stats[i]['dropped_frac']:.3f}{ranks}",
                   flush=True)
         for key in ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm"):
             if rec.get(key) is not None and math.isfinite(rec[key]):
@@ -82,11 +91,11 @@ class MetricsLogger:
                 self.tb.add_scalar(f"train_by_tokens/{key}", rec[key], tokens)
         self.tb.add_scalar("throughput/tokens_per_sec", rec["tokens_per_sec"], step)
         self.tb.add_scalar("train/skipped_steps", rec.get("skipped_steps", 0), step)
-        for i, counts in expert_counts.items():
-            c = np.asarray(counts, dtype=np.float64)
-            s = expert_summary(c)
+        for i, s in summary.items():
             self.tb.add_scalar(f"moe/layer_{i}/tokens_per_expert_cv", s["cv"], step)
             self.tb.add_scalar(f"moe/layer_{i}/max_over_mean", s["max_over_mean"], step)
+            if self.ep_size > 1:
+                self.tb.add_scalar(f"moe/layer_{i}/ep_rank_max_over_mean", s["ep_rank_max_over_mean"], step)
             self.tb.add_scalar(f"moe/layer_{i}/entropy", layer_stats[i]["entropy"], step)
             self.tb.add_scalar(f"moe/layer_{i}/dropped_frac", layer_stats[i]["dropped_frac"], step)
         for name, n in rec.get("tokens_by_source", {}).items():

@@ -132,7 +132,7 @@ class Trainer:
         self.batches = DistributedBatches(self.blend, t.batch_size, t.micro_batch_size, self.rank, self.world,
                                           seed=t.seed, shuffle=cfg.data.shuffle)
         self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps,
-                                     CollapseWatch(t.collapse_threshold, t.collapse_intervals))
+                                     CollapseWatch(t.collapse_threshold, t.collapse_intervals), cfg.parallel.ep_size)
         self.stop = stop or StopFlag()
 
     def _document_eos(self) -> int:

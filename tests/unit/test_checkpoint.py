@@ -81,6 +81,34 @@ def test_collapse_watch_names_layer_and_expert_once_after_n_intervals() -> None:
     assert CollapseWatch(0.0, 1).update(starving) == []  # off
 
 
+def test_expert_load_logs_the_busiest_ep_rank(tmp_path, capsys) -> None:
+    """Per layer, the rows of the EP rank whose experts get the most over the mean rank's (EP rank r holds
+    experts [r E/ep, (r + 1) E/ep)), on the console and in TensorBoard; absent without EP."""
+    import numpy as np
+
+    from ep_train.train.metrics import MetricsLogger, expert_summary
+
+    counts = [300, 100, 50, 50, 200, 100, 100, 0]  # EP 2: rank 0 gets 500 rows, rank 1 400; EP 4: 400/100/300/100
+    assert expert_summary(np.asarray(counts, dtype=float), 2)["ep_rank_max_over_mean"] == 500 / 450
+    assert expert_summary(np.asarray(counts, dtype=float), 4)["ep_rank_max_over_mean"] == 400 / 225
+    assert expert_summary(np.asarray(counts, dtype=float))["ep_rank_max_over_mean"] == 1.0  # one rank holds all
+    rec = {"step": 1, "tokens": 900, "loss": 5.0, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": 1.0,
+           "tokens_per_sec": 100.0}
+    stats = {1: {"entropy": 1.5, "dropped_frac": 0.0}, 3: {"entropy": 1.5, "dropped_frac": 0.0}}
+    log = MetricsLogger(tmp_path / "ep2", True, 10, ep_size=2)
+    log.log(rec, {1: counts, 3: [100] * 8}, stats)  # layer 3 balanced: 1.00
+    out = capsys.readouterr().out
+    assert f"ep rank load max/mean {(500 / 450 + 1.0) / 2:.2f}" in out and "layer 1:" in out
+    assert f"ep rank max/mean {500 / 450:.2f}" in out and "ep rank max/mean 1.00" in out
+    log.tb.flush()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "ep2" / "tensorboard")).Reload().Tags()["scalars"]
+    assert "moe/layer_1/ep_rank_max_over_mean" in tags
+    MetricsLogger(tmp_path / "ep1", True, 10).log(rec, {1: counts}, stats)
+    assert "ep rank" not in capsys.readouterr().out
+
+
 def test_a_cached_universal_conversion_neither_breaks_verify_nor_outlives_pruning(tmp_path) -> None:
     """Resharding leaves step_N/universal (not in the manifest) behind: verify ignores it, prune removes it
     with its step folder."""
