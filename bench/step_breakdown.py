@@ -115,9 +115,8 @@ def _main_thread(trace: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, 
     return root, main
 
 
-def _matmul_time(trace: dict[str, Any], windows: list[tuple[float, float]]) -> list[float]:
+def _matmul_time(main: list[dict[str, Any]], windows: list[tuple[float, float]]) -> list[float]:
     """Microseconds of matmul ops (outermost ones) of the main thread starting inside each [a, b) window."""
-    _, main = _main_thread(trace)
     spans, end = [], -1.0
     for e in main:
         if e["name"] in MATMUL_OPS and e["ts"] >= end:
@@ -127,12 +126,11 @@ def _matmul_time(trace: dict[str, Any], windows: list[tuple[float, float]]) -> l
     return [sum(d for _, d in spans[bisect.bisect_left(starts, a):bisect.bisect_left(starts, b)]) for a, b in windows]
 
 
-def _collective_calls(trace: dict[str, Any]) -> list[tuple[str, float, float]]:
+def _collective_calls(root: dict[str, Any], main: list[dict[str, Any]]) -> list[tuple[str, float, float]]:
     """(op name, arrival, time in it) of each c10d op of the step's main thread, in call order (microseconds).
     The time in it runs from the op's start to the thread's next recorded event after the op returned, or
     the end of the event the op ran in if that comes first: the op and the wait after it, as ``classify``
     counts them (see the module doc)."""
-    root, main = _main_thread(trace)
     t0, t1 = root["ts"], root["ts"] + root["dur"]
     starts = [e["ts"] for e in main]
     calls = []
@@ -160,7 +158,8 @@ def arrival_waits(traces: dict[int, dict[str, Any]]) -> dict[int, dict[str, floa
     an op on a one-rank group, if any, pairs with the other rank's matching one and counts at most its own
     brief time); a collective cannot complete before the last rank arrives, so a rank that arrived earlier
     waited ``last arrival - its arrival`` of its time in that call (at most all of it)."""
-    calls = {r: _collective_calls(t) for r, t in traces.items()}
+    threads = {r: _main_thread(t) for r, t in traces.items()}  # (step event, main thread's events) per rank
+    calls = {r: _collective_calls(*threads[r]) for r in traces}
     names = {tuple(c[0] for c in cs) for cs in calls.values()}
     if len(names) != 1:
         return None
@@ -168,9 +167,9 @@ def arrival_waits(traces: dict[int, dict[str, Any]]) -> dict[int, dict[str, floa
                                         for r in calls}
     matmuls = {}
     for r, cs in calls.items():  # each rank's work before call i: from the end of call i-1 to its arrival
-        t0 = _main_thread(traces[r])[0]["ts"]
-        matmuls[r] = _matmul_time(traces[r], [(cs[i - 1][1] + cs[i - 1][2] if i else t0, c[1])
-                                              for i, c in enumerate(cs)])
+        root, main = threads[r]
+        matmuls[r] = _matmul_time(main, [(cs[i - 1][1] + cs[i - 1][2] if i else root["ts"], c[1])
+                                         for i, c in enumerate(cs)])
     for i, name in enumerate(next(iter(names))):
         cat = _own_label({"name": name}, set())
         assert cat in COLLECTIVES, name

@@ -204,10 +204,10 @@ def activation_bytes(cfg: Config, checkpointing: bool, act_bytes: int) -> dict[s
     forward activations. With activation checkpointing a block keeps only its input (D per token) and
     one block is recomputed at a time; with ``train.recompute_comm`` off, each MoE layer also keeps its
     forward's exchanged rows for the recompute (received and returned, about K D each under even routing;
-    a rank whose experts are popular receives more). Checked on an
-    NVIDIA H200 (torch 2.11, bf16, the 583M MoE of bench/scale.py, one process,
-    torch.cuda.max_memory_allocated): planned / measured 1.09 (seq 2048) and 1.12 (4096) without
-    recompute, 1.15 and 1.26 with it (the recompute's transients are freed sooner than this counts).
+    a rank whose experts are popular receives more). Checked on an NVIDIA H200 (torch 2.11, bf16, the 583M
+    MoE of bench/scale.py, one process, torch.cuda.max_memory_allocated): planned / measured 1.09 (seq
+    2048) and 1.12 (4096) without recompute, 1.15 and 1.26 with it (the recompute's transients are freed
+    sooner than this counts).
     """
     m, e = cfg.model, cfg.moe
     d = m.hidden_size
