@@ -1,6 +1,7 @@
 """GPU path, proven: one script that checks ep-train on one CUDA GPU and writes a compact report.
 
-    bash bench/gpu_check.sh [--out REPORT.md] [--cpu-dry-run] [--budget SECONDS] [--sections env,tests,train,moe]
+    bash bench/gpu_check.sh [--out REPORT.md] [--cpu-dry-run] [--budget SECONDS]
+                            [--sections env,tests,train,moe,experts]
     PYTHON=.venv/bin/python bash bench/gpu_check.sh --cpu-dry-run      # the same logic on CPU, tiny sizes
 
 Sections (each in its own try/except; a failed one reports its error and the next one runs):
@@ -17,7 +18,10 @@ Sections (each in its own try/except; a failed one reports its error and the nex
             DeepSpeed's MoE, and the expert matmuls alone; ms/iteration, TFLOP/s and MFU of the expert
             matmuls, forward+backward and forward only. Runs in a child process (a CUDA fault or hang
             there cannot take the report down) that writes one JSON line per measurement.
-  5. summary table and wall time.
+  5. experts bench/gpu_experts.py: the experts alone (no router), torch._grouped_mm against one matmul per
+            expert, forward+backward, at Mixtral and fine-grained shapes, on one GPU and as EP 4 would place
+            them; which path ep-train takes by default, judged against the faster one.
+  6. summary table and wall time.
 
 Prints progress as it goes (flushed) and rewrites the markdown report after every section, so a run cut
 off by its time limit still leaves what it measured. Verdicts are computed from the measurements.
@@ -55,6 +59,7 @@ BF16_PEAKS: list[tuple[str, float]] = [
     ("H800", 989.0), ("H20", 148.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0),
 ]
 MFU_GOAL = TARGETS["gpu_expert_mfu"].value  # expert matmuls; Megatron-Core reports ~47% MFU for whole Mixtral training
+LAYER_MFU_GOAL = TARGETS["gpu_layer_mfu"].value  # the whole MoE layer (router, dispatch, combine included)
 # Loss-curve tolerances: max over the steps of |loss - loss_ref| / loss_ref against the CPU fp32 run.
 TOL_BF16 = 5e-3
 TOL_FP32 = 1e-3
@@ -68,8 +73,11 @@ TOLERANCE_NOTE = (
     "and by an occasional top-2 flip of a near-tied token.")
 MIXTRAL = {"dim": 4096, "ffn": 14336, "experts": 8, "top_k": 2, "tokens": [8192, 16384]}
 DRY = {"dim": 64, "ffn": 128, "experts": 8, "top_k": 2, "tokens": [256, 512]}
-MOE_IMPLS = ["ep-train grouped GEMM", "ep-train per-expert loop", "HF MixtralSparseMoeBlock (eager)",
-             "HF MixtralSparseMoeBlock (grouped_mm)", "DeepSpeed MoE", "expert matmuls alone"]
+OURS, LOOP = "ep-train grouped GEMM", "ep-train per-expert loop"
+MOE_IMPLS = [OURS, LOOP, "HF MixtralSparseMoeBlock (eager)", "HF MixtralSparseMoeBlock (grouped_mm)", "DeepSpeed MoE",
+             "expert matmuls alone"]
+PROFILED = (OURS, LOOP)  # profiled (forward+backward) after their timing
+PROFILE_ITERS = 3
 
 
 def log(msg: str) -> None:
@@ -589,11 +597,15 @@ def moe_section(sec: Section, report: Report, deadline: Deadline, py: str, dry: 
 
 def summarize_moe(sec: Section, report: Report, recs: list[dict[str, Any]], sizes: dict[str, Any],
                   peak: float | None, rc: int | None, out: str, dry: bool) -> None:
-    """Table + verdicts from the worker's records: the MFU arithmetic is done here, from ms alone."""
+    """Tables + verdicts from the worker's records: the MFU arithmetic is done here, from ms alone.
+
+    Two goals, both on ep-train's grouped layer, forward+backward, at its worst token count: the whole
+    layer's MFU (the expert-matmul FLOPs over the timed layer) and the expert matmuls' own (the same FLOPs
+    over the profiled time of the aten::_grouped_mm kernels)."""
     d, f, k = sizes["dim"], sizes["ffn"], sizes["top_k"]
-    rows, errors, best = [], [], {}
+    rows = []
     meas = [r for r in recs if "ms" in r]
-    ref_ms = {(r["tokens"], r["mode"]): r["ms"] for r in meas if r["impl"] == "ep-train grouped GEMM"}
+    ref_ms = {(r["tokens"], r["mode"]): r["ms"] for r in meas if r["impl"] == OURS}
     for r in meas:
         flops = expert_matmul_flops(r["tokens"], k, d, f, backward=r["mode"] == "fwd+bwd")
         tf, mfu = tflops_and_mfu(flops, r["ms"], peak)
@@ -605,38 +617,76 @@ def summarize_moe(sec: Section, report: Report, recs: list[dict[str, Any]], size
                      fmt(r.get("rel_diff"), ".1e"), r.get("note", "")])
     errors = [[r["impl"], r.get("tokens", ""), r["error"]] for r in recs if "error" in r]
     report.data["moe"] = {"sizes": sizes, "records": recs, "rc": rc}
-    ours = [r for r in meas if r["impl"] == "ep-train grouped GEMM" and r.get("mfu") is not None]
-    for mode in ("fwd+bwd", "fwd"):
-        got = [r for r in ours if r["mode"] == mode]
-        if got:
-            best[mode] = min(got, key=lambda r: r["mfu"])  # the worst token count decides the goal
-    # The goal is judged on forward+backward (a training step, as Megatron-Core's 47% is); forward only
-    # is reported beside it.
-    goal_met = "fwd+bwd" in best and best["fwd+bwd"]["mfu"] >= MFU_GOAL
-    path_ok = all(r.get("grouped_calls", 0) > 0 for r in ours)
+
+    timed = {(r["impl"], r["tokens"]): r for r in meas if r["mode"] == "fwd+bwd"}
+    prof_rows, expert_mfu = [], {}
+    for p in (r for r in recs if r.get("mode") == "profile"):
+        t_rec = timed.get((p["impl"], p["tokens"]))
+        flops = expert_matmul_flops(p["tokens"], k, d, f, backward=True)
+        # The grouped path's expert matmuls are its _grouped_mm kernels; the loop's, its mm kernels (with the
+        # router's small one).
+        e_ms = p["grouped_ms"] if p["impl"] != LOOP else p["mm_ms"]
+        e_mfu = tflops_and_mfu(flops, e_ms, peak)[1] if e_ms > 0 else None
+        if p["impl"] == OURS:
+            expert_mfu[p["tokens"]] = e_mfu
+        step_ms = t_rec["ms"] if t_rec else None
+        prof_rows.append([p["impl"], p["tokens"], fmt(step_ms, ".2f"), f"{p['busy_ms']:.2f}", f"{p['grouped_ms']:.2f}",
+                          f"{p['mm_ms']:.2f}", f"{max(0.0, p['busy_ms'] - p['grouped_ms'] - p['mm_ms']):.2f}",
+                          fmt(None if step_ms is None else step_ms - p["busy_ms"], ".2f"),
+                          fmt(None if e_mfu is None else 100 * e_mfu, ".1f"),
+                          fmt(None if t_rec is None or t_rec["mfu"] is None else 100 * t_rec["mfu"], ".1f")])
+    layer = {t: r["mfu"] for (i, t), r in timed.items() if i == OURS and r["mfu"] is not None}
+    low_layer = min(layer.values()) if layer else None
+    low_expert = (min(expert_mfu.values()) if expert_mfu and None not in expert_mfu.values() else None)
+    layer_met = low_layer is not None and low_layer >= LAYER_MFU_GOAL
+    expert_met = low_expert is not None and low_expert >= MFU_GOAL
+    ours = [r for r in meas if r["impl"] == OURS]
+    path_ok = bool(ours) and all(r.get("grouped_calls", 0) > 0 for r in ours)
+
+    def verdict(v: float | None, goal: float, met: bool) -> str:
+        pct = "n/a" if v is None else f"{100 * v:.1f}%"
+        return f"{pct} (goal >= {100 * goal:.0f}%: {'met' if met else 'MISSED'})"
+
     if not ours:
-        sec.status = "FAIL"
-        sec.key = "no measurement of ep-train's grouped GEMM layer"
+        sec.status, sec.key = "FAIL", "no measurement of ep-train's grouped GEMM layer"
     else:
-        sec.status = "PASS" if goal_met and path_ok else "FAIL"
-        mfus = ", ".join(f"{m} {100 * r['mfu']:.1f}% ({r['tokens']} tok)" for m, r in best.items())
-        sec.key = (f"ep-train grouped GEMM lowest expert-matmul MFU: {mfus}; goal >= {100 * MFU_GOAL:.0f}%: "
-                   f"{'met' if goal_met else 'MISSED'}" + ("" if path_ok else "; grouped_mm NOT used"))
+        sec.status = "PASS" if layer_met and expert_met and path_ok else "FAIL"
+        sec.key = (f"ep-train fwd+bwd, worst token count: expert matmuls {verdict(low_expert, MFU_GOAL, expert_met)}, "
+                   f"whole layer {verdict(low_layer, LAYER_MFU_GOAL, layer_met)}"
+                   + ("" if path_ok else "; grouped_mm NOT used"))
     if dry:
         sec.status += " (dry run on CPU: numbers mean nothing)"
     lim = {(r["tokens"], r["mode"]): r["ms"] for r in meas if r["impl"] == "expert matmuls alone"}
-    lim_lines = [f"- {t} tokens {m}: ep-train grouped GEMM takes {ref_ms[(t, m)] / v:.2f}x the time of the expert "
+    lim_lines = [f"- {t} tokens {m}: {OURS} takes {ref_ms[(t, m)] / v:.2f}x the time of the expert "
                  f"matmuls alone" for (t, m), v in sorted(lim.items()) if (t, m) in ref_ms]
     body = [f"D {d}, F {f}, E {sizes['experts']}, top-{k}, bf16, one device. Expert-matmul FLOPs per iteration = "
             f"3 matmuls x 2·N·D·F with N = tokens x {k} (x3 with backward); TFLOP/s and MFU are those FLOPs over "
             f"the measured time of the whole layer (router, dispatch and combine included), vs a peak of "
-            f"{peak} TFLOP/s. 'x ours' = time / ep-train grouped GEMM's; 'rel diff' = ||y - y_ours|| / ||y_ours|| "
+            f"{peak} TFLOP/s. 'x ours' = time / {OURS}'s; 'rel diff' = ||y - y_ours|| / ||y_ours|| "
             f"of the forward on the same tokens and weights (routing near-ties may differ in bf16).", "",
             md_table(["implementation", "tokens", "mode", "ms median (min-max)", "TFLOP/s", "MFU %", "x ours",
-                      "peak GiB", "rel diff", "note"], rows), "", *lim_lines,
-            f"- goal (expert matmuls >= {100 * MFU_GOAL:.0f}% MFU in ep-train's forward+backward, at every "
-            f"token count; lowest: {fmt(100 * best['fwd+bwd']['mfu'] if 'fwd+bwd' in best else None, '.1f')}%): "
-            f"**{'met' if goal_met else 'MISSED'}**"]
+                      "peak GiB", "rel diff", "note"], rows), "", *lim_lines]
+    if prof_rows:
+        top = max((r for r in recs if r.get("mode") == "profile" and r["impl"] == OURS),
+                  key=lambda r: r["tokens"], default=None)
+        body += ["", f"Where the forward+backward goes (torch.profiler, {PROFILE_ITERS} iterations, per iteration, "
+                 "ms): "
+                 "each aten operator's self kernel time, so 'busy' is the GPU's busy time and 'idle' the timed step "
+                 "minus it (host syncs and launch gaps; the profiler's own overhead can make it negative). Expert "
+                 "MFU = the expert-matmul FLOPs over the aten::_grouped_mm operators' kernel time (inclusive; for "
+                 f"the {LOOP}, over the mm/addmm/bmm kernels').", "",
+                 md_table(["implementation", "tokens", "step (timed)", "busy", "_grouped_mm", "mm/addmm/bmm",
+                           "other kernels", "idle", "expert MFU %", "layer MFU %"], prof_rows)]
+        if top is not None:
+            body += ["", f"<details><summary>{OURS}, {top['tokens']} tokens: operators by self kernel time</summary>",
+                     "",
+                     md_table(["operator", "ms / iteration", "calls / iteration"],
+                              [[o[0], f"{o[1]:.3f}", f"{o[2]:.1f}"] for o in top["ops"]]), "", "</details>"]
+    body += ["", f"- goal (expert matmuls >= {100 * MFU_GOAL:.0f}% MFU, ep-train forward+backward, every token count; "
+             f"lowest {fmt(None if low_expert is None else 100 * low_expert, '.1f')}%): "
+             f"**{'met' if expert_met else 'MISSED'}**",
+             f"- goal (whole layer >= {100 * LAYER_MFU_GOAL:.0f}% MFU, the same; lowest "
+             f"{fmt(None if low_layer is None else 100 * low_layer, '.1f')}%): **{'met' if layer_met else 'MISSED'}**"]
     if errors:
         body += ["", "Errors:", "", md_table(["implementation", "tokens", "error"], errors)]
     if rc != 0:
@@ -703,9 +753,40 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
                 out.append((time.perf_counter() - t0) * 1000)
         return out
 
+    def profile(step: Callable[[], None]) -> dict[str, Any]:
+        """Kernel time per operator over PROFILE_ITERS calls of ``step`` (torch.profiler; CPU time in a dry run).
+
+        Each aten operator's *self* device time is the time of the kernels it launched itself, so the
+        rows add up to the time the GPU was busy; the gap to the timed step is the GPU waiting (host
+        syncs, launch gaps)."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        step()
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(PROFILE_ITERS):
+                step()
+            sync()
+        attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+        evs = [ev for ev in prof.key_averages() if ev.device_type == DeviceType.CPU]
+        ops = [[ev.key, getattr(ev, attr) / 1e3 / PROFILE_ITERS, ev.count / PROFILE_ITERS]
+               for ev in evs if getattr(ev, attr) > 0]
+        ops.sort(key=lambda o: -o[1])
+        # _grouped_mm's inclusive time: were its work launched by child operators (a fallback), self time
+        # would miss it and overstate the expert MFU.
+        incl = "device_time_total" if cuda else "cpu_time_total"
+        return {"ops": ops[:14], "busy_ms": sum(o[1] for o in ops),
+                "grouped_ms": sum(getattr(ev, incl) for ev in evs if ev.key == "aten::_grouped_mm") / 1e3
+                / PROFILE_ITERS,
+                "mm_ms": sum(o[1] for o in ops if o[0] in ("aten::mm", "aten::addmm", "aten::bmm"))}
+
     def measure(name: str, fwd: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor],
                 note: Callable[[], dict[str, Any]] | None = None) -> None:
-        """Time fwd+bwd and fwd-only of ``fwd`` at every token count; ``note()`` runs after each timing."""
+        """Time fwd+bwd and fwd-only of ``fwd`` at every token count; ``note()`` runs after each timing;
+        the PROFILED implementations are then profiled (fwd+bwd, a record of mode 'profile')."""
         for t in sz["tokens"]:
             if deadline.left() < 5:
                 emit({"impl": name, "tokens": t, "error": "skipped: time budget of the worker spent"})
@@ -717,7 +798,7 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
                     y = fwd(x)
                     if y.numel() == t * d:  # the same function as ours: how far from ep-train's output
                         y = y.reshape(t, d).float()
-                        if name == "ep-train grouped GEMM":
+                        if name == OURS:
                             ref_out[t] = y
                         elif t in ref_out:
                             rel = float((y - ref_out[t]).norm() / ref_out[t].norm())
@@ -746,6 +827,8 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
                     if note is not None:
                         rec.update(note())
                     emit(rec)
+                if name in PROFILED:
+                    emit({"impl": name, "tokens": t, "mode": "profile", "iters": PROFILE_ITERS, **profile(fb)})
             except Exception as ex:  # noqa: BLE001 - reported, the next implementation still runs
                 emit({"impl": name, "tokens": t, "error": f"{type(ex).__name__}: {str(ex)[:400]}",
                       "trace": traceback.format_exc()[-2000:]})
@@ -762,6 +845,9 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
             return real_gmm(*a, **kw)
         torch._grouped_mm = spy  # counts calls: proves which path the timed layer took
 
+    if not cuda:  # the dry run takes the grouped path through torch's CPU _grouped_mm: the same code as on a GPU
+        experts_mod._grouped_mm_ok = lambda x, *ws: all(experts_mod._aligned16(t) for t in (x, *ws))
+
     def path_note() -> dict[str, Any]:
         n = calls["n"]
         return {"grouped_calls": n, "note": f"{n} torch._grouped_mm calls" if n else "per-expert loop"}
@@ -776,16 +862,17 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
             layer.experts.w2.copy_(w2)
         return layer, (lambda x: layer(x)[0])
 
-    if "ep-train grouped GEMM" in impls:
+    if OURS in impls:
         layer, fwd = build_ours()
-        measure("ep-train grouped GEMM", fwd, list(layer.parameters()), path_note)
+        measure(OURS, fwd, list(layer.parameters()), path_note)
         del layer, fwd
-    if "ep-train per-expert loop" in impls:
+
+    if LOOP in impls:
         layer, fwd = build_ours()
         real_ok = experts_mod._grouped_mm_ok
         experts_mod._grouped_mm_ok = lambda *a: False  # force the fallback
         try:
-            measure("ep-train per-expert loop", fwd, list(layer.parameters()), path_note)
+            measure(LOOP, fwd, list(layer.parameters()), path_note)
         finally:
             experts_mod._grouped_mm_ok = real_ok
         del layer, fwd
@@ -861,6 +948,25 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
     fh.close()
 
 
+# ---------------------------------------------------------------------------------------- 5. experts
+def experts_section(sec: Section, report: Report, deadline: Deadline, py: str, dry: bool) -> None:
+    """bench/gpu_experts.py in a child process: ep-train's two expert paths across expert shapes."""
+    from bench import gpu_experts
+
+    out_json = Path(tempfile.mkdtemp(prefix="gpu_check_experts_")) / "experts.jsonl"
+    cmd = [py, str(ROOT / "bench" / "gpu_experts.py"), "--out", str(out_json)] + (["--cpu-dry-run"] if dry else [])
+    rc, out = run_cmd(cmd, deadline.budget(90, 2), env=child_env(), report=report, label="experts worker")
+    recs = [json.loads(ln) for ln in out_json.read_text().splitlines() if ln.strip()] if out_json.is_file() else []
+    report.data["experts"] = {"records": recs, "rc": rc}
+    sec.status, sec.key, sec.body = gpu_experts.summarize(recs, report.data.get("env", {}).get("peak_tflops"))
+    if rc != 0:
+        sec.status = "FAIL"
+        sec.body += (f"\n\nWorker exit {rc if rc is not None else 'TIMEOUT'}; end of its output:\n\n```\n"
+                     f"{tail(out, 30)}\n```")
+    if dry:
+        sec.status += " (dry run on CPU: numbers mean nothing)"
+
+
 # ---------------------------------------------------------------------------------------- main
 def compact(markdown: str) -> str:
     """The report without its <details> blocks (the console copy; the file keeps everything)."""
@@ -881,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
                     "runs/gpu_check/gpu_report.md)")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny sizes on CPU (automatic without CUDA)")
     ap.add_argument("--budget", type=float, default=330.0, help="seconds for the whole check")
-    ap.add_argument("--sections", default="env,tests,train,moe")
+    ap.add_argument("--sections", default="env,tests,train,moe,experts")
     ap.add_argument("--train-steps", type=int, default=0, help="steps per training run (default 20; 4 in a dry run)")
     ap.add_argument("--moe-impls", default=",".join(MOE_IMPLS), help=argparse.SUPPRESS)
     ap.add_argument("--moe-worker", default=None, help=argparse.SUPPRESS)  # internal: the MoE child process
@@ -904,7 +1010,8 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     log(f"report -> {report.path}; budget {args.budget:.0f} s; {'CPU dry run' if dry else 'CUDA'}; python {py}")
-    moe_keep = 120.0 if "moe" in wanted else 0.0  # seconds kept back for the MoE section
+    # seconds kept back for the MoE and expert-path sections
+    moe_keep = (120.0 if "moe" in wanted else 0.0) + (45.0 if "experts" in wanted else 0.0)
     if "env" in wanted:
         run_section(report, "Environment", lambda s: env_section(s, report, dry))
     if "tests" in wanted:
@@ -918,6 +1025,10 @@ def main(argv: list[str] | None = None) -> int:
             report.data["env"] = {"peak_tflops": None}
         run_section(report, "MoE layer at Mixtral sizes",
                     lambda s: moe_section(s, report, deadline, py, dry, impls))
+    if "experts" in wanted:
+        report.data.setdefault("env", {"peak_tflops": None})
+        run_section(report, "Expert paths across shapes (grouped_mm vs per-expert loop)",
+                    lambda s: experts_section(s, report, deadline, py, dry))
     report.write(final=True)
     print("\n" + compact(report.markdown(final=True)), flush=True)
     log(f"report written to {report.path}")

@@ -54,6 +54,9 @@ TARGETS: dict[str, Target] = {
                              "issue 14"),
     "gpu_layer_mfu": Target(0.40, ">=", "%", "whole-layer MFU of ep-train's layer, forward+backward, bf16",
                             "issue 14"),
+    "gpu_expert_path": Target(1.05, "<=", "x", "time of the expert path ep-train picks by default / the faster of "
+                              "grouped_mm and the per-expert loop, at every shape of bench/gpu_experts.py",
+                              "issue 14 part 1 (grouped GEMM against a per-expert loop)"),
     # issue 14 part 4: where a step goes
     "step_non_matmul_share": Target(0.30, "<=", "%", "share of a 583M training step (CPU, ZeRO-3 + offload) "
                                     "outside the matmuls and the all-to-all", "issue 14 part 4"),

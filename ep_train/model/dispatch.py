@@ -22,8 +22,10 @@ D=1024, K=2, fp32, weights with gradient, combine fwd+bwd, 2 cores shared with o
 ``bench/moe_layer.py``'s combine table, interleaved, median of 3: index_add 115.7 ms, slot gather + bmm
 89.7 ms; a standalone run, median of 7: index_add 339 ms, slot gather + bmm 143 ms, slot gather +
 mul/sum 199 ms, a naive index_copy into a zeroed [T*K, D] buffer 315 ms (its zero-fill and scatter
-cost what the gather saves, as a colleague found). Not measured on GPU (the bmm there is a batched
-[1, C] x [C, D] product; worth a check with ``bench/moe_layer.py --device cuda``).
+cost what the gather saves, as a colleague found). On a GPU the bmm is the wrong kernel: S batched
+[1, C] x [C, D] products took 7.4 ms (forward and backward) of a 67 ms Mixtral-sized layer step
+(bench/gpu_check.py's profile, H200, 16,384 tokens, bf16); there the weighted sum is a broadcast
+multiply and a sum over C instead (memory-bound passes over [S, C, D]).
 """
 
 from __future__ import annotations
@@ -104,7 +106,16 @@ def combine_slots(y: torch.Tensor, weights: torch.Tensor | None, lay: SlotLayout
     if weights is None:
         return buf.sum(1)
     w = weights.to(y.dtype).new_zeros(lay.num_rows * lay.width).index_copy(0, lay.slot, weights.to(y.dtype))
-    return torch.bmm(w.view(lay.num_rows, 1, lay.width), buf).squeeze(1)  # [S, D]
+    return weighted_slot_sum(buf, w.view(lay.num_rows, lay.width), batched_matmul=not y.is_cuda)
+
+
+def weighted_slot_sum(buf: torch.Tensor, w: torch.Tensor, batched_matmul: bool) -> torch.Tensor:
+    """sum over c of w[s, c] * buf[s, c]: buf [S, C, D], w [S, C] -> [S, D]. The same function two ways:
+    a bmm of [1, C] x [C, D] products (fastest on CPU, see the module docstring) or a broadcast multiply
+    and a sum (on a GPU, where the bmm is a batched GEMM of tiny matrices)."""
+    if batched_matmul:
+        return torch.bmm(w.unsqueeze(1), buf).squeeze(1)
+    return (buf * w.unsqueeze(2)).sum(1)
 
 
 def sort_by_expert(expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int

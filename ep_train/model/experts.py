@@ -34,6 +34,19 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(_aligned16(t) for t in (x, *weights))
 
 
+# One or two experts on a GPU take one cuBLAS matmul per expert rather than torch._grouped_mm: measured on an
+# H200 (bench/gpu_experts.py, bf16, forward + backward, 2026-11-27), the loop took 0.94x grouped_mm's time for
+# Mixtral's experts two per GPU and 0.99x eight per GPU, while grouped_mm was 1.6x-2.3x faster for 16-64
+# small experts per GPU (F 1408). With at most two experts the loop launches at most twice grouped_mm's
+# kernels, each a plain large GEMM; beyond that the launches and small matrices cost more.
+LOOP_MAX_LOCAL_EXPERTS = 2
+
+
+def _use_grouped_mm(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> bool:
+    """The path GroupedExperts takes: torch._grouped_mm where it can run and more than two experts are here."""
+    return w1.shape[0] > LOOP_MAX_LOCAL_EXPERTS and _grouped_mm_ok(x, w1, w2, w3)
+
+
 class SwiGLU(nn.Module):
     """Dense SwiGLU FFN (the dense layers and the shared experts)."""
 
@@ -82,7 +95,7 @@ class GroupedExperts(nn.Module):
 
     def _forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
-        if x.shape[0] > 0 and _grouped_mm_ok(x, w1, w2, w3):
+        if x.shape[0] > 0 and _use_grouped_mm(x, w1, w2, w3):
             offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
                 x, w3.transpose(1, 2), offs=offs)

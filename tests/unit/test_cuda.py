@@ -189,8 +189,9 @@ def test_expert_loop_backward_on_cuda_matches_cpu() -> None:
     x, g = torch.randn(sum(counts), d), torch.randn(sum(counts), d)
     out = {}
     for dev in ("cpu", "cuda"):
-        xa = x.to(dev).requires_grad_(True)
-        wa = [w.to(dev).requires_grad_(True) for w in ws]
+        # Fresh leaves per device (x.to("cpu") is x itself: requires_grad_ on it would make the CUDA copy a non-leaf).
+        xa = x.to(dev).clone().requires_grad_(True)
+        wa = [w.to(dev).clone().requires_grad_(True) for w in ws]
         y = experts_mod._ExpertLoop.apply(xa, *wa, counts)
         (y * g.to(dev)).sum().backward()
         out[dev] = [y, xa.grad, *(w.grad for w in wa)]

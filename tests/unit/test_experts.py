@@ -63,3 +63,26 @@ def test_keeps_two_activations_per_row() -> None:
     saved = [t for t in y.grad_fn.saved_tensors]
     assert sorted(tuple(t.shape) for t in saved) == sorted([(10, 8), (2, 16, 8), (2, 8, 16), (2, 16, 8),
                                                              (10, 16), (10, 16)])
+
+
+def test_one_or_two_local_experts_take_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch._grouped_mm can run (as on an sm90 GPU; torch runs it on CPU too), GroupedExperts uses it
+    only for more than LOOP_MAX_LOCAL_EXPERTS experts (bench/gpu_experts.py's measurements); both paths
+    give the plain loop's values."""
+    import ep_train.model.experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "_grouped_mm_ok", lambda *a: True)
+    calls: list[int] = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    for e in (1, 2, 3, 8):
+        ex = GroupedExperts(16, 32, e)
+        for w in ex.parameters():
+            w.data.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        counts = [3 + i for i in range(e)]
+        x = torch.randn(sum(counts), 16, generator=g)
+        calls.clear()
+        y = ex(x, counts)
+        assert len(calls) == (3 if e > experts_mod.LOOP_MAX_LOCAL_EXPERTS else 0), e
+        torch.testing.assert_close(y, _naive(x, ex.w1, ex.w2, ex.w3, counts).detach(), rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench import gpu_check as gc  # noqa: E402
+from bench import gpu_experts  # noqa: E402
 
 
 def test_expert_flops_and_mfu_by_hand() -> None:
@@ -88,52 +89,68 @@ def test_report_sections_errors_and_summary(tmp_path: Path) -> None:
     assert gc.md_table(["a", "b"], [[1, "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
 
 
-def _records(ms_8k: float, ms_16k: float, calls: int = 3) -> list[dict]:
+def _records(ms_8k: float, ms_16k: float, calls: int = 3, gmm_8k: float | None = None,
+             gmm_16k: float | None = None) -> list[dict]:
+    """Timed records of ep-train's layer, and profile records whose _grouped_mm time is ``gmm_*`` (none if None)."""
     recs = []
-    for t, ms in ((8192, ms_8k), (16384, ms_16k)):
+    for t, ms, gmm in ((8192, ms_8k, gmm_8k), (16384, ms_16k, gmm_16k)):
         for mode, scale in (("fwd+bwd", 1.0), ("fwd", 1 / 3)):
-            recs.append({"impl": "ep-train grouped GEMM", "tokens": t, "mode": mode, "ms": ms * scale,
+            recs.append({"impl": gc.OURS, "tokens": t, "mode": mode, "ms": ms * scale,
                          "ms_min": ms * scale, "ms_max": ms * scale, "grouped_calls": calls})
+        if gmm is not None:
+            recs.append({"impl": gc.OURS, "tokens": t, "mode": "profile", "iters": 3, "busy_ms": 0.9 * ms,
+                         "grouped_ms": gmm, "mm_ms": 0.01, "ops": [["aten::_grouped_mm", gmm, 9.0]]})
     return recs
 
 
 def test_moe_verdict_computed_from_times(tmp_path: Path) -> None:
+    """Two goals: the whole layer's MFU from its timed ms (>= 40%), the expert matmuls' from the profiled
+    _grouped_mm time (>= 50%); both at the worst token count, both needed for PASS."""
     sizes = gc.MIXTRAL
     flops_8k = gc.expert_matmul_flops(8192, 2, 4096, 14336, backward=True)
     flops_16k = 2 * flops_8k
     ms_at = lambda flops, mfu: flops / (mfu * 989.0e12) * 1e3  # noqa: E731 - the time that gives this MFU
 
-    sec = gc.Section("moe")
-    gc.summarize_moe(sec, gc.Report(tmp_path / "a.md"), _records(ms_at(flops_8k, 0.60), ms_at(flops_16k, 0.55)),
-                     sizes, 989.0, 0, "", dry=False)
-    assert sec.status == "PASS" and "goal >= 50%: met" in sec.key and "55.0%" in sec.key
+    def run(name: str, recs: list[dict]) -> gc.Section:
+        sec = gc.Section("moe")
+        gc.summarize_moe(sec, gc.Report(tmp_path / f"{name}.md"), recs, sizes, 989.0, 0, "", dry=False)
+        return sec
 
-    sec = gc.Section("moe")
-    gc.summarize_moe(sec, gc.Report(tmp_path / "b.md"), _records(ms_at(flops_8k, 0.40), ms_at(flops_16k, 0.70)),
-                     sizes, 989.0, 0, "", dry=False)
-    assert sec.status == "FAIL" and "MISSED" in sec.key and "40.0%" in sec.key
+    sec = run("a", _records(ms_at(flops_8k, 0.45), ms_at(flops_16k, 0.55), 3, ms_at(flops_8k, 0.70),
+                            ms_at(flops_16k, 0.60)))
+    assert sec.status == "PASS", sec.key
+    assert "expert matmuls 60.0% (goal >= 50%: met)" in sec.key and "whole layer 45.0% (goal >= 40%: met)" in sec.key
+    assert "| ep-train grouped GEMM | 8192 |" in sec.body and "operators by self kernel time" in sec.body
 
-    sec = gc.Section("moe")  # fast enough, but the per-expert loop ran instead of grouped_mm
-    gc.summarize_moe(sec, gc.Report(tmp_path / "c.md"), _records(ms_at(flops_8k, 0.60), ms_at(flops_16k, 0.60), 0),
-                     sizes, 989.0, 0, "", dry=False)
+    sec = run("b", _records(ms_at(flops_8k, 0.35), ms_at(flops_16k, 0.70), 3, ms_at(flops_8k, 0.70),
+                            ms_at(flops_16k, 0.80)))
+    assert sec.status == "FAIL" and "whole layer 35.0% (goal >= 40%: MISSED)" in sec.key
+
+    sec = run("c", _records(ms_at(flops_8k, 0.45), ms_at(flops_16k, 0.45), 3, ms_at(flops_8k, 0.49),
+                            ms_at(flops_16k, 0.80)))
+    assert sec.status == "FAIL" and "expert matmuls 49.0% (goal >= 50%: MISSED)" in sec.key
+
+    sec = run("d", _records(ms_at(flops_8k, 0.60), ms_at(flops_16k, 0.60)))  # no profile: the expert goal is unmeasured
+    assert sec.status == "FAIL" and "expert matmuls n/a (goal >= 50%: MISSED)" in sec.key
+
+    sec = run("e", _records(ms_at(flops_8k, 0.60), ms_at(flops_16k, 0.60), 0, 1.0, 1.0))  # loop ran, not grouped_mm
     assert sec.status == "FAIL" and "NOT used" in sec.key
 
-    sec = gc.Section("moe")
-    gc.summarize_moe(sec, gc.Report(tmp_path / "d.md"), [{"impl": "ep-train grouped GEMM", "tokens": 8192,
-                                                         "error": "OutOfMemoryError: x"}], sizes, 989.0, 1, "", False)
+    sec = run("f", [{"impl": gc.OURS, "tokens": 8192, "error": "OutOfMemoryError: x"}])
     assert sec.status == "FAIL" and "OutOfMemoryError" in sec.body
 
 
 def test_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
-    """The script itself on CPU: env + the MoE worker at toy size (ep-train both paths and the matmul limit)."""
+    """The script itself on CPU: env, the MoE worker at toy size (ep-train both paths and the matmul limit)
+    and the expert-path section."""
     out = tmp_path / "gpu_report.md"
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep carried wheels
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     env.pop("OUT", None)
-    impls = "ep-train grouped GEMM,ep-train per-expert loop,expert matmuls alone"
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-dry-run", "--sections", "env,moe",
-                        "--moe-impls", impls, "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
+    impls = ",".join([gc.OURS, gc.LOOP, "expert matmuls alone"])
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu-dry-run", "--sections",
+                        "env,moe,experts", "--moe-impls", impls, "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=180)
     assert out.is_file(), p.stdout + p.stderr
     md = out.read_text()
     assert "## 1. Environment: INFO" in md and "## 2. MoE layer at Mixtral sizes" in md and "## Summary" in md
@@ -141,6 +158,22 @@ def test_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
     recs = [r for r in data["moe"]["records"] if "ms" in r]
     assert {(r["impl"], r["tokens"], r["mode"]) for r in recs} == {
         (i, t, m) for i in impls.split(",") for t in gc.DRY["tokens"] for m in ("fwd+bwd", "fwd")}
-    loop = [r for r in recs if r["impl"] == "ep-train per-expert loop"]
-    assert all(r["rel_diff"] == 0.0 for r in loop)  # on CPU both ep-train rows take the same path
+    # The dry run takes the grouped path through torch's CPU _grouped_mm (the forward's 3 calls per step; its
+    # backward is autograd's, in C++), the loop none; both compute the same function.
+    ours = [r for r in recs if r["impl"] in (gc.OURS, gc.LOOP)]
+    assert all(r["rel_diff"] == 0.0 for r in ours if r["impl"] == gc.LOOP)
+    n_timed = 3  # warmup 1 + iters 2 in a dry run
+    assert {(r["impl"], r["mode"], r["grouped_calls"]) for r in ours} == {
+        (gc.OURS, "fwd+bwd", 3 * n_timed), (gc.OURS, "fwd", 3 * n_timed), (gc.LOOP, "fwd+bwd", 0), (gc.LOOP, "fwd", 0)}
+    profs = [r for r in data["moe"]["records"] if r.get("mode") == "profile"]
+    assert {(r["impl"], r["tokens"]) for r in profs} == {(i, t) for i in gc.PROFILED for t in gc.DRY["tokens"]}
+    assert all(r["busy_ms"] >= r["ops"][0][1] > 0 for r in profs)
+    assert all((r["grouped_ms"] > 0) == (r["impl"] == gc.OURS) for r in profs)
+    # Section 5: both expert paths at every dry shape, the default named and judged.
+    ex = data["experts"]["records"]
+    assert [r["shape"] for r in ex] == [s[0] for s in gpu_experts.DRY_SHAPES]
+    assert all(r["grouped_mm"] > 0 and r["per-expert loop"] > 0 for r in ex)
+    assert [r["default"] for r in ex] == ["grouped_mm", "per-expert loop"]  # 8 experts; 2 (ep-train's rule)
+    assert "## 3. Expert paths across shapes" in md and "default / faster" in md
+    assert "operators by self kernel time" in md
     assert p.returncode == 1  # the dry run cannot meet the GPU goal: a computed FAIL, not a crash

@@ -19,14 +19,17 @@ from ep_train.interop.hf_export import to_hf  # noqa: E402
 from ep_train.interop.upcycle import upcycle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+# The CLIs' environment: this checkout first, then whatever PYTHONPATH the tests run under (on the GPU
+# machine, bench/gpu_check.sh puts its carried wheels, deepspeed among them, there).
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rope_theta=10000.0)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "ep_train.cli", "convert", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
+                          env=CHILD_ENV, cwd=ROOT, timeout=300)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +141,7 @@ def dense_run(built, tmp_path_factory) -> Path:
            str(run), "--data_dir", str(built), "--seq_len", "32", "--max_steps", "1", "--warmup_steps", "0",
            "--num_experts", "0", "--ep_size", "1", "--batch_size", "2", "--ds_config", "zero3"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                       env=CHILD_ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run
 

@@ -131,3 +131,23 @@ def test_empty_input_still_touches_every_expert_weight() -> None:
     (y.sum() + stats.aux_loss).backward()
     for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
         assert w.grad is not None and torch.count_nonzero(w.grad) == 0
+
+
+@pytest.mark.parametrize("batched_matmul", [True, False])
+def test_weighted_slot_sum_both_ways_match_a_loop(batched_matmul: bool) -> None:
+    """The combine's weighted sum over slots (bmm on CPU, multiply + sum on CUDA): values and both
+    gradients against a plain loop over the slots."""
+    from ep_train.model.dispatch import weighted_slot_sum
+
+    g = torch.Generator().manual_seed(3)
+    buf = torch.randn(6, 3, 5, generator=g, requires_grad=True)
+    w = torch.rand(6, 3, generator=g).requires_grad_()
+    dy = torch.randn(6, 5, generator=g)
+    buf_ref, w_ref = buf.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = sum(w_ref[:, c, None] * buf_ref[:, c] for c in range(3))
+    ref.backward(dy)
+    out = weighted_slot_sum(buf, w, batched_matmul=batched_matmul)
+    out.backward(dy)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(buf.grad, buf_ref.grad)
+    torch.testing.assert_close(w.grad, w_ref.grad)
