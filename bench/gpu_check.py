@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import gpu_experts  # noqa: E402  (section 5, and the step timer)
 from bench.targets import TARGETS  # noqa: E402  (the one table of targets)
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s. First match on the
@@ -735,23 +736,7 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
     ref_out: dict[int, torch.Tensor] = {}
 
     def time_it(step: Callable[[], None]) -> list[float]:
-        for _ in range(warmup):
-            step()
-        sync()
-        out = []
-        for _ in range(iters):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                step()
-                b.record()
-                b.synchronize()
-                out.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                step()
-                out.append((time.perf_counter() - t0) * 1000)
-        return out
+        return gpu_experts.time_steps(step, cuda, iters, warmup)
 
     def profile(step: Callable[[], None]) -> dict[str, Any]:
         """Kernel time per operator over PROFILE_ITERS calls of ``step`` (torch.profiler; CPU time in a dry run).
@@ -951,8 +936,6 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
 # ---------------------------------------------------------------------------------------- 5. experts
 def experts_section(sec: Section, report: Report, deadline: Deadline, py: str, dry: bool) -> None:
     """bench/gpu_experts.py in a child process: ep-train's two expert paths across expert shapes."""
-    from bench import gpu_experts
-
     out_json = Path(tempfile.mkdtemp(prefix="gpu_check_experts_")) / "experts.jsonl"
     cmd = [py, str(ROOT / "bench" / "gpu_experts.py"), "--out", str(out_json)] + (["--cpu-dry-run"] if dry else [])
     rc, out = run_cmd(cmd, deadline.budget(90, 2), env=child_env(), report=report, label="experts worker")

@@ -88,7 +88,7 @@ def worker(out_path: Path, dry: bool, iters: int = 5, warmup: int = 2) -> None:
 
                 for path, use in ((GROUPED, experts_mod._grouped_mm_ok), (LOOP, lambda *a: False)):
                     experts_mod._use_grouped_mm = use  # force the path
-                    rec[path] = _time(step, cuda, iters, warmup)
+                    rec[path] = statistics.median(time_steps(step, cuda, iters, warmup))
                 experts_mod._use_grouped_mm = real_use
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
@@ -100,8 +100,8 @@ def worker(out_path: Path, dry: bool, iters: int = 5, warmup: int = 2) -> None:
         experts_mod._grouped_mm_ok, experts_mod._use_grouped_mm = real_ok, real_use
 
 
-def _time(step: Callable[[], None], cuda: bool, iters: int, warmup: int) -> float:
-    """Median ms of ``step`` (CUDA events on a GPU, wall clock on CPU)."""
+def time_steps(step: Callable[[], None], cuda: bool, iters: int, warmup: int) -> list[float]:
+    """ms of each of ``iters`` calls of ``step`` after ``warmup`` (CUDA events on a GPU, wall clock on CPU)."""
     import time
 
     import torch
@@ -123,7 +123,7 @@ def _time(step: Callable[[], None], cuda: bool, iters: int, warmup: int) -> floa
             t0 = time.perf_counter()
             step()
             out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out)
+    return out
 
 
 def summarize(recs: list[dict[str, Any]], peak: float | None) -> tuple[str, str, str]:
