@@ -35,6 +35,8 @@ from typing import Any, Protocol
 
 import torch
 
+from ep_train.model.router import count_ids
+
 
 @dataclass
 class SlotLayout:
@@ -122,7 +124,7 @@ def sort_by_expert(expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: in
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Kept assignments sorted by global expert id. Returns (order [N_kept], counts [E] on device)."""
     flat = expert_ids.reshape(-1).masked_fill(~keep.reshape(-1), num_experts)  # dropped -> sentinel E
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
+    counts = count_ids(flat, num_experts + 1)[:num_experts]  # [E]
     order = torch.argsort(flat, stable=True)  # dropped rows sort last; sliced off by the caller
     return order, counts
 

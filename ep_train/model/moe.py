@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ep_train.model.dispatch import Dispatcher, LocalDispatcher
 from ep_train.model.experts import GroupedExperts, SwiGLU
-from ep_train.model.router import Router
+from ep_train.model.router import Router, count_ids
 
 
 class RouterStats(NamedTuple):
@@ -72,15 +72,17 @@ class MoELayer(nn.Module):
         y = self.dispatcher.combine(yg, meta)  # [T, D]; may communicate
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        kept = r.expert_ids.reshape(-1)[r.keep.reshape(-1)]
         if self.router.router_type == "expert_choice":  # unrouted tokens pass through the residual only
             dropped, assignments = (~r.keep.any(-1)).sum(), float(x.shape[0])
         else:
             dropped, assignments = (~r.keep).sum(), float(r.keep.numel())
         stats = RouterStats(
             aux_loss=r.aux_loss, z_loss=r.z_loss,
-            tokens_per_expert=torch.bincount(kept, minlength=self.num_experts).detach(),
-            dropped=dropped.detach(), assignments=torch.tensor(assignments, device=x.device),
+            # no boolean indexing or bincount here: both are host syncs on CUDA
+            tokens_per_expert=count_ids(r.expert_ids.masked_fill(~r.keep, self.num_experts),
+                                        self.num_experts + 1)[: self.num_experts],
+            # torch.full, not torch.tensor(..., device=...): a host-to-GPU copy would wait for the layer's queued work
+            dropped=dropped.detach(), assignments=torch.full((), assignments, device=x.device),
             entropy=r.entropy, cv_loss=r.cv_loss)
         return y.reshape(shape), stats
 

@@ -95,6 +95,13 @@ def drop_experts(weights: torch.Tensor, keep: torch.Tensor, rate: float) -> tupl
     return kept_w * scale, new_keep
 
 
+def count_ids(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """``torch.bincount(ids, minlength=num_bins)`` for ids in [0, num_bins) -> [num_bins] int64, without
+    bincount's host sync on CUDA (it reads the largest id back to size its output): a scatter-add."""
+    flat = ids.reshape(-1)
+    return torch.zeros(num_bins, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_experts: int,
                         count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Switch loss ``E * sum_i f_i * P_i``.
@@ -106,7 +113,7 @@ def load_balancing_loss(probs: torch.Tensor, expert_ids: torch.Tensor, num_exper
     gradients equal a single process's over the whole batch.
     """
     t, k = expert_ids.shape
-    counts = torch.bincount(expert_ids.reshape(-1), minlength=num_experts).to(probs.dtype)  # [E]
+    counts = count_ids(expert_ids, num_experts).to(probs.dtype)  # [E]
     if count_reducer is not None:
         counts = count_reducer(counts)  # communication: all-reduce of E counts
     f = counts / counts.sum().clamp_min(1)
@@ -130,7 +137,7 @@ def _rank_within_expert(expert: torch.Tensor, score: torch.Tensor, num_experts: 
     n = expert.numel()
     order = torch.argsort(score, descending=True, stable=True)
     order = order[torch.argsort(expert[order], stable=True)]  # grouped by expert, by score inside
-    counts = torch.bincount(expert, minlength=num_experts)
+    counts = count_ids(expert, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty(n, dtype=torch.long, device=expert.device)
     rank[order] = torch.arange(n, device=expert.device) - starts[expert[order]]

@@ -198,3 +198,29 @@ def test_expert_loop_backward_on_cuda_matches_cpu() -> None:
     for a, b in zip(out["cuda"], out["cpu"]):
         assert rel_err(a, b) < 1e-5
     assert not out["cuda"][2][1].any()  # the empty expert's gate weight gradient is exactly zero
+
+
+@needs_cuda
+def test_moe_forward_host_syncs() -> None:
+    """A dropless MoE layer's forward on CUDA syncs with the host only where it must: the group sizes
+    read back for the expert matmuls, and (grouped_mm path) their offsets sent over. Each extra sync
+    (bincount, boolean indexing, a host-to-GPU copy) drains the GPU's queue."""
+    import warnings
+
+    from ep_train.model.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, 128, 8, 2).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 96, 64, device="cuda", dtype=torch.bfloat16)
+    layer(x)  # warm up (lazy CUDA initialisation syncs)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message)[:200] + f" ({w.filename}:{w.lineno})" for w in caught
+             if "synchroniz" in str(w.message)]
+    assert 1 <= len(syncs) <= 2, syncs

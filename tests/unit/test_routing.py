@@ -151,3 +151,13 @@ def test_weighted_slot_sum_both_ways_match_a_loop(batched_matmul: bool) -> None:
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(buf.grad, buf_ref.grad)
     torch.testing.assert_close(w.grad, w_ref.grad)
+
+
+def test_count_ids_is_bincount() -> None:
+    """The sync-free count (scatter-add) equals torch.bincount, empty input and unused bins included."""
+    from ep_train.model.router import count_ids
+
+    g = torch.Generator().manual_seed(5)
+    for shape, bins in (((40, 2), 6), ((0, 2), 4), ((7,), 9)):
+        ids = torch.randint(0, bins - 1, shape, generator=g)  # the last bin stays empty
+        assert torch.equal(count_ids(ids, bins), torch.bincount(ids.reshape(-1), minlength=bins))
