@@ -9,6 +9,7 @@ Weights follow the layout DeepSpeed AutoEP and Hugging Face Mixtral use (``nn.Li
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -96,7 +97,10 @@ class GroupedExperts(nn.Module):
     def _forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
         if x.shape[0] > 0 and _use_grouped_mm(x, w1, w2, w3):
-            offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+            # Group ends, summed on the host and sent from pinned memory without waiting (torch.tensor(...,
+            # device=cuda) would copy from pageable memory and drain the GPU's queue first).
+            ends = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, pin_memory=x.is_cuda)
+            offs = ends.to(x.device, non_blocking=True)
             h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(
                 x, w3.transpose(1, 2), offs=offs)
             return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
