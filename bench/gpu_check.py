@@ -78,6 +78,9 @@ OURS, LOOP = "ep-train grouped GEMM", "ep-train per-expert loop"
 MOE_IMPLS = [OURS, LOOP, "HF MixtralSparseMoeBlock (eager)", "HF MixtralSparseMoeBlock (grouped_mm)", "DeepSpeed MoE",
              "expert matmuls alone"]
 PROFILED = (OURS, LOOP)  # profiled (forward+backward) after their timing
+# Dense matmul operators in a profile (the loop's backward adds into dx with addmm_; a report of 2026-11-27
+# counted it under "other kernels" and understated the loop's matmul time).
+MM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
 PROFILE_ITERS = 3
 
 
@@ -675,8 +678,8 @@ def summarize_moe(sec: Section, report: Report, recs: list[dict[str, Any]], size
                  "each aten operator's self kernel time, so 'busy' is the GPU's busy time and 'idle' the timed step "
                  "minus it (host syncs and launch gaps; the profiler's own overhead can make it negative). Expert "
                  "MFU = the expert-matmul FLOPs over the aten::_grouped_mm operators' kernel time (inclusive; for "
-                 f"the {LOOP}, over the mm/addmm/bmm kernels').", "",
-                 md_table(["implementation", "tokens", "step (timed)", "busy", "_grouped_mm", "mm/addmm/bmm",
+                 f"the {LOOP}, over the mm/addmm/addmm_/bmm kernels').", "",
+                 md_table(["implementation", "tokens", "step (timed)", "busy", "_grouped_mm", "mm/addmm/addmm_/bmm",
                            "other kernels", "idle", "expert MFU %", "layer MFU %"], prof_rows)]
         if top is not None:
             body += ["", f"<details><summary>{OURS}, {top['tokens']} tokens: operators by self kernel time</summary>",
@@ -766,7 +769,7 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
         return {"ops": ops[:14], "busy_ms": sum(o[1] for o in ops),
                 "grouped_ms": sum(getattr(ev, incl) for ev in evs if ev.key == "aten::_grouped_mm") / 1e3
                 / PROFILE_ITERS,
-                "mm_ms": sum(o[1] for o in ops if o[0] in ("aten::mm", "aten::addmm", "aten::bmm"))}
+                "mm_ms": sum(o[1] for o in ops if o[0] in MM_OPS)}
 
     def measure(name: str, fwd: Callable[[torch.Tensor], torch.Tensor], params: list[torch.Tensor],
                 note: Callable[[], dict[str, Any]] | None = None) -> None:

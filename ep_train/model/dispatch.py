@@ -117,6 +117,7 @@ def weighted_slot_sum(buf: torch.Tensor, w: torch.Tensor, batched_matmul: bool) 
     and a sum (on a GPU, where the bmm is a batched GEMM of tiny matrices)."""
     if batched_matmul:
         return torch.bmm(w.unsqueeze(1), buf).squeeze(1)
+    # In bf16 each product is rounded before the sum (bmm accumulates in fp32): C <= K terms, a last-bit change.
     return (buf * w.unsqueeze(2)).sum(1)
 
 

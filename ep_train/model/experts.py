@@ -39,7 +39,8 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 # H200 (bench/gpu_experts.py, bf16, forward + backward, 2026-11-27), the loop took 0.94x grouped_mm's time for
 # Mixtral's experts two per GPU and 0.99x eight per GPU, while grouped_mm was 1.6x-2.3x faster for 16-64
 # small experts per GPU (F 1408). With at most two experts the loop launches at most twice grouped_mm's
-# kernels, each a plain large GEMM; beyond that the launches and small matrices cost more.
+# kernels, each a plain GEMM; eight small experts were not measured, so the rule stops at two (one expert
+# per GPU was not measured either: there each matmul is a single plain GEMM).
 LOOP_MAX_LOCAL_EXPERTS = 2
 
 
@@ -108,7 +109,8 @@ class GroupedExperts(nn.Module):
 
 
 class _ExpertLoop(torch.autograd.Function):
-    """The experts one group at a time (CPU, and GPUs without torch._grouped_mm), with a hand-written backward.
+    """The experts one group at a time (CPU; GPUs without torch._grouped_mm or with at most
+    LOOP_MAX_LOCAL_EXPERTS experts), with a hand-written backward.
 
     Why not autograd over a loop of slices: each expert's weight gradient came back as its own tensor and
     UnbindBackward stacked them into a fresh [E_l, F, D] gradient, one more full-size copy per weight

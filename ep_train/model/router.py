@@ -96,9 +96,10 @@ def drop_experts(weights: torch.Tensor, keep: torch.Tensor, rate: float) -> tupl
 
 
 def count_ids(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """``torch.bincount(ids, minlength=num_bins)`` for ids in [0, num_bins) -> [num_bins] int64, without
-    bincount's host sync on CUDA (it reads the largest id back to size its output): a scatter-add."""
-    flat = ids.reshape(-1)
+    """``torch.bincount(ids, minlength=num_bins)`` -> [num_bins] int64, without bincount's host sync on CUDA
+    (it reads the largest id back to size its output): a scatter-add. Every id must lie in [0, num_bins)
+    (bincount would grow its output; this raises on CPU and asserts on the device)."""
+    flat = ids.reshape(-1).long()
     return torch.zeros(num_bins, dtype=torch.long, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 

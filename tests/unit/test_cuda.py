@@ -202,9 +202,10 @@ def test_expert_loop_backward_on_cuda_matches_cpu() -> None:
 
 @needs_cuda
 def test_moe_forward_host_syncs() -> None:
-    """A dropless MoE layer's forward on CUDA syncs with the host once, where it must: the group sizes
-    read back for the expert matmuls. Each extra sync (bincount, boolean indexing, a host-to-GPU copy from
-    pageable memory) drains the GPU's queue. (Written without a GPU at hand; the message lists the syncs.)"""
+    """A dropless MoE layer's forward on CUDA syncs with the host once, where it must: the group sizes read
+    back for the expert matmuls. Each extra sync (bincount, boolean indexing, a host-to-GPU copy from pageable
+    memory) drains the GPU's queue. Capacity and overflow routing still sync (not covered here). Written
+    without a GPU at hand; the message lists the syncs it found."""
     import warnings
 
     from ep_train.model.moe import MoELayer

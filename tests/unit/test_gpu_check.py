@@ -173,7 +173,23 @@ def test_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
     ex = data["experts"]["records"]
     assert [r["shape"] for r in ex] == [s[0] for s in gpu_experts.DRY_SHAPES]
     assert all(r["grouped_mm"] > 0 and r["per-expert loop"] > 0 for r in ex)
+    assert all(r["grouped_mm calls"] > 0 and r["per-expert loop calls"] == 0 for r in ex)
     assert [r["default"] for r in ex] == ["grouped_mm", "per-expert loop"]  # 8 experts; 2 (ep-train's rule)
     assert "## 3. Expert paths across shapes" in md and "default / faster" in md
     assert "operators by self kernel time" in md
     assert p.returncode == 1  # the dry run cannot meet the GPU goal: a computed FAIL, not a crash
+
+
+def test_expert_paths_verdict() -> None:
+    """bench/gpu_experts.py's verdict: the default path's time over the faster path's, at most the table's
+    target, at every shape; and only if the grouped column really called torch._grouped_mm."""
+    def rec(default: str, grouped: float, loop: float, calls: int = 21) -> dict:
+        return {"shape": "s", "experts": 8, "dim": 64, "ffn": 128, "rows": 512, "default": default,
+                "grouped_mm": grouped, "per-expert loop": loop, "grouped_mm calls": calls, "per-expert loop calls": 0}
+
+    status, key, body = gpu_experts.summarize([rec("grouped_mm", 10.0, 20.0), rec("per-expert loop", 10.0, 9.0)], 989.0)
+    assert status == "PASS" and "worst 1.00x" in key
+    status, key, _ = gpu_experts.summarize([rec("grouped_mm", 10.0, 20.0), rec("grouped_mm", 10.0, 9.0)], 989.0)
+    assert status == "FAIL" and "worst 1.11x" in key and "MISSED" in key
+    status, key, body = gpu_experts.summarize([rec("grouped_mm", 10.0, 20.0, calls=0)], 989.0)
+    assert status == "FAIL" and "NOT used" in key and "NOT called" in body
