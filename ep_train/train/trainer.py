@@ -241,10 +241,13 @@ class Trainer:
                 self.engine.step()  # DeepSpeed counts micro-steps: only the last one of the batch updates
             sums += torch.tensor([loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()],
                                  dtype=torch.float64)
-            for i, st in out.router_stats.items():
-                row = torch.cat([st.tokens_per_expert.float().cpu(),
-                                 torch.stack([st.dropped, st.assignments, st.entropy]).detach().float().cpu()])
-                layer_acc[i] = layer_acc.get(i, 0) + row
+            layers = sorted(out.router_stats)
+            if layers:  # every MoE layer's statistics in one device-to-host copy (a host sync each on a GPU)
+                rows = torch.stack([torch.cat([st.tokens_per_expert.float(),
+                                               torch.stack([st.dropped, st.assignments, st.entropy]).detach().float()])
+                                    for st in (out.router_stats[i] for i in layers)]).cpu()
+                for j, i in enumerate(layers):
+                    layer_acc[i] = layer_acc.get(i, 0) + rows[j]
         if hook is not None:
             hook.remove()
         self.step += 1
