@@ -232,15 +232,16 @@ class Trainer:
         for x, y in micro:
             out = self._forward(x, y)
             loss = out.loss * float("nan") if inject and hook is None else out.loss
-            nonfinite |= not bool(torch.isfinite(loss))  # host sync
             # Backward even when non-finite: ZeRO sees a non-finite gradient norm, skips the
             # optimizer step and clears the gradients (DeepSpeed's overflow path), and every rank
-            # still enters the same collectives.
+            # still enters the same collectives. So the loss is read only afterwards (on a GPU a read
+            # before the backward would make the host wait for the forward before queueing it).
             self.engine.backward(loss)
             with torch.profiler.record_function("ep_train.optimizer_step"):  # read by bench/step_breakdown.py
                 self.engine.step()  # DeepSpeed counts micro-steps: only the last one of the batch updates
-            sums += torch.tensor([loss.item(), out.lm_loss.item(), out.aux_loss.item(), out.z_loss.item()],
-                                 dtype=torch.float64)
+            values = torch.stack([loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().double().cpu()  # host sync
+            nonfinite |= not bool(torch.isfinite(values[0]))
+            sums += values
             layers = sorted(out.router_stats)
             if layers:  # every MoE layer's statistics in one device-to-host copy (a host sync each on a GPU)
                 rows = torch.stack([torch.cat([st.tokens_per_expert.float(),
