@@ -32,6 +32,16 @@ check_inputs() {  # config, data dir, resume target: fail before any process sta
 
 print_cmd() { printf 'running:'; printf ' %q' "$@"; printf '\n'; }
 
+# The trainer's arguments, as both launchers pass them to the workers and to check_config: the config, the
+# data dir and resume target when given ("" = not given), then the user's overrides. Sets TRAINER_ARGS.
+trainer_args() {
+  TRAINER_ARGS=(--config "$1")
+  [ -z "$2" ] || TRAINER_ARGS+=(--data_dir "$2")
+  [ -z "$3" ] || TRAINER_ARGS+=(--resume "$3")
+  shift 3
+  TRAINER_ARGS+=("$@")
+}
+
 # The trainer's own config checks (ep-train check: no torch, well under a second) before any process
 # starts: a bad config gives one "error: ..." and exit 2 here, instead of one copy per worker plus
 # torchrun's failure report. $1 = python, $2 = world size or "" (unknown), then the trainer's arguments.

@@ -45,15 +45,10 @@ if [ "$no_ssh" = 1 ]; then
   [ -n "$node_rank" ] || die "--no_ssh needs --node_rank (this node's index in the hostfile)"
   cmd+=(--no_ssh --node_rank "$node_rank")
 fi
-cmd+=(--module ep_train.train --config "$config" --run-dir "$run_dir")
-[ -z "$data" ] || cmd+=(--data_dir "$data")
-[ -z "$resume" ] || cmd+=(--resume "$resume")
-cmd+=("$@")
+trainer_args "$config" "$data" "$resume" "$@"
+cmd+=(--module ep_train.train --run-dir "$run_dir" "${TRAINER_ARGS[@]}")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-trainer_args=(--config "$config")
-[ -z "$data" ] || trainer_args+=(--data_dir "$data")
-[ -z "$resume" ] || trainer_args+=(--resume "$resume")
-check_config "$py" "" "${trainer_args[@]}" "$@"
+check_config "$py" "" "${TRAINER_ARGS[@]}"
 print_cmd "${cmd[@]}"
 # Not exec: SIGUSR1/SIGTERM to this script reach this node's trainer workers (DeepSpeed's launcher
 # would die of USR1 and orphan them); exit code 75 after a stop with a checkpoint.

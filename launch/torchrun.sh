@@ -43,17 +43,12 @@ if [ -n "$rdzv" ]; then
 else
   cmd+=(--node-rank "$node_rank" --master-addr "$master_addr" --master-port "$master_port")
 fi
-cmd+=(-m ep_train.train --config "$config" --run-dir "$run_dir")
-[ -z "$data" ] || cmd+=(--data_dir "$data")
-[ -z "$resume" ] || cmd+=(--resume "$resume")
-cmd+=("$@")
+trainer_args "$config" "$data" "$resume" "$@"
+cmd+=(-m ep_train.train --run-dir "$run_dir" "${TRAINER_ARGS[@]}")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 world=""
 case "$nnodes$nproc" in *[!0-9]*) ;; *) world=$((nnodes * nproc)) ;; esac  # unknown for elastic MIN:MAX
-trainer_args=(--config "$config")
-[ -z "$data" ] || trainer_args+=(--data_dir "$data")
-[ -z "$resume" ] || trainer_args+=(--resume "$resume")
-check_config "$py" "$world" "${trainer_args[@]}" "$@"
+check_config "$py" "$world" "${TRAINER_ARGS[@]}"
 print_cmd "${cmd[@]}"
 # Not exec: this script stays to forward SIGUSR1/SIGTERM to the workers and to exit 75 after a stop.
 rc=0
