@@ -22,10 +22,14 @@ D=1024, K=2, fp32, weights with gradient, combine fwd+bwd, 2 cores shared with o
 ``bench/moe_layer.py``'s combine table, interleaved, median of 3: index_add 115.7 ms, slot gather + bmm
 89.7 ms; a standalone run, median of 7: index_add 339 ms, slot gather + bmm 143 ms, slot gather +
 mul/sum 199 ms, a naive index_copy into a zeroed [T*K, D] buffer 315 ms (its zero-fill and scatter
-cost what the gather saves, as a colleague found). On a GPU the bmm is the wrong kernel: S batched
-[1, C] x [C, D] products took 7.4 ms (forward and backward) of a 67 ms Mixtral-sized layer step
-(bench/gpu_check.py's profile, H200, 16,384 tokens, bf16); there the weighted sum is a broadcast
-multiply and a sum over C instead (memory-bound passes over [S, C, D]).
+cost what the gather saves, as a colleague found). The bmm is not always the right kernel, though:
+- on CPU, torch's bmm runs a plain loop when a product has fewer than 400 multiply-adds (C * D here:
+  ATen's small-matrix path), and then a broadcast multiply and a sum over C is 3-5x faster (forward +
+  backward, one thread, S 2,048, torch 2.13, 2026-11-27: C 2 x D 192 bmm 2.69 ms, multiply + sum 0.48 ms;
+  C 2 x D 208 0.43 vs 0.52 ms; C 4 x D 96 2.39 vs 0.42; C 4 x D 128 0.42 vs 0.59);
+- on a GPU, S batched [1, C] x [C, D] products took 7.4 ms (forward and backward) of a 67 ms
+  Mixtral-sized layer step (bench/gpu_check.py's profile, H200, 16,384 tokens, bf16).
+There the weighted sum is the multiply and sum (memory-bound passes over [S, C, D]).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from typing import Any, Protocol
 import torch
 
 from ep_train.model.router import count_ids
+
+
+BMM_MIN_PRODUCT = 400  # C * D from which torch's CPU bmm leaves its plain loop (ATen's small-matrix threshold)
 
 
 @dataclass
@@ -108,13 +115,14 @@ def combine_slots(y: torch.Tensor, weights: torch.Tensor | None, lay: SlotLayout
     if weights is None:
         return buf.sum(1)
     w = weights.to(y.dtype).new_zeros(lay.num_rows * lay.width).index_copy(0, lay.slot, weights.to(y.dtype))
-    return weighted_slot_sum(buf, w.view(lay.num_rows, lay.width), batched_matmul=not y.is_cuda)
+    batched = not y.is_cuda and lay.width * y.shape[1] >= BMM_MIN_PRODUCT  # see the module docstring
+    return weighted_slot_sum(buf, w.view(lay.num_rows, lay.width), batched_matmul=batched)
 
 
 def weighted_slot_sum(buf: torch.Tensor, w: torch.Tensor, batched_matmul: bool) -> torch.Tensor:
     """sum over c of w[s, c] * buf[s, c]: buf [S, C, D], w [S, C] -> [S, D]. The same function two ways:
-    a bmm of [1, C] x [C, D] products (fastest on CPU, see the module docstring) or a broadcast multiply
-    and a sum (on a GPU, where the bmm is a batched GEMM of tiny matrices)."""
+    a bmm of [1, C] x [C, D] products (fastest on CPU for C * D >= BMM_MIN_PRODUCT, see the module
+    docstring) or a broadcast multiply and a sum (on a GPU, and for smaller products on CPU)."""
     if batched_matmul:
         return torch.bmm(w.unsqueeze(1), buf).squeeze(1)
     # In bf16 each product is rounded before the sum (bmm accumulates in fp32): C <= K terms, a last-bit change.
