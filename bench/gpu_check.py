@@ -50,7 +50,6 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import gpu_experts  # noqa: E402  (section 5, and the step timer)
 from bench.targets import TARGETS  # noqa: E402  (the one table of targets)
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s. First match on the
@@ -144,6 +143,36 @@ def read_losses(metrics_jsonl: Path) -> list[float]:
 
 def median_ms(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), min(samples), max(samples)
+
+
+def time_steps(step: Callable[[], None], cuda: bool, iters: int, warmup: int) -> list[float]:
+    """ms of each of ``iters`` calls of ``step`` after ``warmup`` (CUDA events on a GPU, wall clock on CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            step()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def allow_grouped_mm_on_cpu(experts_mod: Any) -> None:
+    """A dry run's switch: the experts take the torch._grouped_mm path on CPU too (torch runs it there), so
+    the dry run checks the same code as a GPU run; only the alignment guard stays."""
+    experts_mod._grouped_mm_ok = lambda x, *ws: all(experts_mod._aligned16(t) for t in (x, *ws))
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -739,7 +768,7 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
     ref_out: dict[int, torch.Tensor] = {}
 
     def time_it(step: Callable[[], None]) -> list[float]:
-        return gpu_experts.time_steps(step, cuda, iters, warmup)
+        return time_steps(step, cuda, iters, warmup)
 
     def profile(step: Callable[[], None]) -> dict[str, Any]:
         """Kernel time per operator over PROFILE_ITERS calls of ``step`` (torch.profiler; CPU time in a dry run).
@@ -833,8 +862,8 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
             return real_gmm(*a, **kw)
         torch._grouped_mm = spy  # counts calls: proves which path the timed layer took
 
-    if not cuda:  # the dry run takes the grouped path through torch's CPU _grouped_mm: the same code as on a GPU
-        experts_mod._grouped_mm_ok = lambda x, *ws: all(experts_mod._aligned16(t) for t in (x, *ws))
+    if not cuda:
+        allow_grouped_mm_on_cpu(experts_mod)
 
     def path_note() -> dict[str, Any]:
         n = calls["n"]
@@ -939,6 +968,8 @@ def moe_worker(out_path: Path, dry: bool, seconds: float, impls: list[str]) -> N
 # ---------------------------------------------------------------------------------------- 5. experts
 def experts_section(sec: Section, report: Report, deadline: Deadline, py: str, dry: bool) -> None:
     """bench/gpu_experts.py in a child process: ep-train's two expert paths across expert shapes."""
+    from bench import gpu_experts  # here, not at the top: gpu_experts imports this module's helpers
+
     out_json = Path(tempfile.mkdtemp(prefix="gpu_check_experts_")) / "experts.jsonl"
     cmd = [py, str(ROOT / "bench" / "gpu_experts.py"), "--out", str(out_json)] + (["--cpu-dry-run"] if dry else [])
     rc, out = run_cmd(cmd, deadline.budget(90, 2), env=child_env(), report=report, label="experts worker")

@@ -20,10 +20,11 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.gpu_check import allow_grouped_mm_on_cpu, expert_matmul_flops, md_table, time_steps  # noqa: E402
 from bench.targets import TARGETS  # noqa: E402  (the one table of targets)
 
 # (name, E_l, D, F, R): Mixtral 8x7B (16k tokens x top-2 over 8 experts: R 4096) on one GPU and under EP 4;
@@ -51,11 +52,6 @@ def uneven_counts(total: int, experts: int, seed: int) -> list[int]:
     return counts
 
 
-def expert_flops(rows: int, dim: int, ffn: int) -> float:
-    """Forward + backward FLOPs of the three SwiGLU matmuls over ``rows`` rows (3 x 2 x rows x D x F, x3)."""
-    return 3 * 3 * 2 * rows * dim * ffn
-
-
 def worker(out_path: Path, dry: bool, iters: int = 5, warmup: int = 2) -> None:
     """Time both paths at every shape; one JSON line per measurement (flushed: a kill keeps the rest)."""
     import torch
@@ -66,8 +62,8 @@ def worker(out_path: Path, dry: bool, iters: int = 5, warmup: int = 2) -> None:
     cuda = torch.cuda.is_available() and not dry
     dev = torch.device("cuda" if cuda else "cpu")
     real_ok, real_use = experts_mod._grouped_mm_ok, experts_mod._use_grouped_mm
-    if not cuda:  # the dry run takes the grouped path through torch's CPU _grouped_mm: the same code as on a GPU
-        experts_mod._grouped_mm_ok = lambda x, *ws: all(experts_mod._aligned16(t) for t in (x, *ws))
+    if not cuda:
+        allow_grouped_mm_on_cpu(experts_mod)
     calls, real_gmm = [0], torch._grouped_mm
 
     def spy(*a: Any, **kw: Any) -> torch.Tensor:
@@ -110,32 +106,6 @@ def worker(out_path: Path, dry: bool, iters: int = 5, warmup: int = 2) -> None:
         torch._grouped_mm = real_gmm
 
 
-def time_steps(step: Callable[[], None], cuda: bool, iters: int, warmup: int) -> list[float]:
-    """ms of each of ``iters`` calls of ``step`` after ``warmup`` (CUDA events on a GPU, wall clock on CPU)."""
-    import time
-
-    import torch
-
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            step()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def summarize(recs: list[dict[str, Any]], peak: float | None) -> tuple[str, str, str]:
     """(status, key line, markdown body) from the worker's records; the verdict is computed here."""
     rows, worst = [], None
@@ -143,7 +113,7 @@ def summarize(recs: list[dict[str, Any]], peak: float | None) -> tuple[str, str,
         fast = min(r[GROUPED], r[LOOP])
         over = r[r["default"]] / fast  # the default's time over the faster path's
         worst = over if worst is None else max(worst, over)
-        fl = expert_flops(r["rows"], r["dim"], r["ffn"])
+        fl = expert_matmul_flops(r["rows"], 1, r["dim"], r["ffn"], backward=True)  # rows: tokens x top-k already
         mfu = {p: (fl / (r[p] * 1e-3) / 1e12 / peak if peak else None) for p in (GROUPED, LOOP)}
         rows.append([r["shape"], r["experts"], r["dim"], r["ffn"], r["rows"],
                      *(f"{r[p]:.2f}" + ("" if mfu[p] is None else f" ({100 * mfu[p]:.0f}%)") for p in (GROUPED, LOOP)),
@@ -155,11 +125,9 @@ def summarize(recs: list[dict[str, Any]], peak: float | None) -> tuple[str, str,
     ok = worst is not None and worst <= TOLERANCE and ran_grouped
     head = ["shape", "E_l", "D", "F", "rows", f"{GROUPED} ms (MFU)", f"{LOOP} ms (MFU)", "loop / grouped",
             "ep-train's default", "default / faster"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     body = ("Forward + backward (weight gradients included) of the experts alone, bf16, uneven rows per expert "
             "(0.5x-1.5x the mean), median of 5 after 2 warm-ups; MFU = the three matmuls' FLOPs (x3 with "
-            f"backward) over the time, against a peak of {peak} TFLOP/s.\n\n" + "\n".join(lines) +
+            f"backward) over the time, against a peak of {peak} TFLOP/s.\n\n" + md_table(head, rows) +
             f"\n\n- goal (ep-train's default path within {TOLERANCE:.2f}x of the faster path at every shape; worst "
             f"{worst:.2f}x): **{'met' if ok else 'MISSED'}**"
             + ("" if ran_grouped else "\n- torch._grouped_mm was NOT called in the grouped_mm column: both columns "
