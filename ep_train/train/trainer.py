@@ -67,7 +67,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag | None = None) -> None:
         import deepspeed
 
-        from ep_train.parallel.zero import build_ds_config, is_offloading_optimizer, materialize_partitioned
+        from ep_train.parallel.zero import (build_ds_config, gather_whole_blocks, is_offloading_optimizer,
+                                            materialize_partitioned)
         from ep_train.parallel.ds_grad_path import apply_fast_grad_path
         from ep_train.parallel.ds_memory import lean_offload_buffers
 
@@ -115,6 +116,7 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, **adam)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        leaf_blocks = gather_whole_blocks(model, self.ds_config, cfg.parallel.zero3_gather)  # one gather per block
         with lean_offload_buffers(self.ds_config):  # no duplicate fp32 master / gradient buffers (ds_memory.py)
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
@@ -127,7 +129,8 @@ class Trainer:
         (run_dir / "partitions" / f"rank{self.rank}.json").write_text(json.dumps(report))
         if self.rank == 0:
             print(f"rank 0 holds {report['dense']:,} dense and {report['expert']:,} expert parameter elements "
-                  f"(ZeRO-{self.ds_config['zero_optimization']['stage']} partitions)", flush=True)
+                  f"(ZeRO-{self.ds_config['zero_optimization']['stage']} partitions"
+                  f"{f', gathered a block at a time: {leaf_blocks} blocks' if leaf_blocks else ''})", flush=True)
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
         self.batches = DistributedBatches(self.blend, t.batch_size, t.micro_batch_size, self.rank, self.world,
                                           seed=t.seed, shuffle=cfg.data.shuffle)

@@ -83,14 +83,16 @@ def _assert_close(got: dict[int, float], ref: list[float], skip: set[int] = froz
 
 
 @pytest.mark.parametrize("nproc,ckpt", [(2, "false"), (2, "full"), (4, "false"), (4, "experts"), (2, "attention"),
-                                        (2, "compile"), (2, "full-reuse-comm")])
+                                        (2, "compile"), (2, "full-reuse-comm"), (4, "full-module-gather")])
 def test_zero3_offload_ep_matches_single_process(tmp_path, built, reference, nproc, ckpt) -> None:
     run = tmp_path / "run"
     profile = (nproc, ckpt) == (2, "full")  # one case also profiles a step: it must not change the numbers
     recompute = {"false": ["--activation_checkpointing", "false"],  # torch.compile per block, with recompute:
                  "compile": ["--activation_checkpointing", "true", "--compile", "true"],
                  # the recompute takes the forward's all-to-all results (train.recompute_comm false)
-                 "full-reuse-comm": ["--activation_checkpointing", "true", "--recompute_comm", "false"]}.get(
+                 "full-reuse-comm": ["--activation_checkpointing", "true", "--recompute_comm", "false"],
+                 # DeepSpeed's per-submodule ZeRO-3 gathers (the default gathers a whole block at once)
+                 "full-module-gather": ["--activation_checkpointing", "true", "--zero3_gather", "module"]}.get(
         ckpt, ["--activation_checkpointing", "true", "--recompute", ckpt])
     out = train(run, built, nproc, *recompute, "--ep_size", "2", *(["--profile_step", "5"] if profile else []))
     _assert_close(losses(run), reference)
@@ -116,6 +118,7 @@ def test_zero3_offload_ep_matches_single_process(tmp_path, built, reference, npr
                 assert logical == full[name], name
                 assert local == math.ceil(logical / nproc), name
     assert "expert cv" in out and "saved checkpoint" in out
+    assert ("gathered a block at a time: 2 blocks" in out) == (ckpt != "full-module-gather")  # parallel.zero3_gather
 
 
 VARIANT = ["--expert_bias_update_rate", "0.01", "--cv_loss_weight", "0.05", "--router_entropy_loss_weight", "0.02",

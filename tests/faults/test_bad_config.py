@@ -87,6 +87,8 @@ CASES = [
     Case("resume-missing", "train:\n  resume: {tmp}/ck/step_00000004\n",
          ("train.resume = '", "no such checkpoint folder", "auto")),
     Case("ds-config-unknown", "parallel:\n  ds_config: zero9\n", ("parallel.ds_config = 'zero9'", "zero3_offload")),
+    Case("zero3-gather-unknown", "parallel:\n  zero3_gather: layer\n",
+         ("parallel.zero3_gather = 'layer'", "'block'", "'module'")),
     Case("world-size-zero", "", ("world size = 0", ">= 1"), world_size=0),
 ]
 

@@ -53,3 +53,21 @@ def test_ep_train_switches_pass_through(tmp_path) -> None:
     block = {"dedup_offload_buffers": False, "fast_grad_path": True}
     ds = build_ds_config(_cfg(tmp_path, {"zero_optimization": {"stage": 3}, "ep_train": block}), world=4, use_bf16=False)
     assert ds["ep_train"] == block
+
+
+@pytest.mark.parametrize("unit,stage,leaves", [("block", 3, 2), ("module", 3, 0), ("block", 2, 0)])
+def test_zero3_gather_marks_whole_blocks_as_leaves(unit, stage, leaves) -> None:
+    """parallel.zero3_gather: block marks each transformer block a DeepSpeed z3 leaf (its hooks stop there);
+    module, or a stage other than 3, leaves DeepSpeed's per-submodule hooks."""
+    from deepspeed.utils import z3_leaf_module
+
+    from ep_train.model import build_model
+    from ep_train.model.transformer import Block
+    from ep_train.parallel.zero import gather_whole_blocks
+
+    cfg = load_config(None, parse_overrides(["--num_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
+                                             "--num_experts", "4", "--zero3_gather", unit]))
+    model = build_model(cfg.model, cfg.moe, device="meta")
+    assert gather_whole_blocks(model, {"zero_optimization": {"stage": stage}}, cfg.parallel.zero3_gather) == leaves
+    marked = [m for m in model.modules() if z3_leaf_module(m)]
+    assert len(marked) == leaves and all(isinstance(m, Block) for m in marked)
