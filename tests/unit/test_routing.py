@@ -161,3 +161,43 @@ def test_count_ids_is_bincount() -> None:
     for shape, bins in (((40, 2), 6), ((0, 2), 4), ((7,), 9)):
         ids = torch.randint(0, bins - 1, shape, generator=g)  # the last bin stays empty
         assert torch.equal(count_ids(ids, bins), torch.bincount(ids.reshape(-1), minlength=bins))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_sum_is_the_sum_over_slots(dtype: torch.dtype) -> None:
+    """slot_sum (one add per slot on CPU) against torch's sum over C, for 1-4 slots."""
+    from ep_train.model.dispatch import slot_sum
+
+    g = torch.Generator().manual_seed(7)
+    for c in (1, 2, 3, 4):
+        buf = torch.randn(9, c, 6, generator=g).to(dtype)
+        got, want = slot_sum(buf), buf.sum(1)
+        assert got.shape == (9, 6) and got.dtype == dtype
+        if c <= 2 or dtype == torch.bfloat16:  # one rounding of the exact sum either way (bf16 C > 2: sum itself)
+            assert torch.equal(got, want), c
+        else:  # fp32, C > 2: the same terms added in another order
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_expand_and_unweighted_combine_are_adjoint_gathers() -> None:
+    """expand (x[row of each grouped row]) and combine_slots without weights (each slot row's sum):
+    values and gradients against index_select / index_add, with empty slots in the layout."""
+    from ep_train.model.dispatch import combine_slots, expand, slot_layout
+
+    g = torch.Generator().manual_seed(8)
+    s, c, d = 5, 3, 4
+    slot = torch.tensor([0, 4, 2, 7, 9, 13, 14, 3])  # 8 of 15 slots, rows 0, 1, 0, 2, 3, 4, 4, 1
+    lay = slot_layout(slot, s, c)
+    rows = slot // c
+    x = torch.randn(s, d, generator=g, requires_grad=True)
+    dy = torch.randn(len(slot), d, generator=g)
+    out = expand(x, lay)
+    out.backward(dy)
+    torch.testing.assert_close(out, x.detach()[rows])
+    torch.testing.assert_close(x.grad, torch.zeros(s, d).index_add(0, rows, dy))
+    y = torch.randn(len(slot), d, generator=g, requires_grad=True)
+    dz = torch.randn(s, d, generator=g)
+    z = combine_slots(y, None, lay)
+    z.backward(dz)
+    torch.testing.assert_close(z, torch.zeros(s, d).index_add(0, rows, y.detach()))
+    torch.testing.assert_close(y.grad, dz[rows])
