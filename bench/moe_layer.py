@@ -248,7 +248,7 @@ def _combine_bench(t: int, d: int, repeat: int) -> dict[str, list[float]]:
     y0, gout = torch.randn(t * K, d, generator=g), torch.randn(t, d, generator=g)
     w0 = torch.rand(t, K, generator=g)
     fns = {"index_add (zeros + index_add of y * w)": lambda y, w: weighted_scatter(y, w, meta.layout.slot, t),
-           "slot gather + bmm (ep-train)": lambda y, w: combine_slots(y, w.reshape(-1)[meta.layout.slot], meta.layout)}
+           "slot gather + weighted sum (ep-train)": lambda y, w: combine_slots(y, w.reshape(-1)[meta.layout.slot], meta.layout)}
     out: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(repeat + 1):
         for name, fn in fns.items():

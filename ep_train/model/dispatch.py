@@ -16,23 +16,20 @@ A token's kept experts are distinct (every router makes them so).
 Expand and combine go through a slot layout: grouped row n fills slot ``slot[n]`` of S rows x C
 slots (row ``slot // C``). Expanding (``expand``) is a gather ``x[slot // C]`` whose backward sums a
 row's copies; combining (``combine_slots``) gathers the N rows into an [S, C, D] buffer (only empty
-slots are zeroed) and reduces over C, and its backward is again a gather. This replaced
-``zeros(T, D).index_add(token_idx, y * w)`` because it measured faster on CPU (one thread, T=8192,
-D=1024, K=2, fp32, weights with gradient, combine fwd+bwd, 2 cores shared with other jobs):
-``bench/moe_layer.py``'s combine table, interleaved, median of 3: index_add 115.7 ms, slot gather + bmm
-89.7 ms; a standalone run, median of 7: index_add 339 ms, slot gather + bmm 143 ms, slot gather +
-mul/sum 199 ms, a naive index_copy into a zeroed [T*K, D] buffer 315 ms (its zero-fill and scatter
-cost what the gather saves, as a colleague found). The bmm is not always the right kernel, though:
-- on CPU, torch's bmm runs a plain loop when a product has fewer than 400 multiply-adds (C * D here:
-  ATen's small-matrix path), and then a broadcast multiply and a sum over C is 3-5x faster (forward +
-  backward, one thread, S 2,048, torch 2.13, 2026-11-27: C 2 x D 192 bmm 2.69 ms, multiply + sum 0.48 ms;
-  C 2 x D 208 0.43 vs 0.52 ms; C 4 x D 96 2.39 vs 0.42; C 4 x D 128 0.42 vs 0.59);
-- on a GPU, S batched [1, C] x [C, D] products took 7.4 ms (forward and backward) of a 67 ms
-  Mixtral-sized layer step (bench/gpu_check.py's profile, H200, 16,384 tokens, bf16).
-There the weighted sum is the multiply and sum (memory-bound passes over [S, C, D]).
-The unweighted sums over C (an expand's backward, the expert-parallel combine's sum over ranks) add the
-C slices on CPU (``slot_sum``): torch's CPU reduction over a middle dimension measured 4.6x slower than one
-add (S 8,192 x C 2 x D 512, fp32, one thread: sum(1) 7.1 ms, add 1.6 ms; C 4 x D 128: 2.1 vs 0.8 ms).
+slots are zeroed) and adds the C slices with their weights, and its backward is again a gather (each
+row's gradient is its slot row's, times its weight; the weight's is a dot product with the row). This
+replaced ``zeros(T, D).index_add(token_idx, y * w)`` because it measured faster on CPU (one thread,
+T=8192, D=1024, K=2, fp32, weights with gradient, combine fwd+bwd): ``bench/moe_layer.py``'s combine
+table, interleaved: index_add 115.7 ms, slot gather + bmm 89.7 ms. The weighted sum itself, forward +
+backward, one thread, torch 2.13, 2026-11-27, median of 11 (S x D; C 2): one multiply-add per slot with
+the gather backward above 4,096 x 512 9.4 ms, 1,024 x 128 0.41 ms, 4,096 x 64 0.93 ms; a bmm of
+[1, C] x [C, D] products under autograd 11.3 / 1.22 / 2.64 ms (torch's CPU bmm runs a plain loop below
+400 multiply-adds per product); a broadcast multiply and a sum over C 14.4 / 0.55 / 1.35 ms. On a GPU
+the bmm took 7.4 ms of a 67 ms Mixtral-sized layer step (bench/gpu_check.py's profile, H200, bf16);
+the multiply-add form is not yet measured there.
+The unweighted sums over C add the C slices (``slot_sum``): torch's CPU reduction over a middle
+dimension measured 4.6x slower than one add (S 8,192 x C 2 x D 512, fp32, one thread: sum(1) 7.1 ms,
+add 1.6 ms; C 4 x D 128: 2.1 vs 0.8 ms).
 """
 
 from __future__ import annotations
@@ -43,9 +40,6 @@ from typing import Any, Protocol
 import torch
 
 from ep_train.model.router import count_ids
-
-
-BMM_MIN_PRODUCT = 400  # C * D from which torch's CPU bmm leaves its plain loop (ATen's small-matrix threshold)
 
 
 @dataclass
@@ -81,30 +75,30 @@ def _gather_slots(y: torch.Tensor, lay: SlotLayout) -> torch.Tensor:
     return buf.view(lay.num_rows, lay.width, y.shape[1])
 
 
-def slot_sum(buf: torch.Tensor) -> torch.Tensor:
-    """[S, C, D] -> [S, D], the sum over C. On CPU one add per slot (see the module docstring); on CUDA,
-    and in bf16/fp16 with C > 2 (where each add would round; ``sum`` accumulates in fp32), ``sum(1)``."""
+def _exact_adds(buf: torch.Tensor) -> bool:
+    """Whether adding C slices one by one rounds like ``sum`` (fp32/fp64, or at most two terms: one rounding)."""
+    return buf.shape[1] <= 2 or buf.dtype in (torch.float32, torch.float64)
+
+
+def slot_sum(buf: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """[S, C, D] (weights w [S, C] or None) -> [S, D], the (weighted) sum over C: one add or multiply-add
+    per slot (see the module docstring). In bf16/fp16 with C > 2, where each add would round, and
+    unweighted on CUDA, torch's reduction (which accumulates in fp32)."""
     c = buf.shape[1]
-    if buf.is_cuda or c == 1 or (c > 2 and buf.dtype not in (torch.float32, torch.float64)):
-        return buf.sum(1)
-    out = buf[:, 0] + buf[:, 1]
-    for i in range(2, c):
-        out += buf[:, i]
+    if w is None:
+        if buf.is_cuda or c == 1 or not _exact_adds(buf):
+            return buf.sum(1)
+        out = buf[:, 0] + buf[:, 1]
+        for i in range(2, c):
+            out += buf[:, i]
+        return out
+    w = w.unsqueeze(2)  # [S, C, 1]
+    if not _exact_adds(buf):
+        return (buf * w).sum(1)
+    out = buf[:, 0] * w[:, 0]
+    for i in range(1, c):
+        out.addcmul_(buf[:, i], w[:, i])
     return out
-
-
-class _SlotGather(torch.autograd.Function):
-    """Rows -> slot buffer. Each row fills exactly one slot, so the backward is a gather too
-    (autograd's own backward of ``y[src]`` would zero-fill [N, D] and scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, lay: SlotLayout) -> torch.Tensor:  # type: ignore[override]
-        ctx.lay = lay
-        return _gather_slots(y, lay)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad.reshape(-1, grad.shape[-1])[ctx.lay.slot], None
 
 
 class _Expand(torch.autograd.Function):
@@ -121,17 +115,31 @@ class _Expand(torch.autograd.Function):
 
 
 class _SlotSum(torch.autograd.Function):
-    """Rows [N, D] -> each slot row's sum [S, D], the adjoint of ``_Expand``: its backward is a gather
-    (autograd's over a gather and ``slot_sum`` would build the [S, C, D] gradient and gather from it)."""
+    """Rows [N, D] (weights [N] or None) -> each slot row's weighted sum [S, D], the adjoint of ``_Expand``
+    (times the weights). Backward: row n's gradient is its slot row's times its weight (a gather), its
+    weight's the dot product of that gradient with the row; nothing of size [S, C, D] is kept."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, lay: SlotLayout) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor | None, lay: SlotLayout
+                ) -> torch.Tensor:  # type: ignore[override]
         ctx.lay = lay
-        return slot_sum(_gather_slots(y, lay))
+        if weights is not None:  # the unweighted backward needs neither
+            ctx.save_for_backward(y, weights)
+        w = None
+        if weights is not None:  # [N] -> [S, C], zero in the empty slots
+            w = weights.new_zeros(lay.num_rows * lay.width).index_copy(0, lay.slot, weights)
+            w = w.view(lay.num_rows, lay.width)
+        return slot_sum(_gather_slots(y, lay), w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad[ctx.lay.rows], None
+        gy = grad[ctx.lay.rows]  # [N, D]
+        saved = ctx.saved_tensors  # read once: activation checkpointing unpacks each saved tensor once
+        if not saved:
+            return gy, None, None
+        y, weights = saved
+        gw = torch.linalg.vecdot(gy, y) if ctx.needs_input_grad[1] else None  # [N]
+        return gy.mul_(weights.unsqueeze(1)), gw, None
 
 
 def expand(x: torch.Tensor, lay: SlotLayout) -> torch.Tensor:
@@ -140,22 +148,7 @@ def expand(x: torch.Tensor, lay: SlotLayout) -> torch.Tensor:
 
 def combine_slots(y: torch.Tensor, weights: torch.Tensor | None, lay: SlotLayout) -> torch.Tensor:
     """out[s] = sum over s's slots of weight * row: y [N, D], weights [N] (None: all 1) -> [S, D]."""
-    if weights is None:
-        return _SlotSum.apply(y, lay)
-    buf = _SlotGather.apply(y, lay)  # [S, C, D]
-    w = weights.to(y.dtype).new_zeros(lay.num_rows * lay.width).index_copy(0, lay.slot, weights.to(y.dtype))
-    batched = not y.is_cuda and lay.width * y.shape[1] >= BMM_MIN_PRODUCT  # see the module docstring
-    return weighted_slot_sum(buf, w.view(lay.num_rows, lay.width), batched_matmul=batched)
-
-
-def weighted_slot_sum(buf: torch.Tensor, w: torch.Tensor, batched_matmul: bool) -> torch.Tensor:
-    """sum over c of w[s, c] * buf[s, c]: buf [S, C, D], w [S, C] -> [S, D]. The same function two ways:
-    a bmm of [1, C] x [C, D] products (fastest on CPU for C * D >= BMM_MIN_PRODUCT, see the module
-    docstring) or a broadcast multiply and a sum (on a GPU, and for smaller products on CPU)."""
-    if batched_matmul:
-        return torch.bmm(w.unsqueeze(1), buf).squeeze(1)
-    # In bf16 each product is rounded before the sum (bmm accumulates in fp32): C <= K terms, a last-bit change.
-    return (buf * w.unsqueeze(2)).sum(1)
+    return _SlotSum.apply(y, None if weights is None else weights.to(y.dtype), lay)
 
 
 def sort_by_expert(expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int

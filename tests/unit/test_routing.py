@@ -133,24 +133,31 @@ def test_empty_input_still_touches_every_expert_weight() -> None:
         assert w.grad is not None and torch.count_nonzero(w.grad) == 0
 
 
-@pytest.mark.parametrize("batched_matmul", [True, False])
-def test_weighted_slot_sum_both_ways_match_a_loop(batched_matmul: bool) -> None:
-    """The combine's weighted sum over slots (bmm on CPU, multiply + sum on CUDA): values and both
-    gradients against a plain loop over the slots."""
-    from ep_train.model.dispatch import weighted_slot_sum
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_combine_matches_index_add(dtype: torch.dtype) -> None:
+    """combine_slots with weights (a multiply-add per slot, gather backward): values and the gradients of
+    rows and weights against autograd over zeros + index_add of w * y, for 1-4 slots with empty ones."""
+    from ep_train.model.dispatch import combine_slots, slot_layout
 
     g = torch.Generator().manual_seed(3)
-    buf = torch.randn(6, 3, 5, generator=g, requires_grad=True)
-    w = torch.rand(6, 3, generator=g).requires_grad_()
-    dy = torch.randn(6, 5, generator=g)
-    buf_ref, w_ref = buf.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    ref = sum(w_ref[:, c, None] * buf_ref[:, c] for c in range(3))
-    ref.backward(dy)
-    out = weighted_slot_sum(buf, w, batched_matmul=batched_matmul)
-    out.backward(dy)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(buf.grad, buf_ref.grad)
-    torch.testing.assert_close(w.grad, w_ref.grad)
+    s, d = 6, 5
+    for c in (1, 2, 3, 4):
+        slot = torch.randperm(s * c, generator=g)[: (s * c * 2) // 3]  # a third of the slots empty
+        lay = slot_layout(slot, s, c)
+        rows = slot // c
+        y = torch.randn(len(slot), d, generator=g).to(dtype).requires_grad_()
+        w = torch.rand(len(slot), generator=g).to(dtype).requires_grad_()
+        dz = torch.randn(s, d, generator=g).to(dtype)
+        y_ref, w_ref = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        ref = torch.zeros(s, d, dtype=torch.float64).index_add(0, rows, y_ref * w_ref[:, None])
+        ref.backward(dz.double())
+        out = combine_slots(y, w, lay)
+        out.backward(dz)
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, **tol)
+        torch.testing.assert_close(y.grad.double(), y_ref.grad, **tol)
+        torch.testing.assert_close(w.grad.double(), w_ref.grad, **tol)
 
 
 def test_count_ids_is_bincount() -> None:
