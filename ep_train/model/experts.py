@@ -132,7 +132,7 @@ class _ExpertLoop(torch.autograd.Function):
             rows = slice(start, start + c)
             torch.mm(x[rows], w1[i].t(), out=gate[rows])
             torch.mm(x[rows], w3[i].t(), out=up[rows])
-            torch.mm(F.silu(gate[rows]) * up[rows], w2[i].t(), out=y[rows])
+            torch.mm(F.silu(gate[rows]).mul_(up[rows]), w2[i].t(), out=y[rows])
             start += c
         ctx.counts = counts
         ctx.save_for_backward(x, w1, w2, w3, gate, up)
@@ -154,8 +154,8 @@ class _ExpertLoop(torch.autograd.Function):
             dh = dyi @ w2[i]  # [n_i, F]
             if need_w:
                 torch.mm(dyi.t(), s * u, out=dw2[i])  # [D, F]
-            du = dh * s
-            dg = torch.ops.aten.silu_backward(dh * u, g)
+            du = s.mul_(dh)  # in place: silu(gate) is not needed after dw2 (one [n_i, F] buffer fewer)
+            dg = torch.ops.aten.silu_backward(dh.mul_(u), g)  # dh is not needed after du
             if need_w:
                 torch.mm(dg.t(), xi, out=dw1[i])  # [F, D]
                 torch.mm(du.t(), xi, out=dw3[i])
