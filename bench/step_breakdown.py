@@ -316,7 +316,8 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
                   "different number of rows in each layer). Without the waits the share outside the "
                   f"matmuls and the all-to-all would be {sum(level.values()) / len(level):.1%} (mean of ranks), "
                   f"**{verdict(name, sum(level.values()) / len(level))}** on that measure; the goal's own measure "
-                  "counts the waits at all-to-alls as all-to-all time and those at reduce-scatters as outside it, "
+                  "counts the waits at all-to-alls as all-to-all time and those at the other collectives (gathers, "
+                  "reduce-scatters, all-reduces) as outside it, "
                   "so where the ranks happen to wait moves its verdict.")
     else:
         facts += " The ranks' collective calls did not pair up, so waits for a slower rank are not separated."

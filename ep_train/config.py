@@ -77,10 +77,12 @@ class ParallelConfig:
     # Also swap optimizer states (fp32 master weights, Adam moments) to nvme_path. Dense models only:
     # DeepSpeed 0.19.8 cannot checkpoint MoE (AutoEP) layers under ZeRO-3 with optimizer swapping.
     nvme_offload_optimizer: bool = False
-    # What one ZeRO-3 all-gather fetches: "block" = a transformer block's parameters at once (DeepSpeed's z3 leaf
+    # What one ZeRO-3 fetch brings in: "block" = a transformer block's parameters at once (DeepSpeed's z3 leaf
     # module: one hook pair per block instead of one per submodule; the block's attention and local experts are
     # then live together, as ``ep-train plan`` assumes), "module" = DeepSpeed's default, each submodule's own.
-    zero3_gather: str = "block"
+    # "auto" = block, except with parameters on NVMe when offload_param.buffer_count cannot hold a block's
+    # parameters (DeepSpeed swaps them in together, one buffer each): module there.
+    zero3_gather: str = "auto"
 
 
 @dataclass
@@ -679,9 +681,9 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
                    f"{e.num_experts_per_token} experts; raise top_groups")
 
     check_ep_layout(p.ep_size, e.num_experts, world_size)
-    _check(p.zero3_gather in ("block", "module"), "parallel.zero3_gather", p.zero3_gather,
-           "use 'block' (one ZeRO-3 gather per transformer block, the default) or 'module' (DeepSpeed's per-submodule "
-           "gathers: lower peak when attention and experts are both large)")
+    _check(p.zero3_gather in ("auto", "block", "module"), "parallel.zero3_gather", p.zero3_gather,
+           "use 'auto' (the default), 'block' (one ZeRO-3 fetch per transformer block) or 'module' (DeepSpeed's "
+           "per-submodule fetches: lower peak when attention and experts are both large)")
     # NVMe offload: the JSON-dependent check (an nvme device needs parallel.nvme_path) is in build_ds_config.
     _check(p.nvme_path is None or p.nvme_path.strip() != "", "parallel.nvme_path", p.nvme_path,
            "must be a folder on a fast local disk (e.g. /local_nvme/run1) or null")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ep_train.model.router import count_ids
 
@@ -76,7 +77,8 @@ def _gather_slots(y: torch.Tensor, lay: SlotLayout) -> torch.Tensor:
 
 
 def _exact_adds(buf: torch.Tensor) -> bool:
-    """Whether adding C slices one by one rounds like ``sum`` (fp32/fp64, or at most two terms: one rounding)."""
+    """Whether adding C slices one by one is as accurate as ``sum``: at most two terms (one rounding of the
+    exact sum either way), or fp32/fp64 (the same terms in another order; low precision rounds at each add)."""
     return buf.shape[1] <= 2 or buf.dtype in (torch.float32, torch.float64)
 
 
@@ -132,6 +134,7 @@ class _SlotSum(torch.autograd.Function):
         return slot_sum(_gather_slots(y, lay), w)
 
     @staticmethod
+    @once_differentiable  # the backward works in place on its own gather
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         gy = grad[ctx.lay.rows]  # [N, D]
         saved = ctx.saved_tensors  # read once: activation checkpointing unpacks each saved tensor once

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def _aligned16(t: torch.Tensor) -> bool:
@@ -139,6 +140,7 @@ class _ExpertLoop(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # in-place products below: no graph of the backward itself
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w1, w2, w3, gate, up = ctx.saved_tensors
         need_w = any(ctx.needs_input_grad[1:4])

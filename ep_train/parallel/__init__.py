@@ -166,7 +166,8 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     or turns dynamic, and under activation checkpointing the recompute can then pick another compiled
     graph than the forward did (torch.utils.checkpoint raises "a different number of tensors was saved",
     pytorch/pytorch#166926; seen in CI). Static shapes keep forward and recompute on the same graph.
-    ``nn.Module.compile`` compiles the module's call, ZeRO-3's gather hooks included."""
+    ``nn.Module.compile`` compiles the module's call, with ZeRO-3's gather hooks where DeepSpeed put them
+    (on these modules under ``parallel.zero3_gather: module``; on the whole block under ``block``)."""
     for module in model.modules():
         if isinstance(module, (Attention, SwiGLU)):
             module.compile()

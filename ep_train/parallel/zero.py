@@ -241,7 +241,8 @@ def tag_experts_for_deepspeed(model: nn.Module, layout: Any) -> nn.Module:
 
 
 def gather_whole_blocks(model: nn.Module, ds: dict[str, Any], unit: str) -> int:
-    """``parallel.zero3_gather: block``: ZeRO-3 fetches and releases each transformer block's parameters at once.
+    """``parallel.zero3_gather``: with ``block`` ZeRO-3 fetches and releases each transformer block's
+    parameters at once.
 
     DeepSpeed installs its ZeRO-3 hooks on every submodule (norms, attention projections, router, experts):
     a Python fetch/release pair per module in the forward, again in the recompute and the backward, and one
@@ -249,18 +250,35 @@ def gather_whole_blocks(model: nn.Module, ds: dict[str, Any], unit: str) -> int:
     one pair, and its gradients are reduced together after its backward. On the demo model (4 layers, 2
     processes, 2 cores, ZeRO-3 + offload, every layer MoE) it ran at 1.03x and 1.05x the tokens/s of
     per-module hooks in two interleaved pairs of 30-step runs (1.08-1.11x in runs far apart), with the same
-    losses; on the 583M model the step time and peak RSS did not change. Costs: the block's attention and its local experts are live together (``ep-train plan``
-    counts the largest block gathered either way), and the gradients of a block are reduced after the whole
-    block's backward rather than parameter by parameter. Call before ``deepspeed.initialize`` (it reads the
-    mark when it registers hooks). Returns the number of blocks marked (0 outside ZeRO-3 or for ``module``).
+    losses; on the 583M model the step time and peak RSS did not change. Costs: the block's attention and its
+    local experts are live together (``ep-train plan`` counts the largest block gathered either way), and the
+    gradients of a block are reduced after the whole block's backward rather than parameter by parameter.
+    With parameters on NVMe, DeepSpeed swaps a block's partitions in together, one swap buffer each
+    (``offload_param.buffer_count``, 5 in zero3_nvme; partitions under 1 MiB stay in RAM): ``auto`` then
+    keeps per-submodule fetches unless the buffers can hold every parameter of a block, and ``block`` is
+    refused. Call before ``deepspeed.initialize`` (it reads the mark when it registers hooks). Returns the
+    number of blocks marked (0 outside ZeRO-3, for ``module``, or ``auto`` falling back).
     """
     from deepspeed.utils import set_z3_leaf_modules
 
     from ep_train.model.transformer import Block
 
-    assert unit in ("block", "module"), unit  # validated with the config
-    if unit != "block" or ds.get("zero_optimization", {}).get("stage") != 3:
+    assert unit in ("auto", "block", "module"), unit  # validated with the config
+    zero = ds.get("zero_optimization", {})
+    if unit == "module" or zero.get("stage") != 3:
         return 0
+    param = zero.get("offload_param") or {}
+    if param.get("device") == "nvme":
+        need = max((len(list(m.parameters())) for m in model.modules() if isinstance(m, Block)), default=0)
+        have = int(param.get("buffer_count", 5))  # DeepSpeed's default
+        if have < need:
+            if unit == "auto":
+                return 0
+            raise ValueError(f"parallel.zero3_gather = 'block' with parameters offloaded to nvme needs "
+                             f"zero_optimization.offload_param.buffer_count >= {need} (a block's parameters, swapped "
+                             f"in together, one buffer each); the DeepSpeed JSON gives {have}. Raise buffer_count "
+                             "(each buffer holds buffer_size elements of RAM) or use parallel.zero3_gather auto "
+                             "or module")
     return len(set_z3_leaf_modules(model, [Block]))
 
 

@@ -55,19 +55,48 @@ def test_ep_train_switches_pass_through(tmp_path) -> None:
     assert ds["ep_train"] == block
 
 
-@pytest.mark.parametrize("unit,stage,leaves", [("block", 3, 2), ("module", 3, 0), ("block", 2, 0)])
-def test_zero3_gather_marks_whole_blocks_as_leaves(unit, stage, leaves) -> None:
-    """parallel.zero3_gather: block marks each transformer block a DeepSpeed z3 leaf (its hooks stop there);
-    module, or a stage other than 3, leaves DeepSpeed's per-submodule hooks."""
+NVME = {"device": "nvme", "nvme_path": "/tmp/x"}
+
+
+@pytest.mark.parametrize("unit,zero,leaves", [
+    ("auto", {"stage": 3}, 2), ("block", {"stage": 3}, 2), ("module", {"stage": 3}, 0), ("block", {"stage": 2}, 0),
+    # parameters on NVMe: DeepSpeed swaps a block's partitions in together, one buffer each
+    ("auto", {"stage": 3, "offload_param": NVME}, 0),  # DeepSpeed's default 5 buffers < a block's parameters
+    ("auto", {"stage": 3, "offload_param": {**NVME, "buffer_count": 5}}, 0),
+    ("auto", {"stage": 3, "offload_param": {**NVME, "buffer_count": 32}}, 2),
+    ("block", {"stage": 3, "offload_param": {**NVME, "buffer_count": 32}}, 2),
+    ("auto", {"stage": 3, "offload_param": {"device": "cpu"}}, 2),
+])
+def test_zero3_gather_marks_whole_blocks_as_leaves(unit, zero, leaves) -> None:
+    """parallel.zero3_gather: block (and auto) mark each transformer block a DeepSpeed z3 leaf (its hooks stop
+    there); module, a stage other than 3, or auto with too few NVMe swap buffers leave per-submodule hooks."""
     from deepspeed.utils import z3_leaf_module
 
-    from ep_train.model import build_model
     from ep_train.model.transformer import Block
     from ep_train.parallel.zero import gather_whole_blocks
 
-    cfg = load_config(None, parse_overrides(["--num_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
-                                             "--num_experts", "4", "--zero3_gather", unit]))
-    model = build_model(cfg.model, cfg.moe, device="meta")
-    assert gather_whole_blocks(model, {"zero_optimization": {"stage": stage}}, cfg.parallel.zero3_gather) == leaves
+    model = _tiny_meta_model(unit)
+    assert gather_whole_blocks(model, {"zero_optimization": zero}, unit) == leaves
     marked = [m for m in model.modules() if z3_leaf_module(m)]
     assert len(marked) == leaves and all(isinstance(m, Block) for m in marked)
+
+
+def test_zero3_gather_block_refuses_too_few_nvme_buffers() -> None:
+    """An explicit block with parameters on NVMe and fewer swap buffers than a block's parameters: refused at
+    start, naming the field, both values and the fix (DeepSpeed would fail at the first forward)."""
+    from ep_train.parallel.zero import gather_whole_blocks
+
+    model = _tiny_meta_model("block")
+    need = max(len(list(b.parameters())) for b in model.layers)
+    with pytest.raises(ValueError, match=rf"zero3_gather = 'block'.*buffer_count >= {need}.*gives 5.*auto or module"):
+        gather_whole_blocks(model, {"zero_optimization": {"stage": 3, "offload_param": {**NVME, "buffer_count": 5}}},
+                            "block")
+
+
+def _tiny_meta_model(unit: str):
+    from ep_train.model import build_model
+
+    cfg = load_config(None, parse_overrides(["--num_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
+                                             "--num_experts", "4", "--zero3_gather", unit]))
+    assert cfg.parallel.zero3_gather == unit
+    return build_model(cfg.model, cfg.moe, device="meta")

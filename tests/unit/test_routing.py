@@ -153,7 +153,7 @@ def test_weighted_combine_matches_index_add(dtype: torch.dtype) -> None:
         ref.backward(dz.double())
         out = combine_slots(y, w, lay)
         out.backward(dz)
-        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+        tol = dict(rtol=8e-3, atol=8e-3) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, **tol)
         torch.testing.assert_close(y.grad.double(), y_ref.grad, **tol)
@@ -178,12 +178,14 @@ def test_slot_sum_is_the_sum_over_slots(dtype: torch.dtype) -> None:
     g = torch.Generator().manual_seed(7)
     for c in (1, 2, 3, 4):
         buf = torch.randn(9, c, 6, generator=g).to(dtype)
-        got, want = slot_sum(buf), buf.sum(1)
+        exact = buf.double().sum(1)  # exact for these few terms
+        got = slot_sum(buf)
         assert got.shape == (9, 6) and got.dtype == dtype
-        if c <= 2 or dtype == torch.bfloat16:  # one rounding of the exact sum either way (bf16 C > 2: sum itself)
-            assert torch.equal(got, want), c
-        else:  # fp32, C > 2: the same terms added in another order
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        if c <= 2:  # one rounding of the exact sum
+            assert torch.equal(got, exact.to(dtype)), c
+        else:  # fp32: the same terms added in another order; bf16: one rounding of an fp32 sum
+            torch.testing.assert_close(got.double(), exact, rtol=8e-3 if dtype == torch.bfloat16 else 1e-6,
+                                       atol=1e-6)
 
 
 def test_expand_and_unweighted_combine_are_adjoint_gathers() -> None:
