@@ -125,10 +125,10 @@ class _SlotSum(torch.autograd.Function):
     def forward(ctx, y: torch.Tensor, weights: torch.Tensor | None, lay: SlotLayout
                 ) -> torch.Tensor:  # type: ignore[override]
         ctx.lay = lay
-        if weights is not None:  # the unweighted backward needs neither
-            ctx.save_for_backward(y, weights)
         w = None
-        if weights is not None:  # [N] -> [S, C], zero in the empty slots
+        if weights is not None:  # the unweighted backward needs neither y nor weights
+            ctx.save_for_backward(y, weights)
+            # [N] -> [S, C], zero in the empty slots
             w = weights.new_zeros(lay.num_rows * lay.width).index_copy(0, lay.slot, weights)
             w = w.view(lay.num_rows, lay.width)
         return slot_sum(_gather_slots(y, lay), w)

@@ -259,6 +259,7 @@ def gather_whole_blocks(model: nn.Module, ds: dict[str, Any], unit: str) -> int:
     refused. Call before ``deepspeed.initialize`` (it reads the mark when it registers hooks). Returns the
     number of blocks marked (0 outside ZeRO-3, for ``module``, or ``auto`` falling back).
     """
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadParamConfig
     from deepspeed.utils import set_z3_leaf_modules
 
     from ep_train.model.transformer import Block
@@ -270,7 +271,7 @@ def gather_whole_blocks(model: nn.Module, ds: dict[str, Any], unit: str) -> int:
     param = zero.get("offload_param") or {}
     if param.get("device") == "nvme":
         need = max((len(list(m.parameters())) for m in model.modules() if isinstance(m, Block)), default=0)
-        have = int(param.get("buffer_count", 5))  # DeepSpeed's default
+        have = int(param.get("buffer_count", DeepSpeedZeroOffloadParamConfig().buffer_count))  # DeepSpeed's default
         if have < need:
             if unit == "auto":
                 return 0
