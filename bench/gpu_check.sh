@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU path, proven (issue 14 part 1): checks ep-train on one CUDA GPU in under 6 minutes and writes
+# GPU path, proven (issue 14 part 1): checks ep-train on one CUDA GPU in under 7 minutes and writes
 # a report ($OUT/gpu_report.md when OUT is set, else --out PATH, else runs/gpu_check/gpu_report.md).
 #
 #   bash bench/gpu_check.sh                                        # on the GPU machine, from the repo root
