@@ -29,7 +29,8 @@ else its parent's (innermost wins):
   the ``ep_train.experts`` scope (ep_train/model/experts.py), or under an autograd backward node whose
   sequence number is that of an op recorded under that scope (the experts' backward);
 - dense matmuls: the same ops anywhere else (attention projections and attention's own matmuls, the
-  dense FFN layers, the router, the LM head), forward and backward;
+  dense FFN layers, the router, the LM head), forward and backward; a fused attention kernel
+  (``aten::_scaled_dot_product_*``: its two matmuls and the softmax between them in one op) counts here;
 - optimizer: the rest of ``engine.step()`` (the trainer's ``ep_train.optimizer_step`` scope: CPU Adam,
   the gradient norm, the copies between fp32 partitions and parameters);
 - other: everything else (element-wise ops, SwiGLU's activation, norms, softmax, routing, dispatch
@@ -75,6 +76,9 @@ CATEGORIES = ("expert matmuls", "dense matmuls", "all-to-all", "ZeRO gathers", "
               "other all-reduces", "optimizer", "other")
 MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::matmul",
               "aten::linear", "aten::_grouped_mm", "aten::mv", "aten::addmv", "aten::dot"}
+# Fused attention (SDPA's CPU flash kernel, forward and backward; CUDA's flash / memory-efficient kernels): the
+# attention's own matmuls with the softmax between them in one op, counted with the dense matmuls.
+FUSED_ATTENTION = ("aten::_scaled_dot_product_", "aten::_flash_attention", "aten::_efficient_attention")
 EXPERT_SCOPE, A2A_SCOPE, OPT_SCOPE = "ep_train.experts", "ep_train.all_to_all", "ep_train.optimizer_step"
 BACKWARD = "autograd::engine::evaluate_function:"
 COLLECTIVES = ("all-to-all", "ZeRO gathers", "ZeRO reduce-scatters", "other all-reduces")
@@ -92,7 +96,7 @@ def _own_label(e: dict[str, Any], expert_seq: set[int]) -> str | None:
         return "ZeRO reduce-scatters"
     if "allreduce" in low or "all_reduce" in low:
         return "other all-reduces"
-    if name in MATMUL_OPS:
+    if name in MATMUL_OPS or name.startswith(FUSED_ATTENTION):
         return "matmul"
     if name == EXPERT_SCOPE or (name.startswith(BACKWARD) and e.get("args", {}).get("Sequence number") in expert_seq):
         return "expert scope"

@@ -66,3 +66,18 @@ def test_arrival_waits_pair_the_ranks_calls() -> None:
     r2 = _rank_trace([("c10d::allreduce_", 25, 1, 26), ("c10d::_reduce_scatter_base_", 50, 1, 58)])
     assert arrival_waits({0: r0, 1: r2}) is None
     assert arrival_waits({0: r0, 1: _rank_trace([("c10d::alltoall_base_", 25, 1, 26)])}) is None
+
+
+def test_fused_attention_counts_as_dense_matmuls() -> None:
+    """SDPA's fused CPU kernel (attention's two matmuls and the softmax between them in one op), forward and
+    backward, with the allocation inside it: dense matmul time, like the unfused attention's aten::bmm."""
+    trace = {"traceEvents": [
+        _ev("ProfilerStep#3", 0, 100, cat="user_annotation"),
+        _ev("aten::_scaled_dot_product_flash_attention_for_cpu", 10, 20),          # 10..30
+        _ev("aten::empty", 12, 2),                                                 # inside it
+        _ev("aten::_scaled_dot_product_flash_attention_for_cpu_backward", 40, 15),  # 40..55
+        _ev("aten::softmax", 60, 5),                                               # unfused: other
+    ]}
+    got = classify(trace)
+    assert got["dense matmuls"] == pytest.approx(0.020 + 0.015)
+    assert got["other"] == pytest.approx(0.100 - 0.035)
