@@ -202,33 +202,67 @@ def test_expert_loop_backward_on_cuda_matches_cpu() -> None:
     assert not out["cuda"][2][1].any()  # the empty expert's gate weight gradient is exactly zero
 
 
-@needs_cuda
-def test_moe_forward_host_syncs() -> None:
-    """A dropless MoE layer's forward on CUDA syncs with the host once, where it must: the group sizes read
-    back for the expert matmuls. Each extra sync (bincount, boolean indexing, a host-to-GPU copy from pageable
-    memory) drains the GPU's queue. Capacity and overflow routing still sync (not covered here). Written
-    without a GPU at hand; the message lists the syncs it found."""
+def _syncs_during(fn) -> list[str]:
+    """The host syncs CUDA's sync debug mode reports while ``fn`` runs (message and where)."""
     import warnings
 
-    from ep_train.model.moe import MoELayer
-
-    torch.manual_seed(0)
-    layer = MoELayer(64, 128, 8, 2).to("cuda", torch.bfloat16)
-    x = torch.randn(2, 96, 64, device="cuda", dtype=torch.bfloat16)
-    layer(x)  # warm up (lazy CUDA initialisation syncs)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            layer(x)
+            fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     # Each sync warns "called a synchronizing CUDA operation"; the first warning of a process only says the
     # debug mode is a prototype (seen on an H200 run, 2026-11-27) and is no sync.
-    syncs = [str(w.message)[:200] + f" ({w.filename}:{w.lineno})" for w in caught
-             if "called a synchronizing" in str(w.message)]
+    return [str(w.message)[:200] + f" ({w.filename}:{w.lineno})" for w in caught
+            if "called a synchronizing" in str(w.message)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("routing", [{}, {"capacity_factor": 1.0}])
+def test_moe_forward_host_syncs(routing: dict) -> None:
+    """A MoE layer's forward on CUDA, dropless or with capacity (drop policy), syncs with the host once, where
+    it must: the group sizes read back for the expert matmuls. Each extra sync (bincount, boolean indexing, a
+    host-to-GPU copy from pageable memory) drains the GPU's queue. The overflow policy syncs once per round
+    (not covered here). The message lists the syncs found."""
+    from ep_train.model.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, 128, 8, 2, **routing).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 96, 64, device="cuda", dtype=torch.bfloat16)
+    layer(x)  # warm up (lazy CUDA initialisation syncs)
+    syncs = _syncs_during(lambda: layer(x))
     assert len(syncs) == 1, syncs
     lines, first = inspect.getsourcelines(LocalDispatcher.dispatch)
     where = first + next(i for i, ln in enumerate(lines) if "host sync: group sizes" in ln)
     assert syncs[0].endswith(f"dispatch.py:{where})"), syncs  # the one it must: the group sizes
+
+
+@needs_cuda
+def test_moe_backward_host_syncs() -> None:
+    """The backward of a dropless MoE layer on CUDA: the group sizes are known from the forward, so it needs no
+    host sync at all. The message lists the syncs found."""
+    from ep_train.model.moe import MoELayer
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, 128, 8, 2).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x)[0].float().square().mean().backward()  # warm up
+    y, stats = layer(x)
+    loss = y.float().square().mean() + stats.aux_loss
+    syncs = _syncs_during(lambda: loss.backward())
+    assert syncs == [], syncs
+
+    class SyncingBackward(torch.autograd.Function):  # control: a sync inside a backward is seen
+        @staticmethod
+        def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+            return t * 1
+
+        @staticmethod
+        def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+            return g * float(g.sum())  # .item(): one host sync
+
+    z = SyncingBackward.apply(x).float().sum()
+    assert len(_syncs_during(lambda: z.backward())) == 1
