@@ -30,7 +30,7 @@ else its parent's (innermost wins):
   sequence number is that of an op recorded under that scope (the experts' backward);
 - dense matmuls: the same ops anywhere else (attention projections and attention's own matmuls, the
   dense FFN layers, the router, the LM head), forward and backward; a fused attention kernel
-  (``aten::_scaled_dot_product_*``: its two matmuls and the softmax between them in one op) counts here;
+  (``FUSED_ATTENTION``: its two matmuls and the softmax between them in one op) counts here;
 - optimizer: the rest of ``engine.step()`` (the trainer's ``ep_train.optimizer_step`` scope: CPU Adam,
   the gradient norm, the copies between fp32 partitions and parameters);
 - other: everything else (element-wise ops, SwiGLU's activation, norms, softmax, routing, dispatch
@@ -76,9 +76,16 @@ CATEGORIES = ("expert matmuls", "dense matmuls", "all-to-all", "ZeRO gathers", "
               "other all-reduces", "optimizer", "other")
 MATMUL_OPS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::matmul",
               "aten::linear", "aten::_grouped_mm", "aten::mv", "aten::addmv", "aten::dot"}
-# Fused attention (SDPA's CPU flash kernel, forward and backward; CUDA's flash / memory-efficient kernels): the
-# attention's own matmuls with the softmax between them in one op, counted with the dense matmuls.
-FUSED_ATTENTION = ("aten::_scaled_dot_product_", "aten::_flash_attention", "aten::_efficient_attention")
+# Fused attention kernels, forward and backward (SDPA's CPU flash kernel; CUDA's flash, memory-efficient and
+# cuDNN kernels): the attention's own matmuls with the softmax between them in one op, counted with the dense
+# matmuls. Not SDPA's math fallback (_scaled_dot_product_attention_math): it runs bmm and softmax as ops.
+FUSED_ATTENTION = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+                   "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention",
+                   "aten::_efficient_attention")
+
+
+def _is_matmul(name: str) -> bool:
+    return name in MATMUL_OPS or name.startswith(FUSED_ATTENTION)
 EXPERT_SCOPE, A2A_SCOPE, OPT_SCOPE = "ep_train.experts", "ep_train.all_to_all", "ep_train.optimizer_step"
 BACKWARD = "autograd::engine::evaluate_function:"
 COLLECTIVES = ("all-to-all", "ZeRO gathers", "ZeRO reduce-scatters", "other all-reduces")
@@ -96,7 +103,7 @@ def _own_label(e: dict[str, Any], expert_seq: set[int]) -> str | None:
         return "ZeRO reduce-scatters"
     if "allreduce" in low or "all_reduce" in low:
         return "other all-reduces"
-    if name in MATMUL_OPS or name.startswith(FUSED_ATTENTION):
+    if _is_matmul(name):
         return "matmul"
     if name == EXPERT_SCOPE or (name.startswith(BACKWARD) and e.get("args", {}).get("Sequence number") in expert_seq):
         return "expert scope"
@@ -123,7 +130,7 @@ def _matmul_time(main: list[dict[str, Any]], windows: list[tuple[float, float]])
     """Microseconds of matmul ops (outermost ones) of the main thread starting inside each [a, b) window."""
     spans, end = [], -1.0
     for e in main:
-        if e["name"] in MATMUL_OPS and e["ts"] >= end:
+        if _is_matmul(e["name"]) and e["ts"] >= end:
             spans.append((e["ts"], e["dur"]))
             end = e["ts"] + e["dur"]
     starts = [t for t, _ in spans]

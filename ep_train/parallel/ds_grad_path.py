@@ -22,12 +22,13 @@ these two took about a quarter of a training step, all of it in fresh host alloc
    is the identity, the divide by 1 is exact, and the scale is the same Python float applied in the same
    dtype before the same conversion to the accumulation dtype (bf16 gradients, fp32 accumulation). On the
    first micro-step of a window (where DeepSpeed's ``partition_grads`` copies the result into the gradient
-   partition buffer) with no dtype conversion, the scaled gradient is written straight into that buffer
-   (``torch.mul(..., out=)``): the copy is then of a tensor onto itself, which torch skips, so one pass over
-   the expert gradients (most of the model's elements) goes (measured at 583M: the in-place scale took ~1%
-   of a step). Bitwise DeepSpeed's result. Every other case (groups of several ranks, a communication dtype
-   other than the parameters', gradient pre-division, the quantized all-to-all reduce) calls DeepSpeed's
-   method unchanged.
+   partition buffer), with no dtype conversion and the buffer on the gradient's device (CPU training; with
+   offload on a GPU the buffer is on the host and DeepSpeed's copy moves it), the scaled gradient is written
+   straight into that buffer (``torch.mul(..., out=)``): the copy is then of a tensor onto itself, which
+   torch skips, and one pass over the expert gradients (most of the model's elements) is saved (measured at
+   583M: the in-place scale took ~1% of a step). Bitwise DeepSpeed's result. Every other case (groups of
+   several ranks, a communication dtype other than the parameters', gradient pre-division, the quantized
+   all-to-all reduce) calls DeepSpeed's method unchanged.
 
 The patches are bound to one optimizer object after ``deepspeed.initialize`` (nothing global is changed).
 Another DeepSpeed version, or a missing attribute, leaves DeepSpeed's methods in place with a log line.
@@ -108,10 +109,14 @@ def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
         out = [p.grad.reshape(-1) for p in params]  # a one-rank reduce-scatter returns its input
         if averaging != 1:
             scale = 1 / float(averaging)  # DeepSpeed: partition_world_size / float(averaging_world_size)
-            if self.micro_step_id == 0 and communication_data_type == self.gradient_accumulation_dtype:
+            if (self.micro_step_id == 0 and communication_data_type == self.gradient_accumulation_dtype
+                    and not getattr(self, "zenflow", False)):
                 # into the buffers partition_grads copies to at this micro-step: its copy_ is then a no-op
+                # (only where buffer and gradient share a device: with offload on a GPU the buffer is on the host)
                 bufs = getattr(self, _GRAD_PARTITIONS)
-                return [torch.mul(g, scale, out=bufs[p.ds_id].narrow(0, 0, g.numel())) for p, g in zip(params, out)]
+                dests = [bufs[p.ds_id].narrow(0, 0, g.numel()) for p, g in zip(params, out)]
+                if all(d.device == g.device for d, g in zip(dests, out)):
+                    return [torch.mul(g, scale, out=d) for g, d in zip(out, dests)]
             for g in out:
                 g.mul_(scale)  # in place: DeepSpeed drops param.grad once partition_grads has copied it
         if communication_data_type != self.gradient_accumulation_dtype:  # bf16 grads, fp32 accumulation

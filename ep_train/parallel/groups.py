@@ -92,10 +92,10 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 def read_numa_layout_once() -> None:
     """DeepSpeed's CPU accelerator counts its devices from ``numactl --hardware`` (deepspeed/utils/numa.py),
-    a new process on every ``device_count()`` call, and ZeRO-3 calls it for every gradient bucket it reduces
-    (stage3's ``__avg_scatter_grads``): 10 spawns per step of the demo model, 15 ms of a 450 ms step where
-    numactl is installed (measured). The layout does not change while the process runs: read it once (each
-    caller gets its own copy of the lists)."""
+    a new process on every ``device_count()`` call, and ZeRO-3's ``__avg_scatter_grads`` calls it for every
+    gradient bucket it reduces over several ranks: 10 spawns per step of the demo model, 15 ms of a 450 ms
+    step where numactl is installed (measured). The layout does not change while the process runs: read it
+    once (each caller gets its own copy of the lists)."""
     import deepspeed.utils.numa as numa
 
     if getattr(numa.get_numa_cores, "ep_train_once", False):
@@ -106,6 +106,7 @@ def read_numa_layout_once() -> None:
         return [list(cores) for cores in read()]
 
     get_numa_cores.ep_train_once = True  # type: ignore[attr-defined]
+    get_numa_cores.ep_train_original = numa.get_numa_cores  # type: ignore[attr-defined]
     numa.get_numa_cores = get_numa_cores
 
 
