@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peer_args, peer_train_loop  # noqa: E402
+from bench.common import peer_args, peer_optimizer_settings, peer_train_loop  # noqa: E402
 
 
 def main() -> None:
@@ -52,14 +52,18 @@ def main() -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ds = build_ds_config(cfg, world, use_bf16=False)
     ds["expert_parallel"] = {"enabled": True, "autoep_size": cfg.parallel.ep_size, "preset_model": "mixtral"}
+    # ep-train's groups and schedule; the router is each block's `mlp.gate` (AutoEP carries the groups over to
+    # the parameters of the layers it puts in)
+    groups, schedule = peer_optimizer_settings(model.named_parameters(), cfg, lambda n: ".mlp.gate." in n)
     adam = dict(lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
     if is_offloading_optimizer(ds):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **adam)
+        optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), **adam)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+        optimizer = torch.optim.AdamW(groups, **adam)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule(optimizer),
+                                           config=ds)
     replaced = sum(type(mod).__name__ == "AutoEPMoELayer" for mod in engine.module.modules())
     assert replaced == m.num_layers, f"AutoEP replaced {replaced} of {m.num_layers} MoE blocks"
     # what this rank holds: its ZeRO-3 partition of each parameter (ds_tensor), or the whole tensor

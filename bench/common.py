@@ -105,6 +105,33 @@ def peer_args() -> tuple[object, list[str]]:
     return ap.parse_known_args()
 
 
+def peer_optimizer_settings(named_params, cfg, is_router: Callable[[str], bool]) -> tuple[list[dict], Callable]:
+    """A peer's AdamW parameter groups and learning-rate schedule, by ep-train's rules (ep_train.train.optim):
+    the router at lr x router_lr_multiplier, no weight decay on 1-D parameters and biases, linear warmup then
+    cosine (``lr_factor``). Returns (groups, a function making the LambdaLR for an optimizer), so a peer
+    trains with the same settings and its routing evolves under the same schedule as ep-train's."""
+    import torch
+
+    from ep_train.train.optim import lr_factor
+
+    t = cfg.train
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, param in named_params:
+        decay = param.dim() >= 2 and not name.endswith("bias")
+        buckets.setdefault((is_router(name), decay), []).append(param)
+    groups = [{"params": params, "name": f"{'router' if router else 'rest'}_{'decay' if decay else 'no_decay'}",
+               "weight_decay": t.weight_decay if decay else 0.0,
+               "lr": t.learning_rate * (t.router_lr_multiplier if router else 1.0)}
+              for (router, decay), params in sorted(buckets.items())]
+    assert any(g["name"].startswith("router") for g in groups), "no router parameter matched"
+
+    def schedule(optimizer):  # noqa: ANN001, ANN202 - a torch optimizer -> its LambdaLR
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+
+    return groups, schedule
+
+
 def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int, elements: int) -> None:
     """Train ``args.steps`` global batches; rank 0 writes one JSON line per step to ``args.out``.
 
@@ -120,6 +147,7 @@ def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int,
     out = open(args.out, "w") if rank == 0 else None  # noqa: SIM115 - written step by step
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
+        lr = [float(v) for v in engine.get_lr()]  # per parameter group, the rates this step uses
         micro = data.next()
 
         def one_step() -> float:
@@ -142,6 +170,7 @@ def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int,
         if out:
             out.write(json.dumps({"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
                                   "profiled": step == args.profile_step,
-                                  "tokens_per_sec": tokens_per_step / dt, "elements": int(elem.item())}) + "\n")
+                                  "tokens_per_sec": tokens_per_step / dt, "elements": int(elem.item()),
+                                  "lr": lr}) + "\n")
             out.flush()
     dist.barrier()

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import peer_args, peer_train_loop  # noqa: E402
+from bench.common import peer_args, peer_optimizer_settings, peer_train_loop  # noqa: E402
 
 
 def main() -> None:
@@ -61,10 +61,13 @@ def main() -> None:
             block.ffn = DeepSpeedMoEFFN()
     if t.activation_checkpointing:
         checkpoint_blocks(model)
-    groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": list(model.parameters()), "name": "parameters"})
-    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+    # ep-train's groups and schedule (the router: DeepSpeed's gate, `deepspeed_moe.gate.wg`), each split by DeepSpeed
+    # into its expert and non-expert parameters
+    groups, schedule = peer_optimizer_settings(model.named_parameters(), cfg, lambda n: ".gate.wg." in n)
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  weight_decay=t.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule(optimizer),
                                            config=build_ds_config(cfg, world, use_bf16=False))
     data = DistributedBatches(TokenWindows(args.data_dir, "train", cfg.data.seq_len), t.batch_size,
                               t.micro_batch_size, rank, world, seed=t.seed)

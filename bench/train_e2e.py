@@ -60,6 +60,7 @@ def run(ds_config: str, data: Path, tok: Path, out: Path, steps: int, extra: lis
     parts = [json.loads((run_dir / "partitions" / f"rank{r}.json").read_text()) for r in range(2)]
     return {"tok_s": [r["tokens_per_sec"] for r in warm], "rss": recs[-1]["max_rss_mb"],
             "elements": max(p["dense"] + p["expert"] for p in parts), "final_loss": recs[-1]["loss"],
+            "lr": [r["lr"] for r in recs],  # per step, the dense parameters' rate
             "profile": _top((run_dir / "profile" / f"rank0_step{PROFILE_STEP}.txt").read_text())}
 
 
@@ -69,7 +70,9 @@ def run_peer(script: str, data: Path, out: Path, steps: int, extra: list[str]) -
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(ROOT / "bench" / script), "--config",
            str(ROOT / "configs/demo.yaml"), "--data_dir", str(data), "--steps", str(steps), "--out", str(log),
-           "--profile_step", str(PROFILE_STEP), *extra]
+           "--profile_step", str(PROFILE_STEP), *extra,
+           # the learning-rate schedule ep-train's run() gets (bench/common.py peer_optimizer_settings)
+           "--max_steps", str(steps), "--warmup_steps", str(min(20, steps))]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     if p.returncode:
         raise RuntimeError(f"peer {script} {extra} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -77,6 +80,7 @@ def run_peer(script: str, data: Path, out: Path, steps: int, extra: list[str]) -
     warm = [r for r in recs[min(3, len(recs) - 1):] if not r["profiled"]]
     return {"tok_s": [r["tokens_per_sec"] for r in warm], "rss": recs[-1]["max_rss_mb"],
             "elements": recs[-1]["elements"], "final_loss": recs[-1]["loss"],
+            "lr": [r["lr"] for r in recs],  # per step, one rate per parameter group
             "profile": _top(Path(f"{log}.rank0.profile.txt").read_text())}
 
 
@@ -169,7 +173,11 @@ The DeepSpeed-MoE row is the same model with `deepspeed.moe.layer.MoE` (top-2, e
 ZeRO-3) with torch AdamW (no offload). The AutoEP rows are the same sizes as a `transformers`
 `MixtralForCausalLM` that `deepspeed.initialize` converts (expert_parallel autoep_size 2, preset mixtral)
 under the same DeepSpeed JSONs, optimizer kind and activation checkpointing (bench/autoep_train.py);
-it computes no router losses (AutoEP does not support them yet), ep-train computes both.
+it computes no router losses (AutoEP does not support them yet), ep-train computes both. Both peers train
+with ep-train's optimizer settings (bench/common.py `peer_optimizer_settings`: the router at the config's
+learning-rate multiplier, no weight decay on 1-D parameters, the same warmup and cosine schedule), so
+their routers move at the same rates; how evenly the routers split the tokens between the two ranks
+still differs from run to run and moves tokens/s (the busier rank sets the pace).
 The ep-train rows are `ep_train.train` under each DeepSpeed config.
 
 Where the time goes: step {PROFILE_STEP} of each run under torch.profiler (operators by self CPU time; the

@@ -104,6 +104,14 @@ def test_train_e2e_bench_small(small) -> None:
     assert out["zero3"]["elements"] < out["zero2"]["elements"]  # ZeRO-3 really partitions parameters
     # AutoEP's ZeRO-3 partitions: each rank holds a share, as ep-train's do
     assert out["DeepSpeed AutoEP, ZeRO-3 (peer)"]["elements"] < out["DeepSpeed MoE layer, ZeRO-2 (peer)"]["elements"]
+    # the peers train at ep-train's learning rates: the same warmup and cosine per step, the router group at the
+    # config's multiplier (configs/demo.yaml: 2.0)
+    want = out["zero3_offload"]["lr"]
+    assert len(want) == 4 and want[0] < want[1]  # a warmup
+    for name in ("DeepSpeed MoE layer, ZeRO-2 (peer)", "DeepSpeed AutoEP, ZeRO-3 (peer)"):
+        got = out[name]["lr"]
+        assert [min(g) for g in got] == pytest.approx(want, rel=1e-9), name
+        assert [max(g) for g in got] == pytest.approx([2.0 * w for w in want], rel=1e-9), name
 
 
 def test_train_e2e_583m_bench_small(small) -> None:
