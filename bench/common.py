@@ -110,26 +110,17 @@ def peer_optimizer_settings(named_params, cfg, is_router: Callable[[str], bool])
     the router at lr x router_lr_multiplier, no weight decay on 1-D parameters and biases, linear warmup then
     cosine (``lr_factor``). Returns (groups, a function making the LambdaLR for an optimizer), so a peer
     trains with the same settings and its routing evolves under the same schedule as ep-train's."""
-    import torch
-
-    from ep_train.train.optim import lr_factor
+    from ep_train.train.optim import base_lr, decays, lr_schedule
 
     t = cfg.train
     buckets: dict[tuple[bool, bool], list] = {}
     for name, param in named_params:
-        decay = param.dim() >= 2 and not name.endswith("bias")
-        buckets.setdefault((is_router(name), decay), []).append(param)
+        buckets.setdefault((is_router(name), decays(name, param.shape)), []).append(param)
     groups = [{"params": params, "name": f"{'router' if router else 'rest'}_{'decay' if decay else 'no_decay'}",
-               "weight_decay": t.weight_decay if decay else 0.0,
-               "lr": t.learning_rate * (t.router_lr_multiplier if router else 1.0)}
+               "weight_decay": t.weight_decay if decay else 0.0, "lr": base_lr(t, router)}
               for (router, decay), params in sorted(buckets.items())]
     assert any(g["name"].startswith("router") for g in groups), "no router parameter matched"
-
-    def schedule(optimizer):  # noqa: ANN001, ANN202 - a torch optimizer -> its LambdaLR
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
-
-    return groups, schedule
+    return groups, lambda optimizer: lr_schedule(optimizer, t)
 
 
 def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int, elements: int) -> None:

@@ -83,12 +83,13 @@ FUSED_ATTENTION = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_d
                    "aten::_scaled_dot_product_cudnn_attention", "aten::_flash_attention",
                    "aten::_efficient_attention")
 
-
-def _is_matmul(name: str) -> bool:
-    return name in MATMUL_OPS or name.startswith(FUSED_ATTENTION)
 EXPERT_SCOPE, A2A_SCOPE, OPT_SCOPE = "ep_train.experts", "ep_train.all_to_all", "ep_train.optimizer_step"
 BACKWARD = "autograd::engine::evaluate_function:"
 COLLECTIVES = ("all-to-all", "ZeRO gathers", "ZeRO reduce-scatters", "other all-reduces")
+
+
+def _is_matmul(name: str) -> bool:
+    return name in MATMUL_OPS or name.startswith(FUSED_ATTENTION)
 
 
 def _own_label(e: dict[str, Any], expert_seq: set[int]) -> str | None:

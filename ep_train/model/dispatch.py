@@ -25,8 +25,9 @@ backward, one thread, torch 2.13, 2026-11-27, median of 11 (S x D; C 2): one mul
 the gather backward above 4,096 x 512 9.4 ms, 1,024 x 128 0.41 ms, 4,096 x 64 0.93 ms; a bmm of
 [1, C] x [C, D] products under autograd 11.3 / 1.22 / 2.64 ms (torch's CPU bmm runs a plain loop below
 400 multiply-adds per product); a broadcast multiply and a sum over C 14.4 / 0.55 / 1.35 ms. On a GPU
-the bmm took 7.4 ms of a 67 ms Mixtral-sized layer step (bench/gpu_check.py's profile, H200, bf16);
-the multiply-add form is not yet measured there.
+the bmm took 7.4 ms of a 67 ms Mixtral-sized layer step (bench/gpu_check.py's profile, H200, bf16); with
+the multiply-add form the layer's forward + backward took 59.5-60.0 ms at 16,384 tokens against 61.3 ms
+with multiply + sum before it (H200, runs hours apart: no worse, not a measured gain; docs/benchmarks.md).
 The unweighted sums over C add the C slices (``slot_sum``): torch's CPU reduction over a middle
 dimension measured 4.6x slower than one add (S 8,192 x C 2 x D 512, fp32, one thread: sum(1) 7.1 ms,
 add 1.6 ms; C 4 x D 128: 2.1 vs 0.8 ms).

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from ep_train.config import Config, config_to_dict
 from ep_train.train import checkpoint
-from ep_train.train.optim import lr_factor
+from ep_train.train.optim import base_lr, schedule_factor
 
 FIXED_TRAIN = ("batch_size", "seed")
 FIXED_DATA = ("seq_len", "shuffle")
@@ -105,9 +105,9 @@ def apply_changes(scheduler: Any, saved: dict[str, Any], cfg: Config, step: int,
     changed = _diff(saved["train"], config_to_dict(cfg)["train"], "train", OPTIMIZER + SCHEDULE)
     if not changed and not force:
         return []
-    factor = lr_factor(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    factor = schedule_factor(t, step)
     for i, g in enumerate(scheduler.optimizer.param_groups):
-        base = t.learning_rate * (t.router_lr_multiplier if g["router"] else 1.0)
+        base = base_lr(t, g["router"])
         scheduler.base_lrs[i] = base
         g["initial_lr"] = base
         g["lr"] = base * factor

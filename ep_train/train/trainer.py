@@ -33,7 +33,7 @@ from ep_train.sizes import model_size
 from ep_train.stdio import keep_running_on_broken_pipe
 from ep_train.train import checkpoint, resume
 from ep_train.train.metrics import CollapseWatch, MetricsLogger
-from ep_train.train.optim import lr_factor, optimizer_param_groups
+from ep_train.train.optim import lr_schedule, optimizer_param_groups
 from ep_train.train.signals import STOP_EXIT_CODE, STOP_MARKER, StopFlag
 
 
@@ -115,8 +115,7 @@ class Trainer:
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **adam)
         else:
             optimizer = torch.optim.AdamW(groups, **adam)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        schedule = lr_schedule(optimizer, t)
         leaf_blocks = gather_whole_blocks(model, self.ds_config, cfg.parallel.zero3_gather)  # one gather per block
         with lean_offload_buffers(self.ds_config):  # no duplicate fp32 master / gradient buffers (ds_memory.py)
             self.engine, _, _, self.scheduler = deepspeed.initialize(
