@@ -71,11 +71,36 @@ def main() -> None:
     data = DistributedBatches(TokenWindows(args.data_dir, "train", cfg.data.seq_len), t.batch_size,
                               t.micro_batch_size, rank, world, seed=t.seed)
 
+    # Rows per expert: each AutoEP layer's router returns this rank's num_tokens_per_expert [E]; counted in the
+    # forward only (activation checkpointing runs the routers again inside backward)
+    layers = [mod for mod in engine.module.modules() if type(mod).__name__ == "AutoEPMoELayer"]
+    counts: list[torch.Tensor] = [torch.zeros(e.num_experts, dtype=torch.float64) for _ in layers]
+    counting = [False]
+
+    def count(i: int):
+        def hook(_module, _inputs, output) -> None:
+            if counting[0]:
+                counts[i] += output[2].detach().to("cpu", torch.float64)  # (scores, experts, tokens per expert)
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.router.register_forward_hook(count(i))
+
     def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = engine(input_ids=x).logits
+        counting[0] = True
+        try:
+            logits = engine(input_ids=x).logits
+        finally:
+            counting[0] = False
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
-    peer_train_loop(engine, loss_fn, data, args, t.batch_size * cfg.data.seq_len, elements)
+    def take_counts() -> list[torch.Tensor]:
+        taken = [c.clone() for c in counts]
+        for c in counts:
+            c.zero_()
+        return taken
+
+    peer_train_loop(engine, loss_fn, data, args, t.batch_size * cfg.data.seq_len, elements, take_counts)
     os._exit(0)
 
 

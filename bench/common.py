@@ -105,6 +105,22 @@ def peer_args() -> tuple[object, list[str]]:
     return ap.parse_known_args()
 
 
+def busiest_rank_load(counts: dict[str, list[int]], ep_size: int) -> float:
+    """How far one step's expert rows sit from an even split between the EP ranks: the sum over MoE layers of
+    the busiest rank's rows over the sum of the mean rank's (1.0 even; ``ep_size`` when one rank gets them all).
+    Every rank waits for the busiest one at each layer's all-to-alls, so the step's expert work goes as this
+    factor whoever trains. ``counts``: layer -> rows per global expert [E] for the whole step (all ranks and
+    micro-batches); rank r holds experts [r E/ep, (r + 1) E/ep) in ep-train, DeepSpeed's MoE layer and AutoEP."""
+    busiest = mean = 0.0
+    for row in counts.values():
+        assert len(row) % ep_size == 0, (len(row), ep_size)
+        per = len(row) // ep_size
+        ranks = [sum(row[r * per:(r + 1) * per]) for r in range(ep_size)]
+        busiest += max(ranks)
+        mean += sum(ranks) / ep_size
+    return busiest / mean if mean > 0 else 0.0
+
+
 def peer_optimizer_settings(named_params, cfg, is_router: Callable[[str], bool]) -> tuple[list[dict], Callable]:
     """A peer's AdamW parameter groups and learning-rate schedule, by ep-train's rules (ep_train.train.optim):
     the router at lr x router_lr_multiplier, no weight decay on 1-D parameters and biases, linear warmup then
@@ -123,10 +139,14 @@ def peer_optimizer_settings(named_params, cfg, is_router: Callable[[str], bool])
     return groups, lambda optimizer: lr_schedule(optimizer, t)
 
 
-def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int, elements: int) -> None:
+def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int, elements: int,
+                    take_counts: Callable | None = None) -> None:
     """Train ``args.steps`` global batches; rank 0 writes one JSON line per step to ``args.out``.
 
-    ``loss_fn(x, y)`` returns the loss of one micro-batch through ``engine``.
+    ``loss_fn(x, y)`` returns the loss of one micro-batch through ``engine``. ``take_counts()`` returns this
+    rank's rows per global expert since its last call, one [E] tensor per MoE layer (forward passes only, not
+    activation checkpointing's recompute); summed over ranks, they are the line's ``expert_counts`` (as in
+    ep-train's metrics.jsonl).
     """
     import json
     import resource
@@ -158,10 +178,16 @@ def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int,
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         elem = torch.tensor([elements], dtype=torch.float64)
         dist.all_reduce(elem, op=dist.ReduceOp.MAX)  # the largest rank's share
+        counts = None
+        if take_counts is not None:  # after the timing: not part of the step
+            counts = torch.stack([c.to(torch.float64) for c in take_counts()])  # [layers, E]
+            dist.all_reduce(counts)
         if out:
-            out.write(json.dumps({"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
-                                  "profiled": step == args.profile_step,
-                                  "tokens_per_sec": tokens_per_step / dt, "elements": int(elem.item()),
-                                  "lr": lr}) + "\n")
+            rec = {"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
+                   "profiled": step == args.profile_step, "tokens_per_sec": tokens_per_step / dt,
+                   "elements": int(elem.item()), "lr": lr}
+            if counts is not None:
+                rec["expert_counts"] = {str(i): [int(v) for v in row] for i, row in enumerate(counts.tolist())}
+            out.write(json.dumps(rec) + "\n")
             out.flush()
     dist.barrier()

@@ -72,7 +72,20 @@ def main() -> None:
     data = DistributedBatches(TokenWindows(args.data_dir, "train", cfg.data.seq_len), t.batch_size,
                               t.micro_batch_size, rank, world, seed=t.seed)
     elements = sum(p.numel() for p in model.parameters())  # ZeRO-2: every rank holds its parameters whole
-    peer_train_loop(engine, lambda x, y: engine(x, y).loss, data, args, t.batch_size * cfg.data.seq_len, elements)
+    counts: dict[int, torch.Tensor] = {}  # MoE layer -> this rank's rows per expert (the gate's exp_counts)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = engine(x, y)
+        for i, st in out.router_stats.items():
+            counts[i] = counts.get(i, 0) + st.tokens_per_expert
+        return out.loss
+
+    def take_counts() -> list[torch.Tensor]:
+        taken = [counts[i] for i in sorted(counts)]
+        counts.clear()
+        return taken
+
+    peer_train_loop(engine, loss_fn, data, args, t.batch_size * cfg.data.seq_len, elements, take_counts)
     os._exit(0)
 
 

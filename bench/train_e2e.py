@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, free_port, machine, stdlib_data  # noqa: E402
+from bench.common import append_section, busiest_rank_load, free_port, machine, stdlib_data  # noqa: E402
 from bench.targets import TARGETS, describe  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 
@@ -34,6 +34,7 @@ DS_MOE = "DeepSpeed MoE layer, ZeRO-2 (peer)"
 AUTOEP = "DeepSpeed AutoEP, ZeRO-3 (peer)"
 AUTOEP_OFF = "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"
 REUSE = "zero3_offload, recompute_comm false"
+EP_SIZE = 2  # every run: 2 processes, EP 2 (configs/demo.yaml)
 
 
 
@@ -41,6 +42,11 @@ def _top(table: str, rows: int = 12) -> str:
     """The header and first ``rows`` operators of a torch.profiler table."""
     lines = table.strip().splitlines()
     return "\n".join(lines[:3 + rows] + [lines[-1]])
+
+
+def _rank_load(recs: list[dict]) -> float:
+    """Median over the counted steps of the busiest EP rank's expert rows over the mean rank's (EP 2)."""
+    return statistics.median(busiest_rank_load(r["expert_counts"], EP_SIZE) for r in recs)
 
 
 def run(ds_config: str, data: Path, tok: Path, out: Path, steps: int, extra: list[str], label: str = "") -> dict:
@@ -59,6 +65,7 @@ def run(ds_config: str, data: Path, tok: Path, out: Path, steps: int, extra: lis
     warm = [r for r in recs[min(3, len(recs) - 1):] if r["step"] != PROFILE_STEP]
     parts = [json.loads((run_dir / "partitions" / f"rank{r}.json").read_text()) for r in range(2)]
     return {"tok_s": [r["tokens_per_sec"] for r in warm], "rss": recs[-1]["max_rss_mb"],
+            "rank_load": _rank_load(warm), "expert_counts": [r["expert_counts"] for r in recs],
             "elements": max(p["dense"] + p["expert"] for p in parts), "final_loss": recs[-1]["loss"],
             "lr": [r["lr"] for r in recs],  # per step, the dense parameters' rate
             "profile": _top((run_dir / "profile" / f"rank0_step{PROFILE_STEP}.txt").read_text())}
@@ -79,6 +86,7 @@ def run_peer(script: str, data: Path, out: Path, steps: int, extra: list[str]) -
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     warm = [r for r in recs[min(3, len(recs) - 1):] if not r["profiled"]]
     return {"tok_s": [r["tokens_per_sec"] for r in warm], "rss": recs[-1]["max_rss_mb"],
+            "rank_load": _rank_load(warm), "expert_counts": [r["expert_counts"] for r in recs],
             "elements": recs[-1]["elements"], "final_loss": recs[-1]["loss"],
             "lr": [r["lr"] for r in recs],  # per step, one rate per parameter group
             "profile": _top(Path(f"{log}.rank0.profile.txt").read_text())}
@@ -121,12 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     profiles = "\n".join(f"{name} (rank 0, step {PROFILE_STEP}):\n\n```\n{results[name]['profile']}\n```\n"
                          for name in ("zero3", AUTOEP, DS_MOE))
     base = statistics.median(results["zero3_offload"]["tok_s"])
-    rows = ["| run | tokens/s, median (min-max) | vs ZeRO-3 + offload | peak RSS, largest rank | "
-            "parameter elements held per rank | vs ideal |", "|---|---|---|---|---|---|"]
+    rows = ["| run | tokens/s, median (min-max) | vs ZeRO-3 + offload | busiest EP rank's expert rows / mean | "
+            "peak RSS, largest rank | parameter elements held per rank | vs ideal |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         med = statistics.median(r["tok_s"])
         rows.append(f"| {name} | {med:,.0f} ({min(r['tok_s']):,.0f}-{max(r['tok_s']):,.0f}) | {med / base:.2f} | "
-                    f"{r['rss']:,.0f} MiB | {r['elements']:,} | {r['elements'] / ideal:.2f} |")
+                    f"{r['rank_load']:.2f} | {r['rss']:,.0f} MiB | {r['elements']:,} | {r['elements'] / ideal:.2f} |")
     table = "\n".join(rows)
     print(table)
     med = {k: statistics.median(r["tok_s"]) for k, r in results.items()}
@@ -144,7 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
                f"ZeRO-3 + offload runs at {med[REUSE] / med['zero3_offload']:.2f}x its default's tokens/s, "
                f"{med[REUSE] / med[AUTOEP_OFF]:.2f}x AutoEP's with offload and {med[REUSE] / med[DS_MOE]:.2f}x "
                "DeepSpeed-MoE's (reported; the targets above are judged on the defaults).")
-    print(verdict)
+    load = {k: r["rank_load"] for k, r in results.items()}
+    balance = (f"Routing balance between the two ranks (the table's busiest-rank column, median over the counted "
+               f"steps): ep-train ZeRO-3 {load['zero3']:.2f}, ZeRO-3 + offload {load['zero3_offload']:.2f}; AutoEP "
+               f"{load[AUTOEP]:.2f} and {load[AUTOEP_OFF]:.2f}; DeepSpeed-MoE {load[DS_MOE]:.2f}. At 1.00 each rank's "
+               f"experts get half the rows; above it, the other rank waits at every MoE layer for the busier one.")
+    print(verdict + "\n" + balance)
     if args.write:
         append_section("End-to-end training and memory", f"""
 `python bench/train_e2e.py --steps {steps} --write` on {machine()}.
@@ -155,6 +168,8 @@ global batch 16 x 128 tokens, activation checkpointing, fp32 on CPU; {steps} ste
 {table}
 
 {verdict}
+
+{balance}
 
 ZeRO-3 vs ZeRO-2 is the price of partitioning parameters (gather before use, release after), which the
 DeepSpeed-MoE peer does not pay because its layer refuses ZeRO-3. Where a step's time goes at 583M:
@@ -177,7 +192,11 @@ it computes no router losses (AutoEP does not support them yet), ep-train comput
 with ep-train's optimizer settings (bench/common.py `peer_optimizer_settings`: the router at the config's
 learning-rate multiplier, no weight decay on 1-D parameters, the same warmup and cosine schedule), so
 their routers move at the same rates; how evenly the routers split the tokens between the two ranks
-still differs from run to run and moves tokens/s (the busier rank sets the pace).
+still differs from run to run and moves tokens/s (the busier rank sets the pace). The busiest-rank column is
+computed the same way for every run (bench/common.py `busiest_rank_load`): from each step's rows per expert,
+summed over ranks and micro-batches (ep-train's metrics.jsonl `expert_counts`; for the peers, DeepSpeed-MoE's gate
+counts and AutoEP's router counts, taken in the forward pass only), the busiest rank's rows over the mean
+rank's, summed over the MoE layers.
 The ep-train rows are `ep_train.train` under each DeepSpeed config.
 
 Where the time goes: step {PROFILE_STEP} of each run under torch.profiler (operators by self CPU time; the
@@ -204,11 +223,12 @@ def main_583m(args: argparse.Namespace) -> dict:
                                                                                          "zero3_offload"])}
     shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(r["tok_s"]) for k, r in results.items()}
-    rows = ["| run | tokens/s, median (min-max) | vs AutoEP | peak RSS, largest rank | final loss |",
-            "|---|---|---|---|---|"]
+    rows = ["| run | tokens/s, median (min-max) | vs AutoEP | busiest EP rank's expert rows / mean | "
+            "peak RSS, largest rank | final loss |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
         rows.append(f"| {name} | {med[name]:,.1f} ({min(r['tok_s']):,.1f}-{max(r['tok_s']):,.1f}) | "
-                    f"{med[name] / med[AUTOEP_OFF]:.2f} | {r['rss']:,.0f} MiB | {r['final_loss']:.4f} |")
+                    f"{med[name] / med[AUTOEP_OFF]:.2f} | {r['rank_load']:.2f} | {r['rss']:,.0f} MiB | "
+                    f"{r['final_loss']:.4f} |")
     table = "\n".join(rows)
     ratio = med["ep-train, ZeRO-3 + offload"] / med[AUTOEP_OFF]
     verdict = (f"Target (bench/targets.py, {TARGETS['e2e_vs_autoep'].source}): ep-train {describe('e2e_vs_autoep')} "
@@ -225,7 +245,8 @@ checkpointing, fp32, global batch 2 x 128 tokens; {steps} steps, the first 3 and
 The AutoEP row is bench/autoep_train.py (a `transformers` `MixtralForCausalLM` of the same sizes converted by
 `deepspeed.initialize`, as in "End-to-end training and memory"). The final losses are not a comparison: the two
 start from different random weights of the same distributions, AutoEP computes no router losses, and 10 steps at
-the demo's learning rate are far from converged.
+the demo's learning rate are far from converged. The busiest-rank column is the demo section's
+(bench/common.py `busiest_rank_load`, median over the counted steps).
 
 {table}
 

@@ -104,6 +104,15 @@ def test_train_e2e_bench_small(small) -> None:
     assert out["zero3"]["elements"] < out["zero2"]["elements"]  # ZeRO-3 really partitions parameters
     # AutoEP's ZeRO-3 partitions: each rank holds a share, as ep-train's do
     assert out["DeepSpeed AutoEP, ZeRO-3 (peer)"]["elements"] < out["DeepSpeed MoE layer, ZeRO-2 (peer)"]["elements"]
+    # every run reports each step's rows per expert, summed over ranks and micro-batches: each of the 4 MoE
+    # layers routes every token of the global batch (16 x 32 tokens at --small) to 2 experts, exactly once
+    # (the peers' counts must not include activation checkpointing's recompute)
+    for name, r in out.items():
+        assert len(r["expert_counts"]) == 4, name
+        for step in r["expert_counts"]:
+            assert sorted(step) == ["0", "1", "2", "3"], name
+            assert {sum(row) for row in step.values()} == {16 * 32 * 2}, (name, step)
+        assert 1.0 <= r["rank_load"] <= 2.0, name
     # the peers train at ep-train's learning rates: the same warmup and cosine per step, the router group at the
     # config's multiplier (configs/demo.yaml: 2.0)
     want = out["zero3_offload"]["lr"]
@@ -112,6 +121,15 @@ def test_train_e2e_bench_small(small) -> None:
         got = out[name]["lr"]
         assert [min(g) for g in got] == pytest.approx(want, rel=1e-9), name
         assert [max(g) for g in got] == pytest.approx([2.0 * w for w in want], rel=1e-9), name
+
+
+def test_busiest_rank_load_against_hand_counts() -> None:
+    from bench.common import busiest_rank_load
+
+    # EP 2, 4 experts: layer 0 rank loads 3 and 1 (busiest 3, mean 2), layer 1 even (2 and 2): (3 + 2) / (2 + 2)
+    assert busiest_rank_load({"0": [1, 2, 0, 1], "1": [0, 2, 2, 0]}, 2) == pytest.approx(5 / 4)
+    assert busiest_rank_load({"0": [4, 0, 0, 0]}, 2) == 2.0  # one rank gets every row
+    assert busiest_rank_load({"0": [1, 1, 1, 1]}, 4) == 1.0
 
 
 def test_train_e2e_583m_bench_small(small) -> None:
