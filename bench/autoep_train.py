@@ -21,12 +21,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import peer_args, peer_optimizer_settings, peer_train_loop  # noqa: E402
 
 
+def hf_mixtral(cfg):  # type: ignore[no-untyped-def]
+    """A ``transformers`` MixtralForCausalLM with ep-train config ``cfg``'s sizes and seeded weights, or with
+    ``train.init_from`` that folder's values (train_e2e.py saves this model there so ep-train starts from it)."""
+    import transformers
+
+    m, e = cfg.model, cfg.moe
+    hf = transformers.MixtralConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=e.expert_intermediate_size
+        or m.intermediate_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim or m.hidden_size // m.num_heads,
+        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps,
+        tie_word_embeddings=m.tie_embeddings, num_local_experts=e.num_experts,
+        num_experts_per_tok=e.num_experts_per_token, initializer_range=m.init_std, use_cache=False)
+    torch.manual_seed(cfg.train.seed)
+    model = transformers.MixtralForCausalLM(hf)
+    if cfg.train.init_from:  # the same module with the saved values (strict: every tensor, no other)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(cfg.train.init_from) / "model.safetensors")), strict=True)
+    return model
+
+
 def main() -> None:
     args, overrides = peer_args()  # the rest: ep-train config overrides
 
     import deepspeed
     import torch.distributed as dist
-    import transformers
 
     from ep_train.config import load_config, moe_layer_indices, parse_overrides
     from ep_train.data.loader import DistributedBatches, TokenWindows
@@ -39,15 +60,7 @@ def main() -> None:
     if moe_layer_indices(m, e) != list(range(m.num_layers)):
         raise ValueError("a transformers Mixtral has MoE in every layer; pass --moe_layers "
                          f"'{list(range(m.num_layers))}' so both sides train the same model")
-    hf = transformers.MixtralConfig(
-        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=e.expert_intermediate_size
-        or m.intermediate_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-        num_key_value_heads=m.num_kv_heads, head_dim=m.head_dim or m.hidden_size // m.num_heads,
-        max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps,
-        tie_word_embeddings=m.tie_embeddings, num_local_experts=e.num_experts,
-        num_experts_per_tok=e.num_experts_per_token, initializer_range=m.init_std, use_cache=False)
-    torch.manual_seed(t.seed)
-    model = transformers.MixtralForCausalLM(hf)
+    model = hf_mixtral(cfg)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ds = build_ds_config(cfg, world, use_bf16=False)

@@ -178,12 +178,14 @@ def peer_train_loop(engine, loss_fn: Callable, data, args, tokens_per_step: int,
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         elem = torch.tensor([elements], dtype=torch.float64)
         dist.all_reduce(elem, op=dist.ReduceOp.MAX)  # the largest rank's share
+        loss = torch.tensor([total / len(micro)], dtype=torch.float64)
+        dist.all_reduce(loss)  # the mean over ranks, as ep-train logs it
         counts = None
         if take_counts is not None:  # after the timing: not part of the step
             counts = torch.stack([c.to(torch.float64) for c in take_counts()])  # [layers, E]
             dist.all_reduce(counts)
         if out:
-            rec = {"step": step, "loss": total / len(micro), "max_rss_mb": float(rss.item()),
+            rec = {"step": step, "loss": float(loss.item()) / dist.get_world_size(), "max_rss_mb": float(rss.item()),
                    "profiled": step == args.profile_step, "tokens_per_sec": tokens_per_step / dt,
                    "elements": int(elem.item()), "lr": lr}
             if counts is not None:

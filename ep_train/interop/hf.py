@@ -73,10 +73,13 @@ def check_matches_hf(cfg: Config, hf: Config, path: str | Path) -> None:
     from ep_train.config import moe_layer_indices
 
     fields = [("model", f) for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                                     "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings")]
+                                     "num_kv_heads", "rope_theta", "rms_norm_eps", "tie_embeddings")]
     fields += [("moe", f) for f in ("num_experts", "num_experts_per_token", "num_shared_experts")]
     diff = [f"{sec}.{f}: run {getattr(getattr(cfg, sec), f)!r} vs checkpoint {getattr(getattr(hf, sec), f)!r}"
             for sec, f in fields if getattr(getattr(cfg, sec), f) != getattr(getattr(hf, sec), f)]
+    head_dims = [c.model.head_dim or c.model.hidden_size // c.model.num_heads for c in (cfg, hf)]
+    if head_dims[0] != head_dims[1]:  # unset means hidden_size / num_heads, what config.json often spells out
+        diff.append(f"model.head_dim: run {cfg.model.head_dim!r} (= {head_dims[0]}) vs checkpoint {head_dims[1]}")
     if (cfg.moe.expert_intermediate_size or cfg.model.intermediate_size) != hf.model.intermediate_size:
         diff.append(f"moe.expert_intermediate_size: run {cfg.moe.expert_intermediate_size!r} vs checkpoint "
                     f"{hf.model.intermediate_size}")

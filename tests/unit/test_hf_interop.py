@@ -172,3 +172,21 @@ def test_streamed_import_refuses_a_checkpoint_that_is_not_its_config(tmp_path) -
     hf_cfg.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="missing .*model.layers.2"):
         HFMixtralSource(tmp_path)
+
+
+def test_run_config_matches_a_checkpoint_that_spells_out_head_dim() -> None:
+    """config.json gives head_dim (transformers writes hidden_size / num_heads); a run config that leaves it unset
+    means the same and matches; another value is refused, naming the field."""
+    from ep_train.interop.hf import check_matches_hf, config_from_hf
+
+    hf_cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        head_dim=4)
+    ckpt = config_from_hf(hf_cfg.to_dict())
+    assert ckpt.model.head_dim == 4
+    run = config_from_hf(hf_cfg.to_dict())
+    run.model.head_dim = None  # 16 / 4 = 4
+    check_matches_hf(run, ckpt, "ckpt")
+    run.model.head_dim = 8
+    with pytest.raises(ValueError, match=r"model.head_dim: run 8 \(= 8\) vs checkpoint 4"):
+        check_matches_hf(run, ckpt, "ckpt")
