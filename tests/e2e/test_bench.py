@@ -146,9 +146,12 @@ def test_busiest_rank_load_against_hand_counts() -> None:
 def test_train_e2e_583m_bench_small(small) -> None:
     """`--size 583m --small`: ep-train and the AutoEP peer on the same (here tiny) model, both measured."""
     out = small["train_e2e_583m"]
-    assert set(out) == {"ep-train, ZeRO-3 + offload", "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"}
+    matched = "ep-train, ZeRO-3 + offload, AutoEP's initial weights, no router losses"
+    assert set(out) == {"ep-train, ZeRO-3 + offload", matched, "DeepSpeed AutoEP, ZeRO-3 + offload (peer)"}
     for r in out.values():
         assert r["tok_s"] and min(r["tok_s"]) > 0 and r["rss"] > 0 and r["final_loss"] > 0
+    # the judged row trains AutoEP's function from its weights (micro batch 1 x accumulation 1 here)
+    assert out[matched]["losses"] == pytest.approx(out["DeepSpeed AutoEP, ZeRO-3 + offload (peer)"]["losses"], rel=1e-5)
 
 
 def test_soak_bench_small(tmp_path) -> None:
