@@ -86,3 +86,50 @@ def test_one_or_two_local_experts_take_the_loop(monkeypatch: pytest.MonkeyPatch)
         y = ex(x, counts)
         assert len(calls) == (3 if e > experts_mod.LOOP_MAX_LOCAL_EXPERTS else 0), e
         torch.testing.assert_close(y, _naive(x, ex.w1, ex.w2, ex.w3, counts).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_gradient_memory_is_reused_only_once_dropped() -> None:
+    """_GradScratch hands the host memory out again only when nothing references it any more."""
+    from ep_train.model.experts import _GradScratch
+
+    scratch = _GradScratch()
+    likes = (torch.empty(2, 3, 4), torch.empty(2, 4, 3), torch.empty(2, 3, 4))
+    first = scratch.take(likes)
+    assert [t.shape for t in first] == [t.shape for t in likes] and all(t.is_contiguous() for t in first)
+    ptr = first[0].data_ptr()
+    assert len({t.data_ptr() for t in first}) == 3  # three distinct regions of one storage
+    kept = first[1]
+    kept.fill_(7.0)
+    del first
+    second = scratch.take(likes)  # `kept` still references the storage: fresh memory
+    assert second[0].data_ptr() != ptr
+    for t in second:
+        t.fill_(-1.0)
+    assert bool((kept == 7.0).all())  # untouched
+    del kept, second
+    third = scratch.take(likes)  # now free: reused
+    assert third[0].data_ptr() == ptr
+
+
+def test_gradients_accumulate_exactly_when_layers_keep_theirs() -> None:
+    """Two expert layers, two backward passes without zero_grad (gradient accumulation in plain PyTorch: every
+    layer's gradient stays referenced), against the autograd loop: no layer's gradient is overwritten by
+    another's through reused memory."""
+    g = torch.Generator().manual_seed(2)
+    counts = [3, 5, 0, 4]
+    d, f = 8, 12
+    layers = [GroupedExperts(d, f, len(counts)) for _ in range(2)]
+    for ex in layers:
+        for w in ex.parameters():
+            w.data.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    refs = [[w.detach().clone().requires_grad_() for w in (ex.w1, ex.w2, ex.w3)] for ex in layers]
+    for _ in range(2):  # two micro-batches
+        x = torch.randn(sum(counts), d, generator=g)
+        y, y_ref = x, x
+        for ex, ref in zip(layers, refs):
+            y, y_ref = ex(y, counts), _naive(y_ref, *ref, counts)
+        y.pow(2).sum().backward()
+        y_ref.pow(2).sum().backward()
+    for ex, ref in zip(layers, refs):
+        for w, r in zip((ex.w1, ex.w2, ex.w3), ref):
+            torch.testing.assert_close(w.grad, r.grad, rtol=1e-5, atol=1e-6)
