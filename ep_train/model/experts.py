@@ -132,7 +132,7 @@ class _GradScratch:
         """Uninitialised contiguous tensors shaped as ``likes`` (CPU, one dtype): views of the reused storage if
         it is free, else fresh."""
         dtype = likes[0].dtype
-        if any(w.device.type != "cpu" or w.dtype != dtype for w in likes):
+        if any(w.device.type != "cpu" or w.dtype != dtype for w in likes) or not _CAN_COUNT_REFS:
             return tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in likes)
         size = likes[0].element_size()
         need = sum(w.numel() for w in likes) * size
@@ -148,6 +148,7 @@ class _GradScratch:
         return tuple(out)
 
 
+_CAN_COUNT_REFS = hasattr(torch._C, "_storage_Use_Count")  # torch's own (private) count; without it: no reuse
 _GRAD_SCRATCH = _GradScratch()
 
 
