@@ -108,9 +108,12 @@ def peer_args() -> tuple[object, list[str]]:
 def busiest_rank_load(counts: dict[str, list[int]], ep_size: int) -> float:
     """How far one step's expert rows sit from an even split between the EP ranks: the sum over MoE layers of
     the busiest rank's rows over the sum of the mean rank's (1.0 even; ``ep_size`` when one rank gets them all).
-    Every rank waits for the busiest one at each layer's all-to-alls, so the step's expert work goes as this
-    factor whoever trains. ``counts``: layer -> rows per global expert [E] for the whole step (all ranks and
-    micro-batches); rank r holds experts [r E/ep, (r + 1) E/ep) in ep-train, DeepSpeed's MoE layer and AutoEP."""
+    In a dropless design that computes each rank's rows as they come (ep-train, AutoEP) every rank waits for the
+    busiest one at each layer's all-to-alls, so the step's expert work goes as this factor; DeepSpeed's MoE layer
+    pads every expert to the busiest expert's count on every rank, so its cost follows that count instead. The
+    counts are summed over the step's micro-batches first, so a micro-batch's own imbalance can be larger.
+    ``counts``: layer -> rows per global expert [E] for the whole step (all ranks and micro-batches); rank r
+    holds experts [r E/ep, (r + 1) E/ep) in ep-train, DeepSpeed's MoE layer and AutoEP."""
     busiest = mean = 0.0
     for row in counts.values():
         assert len(row) % ep_size == 0, (len(row), ep_size)

@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
                f"steps): ep-train ZeRO-3 {load['zero3']:.2f}, ZeRO-3 + offload {load['zero3_offload']:.2f}; from "
                f"AutoEP's weights without router losses {load[MATCHED]:.2f} and {load[MATCHED_OFF]:.2f}; AutoEP "
                f"{load[AUTOEP]:.2f} and {load[AUTOEP_OFF]:.2f}; DeepSpeed-MoE {load[DS_MOE]:.2f}. At 1.00 each rank's "
-               f"experts get half the rows; above it, the other rank waits at every MoE layer for the busier one.")
+               "experts get half the rows; above it, in ep-train and AutoEP the other rank waits at every MoE layer "
+               "for the busier one (DeepSpeed's MoE layer pads every expert to the busiest expert's count on every "
+               "rank instead, so its cost follows that count).")
     print(verdict + "\n" + balance)
     if args.write:
         append_section("End-to-end training and memory", f"""
@@ -233,7 +235,7 @@ still differs from run to run and moves tokens/s (the busier rank sets the pace)
 computed the same way for every run (bench/common.py `busiest_rank_load`): from each step's rows per expert,
 summed over ranks and micro-batches (ep-train's metrics.jsonl `expert_counts`; for the peers, DeepSpeed-MoE's gate
 counts and AutoEP's router counts, taken in the forward pass only), the busiest rank's rows over the mean
-rank's, summed over the MoE layers.
+rank's, summed over the MoE layers (the counts are per step: a single micro-batch can be more uneven).
 The ep-train rows are `ep_train.train` under each DeepSpeed config. The rows "AutoEP's initial weights, no
 router losses" start from the AutoEP peer's own seeded `MixtralForCausalLM`, saved as a Hugging Face folder that
 both load (`train.init_from`; bench/train_e2e.py `save_autoep_init`), with `--aux_loss_weight 0
@@ -266,11 +268,12 @@ def main_583m(args: argparse.Namespace) -> dict:
 
     init = save_autoep_init(load_config(ROOT / "configs/demo.yaml", parse_overrides(extra)), tmp / "autoep_init")
     same = ["--init_from", str(init), "--aux_loss_weight", "0", "--router_z_loss_weight", "0"]
-    mine, matched = "ep-train, ZeRO-3 + offload", "ep-train, ZeRO-3 + offload, AutoEP's initial weights, no router losses"
+    mine = "ep-train, ZeRO-3 + offload"
+    matched = "ep-train, ZeRO-3 + offload, AutoEP's initial weights, no router losses"
+    peer = extra + ["--init_from", str(init), "--ds_config", "zero3_offload"]
     results = {mine: run("zero3_offload", tmp / "data", tok, tmp, steps, extra),
                matched: run("zero3_offload", tmp / "data", tok, tmp, steps, extra + same, label="matched"),
-               AUTOEP_OFF: run_peer("autoep_train.py", tmp / "data", tmp, steps, extra + ["--init_from", str(init),
-                                                                                         "--ds_config", "zero3_offload"])}
+               AUTOEP_OFF: run_peer("autoep_train.py", tmp / "data", tmp, steps, peer)}
     shutil.rmtree(tmp, ignore_errors=True)
     med = {k: statistics.median(r["tok_s"]) for k, r in results.items()}
     rows = ["| run | tokens/s, median (min-max) | vs AutoEP | busiest EP rank's expert rows / mean | "

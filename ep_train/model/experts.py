@@ -10,6 +10,8 @@ Weights follow the layout DeepSpeed AutoEP and Hugging Face Mixtral use (``nn.Li
 from __future__ import annotations
 
 import itertools
+import sys
+import threading
 from typing import Any
 
 import torch
@@ -118,15 +120,20 @@ class _GradScratch:
     64 rows each, the backward's three weight-gradient matmuls): 104 ms per layer into fresh tensors, 50-56 ms
     into reused ones. GPUs have a caching allocator; this is the host's.
 
-    Safe by construction: the memory is handed out again only when nothing else references it (the storage's
-    reference count is ours alone: a gradient a ZeRO hook has copied and dropped, or one an optimizer's
-    ``zero_grad`` has set to None). A gradient still held anywhere (single-process training between backward and
-    the optimizer step, a bucket that keeps it) gets a fresh tensor, as without this cache. One storage per dtype,
-    grown to the largest request: at most one layer's expert weight gradients stay allocated.
+    The memory is handed out again only when nothing else references it: no tensor (torch's count of the
+    storage's references is ours alone: a gradient a ZeRO hook has copied and dropped, or one an optimizer's
+    ``zero_grad`` has set to None) and no Python handle to the storage itself (``t.untyped_storage()`` returns
+    the object this cache holds, so its Python reference count is checked too). A gradient still held anywhere
+    (single-process training between backward and the optimizer step, a bucket that keeps it) gets a fresh
+    tensor, as without this cache. Memory reached only through a raw pointer or a weak reference is not seen:
+    nothing in ep-train or DeepSpeed's CPU path keeps gradients that way. One storage per dtype, grown to the
+    largest request: at most one layer's expert weight gradients stay allocated. A lock makes the check and the
+    hand-out one step for backward passes in several threads.
     """
 
     def __init__(self) -> None:
         self._storage: dict[torch.dtype, torch.UntypedStorage] = {}
+        self._lock = threading.Lock()
 
     def take(self, likes: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Uninitialised contiguous tensors shaped as ``likes`` (CPU, one dtype): views of the reused storage if
@@ -134,18 +141,19 @@ class _GradScratch:
         dtype = likes[0].dtype
         if any(w.device.type != "cpu" or w.dtype != dtype for w in likes) or not _CAN_COUNT_REFS:
             return tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in likes)
-        size = likes[0].element_size()
-        need = sum(w.numel() for w in likes) * size
-        st = self._storage.get(dtype)
-        if st is not None and torch._C._storage_Use_Count(st._cdata) != 1:  # still referenced: leave it alone
-            return tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in likes)
-        if st is None or st.nbytes() < need:
-            st = self._storage[dtype] = torch.UntypedStorage(need)
-        out, offset = [], 0
-        for w in likes:
-            out.append(torch.empty(0, dtype=dtype).set_(st, offset, w.shape))  # offset in elements
-            offset += w.numel()
-        return tuple(out)
+        need = sum(w.numel() for w in likes) * likes[0].element_size()
+        with self._lock:
+            st = self._storage.get(dtype)
+            # in use: a tensor references the storage, or a Python name besides the dict's, `st` and the argument
+            if st is not None and (torch._C._storage_Use_Count(st._cdata) != 1 or sys.getrefcount(st) > 3):
+                return tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in likes)
+            if st is None or st.nbytes() < need:
+                st = self._storage[dtype] = torch.UntypedStorage(need)
+            out, offset = [], 0
+            for w in likes:
+                out.append(torch.empty(0, dtype=dtype, device="cpu").set_(st, offset, w.shape))  # offset: elements
+                offset += w.numel()
+            return tuple(out)
 
 
 _CAN_COUNT_REFS = hasattr(torch._C, "_storage_Use_Count")  # torch's own (private) count; without it: no reuse
@@ -186,6 +194,7 @@ class _ExpertLoop(torch.autograd.Function):
     @once_differentiable  # in-place products below: no graph of the backward itself
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w1, w2, w3, gate, up = ctx.saved_tensors
+        assert len(ctx.counts) == w1.shape[0], (ctx.counts, w1.shape)  # every expert's gradient gets written
         need_w = any(ctx.needs_input_grad[1:4])
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         # Every expert's weight gradient is written (zeros for an empty group: mm over 0 rows): uninitialised

@@ -88,6 +88,7 @@ def test_one_or_two_local_experts_take_the_loop(monkeypatch: pytest.MonkeyPatch)
         torch.testing.assert_close(y, _naive(x, ex.w1, ex.w2, ex.w3, counts).detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not hasattr(torch._C, "_storage_Use_Count"), reason="this torch cannot count storage references")
 def test_weight_gradient_memory_is_reused_only_once_dropped() -> None:
     """_GradScratch hands the host memory out again only when nothing references it any more."""
     from ep_train.model.experts import _GradScratch
@@ -106,7 +107,10 @@ def test_weight_gradient_memory_is_reused_only_once_dropped() -> None:
     for t in second:
         t.fill_(-1.0)
     assert bool((kept == 7.0).all())  # untouched
+    handle = kept.untyped_storage()  # the storage object itself, held without any tensor
     del kept, second
+    assert scratch.take(likes)[0].data_ptr() != ptr  # held through `handle`: fresh memory again
+    del handle
     third = scratch.take(likes)  # now free: reused
     assert third[0].data_ptr() == ptr
 
@@ -133,3 +137,40 @@ def test_gradients_accumulate_exactly_when_layers_keep_theirs() -> None:
     for ex, ref in zip(layers, refs):
         for w, r in zip((ex.w1, ex.w2, ex.w3), ref):
             torch.testing.assert_close(w.grad, r.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_autograd_when_each_is_taken_and_dropped_as_zero_does() -> None:
+    """The path the reuse is for: each weight gradient is copied away and dropped as soon as it is accumulated
+    (what ZeRO's hooks do), so the next layer's gradients are written into the same memory; every copy must still
+    equal autograd's over the plain loop."""
+    g = torch.Generator().manual_seed(3)
+    counts = [4, 0, 6]
+    d, f = 8, 12
+    layers = [GroupedExperts(d, f, len(counts)) for _ in range(3)]
+    for ex in layers:
+        for w in ex.parameters():
+            w.data.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    refs = [[w.detach().clone().requires_grad_() for w in (ex.w1, ex.w2, ex.w3)] for ex in layers]
+    taken: dict[int, torch.Tensor] = {}
+    ptrs: set[int] = set()
+
+    def take_and_drop(p: torch.nn.Parameter) -> None:
+        ptrs.add(p.grad.untyped_storage().data_ptr())
+        taken[id(p)] = p.grad.clone()
+        p.grad = None
+
+    for ex in layers:
+        for w in ex.parameters():
+            w.register_post_accumulate_grad_hook(take_and_drop)
+    x = torch.randn(sum(counts), d, generator=g)
+    y, y_ref = x, x
+    for ex, ref in zip(layers, refs):
+        y, y_ref = ex(y, counts), _naive(y_ref, *ref, counts)
+    y.pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+    if hasattr(torch._C, "_storage_Use_Count"):
+        assert len(ptrs) == 1  # the three layers' gradients shared one storage, one layer after another
+    for ex, ref in zip(layers, refs):
+        for w, r in zip((ex.w1, ex.w2, ex.w3), ref):
+            torch.testing.assert_close(taken[id(w)], r.grad if r.grad is not None else torch.zeros_like(r),
+                                       rtol=1e-5, atol=1e-6)
