@@ -64,9 +64,25 @@ def save_autoep_init(cfg, out: Path) -> Path:  # type: ignore[no-untyped-def]
     return out
 
 
-def _rank_load(recs: list[dict]) -> float:
-    """Median over the counted steps of the busiest EP rank's expert rows over the mean rank's (EP 2)."""
-    return statistics.median(busiest_rank_load(r["expert_counts"], EP_SIZE) for r in recs)
+def like_for_like(init: Path) -> list[str]:
+    """ep-train's overrides for AutoEP's function from AutoEP's initial weights (``save_autoep_init``'s folder)."""
+    return ["--init_from", str(init), "--aux_loss_weight", "0", "--router_z_loss_weight", "0"]
+
+
+def loss_drift(mine: dict, peer: dict) -> float:
+    """The largest relative difference between two runs' per-step losses (same number of steps)."""
+    return max(abs(a - b) / abs(b) for a, b in zip(mine["losses"], peer["losses"], strict=True))
+
+
+def _per_step(recs: list[dict], warm: list[dict]) -> dict:
+    """What ep-train's and the peers' per-step lines both give: ``recs`` every step, ``warm`` the counted ones."""
+    return {"tok_s": [r["tokens_per_sec"] for r in warm], "rss": recs[-1]["max_rss_mb"],
+            # median over the counted steps of the busiest EP rank's expert rows over the mean rank's
+            "rank_load": statistics.median(busiest_rank_load(r["expert_counts"], EP_SIZE) for r in warm),
+            "expert_counts": [r["expert_counts"] for r in recs],
+            "losses": [r["loss"] for r in recs],  # per step: the mean over ranks and micro-batches
+            "final_loss": recs[-1]["loss"],
+            "lr": [r["lr"] for r in recs]}  # per step: ep-train the dense parameters' rate, a peer one per group
 
 
 def run(ds_config: str, data: Path, tok: Path, out: Path, steps: int, extra: list[str], label: str = "") -> dict:
@@ -85,11 +101,7 @@ def run(ds_config: str, data: Path, tok: Path, out: Path, steps: int, extra: lis
     warm = [r for r in recs[min(3, len(recs) - 1):] if r["step"] != PROFILE_STEP]
     parts = [json.loads((run_dir / "partitions" / f"rank{r}.json").read_text()) for r in range(2)]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final save: 9.3 GB at 583M, not measured here
-    return {"tok_s": [r["tokens_per_sec"] for r in warm], "rss": recs[-1]["max_rss_mb"],
-            "rank_load": _rank_load(warm), "expert_counts": [r["expert_counts"] for r in recs],
-            "losses": [r["loss"] for r in recs],  # per step: the mean over ranks and micro-batches
-            "elements": max(p["dense"] + p["expert"] for p in parts), "final_loss": recs[-1]["loss"],
-            "lr": [r["lr"] for r in recs],  # per step, the dense parameters' rate
+    return {**_per_step(recs, warm), "elements": max(p["dense"] + p["expert"] for p in parts),
             "profile": _top((run_dir / "profile" / f"rank0_step{PROFILE_STEP}.txt").read_text())}
 
 
@@ -107,11 +119,7 @@ def run_peer(script: str, data: Path, out: Path, steps: int, extra: list[str]) -
         raise RuntimeError(f"peer {script} {extra} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     recs = [json.loads(line) for line in log.read_text().splitlines()]
     warm = [r for r in recs[min(3, len(recs) - 1):] if not r["profiled"]]
-    return {"tok_s": [r["tokens_per_sec"] for r in warm], "rss": recs[-1]["max_rss_mb"],
-            "rank_load": _rank_load(warm), "expert_counts": [r["expert_counts"] for r in recs],
-            "losses": [r["loss"] for r in recs],  # per step: the mean over ranks and micro-batches
-            "elements": recs[-1]["elements"], "final_loss": recs[-1]["loss"],
-            "lr": [r["lr"] for r in recs],  # per step, one rate per parameter group
+    return {**_per_step(recs, warm), "elements": recs[-1]["elements"],
             "profile": _top(Path(f"{log}.rank0.profile.txt").read_text())}
 
 
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.size == "583m":
         return main_583m(args)
-    from ep_train.config import load_config
+    from ep_train.config import load_config, parse_overrides
     from ep_train.sizes import model_size
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
@@ -135,16 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.small:
         extra += ["--hidden_size", "32", "--intermediate_size", "64", "--seq_len", "32"]
     steps = 4 if args.small else args.steps
-    cfg = load_config(ROOT / "configs/demo.yaml", [("moe_layers", [0, 1, 2, 3])])
-    if args.small:
-        cfg.model.hidden_size, cfg.model.intermediate_size = 32, 64
+    cfg = load_config(ROOT / "configs/demo.yaml", parse_overrides(extra))  # the model every run trains
     size = model_size(cfg)
     init = save_autoep_init(cfg, tmp / "autoep_init")
     results = {name: run(name, tmp / "data", tok, tmp, steps, extra) for name in ("zero3_offload", "zero3", "zero2")}
     # not the default: the recompute reuses the forward's exchanges (more memory); reported, not judged
     results[REUSE] = run("zero3_offload", tmp / "data", tok, tmp, steps, extra + ["--recompute_comm", "false"],
                          label="zero3_offload_reuse")
-    same = ["--init_from", str(init), "--aux_loss_weight", "0", "--router_z_loss_weight", "0"]
+    same = like_for_like(init)
     results[MATCHED] = run("zero3", tmp / "data", tok, tmp, steps, extra + same, label="zero3_matched")
     results[MATCHED_OFF] = run("zero3_offload", tmp / "data", tok, tmp, steps, extra + same,
                                label="zero3_offload_matched")
@@ -169,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     med = {k: statistics.median(r["tok_s"]) for k, r in results.items()}
     vs_ds = med["zero3"] / med[DS_MOE]
     vs_aep, vs_aep_off = med[MATCHED] / med[AUTOEP], med[MATCHED_OFF] / med[AUTOEP_OFF]
-    drift = {k: max(abs(a - b) / abs(b) for a, b in zip(results[k]["losses"], results[peer]["losses"], strict=True))
-             for k, peer in ((MATCHED, AUTOEP), (MATCHED_OFF, AUTOEP_OFF))}
+    drift = {MATCHED: loss_drift(results[MATCHED], results[AUTOEP]),
+             MATCHED_OFF: loss_drift(results[MATCHED_OFF], results[AUTOEP_OFF])}
     verdict = (f"Targets (bench/targets.py, {TARGETS['e2e_vs_autoep'].source}): ep-train ZeRO-3 + EP "
                f"{describe('e2e_vs_autoep')} DeepSpeed AutoEP's tokens/s under ZeRO-3, with and without offload, "
                f"judged on the rows that train AutoEP's function from AutoEP's initial weights: "
@@ -267,7 +273,7 @@ def main_583m(args: argparse.Namespace) -> dict:
     from ep_train.config import load_config, parse_overrides
 
     init = save_autoep_init(load_config(ROOT / "configs/demo.yaml", parse_overrides(extra)), tmp / "autoep_init")
-    same = ["--init_from", str(init), "--aux_loss_weight", "0", "--router_z_loss_weight", "0"]
+    same = like_for_like(init)
     mine = "ep-train, ZeRO-3 + offload"
     matched = "ep-train, ZeRO-3 + offload, AutoEP's initial weights, no router losses"
     peer = extra + ["--init_from", str(init), "--ds_config", "zero3_offload"]
@@ -284,8 +290,7 @@ def main_583m(args: argparse.Namespace) -> dict:
                     f"{r['final_loss']:.4f} |")
     table = "\n".join(rows)
     ratio = med[matched] / med[AUTOEP_OFF]
-    drift = max(abs(a - b) / abs(b) for a, b in zip(results[matched]["losses"], results[AUTOEP_OFF]["losses"],
-                                                    strict=True))
+    drift = loss_drift(results[matched], results[AUTOEP_OFF])
     verdict = (f"Target (bench/targets.py, {TARGETS['e2e_vs_autoep'].source}): ep-train {describe('e2e_vs_autoep')} "
                f"DeepSpeed AutoEP's tokens/s under ZeRO-3 + offload at this size, judged on the row that trains "
                f"AutoEP's function from AutoEP's initial weights: **{target_verdict('e2e_vs_autoep', ratio)}** "

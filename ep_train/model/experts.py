@@ -111,6 +111,10 @@ class GroupedExperts(nn.Module):
         return _ExpertLoop.apply(x, w1, w2, w3, counts)
 
 
+def _fresh(likes: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in likes)
+
+
 class _GradScratch:
     """Host memory for the expert weight gradients, reused across layers and steps (CPU only).
 
@@ -140,13 +144,13 @@ class _GradScratch:
         it is free, else fresh."""
         dtype = likes[0].dtype
         if any(w.device.type != "cpu" or w.dtype != dtype for w in likes) or not _CAN_COUNT_REFS:
-            return tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in likes)
+            return _fresh(likes)
         need = sum(w.numel() for w in likes) * likes[0].element_size()
         with self._lock:
             st = self._storage.get(dtype)
             # in use: a tensor references the storage, or a Python name besides the dict's, `st` and the argument
             if st is not None and (torch._C._storage_Use_Count(st._cdata) != 1 or sys.getrefcount(st) > 3):
-                return tuple(torch.empty_like(w, memory_format=torch.contiguous_format) for w in likes)
+                return _fresh(likes)
             if st is None or st.nbytes() < need:
                 st = self._storage[dtype] = torch.UntypedStorage(need)
             out, offset = [], 0

@@ -115,25 +115,34 @@ def test_weight_gradient_memory_is_reused_only_once_dropped() -> None:
     assert third[0].data_ptr() == ptr
 
 
-def test_gradients_accumulate_exactly_when_layers_keep_theirs() -> None:
-    """Two expert layers, two backward passes without zero_grad (gradient accumulation in plain PyTorch: every
-    layer's gradient stays referenced), against the autograd loop: no layer's gradient is overwritten by
-    another's through reused memory."""
-    g = torch.Generator().manual_seed(2)
-    counts = [3, 5, 0, 4]
-    d, f = 8, 12
-    layers = [GroupedExperts(d, f, len(counts)) for _ in range(2)]
+def _seeded_layers(seed: int, n: int, counts: list[int], d: int = 8, f: int = 12):  # type: ignore[no-untyped-def]
+    """``n`` expert layers with seeded weights, their autograd-loop copies, and the generator for the inputs."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [GroupedExperts(d, f, len(counts)) for _ in range(n)]
     for ex in layers:
         for w in ex.parameters():
             w.data.copy_(torch.randn(w.shape, generator=g) * 0.3)
     refs = [[w.detach().clone().requires_grad_() for w in (ex.w1, ex.w2, ex.w3)] for ex in layers]
+    return g, layers, refs
+
+
+def _backward_both(x: torch.Tensor, layers, refs, counts: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """The layers in sequence and the autograd loop in sequence on ``x``, each loss backward."""
+    y, y_ref = x, x
+    for ex, ref in zip(layers, refs):
+        y, y_ref = ex(y, counts), _naive(y_ref, *ref, counts)
+    y.pow(2).sum().backward()
+    y_ref.pow(2).sum().backward()
+
+
+def test_gradients_accumulate_exactly_when_layers_keep_theirs() -> None:
+    """Two expert layers, two backward passes without zero_grad (gradient accumulation in plain PyTorch: every
+    layer's gradient stays referenced), against the autograd loop: no layer's gradient is overwritten by
+    another's through reused memory."""
+    counts = [3, 5, 0, 4]
+    g, layers, refs = _seeded_layers(2, 2, counts)
     for _ in range(2):  # two micro-batches
-        x = torch.randn(sum(counts), d, generator=g)
-        y, y_ref = x, x
-        for ex, ref in zip(layers, refs):
-            y, y_ref = ex(y, counts), _naive(y_ref, *ref, counts)
-        y.pow(2).sum().backward()
-        y_ref.pow(2).sum().backward()
+        _backward_both(torch.randn(sum(counts), 8, generator=g), layers, refs, counts)
     for ex, ref in zip(layers, refs):
         for w, r in zip((ex.w1, ex.w2, ex.w3), ref):
             torch.testing.assert_close(w.grad, r.grad, rtol=1e-5, atol=1e-6)
@@ -143,14 +152,8 @@ def test_gradients_match_autograd_when_each_is_taken_and_dropped_as_zero_does() 
     """The path the reuse is for: each weight gradient is copied away and dropped as soon as it is accumulated
     (what ZeRO's hooks do), so the next layer's gradients are written into the same memory; every copy must still
     equal autograd's over the plain loop."""
-    g = torch.Generator().manual_seed(3)
     counts = [4, 0, 6]
-    d, f = 8, 12
-    layers = [GroupedExperts(d, f, len(counts)) for _ in range(3)]
-    for ex in layers:
-        for w in ex.parameters():
-            w.data.copy_(torch.randn(w.shape, generator=g) * 0.3)
-    refs = [[w.detach().clone().requires_grad_() for w in (ex.w1, ex.w2, ex.w3)] for ex in layers]
+    g, layers, refs = _seeded_layers(3, 3, counts)
     taken: dict[int, torch.Tensor] = {}
     ptrs: set[int] = set()
 
@@ -162,12 +165,7 @@ def test_gradients_match_autograd_when_each_is_taken_and_dropped_as_zero_does() 
     for ex in layers:
         for w in ex.parameters():
             w.register_post_accumulate_grad_hook(take_and_drop)
-    x = torch.randn(sum(counts), d, generator=g)
-    y, y_ref = x, x
-    for ex, ref in zip(layers, refs):
-        y, y_ref = ex(y, counts), _naive(y_ref, *ref, counts)
-    y.pow(2).sum().backward()
-    y_ref.pow(2).sum().backward()
+    _backward_both(torch.randn(sum(counts), 8, generator=g), layers, refs, counts)
     if hasattr(torch._C, "_storage_Use_Count"):
         assert len(ptrs) == 1  # the three layers' gradients shared one storage, one layer after another
     for ex, ref in zip(layers, refs):
