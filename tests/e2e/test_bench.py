@@ -105,6 +105,9 @@ def test_train_e2e_bench_small(small) -> None:
         assert len(out[mine]["losses"]) == len(out[peer]["losses"]) == 4
         assert out[mine]["losses"] == pytest.approx(out[peer]["losses"], rel=1e-5), (mine, peer)
         assert out[mine]["expert_counts"] == out[peer]["expert_counts"], (mine, peer)  # the same routing, step by step
+        # the verdict's pairs: at --small only the table's runs (tokens/s of each side, their loss drift)
+        [(mine_tok, peer_tok, drift)] = out[mine]["pairs"]
+        assert mine_tok > 0 and peer_tok > 0 and drift <= 1e-5, out[mine]["pairs"]
     # ... which a run from other weights or with router losses does not (the comparison can fail)
     assert out["zero3"]["losses"][1:] != pytest.approx(out["DeepSpeed AutoEP, ZeRO-3 (peer)"]["losses"][1:], rel=1e-5)
     # the same function with or without the recompute's exchanges: the same final loss
