@@ -1,4 +1,4 @@
-"""DeepSpeed 0.19.8's ZeRO-3 gradient path without two avoidable full-size copies per gradient.
+"""DeepSpeed 0.19.8's ZeRO-3 gradient path without avoidable full-size copies of gradients.
 
 Measured with bench/step_breakdown.py on the 583M MoE (world 2, EP 2, ZeRO-3 + CPU offload, 2 cores):
 these two took about a quarter of a training step, all of it in fresh host allocations being faulted in
@@ -29,10 +29,19 @@ these two took about a quarter of a training step, all of it in fresh host alloc
    583M: the in-place scale took ~1% of a step). Bitwise DeepSpeed's result. Every other case (groups of
    several ranks, a communication dtype other than the parameters', gradient pre-division, the quantized
    all-to-all reduce) calls DeepSpeed's method unchanged.
+3. No bucket copy for those gradients. With ``contiguous_gradients`` DeepSpeed first copies every gradient
+   that fits into its reduce bucket (``__add_grad_to_ipg_bucket``), so that a multi-rank reduce-scatter
+   works on one flat buffer. A one-rank gradient is never reduced from that buffer (with ``reduce_scatter``
+   on, the bucket's gradients are read one by one, as in 2.), so on the host the copy is a full pass over the
+   expert gradients for nothing; here the gradient joins the bucket's list where it is, as DeepSpeed itself
+   does for a gradient larger than the bucket. The bucket still counts its elements, so it flushes at the
+   same points, and 2. reads the same values: bitwise DeepSpeed's result. The gradient then stays in its own
+   storage until the flush (``partition_grads`` drops it); ep-train's expert backward reuses that storage
+   only once nothing references it (ep_train/model/experts.py ``_GradScratch``).
 
 The patches are bound to one optimizer object after ``deepspeed.initialize`` (nothing global is changed).
 Another DeepSpeed version, or a missing attribute, leaves DeepSpeed's methods in place with a log line.
-Control: the DeepSpeed JSON's ``"ep_train": {"fast_grad_path": false}`` turns both off (default on).
+Control: the DeepSpeed JSON's ``"ep_train": {"fast_grad_path": false}`` turns all three off (default on).
 """
 
 from __future__ import annotations
@@ -51,9 +60,11 @@ log = logging.getLogger("DeepSpeed")  # DeepSpeed's own logger: it has a handler
 NORM_PIECE = 1 << 16  # elements per fp64 piece of the gradient norm (512 KiB in fp64)
 _AVG_SCATTER = "_DeepSpeedZeroOptimizer_Stage3__avg_scatter_grads"  # name-mangled __avg_scatter_grads
 _GRAD_PARTITIONS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"  # ds_id -> gradient partition buffer
-_NEEDED = ("_constant_buffered_norm2", _AVG_SCATTER, _GRAD_PARTITIONS, "_get_param_partition_group",
+_ADD_TO_BUCKET = "_DeepSpeedZeroOptimizer_Stage3__add_grad_to_ipg_bucket"  # name-mangled __add_grad_to_ipg_bucket
+_NEEDED = ("_constant_buffered_norm2", _AVG_SCATTER, _GRAD_PARTITIONS, _ADD_TO_BUCKET, "_get_param_partition_group",
            "_assert_same_partition_group", "_gradient_averaging_world_size", "dtype", "gradient_accumulation_dtype",
-           "postscale_gradients", "gradient_predivide_factor", "all2all_process_group", "micro_step_id")
+           "postscale_gradients", "gradient_predivide_factor", "all2all_process_group", "micro_step_id",
+           "contiguous_gradients", "reduce_scatter", "ipg_buckets", "get_param_comm_dtype")
 
 
 def fast_grad_path_enabled(ds: dict[str, Any]) -> bool:
@@ -92,6 +103,8 @@ def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
         return False
     own_norm = optimizer._constant_buffered_norm2
     own_avg_scatter = getattr(optimizer, _AVG_SCATTER)
+    own_add_to_bucket = getattr(optimizer, _ADD_TO_BUCKET)
+    optimizer.ep_train_bucket_copies_skipped = 0  # read by tests/distributed/test_offload_dedup.py
 
     def constant_buffered_norm2(self: Any, input: torch.Tensor, buffer_size: int = 250_000_000) -> torch.Tensor:
         if input.device.type != "cpu" or get_norm_dtype() != torch.float64:
@@ -123,8 +136,23 @@ def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
             out = [g.to(self.gradient_accumulation_dtype) for g in out]  # after the scale, as DeepSpeed does
         return out
 
+    def add_grad_to_ipg_bucket(self: Any, param: Any) -> None:
+        grad, comm_dtype = param.grad, self.get_param_comm_dtype(param)
+        group = self._get_param_partition_group(param)
+        # where DeepSpeed would copy: contiguous buffers; with reduce_scatter off it reduces from bucket.buffer itself
+        if not (self.contiguous_gradients and self.reduce_scatter and grad.device.type == "cpu"
+                and grad.dtype == comm_dtype and dist.get_world_size(group) == 1
+                and not getattr(self, "zenflow", False)):
+            return own_add_to_bucket(param)
+        bucket = self.ipg_buckets[comm_dtype]  # DeepSpeed's bookkeeping, without the copy into bucket.buffer
+        bucket.params.append(param)
+        bucket.process_group = group
+        bucket.elements += grad.numel()
+        self.ep_train_bucket_copies_skipped += 1
+
     optimizer._constant_buffered_norm2 = types.MethodType(constant_buffered_norm2, optimizer)
     setattr(optimizer, _AVG_SCATTER, types.MethodType(avg_scatter_grads, optimizer))
+    setattr(optimizer, _ADD_TO_BUCKET, types.MethodType(add_grad_to_ipg_bucket, optimizer))
     log.info("ep_train: ZeRO-3 gradient norm and one-rank gradient reduce without full-size copies "
              "(ep_train/parallel/ds_grad_path.py)")
     return True
