@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from ep_train.config import load_config, parse_overrides, validate
-from ep_train.stdio import exit_quietly_on_broken_pipe
+from ep_train.stdio import exit_quietly_on_broken_pipe, report_error
 
 
 def _plan(argv: list[str]) -> int:
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[argv[0]](argv[1:]) or 0
     except errors as e:
-        print(f"ep-train {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(f"ep-train {argv[0]}", e)
 
 
 if __name__ == "__main__":

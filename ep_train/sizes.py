@@ -275,13 +275,10 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     (runtime/zero/stage3.py, stage_1_and_2.py); each carries the reason in the breakdown's comments.
     On ``device="cpu"`` everything is host memory.
     """
-    import json
-
     if ds is None:
-        from ep_train.parallel.zero import resolve_ds_config
+        from ep_train.parallel.zero import read_ds_json, resolve_ds_config
 
-        path = resolve_ds_config(cfg.parallel.ds_config)
-        ds = json.loads(path.read_text())
+        ds = read_ds_json(resolve_ds_config(cfg.parallel.ds_config))
     check_ep_layout(cfg.parallel.ep_size, cfg.moe.num_experts, world)
     z = ds.get("zero_optimization", {})
     stage = z.get("stage", 0) if zero_stage is None else zero_stage

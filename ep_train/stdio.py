@@ -1,4 +1,5 @@
-"""Entry-point behaviour for output piped into a reader that stops early (``... | head``).
+"""Entry-point behaviour: refusals on stderr (``report_error``), and output piped into a reader that stops
+early (``... | head``).
 
 Python ignores SIGPIPE, so a write to a closed pipe raises ``BrokenPipeError``: a traceback and,
 under ``set -o pipefail``, a failed pipeline. The convention of ``git``, ``ls`` and
@@ -17,7 +18,36 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
+from pathlib import Path
 from typing import Callable, TextIO
+
+_PACKAGE = Path(__file__).resolve().parent  # ep_train/
+
+
+def raised_in_ep_train(e: BaseException) -> bool:
+    """Whether the innermost Python frame of ``e``'s traceback is ep-train's own code (an error raised in C
+    counts as its Python caller's)."""
+    tb = e.__traceback__
+    if tb is None:
+        return True  # never raised: made by ep-train to be reported
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+def report_error(prog: str, e: BaseException) -> int:
+    """A refusal: ``PROG: error: MESSAGE`` on stderr; returns the exit status, 2.
+
+    ep-train's own errors name the field, the value and the fix, so that line is all a user needs. An error
+    a library raised and ep-train did not catch is no diagnosed input but an environment problem or a bug, and
+    its bare message can mislead (py-cpuinfo, which DeepSpeed asks for the CPU's features, reads JSON from a
+    child interpreter's stdout: anything printed there at start-up made the trainer say only "error: Expecting
+    value: line 1 column 1 (char 0)"). Such an error gets its traceback first."""
+    if not raised_in_ep_train(e):
+        traceback.print_exception(e, file=sys.stderr)
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
 
 
 def _silence(stream: TextIO) -> None:

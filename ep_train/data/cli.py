@@ -8,7 +8,7 @@ import sys
 
 from ep_train.data import prep
 from ep_train.data.tokenizer import train_tokenizer
-from ep_train.stdio import exit_quietly_on_broken_pipe
+from ep_train.stdio import exit_quietly_on_broken_pipe, report_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             return 0 if ok else 1
     except ValueError as e:
-        print(f"data_prep_tool {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(f"data_prep_tool {args.cmd}", e)
     return 0
 
 

@@ -90,6 +90,20 @@ def check_matches_hf(cfg: Config, hf: Config, path: str | Path) -> None:
                          "make the run config match the checkpoint's config.json")
 
 
+def read_hf_json(path: Path) -> dict[str, Any]:
+    """A Hugging Face folder's JSON file (config.json, model.safetensors.index.json) as an object; a file that
+    does not parse is refused with its name."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); pass a folder written by save_pretrained "
+                         "(or re-download that file)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object; pass a folder written "
+                         "by save_pretrained")
+    return data
+
+
 class HFMixtralSource:
     """Values of ep-train parameters read from a Hugging Face Mixtral folder, tensor by tensor.
 
@@ -105,13 +119,13 @@ class HFMixtralSource:
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
             raise ValueError(f"{str(cfg_file)!r} not found; pass a Hugging Face Mixtral folder (save_pretrained)")
-        own = config_from_hf(json.loads(cfg_file.read_text()))
+        own = config_from_hf(read_hf_json(cfg_file))
         if cfg is not None:
             check_matches_hf(cfg, own, self.path)  # a run config must describe this checkpoint's model
         self.cfg = cfg or own
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            self.where = dict(json.loads(index.read_text())["weight_map"])
+            self.where = dict(read_hf_json(index)["weight_map"])
         elif (self.path / "model.safetensors").is_file():
             with safe_open(str(self.path / "model.safetensors"), "pt") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}

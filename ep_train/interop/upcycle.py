@@ -12,7 +12,6 @@ layer computes exactly the dense FFN. The result is written once, in the Hugging
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ep_train.config import Config, data_sources, moe_layer_indices
-from ep_train.interop.hf import model_config_from_hf, run_config_for, write_run_config
+from ep_train.interop.hf import model_config_from_hf, read_hf_json, run_config_for, write_run_config
 from ep_train.interop.hf_export import Source, copy_tokenizer_files, run_tokenizer, write_hf
 from ep_train.model.init import _generator
 
@@ -32,7 +31,7 @@ class HFDenseSource:
         self.path = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            self.where = dict(json.loads(index.read_text())["weight_map"])
+            self.where = dict(read_hf_json(index)["weight_map"])
         elif (path / "model.safetensors").is_file():
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}
@@ -97,7 +96,7 @@ class UpcycledSource:
 
 def _dense_source(src: Path) -> tuple[Config, Source, str, dict[str, Any] | None]:
     """(dense config, values, dtype, Hugging Face config.json or None) of an ep-train run or an HF folder."""
-    if (src / "config.json").is_file() and "model_type" in (hf := json.loads((src / "config.json").read_text())):
+    if (src / "config.json").is_file() and "model_type" in (hf := read_hf_json(src / "config.json")):
         if hf["model_type"] == "mixtral" or "num_local_experts" in hf:
             raise ValueError(f"{str(src)!r} is already an MoE model (model_type {hf['model_type']!r}); "
                              "upcycling needs a dense one. Import it with `ep-train convert from-hf`")

@@ -52,16 +52,27 @@ def _check_ep_train_block(ds: dict[str, Any], name: str) -> None:
             raise ValueError(f'{name}: "ep_train".{key} = {value!r}; use true or false')
 
 
+def read_ds_json(path: Path) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` (``resolve_ds_config``'s result); a file that is not a JSON object is refused
+    with its name."""
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"parallel.ds_config {str(path)!r} is not valid JSON: {e}; pass a DeepSpeed JSON (e.g. a "
+                         "copy of ep_train/ds_configs/zero3_offload.json) or one of the shipped names") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"parallel.ds_config {str(path)!r} holds a JSON {type(ds).__name__}, not an object; a "
+                         'DeepSpeed JSON is an object such as {"zero_optimization": {"stage": 3}}')
+    return ds
+
+
 def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
     """The DeepSpeed JSON with the run's batch sizes, precision and clipping merged in.
 
     A value the JSON already sets must agree with the run config (one source of truth per number).
     """
     path = resolve_ds_config(cfg.parallel.ds_config)
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"parallel.ds_config {str(path)!r} is not valid JSON: {e}") from None
+    ds = read_ds_json(path)
     t = cfg.train
     gas = t.batch_size // (t.micro_batch_size * world)
     want = {"train_batch_size": t.batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
