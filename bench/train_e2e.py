@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", choices=("demo", "583m"), default="demo",
                     help="583m: ep-train against DeepSpeed AutoEP on bench/scale.py's 583M model (ZeRO-3 + offload)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: at least 1 (one pair: the table's runs)")
     if args.size == "583m":
         return main_583m(args)
     from ep_train.config import load_config, parse_overrides
@@ -162,10 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     results[AUTOEP] = run_peer("autoep_train.py", tmp / "data", tmp, steps, peer + ["--ds_config", "zero3"])
     results[AUTOEP_OFF] = run_peer("autoep_train.py", tmp / "data", tmp, steps, peer + ["--ds_config",
                                                                                          "zero3_offload"])
-    # The judged ratio again from pairs run back to back (one run of each system varies by several percent between
-    # runs, AutoEP's more than ep-train's): the verdict takes the median pair.
+    # The judged ratio again from pairs run back to back (one run of either system varies by several percent from
+    # the next): the verdict takes the median of the pairs' ratios.
     judged = {MATCHED: ("zero3", AUTOEP), MATCHED_OFF: ("zero3_offload", AUTOEP_OFF)}
-    for mine, (ds_config, peer_name) in judged.items():
+    for mine, (_, peer_name) in judged.items():
         results[mine]["pairs"] = [(statistics.median(results[mine]["tok_s"]),
                                    statistics.median(results[peer_name]["tok_s"]),
                                    loss_drift(results[mine], results[peer_name]))]

@@ -33,7 +33,8 @@ def raised_in_ep_train(e: BaseException) -> bool:
         return True  # never raised: made by ep-train to be reported
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+    name = tb.tb_frame.f_code.co_filename
+    return not name.startswith("<") and Path(name).resolve().is_relative_to(_PACKAGE)  # not <string>, <frozen ...>
 
 
 def report_error(prog: str, e: BaseException) -> int:

@@ -96,12 +96,21 @@ def read_hf_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); pass a folder written by save_pretrained "
-                         "(or re-download that file)") from None
+        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); rewrite that file (save_pretrained writes "
+                         "it) or fetch it again") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object; pass a folder written "
-                         "by save_pretrained")
+        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object; rewrite that file "
+                         "(save_pretrained writes it) or fetch it again")
     return data
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """``model.safetensors.index.json``'s tensor name -> shard file."""
+    where = read_hf_json(index).get("weight_map")
+    if not isinstance(where, dict):
+        raise ValueError(f"{str(index)!r} has no \"weight_map\" object (tensor name -> shard file); rewrite that "
+                         "file (save_pretrained writes it) or fetch it again")
+    return dict(where)
 
 
 class HFMixtralSource:
@@ -125,7 +134,7 @@ class HFMixtralSource:
         self.cfg = cfg or own
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            self.where = dict(read_hf_json(index)["weight_map"])
+            self.where = weight_map(index)
         elif (self.path / "model.safetensors").is_file():
             with safe_open(str(self.path / "model.safetensors"), "pt") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}

@@ -256,7 +256,7 @@ def to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "auto", max_s
     ``from-hf``/``upcycle`` made). ``dtype``: float32, bfloat16, float16 or auto (the source's: fp32 master
     weights of a checkpoint, the init folder's dtype). Peak memory: one shard (``max_shard_size``).
     """
-    from ep_train.interop.hf import HFMixtralSource
+    from ep_train.interop.hf import HFMixtralSource, read_hf_json
     from ep_train.interop.universal import UniversalSource, find_checkpoint, run_config, to_universal
 
     src, out = Path(checkpoint), Path(output)
@@ -273,7 +273,7 @@ def to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "auto", max_s
     if init is not None:
         assert cfg is not None
         check_exportable(cfg, allow_dropless)
-        base = json.loads((init / "config.json").read_text()) if (init / "config.json").is_file() else None
+        base = read_hf_json(init / "config.json") if (init / "config.json").is_file() else None
         source: Source = HFMixtralSource(init, cfg)
         auto = (base or {}).get("dtype") or (base or {}).get("torch_dtype") or "float32"
     else:
@@ -288,7 +288,7 @@ def to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "auto", max_s
             universal = to_universal(step, tmp / "universal")
         source = UniversalSource(universal)
         init = Path(cfg.train.init_from) if cfg.train.init_from else None
-        base = json.loads((init / "config.json").read_text()) if init and (init / "config.json").is_file() else None
+        base = read_hf_json(init / "config.json") if init and (init / "config.json").is_file() else None
         auto = "float32"  # the checkpoint's fp32 master weights
     try:
         tokenizer = run_tokenizer(cfg, log)

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ep_train.config import Config, data_sources, moe_layer_indices
-from ep_train.interop.hf import model_config_from_hf, read_hf_json, run_config_for, write_run_config
+from ep_train.interop.hf import model_config_from_hf, read_hf_json, run_config_for, weight_map, write_run_config
 from ep_train.interop.hf_export import Source, copy_tokenizer_files, run_tokenizer, write_hf
 from ep_train.model.init import _generator
 
@@ -31,7 +31,7 @@ class HFDenseSource:
         self.path = path
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            self.where = dict(read_hf_json(index)["weight_map"])
+            self.where = weight_map(index)
         elif (path / "model.safetensors").is_file():
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}

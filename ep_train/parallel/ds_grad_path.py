@@ -1,7 +1,7 @@
 """DeepSpeed 0.19.8's ZeRO-3 gradient path without avoidable full-size copies of gradients.
 
 Measured with bench/step_breakdown.py on the 583M MoE (world 2, EP 2, ZeRO-3 + CPU offload, 2 cores):
-these two took about a quarter of a training step, all of it in fresh host allocations being faulted in
+the first two took about a quarter of a training step, all of it in fresh host allocations being faulted in
 (a copy into memory already mapped runs ~5x faster than one into a new tensor of the same size).
 
 1. The gradient norm. At every accumulation boundary ``_offload_grad_partition_at_boundary`` (and, without
@@ -85,7 +85,7 @@ def fp64_norm(t: torch.Tensor, piece: int = NORM_PIECE) -> torch.Tensor:
 
 
 def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
-    """Bind the two replacements to this ZeRO-3 optimizer; True when they were applied."""
+    """Bind the three replacements to this ZeRO-3 optimizer; True when they were applied."""
     if not fast_grad_path_enabled(ds):
         return False
     import deepspeed
@@ -141,7 +141,7 @@ def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
         group = self._get_param_partition_group(param)
         # where DeepSpeed would copy: contiguous buffers; with reduce_scatter off it reduces from bucket.buffer itself
         if not (self.contiguous_gradients and self.reduce_scatter and grad.device.type == "cpu"
-                and grad.dtype == comm_dtype and dist.get_world_size(group) == 1
+                and grad.dtype == comm_dtype and grad.is_contiguous() and dist.get_world_size(group) == 1
                 and not getattr(self, "zenflow", False)):
             return own_add_to_bucket(param)
         bucket = self.ipg_buckets[comm_dtype]  # DeepSpeed's bookkeeping, without the copy into bucket.buffer
@@ -153,6 +153,6 @@ def apply_fast_grad_path(optimizer: Any, ds: dict[str, Any]) -> bool:
     optimizer._constant_buffered_norm2 = types.MethodType(constant_buffered_norm2, optimizer)
     setattr(optimizer, _AVG_SCATTER, types.MethodType(avg_scatter_grads, optimizer))
     setattr(optimizer, _ADD_TO_BUCKET, types.MethodType(add_grad_to_ipg_bucket, optimizer))
-    log.info("ep_train: ZeRO-3 gradient norm and one-rank gradient reduce without full-size copies "
+    log.info("ep_train: ZeRO-3 gradient norm, one-rank gradient reduce and bucket without full-size copies "
              "(ep_train/parallel/ds_grad_path.py)")
     return True

@@ -57,7 +57,7 @@ def read_ds_json(path: Path) -> dict[str, Any]:
     with its name."""
     try:
         ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"parallel.ds_config {str(path)!r} is not valid JSON: {e}; pass a DeepSpeed JSON (e.g. a "
                          "copy of ep_train/ds_configs/zero3_offload.json) or one of the shipped names") from None
     if not isinstance(ds, dict):

@@ -67,3 +67,20 @@ def test_hf_folder_with_broken_json_is_refused_by_name(tmp_path) -> None:
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
         HFMixtralSource(tmp_path)
+
+
+def test_index_without_weight_map_is_refused_by_name(tmp_path) -> None:
+    from ep_train.interop.hf import weight_map
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match='has no "weight_map" object'):
+        weight_map(index)
+    index.write_text('{"weight_map": {"lm_head.weight": "a.safetensors"}}')
+    assert weight_map(index) == {"lm_head.weight": "a.safetensors"}
+
+
+def test_a_frame_with_no_file_is_not_ep_trains() -> None:
+    code = compile("raise ValueError('from exec')", "<string>", "exec")
+    e = _caught(lambda: exec(code))
+    assert not raised_in_ep_train(e)
