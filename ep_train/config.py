@@ -544,6 +544,48 @@ def resolve_ds_config(name_or_path: str) -> Path:
     return named
 
 
+EP_TRAIN_SWITCHES = {
+    "dedup_offload_buffers": "share DeepSpeed's duplicate fp32 master and gradient buffers (ep_train/parallel/ds_memory.py)",
+    "fast_grad_path": "ZeRO-3 gradient norm and one-rank reduce without full-size copies (ep_train/parallel/ds_grad_path.py)",
+}
+
+
+def ep_train_switch(ds: dict[str, Any], name: str) -> bool:
+    """A switch of the DeepSpeed JSON's "ep_train" block (checked at load by ``_check_ep_train_block``); every
+    switch is on unless the JSON says false."""
+    assert name in EP_TRAIN_SWITCHES, name
+    return bool(ds.get("ep_train", {}).get(name, True))
+
+
+def _check_ep_train_block(ds: dict[str, Any], name: str) -> None:
+    """The JSON's "ep_train" block (DeepSpeed ignores it): known switches, true or false. A misspelt switch
+    would otherwise be ignored silently and leave the default in force."""
+    block = ds.get("ep_train", {})
+    if not isinstance(block, dict):
+        raise ValueError(f'{name}: "ep_train" = {block!r}; it must be an object of switches, e.g. '
+                         '{"dedup_offload_buffers": false}')
+    for key, value in block.items():
+        if key not in EP_TRAIN_SWITCHES:
+            known = "; ".join(f"{k}: {v}" for k, v in EP_TRAIN_SWITCHES.items())
+            raise ValueError(f'{name}: "ep_train" has no switch {key!r}; the switches are {known}')
+        if not isinstance(value, bool):
+            raise ValueError(f'{name}: "ep_train".{key} = {value!r}; use true or false')
+
+
+def read_ds_json(path: Path) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` (``resolve_ds_config``'s result); a file that is not a JSON object is refused
+    with its name."""
+    try:
+        ds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"parallel.ds_config {str(path)!r} is not valid JSON: {e}; pass a DeepSpeed JSON (e.g. a "
+                         "copy of ep_train/ds_configs/zero3_offload.json) or one of the shipped names") from None
+    if not isinstance(ds, dict):
+        raise ValueError(f"parallel.ds_config {str(path)!r} holds a JSON {type(ds).__name__}, not an object; a "
+                         'DeepSpeed JSON is an object such as {"zero_optimization": {"stage": 3}}')
+    return ds
+
+
 def _example(section: str, name: str, default: Any) -> str:
     return f"set {section}.{name} to a finite number" + (f" (default {default!r})" if default is not None else "")
 
@@ -565,8 +607,9 @@ def _check_finite(cfg: Any) -> None:
 def _check_paths(cfg: Any) -> None:
     """Files the run will open, checked before any process (or process group) starts."""
     p, d, t = getattr(cfg, "parallel", None), getattr(cfg, "data", None), getattr(cfg, "train", None)
-    if p is not None:
-        resolve_ds_config(p.ds_config)
+    if p is not None:  # the DeepSpeed JSON parses, and its "ep_train" block is valid (the rest: build_ds_config)
+        path = resolve_ds_config(p.ds_config)
+        _check_ep_train_block(read_ds_json(path), path.name)
     if d is not None and d.tokenizer is not None:
         tok = Path(d.tokenizer)
         _check(not tok.is_dir(), "data.tokenizer", d.tokenizer,

@@ -165,3 +165,17 @@ def test_trainer_refuses_bad_configs_before_starting(tmp_path: Path) -> None:
              "--learning_rate", ".inf")
     _refused(p, "train.learning_rate = inf", "finite")
     assert not (tmp_path / "run").exists()  # refused before the trainer made its run folder
+
+
+def test_check_refuses_a_bad_deepspeed_json(tmp_path: Path) -> None:
+    """`ep-train check` (which the launch scripts run first) reads the DeepSpeed JSON as the trainer will: one
+    error instead of one per worker."""
+    ds = tmp_path / "ds.json"
+    for text, want in (("", "is not valid JSON"), ('{"zero_optimization": {"stage": 3}, "ep_train": {"fast": true}}',
+                                                     "has no switch 'fast'")):
+        ds.write_text(text)
+        _refused(_run("-m", "ep_train.cli", "check", "--config", "configs/tiny.yaml", "--ds_config", str(ds)),
+                 "ds.json", want)
+    ds.write_text('{"zero_optimization": {"stage": 3}, "ep_train": {"fast_grad_path": false}}')
+    p = _run("-m", "ep_train.cli", "check", "--config", "configs/tiny.yaml", "--ds_config", str(ds))
+    assert p.returncode == 0 and "config ok" in p.stdout, p.stderr
