@@ -572,18 +572,23 @@ def _check_ep_train_block(ds: dict[str, Any], name: str) -> None:
             raise ValueError(f'{name}: "ep_train".{key} = {value!r}; use true or false')
 
 
-def read_ds_json(path: Path) -> dict[str, Any]:
-    """The DeepSpeed JSON at ``path`` (``resolve_ds_config``'s result); a file that is not a JSON object is refused
-    with its name."""
+def read_json_object(path: Path, label: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that does not parse, or holds another JSON value, is refused with
+    ``label`` (the file, and the field that names it if any) and ``fix``."""
     try:
-        ds = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"parallel.ds_config {str(path)!r} is not valid JSON: {e}; pass a DeepSpeed JSON (e.g. a "
-                         "copy of ep_train/ds_configs/zero3_offload.json) or one of the shipped names") from None
-    if not isinstance(ds, dict):
-        raise ValueError(f"parallel.ds_config {str(path)!r} holds a JSON {type(ds).__name__}, not an object; a "
-                         'DeepSpeed JSON is an object such as {"zero_optimization": {"stage": 3}}')
-    return ds
+        raise ValueError(f"{label} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{label} holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data
+
+
+def read_ds_json(path: Path) -> dict[str, Any]:
+    """The DeepSpeed JSON at ``path`` (``resolve_ds_config``'s result)."""
+    return read_json_object(path, f"parallel.ds_config {str(path)!r}",
+                            'pass a DeepSpeed JSON object such as {"zero_optimization": {"stage": 3}} (e.g. a copy '
+                            "of ep_train/ds_configs/zero3_offload.json) or one of the shipped names")
 
 
 def _example(section: str, name: str, default: Any) -> str:

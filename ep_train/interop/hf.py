@@ -9,14 +9,13 @@ Never unpickles anything: safetensors only.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from ep_train.config import Config, validate
+from ep_train.config import Config, read_json_object, validate
 from ep_train.model.transformer import Transformer
 
 
@@ -91,17 +90,8 @@ def check_matches_hf(cfg: Config, hf: Config, path: str | Path) -> None:
 
 
 def read_hf_json(path: Path) -> dict[str, Any]:
-    """A Hugging Face folder's JSON file (config.json, model.safetensors.index.json) as an object; a file that
-    does not parse is refused with its name."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({e}); rewrite that file (save_pretrained writes "
-                         "it) or fetch it again") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object; rewrite that file "
-                         "(save_pretrained writes it) or fetch it again")
-    return data
+    """A Hugging Face folder's JSON file (config.json, model.safetensors.index.json) as an object."""
+    return read_json_object(path, repr(str(path)), "rewrite that file (save_pretrained writes it) or fetch it again")
 
 
 def weight_map(index: Path) -> dict[str, str]:
