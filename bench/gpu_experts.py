@@ -27,16 +27,22 @@ sys.path.insert(0, str(ROOT))
 from bench.gpu_check import allow_grouped_mm_on_cpu, expert_matmul_flops, md_table, time_steps  # noqa: E402
 from bench.targets import TARGETS  # noqa: E402  (the one table of targets)
 
-# (name, E_l, D, F, R): Mixtral 8x7B (16k tokens x top-2 over 8 experts: R 4096) on one GPU and under EP 4;
-# a DeepSeek-MoE-16B-like fine-grained layer (64 experts of F 1408, top-6: R 1536) on one GPU and under EP 4.
+# (name, E_l, D, F, R): Mixtral 8x7B (16k tokens x top-2 over 8 experts: R 4096) on one GPU and under EP 4
+# and 8; a DeepSeek-MoE-16B-like fine-grained layer (64 experts of F 1408, top-6: R 1536) on one GPU and under
+# EP 4, 8 and 32. The EP 8 / EP 32 rows were added when experts.LOOP_MAX_LOCAL_EXPERTS sent one or two experts
+# per GPU to the loop: the fine-grained two-expert row found that rule 1.64x off (2026-11-28).
 SHAPES: list[tuple[str, int, int, int, int]] = [
     ("Mixtral 8x7B, 8 experts per GPU", 8, 4096, 14336, 4096),
     ("Mixtral 8x7B, EP 4: 2 experts per GPU", 2, 4096, 14336, 4096),
+    ("Mixtral 8x7B, EP 8: 1 expert per GPU", 1, 4096, 14336, 4096),
     ("fine-grained (DeepSeek-MoE-16B-like), 64 experts per GPU", 64, 2048, 1408, 1536),
     ("fine-grained, EP 4: 16 experts per GPU", 16, 2048, 1408, 1536),
+    ("fine-grained, EP 8: 8 experts per GPU", 8, 2048, 1408, 1536),
+    ("fine-grained, EP 32: 2 experts per GPU", 2, 2048, 1408, 1536),
 ]
 DRY_SHAPES: list[tuple[str, int, int, int, int]] = [("dry, 8 experts", 8, 64, 128, 64),
-                                                    ("dry, 2 experts", 2, 64, 128, 64)]
+                                                    ("dry, 2 experts", 2, 64, 128, 64),
+                                                    ("dry, 1 expert", 1, 64, 128, 64)]
 TOLERANCE = TARGETS["gpu_expert_path"].value  # the default path's time over the faster path's, at most
 GROUPED, LOOP = "grouped_mm", "per-expert loop"
 

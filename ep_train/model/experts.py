@@ -38,17 +38,19 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return all(_aligned16(t) for t in (x, *weights))
 
 
-# One or two experts on a GPU take one cuBLAS matmul per expert rather than torch._grouped_mm: measured on an
-# H200 (bench/gpu_experts.py, bf16, forward + backward, 2026-11-27), the loop took 0.94x grouped_mm's time for
-# Mixtral's experts two per GPU and 0.99x eight per GPU, while grouped_mm was 1.6x-2.3x faster for 16-64
-# small experts per GPU (F 1408). With at most two experts the loop launches at most twice grouped_mm's
-# kernels, each a plain GEMM; eight small experts were not measured, so the rule stops at two (one expert
-# per GPU was not measured either: there each matmul is a single plain GEMM).
-LOOP_MAX_LOCAL_EXPERTS = 2
+# Where torch._grouped_mm can run, it computes the experts however few there are. Measured on an H200
+# (bench/gpu_experts.py, bf16, forward + backward, 2026-11-28 06:22 UTC; 06:31 again after this change): one
+# cuBLAS matmul per expert was 1.08x grouped_mm's time for Mixtral's experts two per GPU, 1.00x at one and
+# 0.98x at eight, and 1.6x-2.4x for small experts (F 1408) at 2-64 per GPU. An earlier run (2026-11-27) had
+# the loop at 0.94x for two Mixtral experts, and the rule then (the loop for one or two experts per GPU)
+# took a path 1.64x slower for two small experts. No expert count is worth the loop on such a GPU; the
+# knob stays (0) for tests.
+LOOP_MAX_LOCAL_EXPERTS = 0
 
 
 def _use_grouped_mm(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> bool:
-    """The path GroupedExperts takes: torch._grouped_mm where it can run and more than two experts are here."""
+    """The path GroupedExperts takes: torch._grouped_mm where it can run (and more than LOOP_MAX_LOCAL_EXPERTS
+    experts are here)."""
     return w1.shape[0] > LOOP_MAX_LOCAL_EXPERTS and _grouped_mm_ok(x, w1, w2, w3)
 
 
@@ -165,8 +167,7 @@ _GRAD_SCRATCH = _GradScratch()
 
 
 class _ExpertLoop(torch.autograd.Function):
-    """The experts one group at a time (CPU; GPUs without torch._grouped_mm or with at most
-    LOOP_MAX_LOCAL_EXPERTS experts), with a hand-written backward.
+    """The experts one group at a time (CPU; GPUs without torch._grouped_mm), with a hand-written backward.
 
     Why not autograd over a loop of slices: each expert's weight gradient came back as its own tensor and
     UnbindBackward stacked them into a fresh [E_l, F, D] gradient, one more full-size copy per weight

@@ -65,10 +65,10 @@ def test_keeps_two_activations_per_row() -> None:
                                                              (10, 16), (10, 16)])
 
 
-def test_one_or_two_local_experts_take_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grouped_mm_whenever_it_can_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where torch._grouped_mm can run (as on an sm90 GPU; torch runs it on CPU too), GroupedExperts uses it
-    only for more than LOOP_MAX_LOCAL_EXPERTS experts (bench/gpu_experts.py's measurements); both paths
-    give the plain loop's values."""
+    at every expert count, one included (bench/gpu_experts.py's H200 measurements); LOOP_MAX_LOCAL_EXPERTS,
+    0, still sends that many experts or fewer to the loop. Both paths give the plain loop's values."""
     import ep_train.model.experts as experts_mod
 
     monkeypatch.setattr(experts_mod, "_grouped_mm_ok", lambda *a: True)
@@ -76,7 +76,8 @@ def test_one_or_two_local_experts_take_the_loop(monkeypatch: pytest.MonkeyPatch)
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(4)
-    for e in (1, 2, 3, 8):
+    for loop_max, e, grouped in ((0, 1, True), (0, 2, True), (0, 8, True), (2, 2, False), (2, 3, True)):
+        monkeypatch.setattr(experts_mod, "LOOP_MAX_LOCAL_EXPERTS", loop_max)
         ex = GroupedExperts(16, 32, e)
         for w in ex.parameters():
             w.data.copy_(torch.randn(w.shape, generator=g) * 0.3)
@@ -84,7 +85,7 @@ def test_one_or_two_local_experts_take_the_loop(monkeypatch: pytest.MonkeyPatch)
         x = torch.randn(sum(counts), 16, generator=g)
         calls.clear()
         y = ex(x, counts)
-        assert len(calls) == (3 if e > experts_mod.LOOP_MAX_LOCAL_EXPERTS else 0), e
+        assert len(calls) == (3 if grouped else 0), (loop_max, e)
         torch.testing.assert_close(y, _naive(x, ex.w1, ex.w2, ex.w3, counts).detach(), rtol=1e-5, atol=1e-5)
 
 

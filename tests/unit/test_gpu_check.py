@@ -174,7 +174,8 @@ def test_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
     assert [r["shape"] for r in ex] == [s[0] for s in gpu_experts.DRY_SHAPES]
     assert all(r["grouped_mm"] > 0 and r["per-expert loop"] > 0 for r in ex)
     assert all(r["grouped_mm calls"] > 0 and r["per-expert loop calls"] == 0 for r in ex)
-    assert [r["default"] for r in ex] == ["grouped_mm", "per-expert loop"]  # 8 experts; 2 (ep-train's rule)
+    # grouped_mm wherever it can run (allowed on CPU here), at any expert count down to one
+    assert [r["default"] for r in ex] == ["grouped_mm"] * 3
     assert "## 3. Expert paths across shapes" in md and "default / faster" in md
     assert "operators by self kernel time" in md
     assert p.returncode == 1  # the dry run cannot meet the GPU goal: a computed FAIL, not a crash
