@@ -125,6 +125,9 @@ class DataConfig:
     # --reset-attention-mask), found by the tokenizer's EOS ending each document. Off by default, as Megatron.
     document_mask: bool = False
     reset_positions: bool = False  # with document_mask: rotary positions restart at 0 in each document
+    # No loss on the target after an EOS (the next document's first token, which nothing before it predicts):
+    # Megatron's --eod-mask-loss. Independent of document_mask; needs the shards' EOS id too.
+    eod_mask_loss: bool = False
 
 
 @dataclass

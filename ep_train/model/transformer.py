@@ -60,6 +60,12 @@ def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return ends.cumsum(dim=1) - ends  # exclusive cumulative count
 
 
+def eod_masked_targets(input_ids: torch.Tensor, targets: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[B, S] targets with -100 (ignored by the loss) where the input token is EOS: the target there is the
+    next document's first token, which nothing in the window predicts (Megatron's --eod-mask-loss)."""
+    return targets.masked_fill(input_ids == eos_id, -100)
+
+
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """[B, S] position of each token inside its own document (0 at each document's first token)."""
     idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)

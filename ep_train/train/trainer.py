@@ -20,13 +20,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ep_train.config import (Config, config_from_dict, config_to_dict, data_sources, load_config, parse_overrides,
-                             validate)
+from ep_train.config import (Config, DataConfig, config_from_dict, config_to_dict, data_sources, load_config,
+                             parse_overrides, validate)
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.mixture import Blend, mixture_key
 from ep_train.data.verify import has_split, load_manifest, verify_for_training
 from ep_train.model.moe import expert_biases, set_expert_biases, update_expert_biases
-from ep_train.model.transformer import Transformer, build_model, document_ids, document_positions
+from ep_train.model.transformer import (Transformer, build_model, document_ids, document_positions,
+                                        eod_masked_targets)
 from ep_train.parallel import compile_blocks, parallelize
 from ep_train.parallel.groups import deepspeed_layout, init_distributed
 from ep_train.sizes import model_size
@@ -64,6 +65,18 @@ def partition_report(model: torch.nn.Module) -> dict[str, Any]:
     return rep
 
 
+def shards_eos_id(data_dir: str | Path, data: DataConfig) -> int:
+    """The EOS id that ends each document in the shards (data.document_mask cuts windows at it,
+    data.eod_mask_loss drops the target after it); refused, naming the setting that needs it, if absent."""
+    key = "document_mask" if data.document_mask else "eod_mask_loss"
+    eos = load_manifest(data_dir)["tokenizer"].get("eos_id")
+    if not isinstance(eos, int) or isinstance(eos, bool) or eos < 0:
+        raise ValueError(f"data.{key} = true needs the EOS id that ends each document, but "
+                         f"{Path(data_dir) / 'manifest.json'} has tokenizer.eos_id = {eos!r}; rebuild the shards "
+                         f"with a tokenizer that has EOS (data_prep_tool build), or set data.{key} false")
+    return eos
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag | None = None) -> None:
         import deepspeed
@@ -97,7 +110,8 @@ class Trainer:
             verify_for_training(src.path, "train", cfg.model.vocab_size, cfg.data.tokenizer)
             if t.eval_interval and has_split(src.path, "val"):
                 verify_for_training(src.path, "val", cfg.model.vocab_size, cfg.data.tokenizer)
-        self.eos_id = self._document_eos() if cfg.data.document_mask else None
+        self.eos_id = (shards_eos_id(self.sources[0].path, cfg.data)
+                       if cfg.data.document_mask or cfg.data.eod_mask_loss else None)
         self.blend = Blend([TokenWindows(src.path, "train", cfg.data.seq_len, cfg.data.tokenizer)
                             for src in self.sources], [src.weight for src in self.sources], t.seed,
                            cfg.data.shuffle, [src.label for src in self.sources])
@@ -138,18 +152,11 @@ class Trainer:
                                      CollapseWatch(t.collapse_threshold, t.collapse_intervals), cfg.parallel.ep_size)
         self.stop = stop or StopFlag()
 
-    def _document_eos(self) -> int:
-        """The EOS id that ends each document in the shards (data.document_mask cuts windows at it)."""
-        eos = load_manifest(self.sources[0].path)["tokenizer"].get("eos_id")
-        if not isinstance(eos, int) or eos < 0:
-            raise ValueError(f"data.document_mask = true needs the EOS id that ends each document, but "
-                             f"{self.sources[0].path}/manifest.json has tokenizer.eos_id = {eos!r}; rebuild the "
-                             "shards with a tokenizer that has EOS (data_prep_tool build), or set document_mask false")
-        return eos
-
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
         x, y = x.to(self.device), y.to(self.device)
-        if self.eos_id is None:
+        if self.cfg.data.eod_mask_loss:
+            y = eod_masked_targets(x, y, self.eos_id)
+        if not self.cfg.data.document_mask:
             return self.engine(x, y)
         doc = document_ids(x, self.eos_id)
         return self.engine(x, y, doc, document_positions(doc) if self.cfg.data.reset_positions else None)
@@ -200,7 +207,7 @@ class Trainer:
             for c in changed:
                 print(f"resume: applying changed {c}", flush=True)
             saved = config_from_dict(state["config"]).data  # the checkpoint's, defaults for fields it predates
-            for key in ("document_mask", "reset_positions"):  # changes what the model computes: say so
+            for key in ("document_mask", "reset_positions", "eod_mask_loss"):  # changes what is learned: say so
                 if getattr(saved, key) != getattr(self.cfg.data, key):
                     print(f"resume: data.{key} changes from {getattr(saved, key)} to {getattr(self.cfg.data, key)} "
                           f"at step {self.step}", flush=True)

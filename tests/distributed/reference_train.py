@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ep_train.config import Config, data_sources
 from ep_train.data.loader import DistributedBatches, TokenWindows
@@ -50,7 +51,7 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
                   t.seed, cfg.data.shuffle)
     data = DistributedBatches(blend, t.batch_size, t.micro_batch_size, 0, 1, seed=t.seed)
     eos = None
-    if cfg.data.document_mask:
+    if cfg.data.document_mask or cfg.data.eod_mask_loss:
         import json
         from pathlib import Path
 
@@ -62,10 +63,20 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
         total = 0.0
         counts: dict[int, torch.Tensor] = {}  # MoE layer -> tokens per expert over the whole step
         for x, y in micro:
-            doc = document_ids(x, eos) if eos is not None else None
-            out = model(x, y, doc, document_positions(doc) if doc is not None and cfg.data.reset_positions else None)
-            (out.loss / len(micro)).backward()
-            total += out.loss.item()
+            doc = document_ids(x, eos) if cfg.data.document_mask else None
+            pos = document_positions(doc) if doc is not None and cfg.data.reset_positions else None
+            if cfg.data.eod_mask_loss:  # written out: cross-entropy over the targets whose input is not EOS
+                mc = cfg.moe
+                assert mc.cv_loss_weight == 0 and mc.router_entropy_loss_weight == 0  # not written out here
+                out = model(x, None, doc, pos)
+                keep = x != eos
+                loss = (F.cross_entropy(out.logits[keep].float(), y[keep])
+                        + mc.aux_loss_weight * out.aux_loss + mc.router_z_loss_weight * out.z_loss)
+            else:
+                out = model(x, y, doc, pos)
+                loss = out.loss
+            (loss / len(micro)).backward()
+            total += loss.item()
             for i, st in out.router_stats.items():
                 counts[i] = counts.get(i, 0) + st.tokens_per_expert.float()
         if step in skip:

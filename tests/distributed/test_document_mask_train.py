@@ -1,5 +1,6 @@
-"""data.document_mask + reset_positions under EP 2, ZeRO-3 + CPU offload and activation checkpointing at
-world 2: the losses equal the single-process reference with the same masking (and differ from unmasked)."""
+"""data.document_mask + reset_positions + eod_mask_loss under EP 2, ZeRO-3 + CPU offload and activation
+checkpointing at world 2: the losses equal the single-process reference with the same masking (its loss
+mask written out there), and differ from the reference without each of them."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def short_docs(tokenizer, tmp_path_factory) -> Path:
 def test_document_mask_trains_like_the_reference(short_docs, tmp_path) -> None:
     built = short_docs
     args = ["--ep_size", "2", "--max_steps", str(STEPS), "--activation_checkpointing", "true",
-            "--document_mask", "true", "--reset_positions", "true", "--seq_len", "256"]
+            "--document_mask", "true", "--reset_positions", "true", "--eod_mask_loss", "true", "--seq_len", "256"]
     run = tmp_path / "masked"
     train(run, built, 2, *args)
     cfg = load_config(CONFIG, parse_overrides([*COMMON, "--data_dir", str(built), *args]))
@@ -45,6 +46,9 @@ def test_document_mask_trains_like_the_reference(short_docs, tmp_path) -> None:
     ref = reference_losses(cfg, STEPS)
     got = losses(run)
     assert max(abs(got[s] - ref[s - 1]) / abs(ref[s - 1]) for s in got) < 1e-4, (got, ref)
+    cfg.data.eod_mask_loss = False
+    no_loss_mask = reference_losses(cfg, STEPS)  # each masking changes what is learned: the comparison can fail
+    assert max(abs(p - r) for p, r in zip(no_loss_mask, ref)) > 1e-4
     cfg.data.document_mask = cfg.data.reset_positions = False
-    plain = reference_losses(cfg, STEPS)  # the masking changes what is learned: the comparison can fail
-    assert max(abs(p - r) for p, r in zip(plain, ref)) > 1e-4
+    plain = reference_losses(cfg, STEPS)
+    assert max(abs(p - r) for p, r in zip(plain, no_loss_mask)) > 1e-4

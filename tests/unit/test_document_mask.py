@@ -9,7 +9,7 @@ import torch
 
 from ep_train.config import load_config, parse_overrides
 from ep_train.model import build_model
-from ep_train.model.transformer import document_ids, document_positions, document_mask
+from ep_train.model.transformer import document_ids, document_mask, document_positions, eod_masked_targets
 from ep_train.parallel import checkpoint_blocks
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -75,3 +75,45 @@ def test_document_mask_under_activation_checkpointing_same_gradients() -> None:
 def test_reset_positions_needs_document_mask() -> None:
     with pytest.raises(ValueError, match=r"data.reset_positions = True is invalid: needs data.document_mask"):
         load_config(CONFIG, parse_overrides(["--reset_positions", "true"]))
+
+
+def test_eod_masked_targets_by_hand() -> None:
+    x = torch.tensor([[5, EOS, 7, EOS, 8]])
+    y = torch.tensor([[EOS, 7, EOS, 8, 9]])  # y[i] follows x[i]
+    assert eod_masked_targets(x, y, EOS).tolist() == [[EOS, -100, EOS, -100, 9]]
+    assert y.tolist() == [[EOS, 7, EOS, 8, 9]]  # a new tensor: the batch itself is left as it was
+
+
+def test_eod_mask_loss_is_the_mean_over_the_other_targets() -> None:
+    """The model's loss with the masked targets equals cross-entropy over the positions whose input is not
+    EOS, selected here by boolean indexing of the logits (not through ignore_index)."""
+    import torch.nn.functional as F
+
+    cfg, model = _model()
+    x, _ = _packed([9, 17, 1, 30, 7], cfg.model.vocab_size, seed=2)
+    y = torch.cat([x[:, 1:], torch.full((1, 1), 5)], dim=1)
+    with torch.no_grad():
+        out = model(x, eod_masked_targets(x, y, EOS))
+        keep = x[0] != EOS
+        assert int((~keep).sum()) == 5  # one EOS per document: five targets dropped
+        want = F.cross_entropy(out.logits[0][keep].float(), y[0][keep])
+        assert abs(out.lm_loss.item() - want.item()) < 1e-6 * want.item()  # fp32 sums in another order
+        assert abs(model(x, y).lm_loss.item() - want.item()) > 1e-4  # the mask changes the loss
+
+
+def test_eod_mask_loss_needs_an_eos_id(built, tmp_path) -> None:
+    """The shards' EOS id, or a refusal naming the setting that needs it."""
+    import json
+
+    from ep_train.config import DataConfig
+    from ep_train.train.trainer import shards_eos_id
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert shards_eos_id(built, DataConfig(eod_mask_loss=True)) == manifest["tokenizer"]["eos_id"] >= 0
+    manifest["tokenizer"]["eos_id"] = -1  # as `data_prep_tool adopt` writes for shards without EOS
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"data\.eod_mask_loss = true needs the EOS id .*eos_id = -1; .*"
+                                         r"or set data\.eod_mask_loss false"):
+        shards_eos_id(tmp_path, DataConfig(eod_mask_loss=True))
+    with pytest.raises(ValueError, match=r"data\.document_mask = true"):
+        shards_eos_id(tmp_path, DataConfig(document_mask=True, eod_mask_loss=True))
