@@ -554,13 +554,13 @@ EP_TRAIN_SWITCHES = {
 
 
 def ep_train_switch(ds: dict[str, Any], name: str) -> bool:
-    """A switch of the DeepSpeed JSON's "ep_train" block (checked at load by ``_check_ep_train_block``); every
+    """A switch of the DeepSpeed JSON's "ep_train" block (checked at load by ``check_ep_train_block``); every
     switch is on unless the JSON says false."""
     assert name in EP_TRAIN_SWITCHES, name
     return bool(ds.get("ep_train", {}).get(name, True))
 
 
-def _check_ep_train_block(ds: dict[str, Any], name: str) -> None:
+def check_ep_train_block(ds: dict[str, Any], name: str) -> None:
     """The JSON's "ep_train" block (DeepSpeed ignores it): known switches, true or false. A misspelt switch
     would otherwise be ignored silently and leave the default in force."""
     block = ds.get("ep_train", {})
@@ -617,7 +617,7 @@ def _check_paths(cfg: Any) -> None:
     p, d, t = getattr(cfg, "parallel", None), getattr(cfg, "data", None), getattr(cfg, "train", None)
     if p is not None:  # the DeepSpeed JSON parses, and its "ep_train" block is valid (the rest: build_ds_config)
         path = resolve_ds_config(p.ds_config)
-        _check_ep_train_block(read_ds_json(path), path.name)
+        check_ep_train_block(read_ds_json(path), path.name)
     if d is not None and d.tokenizer is not None:
         tok = Path(d.tokenizer)
         _check(not tok.is_dir(), "data.tokenizer", d.tokenizer,

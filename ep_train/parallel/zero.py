@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ep_train.config import (DS_CONFIG_DIR, EP_TRAIN_SWITCHES, Config, _check_ep_train_block,  # noqa: F401
+from ep_train.config import (DS_CONFIG_DIR, EP_TRAIN_SWITCHES, Config, check_ep_train_block,  # noqa: F401
                              ep_train_switch, read_ds_json, resolve_ds_config)  # (re-exported)
 
 _AUTOEP_CLASSES: dict[type, type] = {}
@@ -56,7 +56,7 @@ def build_ds_config(cfg: Config, world: int, use_bf16: bool) -> dict[str, Any]:
     if stage not in (1, 2, 3):
         raise ValueError(f"{path.name}: zero_optimization.stage = {stage}; ep-train supports ZeRO stages 1, 2 and 3")
     _merge_nvme(ds, cfg, path.name, world)
-    _check_ep_train_block(ds, path.name)
+    check_ep_train_block(ds, path.name)
     from ep_train.parallel.ds_memory import dedup_enabled
 
     if use_bf16 and dedup_enabled(ds) and "grad_accum_dtype" not in ds.get("data_types", {}):
