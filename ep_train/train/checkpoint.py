@@ -55,13 +55,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---- what is on disk -------------------------------------------------------------------------------
+STEP_DIR = re.compile(r"step_(\d+)")
+SET_ASIDE = "abandoned"  # RUN/checkpoints/abandoned/: folders moved out of the run's way, never deleted
+
+
 def step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
+    m = STEP_DIR.fullmatch(path.name)
+    assert m is not None, path  # callers pass step_dirs() entries only
+    return int(m.group(1))
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Folders named step_<digits> (complete or not), oldest first; anything else in ``root`` (a user's
+    copy such as step_00000100_keep, ``abandoned/``) is not the run's and is left alone."""
+    found = [p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=step_of)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints (manifest written), oldest first."""
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()), key=step_of)
+    return [p for p in step_dirs(root) if (p / MANIFEST).is_file()]
 
 
 def latest_target(root: Path) -> Path | None:
@@ -82,11 +95,47 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         protect.add(target.resolve())
     doomed = [p for p in complete[:-keep_last] if p.resolve() not in protect]
     newest = step_of(complete[-1])
-    doomed += [p for p in root.glob("step_*") if p.is_dir() and not (p / MANIFEST).is_file()
+    doomed += [p for p in step_dirs(root) if not (p / MANIFEST).is_file()
                and step_of(p) < newest and p.resolve() not in protect]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+def set_aside(root: Path, folders: list[Path]) -> list[Path]:
+    """Move ``folders`` into ``root/abandoned/`` (a numbered suffix where the name is taken there); return
+    where each went. Nothing is deleted: the user decides what to keep."""
+    moved = []
+    for p in folders:
+        dest = root / SET_ASIDE / p.name
+        n = 1
+        while dest.exists():
+            dest, n = root / SET_ASIDE / f"{p.name}.{n}", n + 1
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(p, dest)
+        moved.append(dest)
+    return moved
+
+
+def set_aside_newer(root: Path, step: int) -> tuple[list[Path], list[Path]]:
+    """Rank 0, on resuming at ``step``: every step folder past it belongs to a history this run abandons (a
+    resume from an older checkpoint, a fallback past a refused newest one, a save cut short). Left in place,
+    pruning would count a complete one as the newest and delete the new saves, ``resume auto`` could go back
+    to it, and a save at the same step would write into the folder. Complete ones are moved to ``abandoned/``
+    (kept: the user decides), partial ones (no manifest: not checkpoints) removed, and ``latest`` names
+    ``step`` if it named one of them. Returns (moved to, removed)."""
+    newer = [p for p in step_dirs(root) if step_of(p) > step]
+    complete = [p for p in newer if (p / MANIFEST).is_file()]
+    partial = [p for p in newer if p not in complete]
+    target = latest_target(root)
+    moved = set_aside(root, complete)
+    for p in partial:
+        shutil.rmtree(p)
+    if target is not None and target in newer:
+        tmp = root / "latest.tmp"
+        tmp.write_text(f"step_{step:08d}")
+        os.replace(tmp, root / "latest")
+    return moved, partial
 
 
 # ---- save ------------------------------------------------------------------------------------------
@@ -94,13 +143,16 @@ def bytes_needed(root: Path, estimate: int) -> int:
     """The newest complete checkpoint's size (the next one is the same size), else ``estimate``."""
     complete = complete_checkpoints(root)
     if complete:
-        man = json.loads((complete[-1] / MANIFEST).read_text())
-        return sum(f["bytes"] for f in man["files"].values())
+        try:
+            man = json.loads((complete[-1] / MANIFEST).read_text())
+            return sum(f["bytes"] for f in man["files"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged manifest: resume refuses it
+            pass
     return estimate
 
 
 def _previous(latest: Path | None) -> str:
-    return f"the previous checkpoint {latest.name} is intact and still latest" if latest else \
+    return f"the previous checkpoint {latest.name} is intact and still latest" if latest and latest.is_dir() else \
         "there is no previous checkpoint"
 
 
@@ -136,9 +188,14 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
     err = ""
     if rank == 0:
         try:
+            if path.exists():  # a folder of this step from before (see set_aside_newer): never write into it
+                moved = set_aside(root, [path])[0]
+                print(f"checkpoint: {path.name} already existed; moved to {moved} before saving step {step}",
+                      flush=True)
             check_free_space(root, bytes_needed(root, estimate))
-        except CheckpointError as e:
-            err = str(e)
+        except Exception as e:  # raised on rank 0 alone: the others must hear of it, not wait at a collective
+            err = str(e) if isinstance(e, CheckpointError) else \
+                f"preparing to save checkpoint {str(path)!r} failed ({type(e).__name__}: {e}); nothing was written"
     msg = [err]
     dist.broadcast_object_list(msg, src=0)  # communication
     if msg[0]:

@@ -98,14 +98,17 @@ def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, An
     return ResumePlan(path, state, reshard, to_universal_everywhere(path))
 
 
-def apply_changes(scheduler: Any, saved: dict[str, Any], cfg: Config, step: int, force: bool = False) -> list[str]:
+def apply_changes(scheduler: Any, saved: dict[str, Any], cfg: Config, applied_steps: int,
+                  force: bool = False) -> list[str]:
     """Put the run's optimizer hyperparameters into the loaded optimizer and schedule; return what changed.
-    ``force``: write them even when the config did not change (after a universal load, see below)."""
+    ``force``: write them even when the config did not change (after a universal load, see below).
+    ``applied_steps``: the optimizer steps taken, skipped (non-finite) ones left out. DeepSpeed does not step
+    the scheduler on a skipped step, so the schedule's position is this count, not the trainer's step."""
     t = cfg.train
     changed = _diff(saved["train"], config_to_dict(cfg)["train"], "train", OPTIMIZER + SCHEDULE)
     if not changed and not force:
         return []
-    factor = schedule_factor(t, step)
+    factor = schedule_factor(t, applied_steps)
     for i, g in enumerate(scheduler.optimizer.param_groups):
         base = base_lr(t, g["router"])
         scheduler.base_lrs[i] = base

@@ -146,6 +146,7 @@ class Trainer:
                   f"(ZeRO-{self.ds_config['zero_optimization']['stage']} partitions"
                   f"{f', gathered a block at a time: {leaf_blocks} blocks' if leaf_blocks else ''})", flush=True)
         self.step, self.skipped, self.consecutive_skips = 0, 0, 0
+        self.saved_step: int | None = None  # the step of the newest complete checkpoint of this run's state
         self.batches = DistributedBatches(self.blend, t.batch_size, t.micro_batch_size, self.rank, self.world,
                                           seed=t.seed, shuffle=cfg.data.shuffle)
         self.metrics = MetricsLogger(run_dir, self.rank == 0, t.max_steps,
@@ -180,6 +181,7 @@ class Trainer:
             state["expert_bias"] = biases
         estimate = model_size(self.cfg).total * 16  # fp32 parameters + master copy + two Adam moments
         path = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_last, estimate)
+        self.saved_step = self.step
         if self.rank == 0:
             print(f"saved checkpoint {path}", flush=True)
         return path
@@ -197,8 +199,28 @@ class Trainer:
             resume.restore_group_tags(optimizer, tags)  # DeepSpeed's universal load overwrote them
         self.step, self.skipped = state["step"], state["skipped_steps"]
         self.batches.consumed_samples = state["consumed_samples"]
+        if plan.path.parent.resolve() == self.ckpt_root.resolve():
+            self.saved_step = self.step  # this state is on disk already: a run resumed at its end saves nothing
+        err = ""
+        if self.rank == 0:
+            try:
+                moved, removed = checkpoint.set_aside_newer(self.ckpt_root, self.step)
+            except OSError as e:
+                moved, removed = [], []
+                err = (f"resume: could not move the step folders past step {self.step} out of the way in "
+                       f"{self.ckpt_root} ({e}); fix the folder's permissions or space, or move them yourself")
+            for p in moved:
+                print(f"resume: a checkpoint past step {self.step}, from a history this run leaves, moved to {p} "
+                      "(pruning would otherwise delete the new checkpoints, and resume auto return to it)",
+                      flush=True)
+            for p in removed:
+                print(f"resume: removed {p}, an incomplete save past step {self.step}", flush=True)
+        msg = [err]
+        dist.broadcast_object_list(msg, src=0)  # communication: no rank saves before the folders are out of the way
+        if msg[0]:
+            raise checkpoint.CheckpointError(msg[0])
         set_expert_biases(self.model, state.get("expert_bias", {}))  # the moe section cannot change on resume
-        changed = resume.apply_changes(self.scheduler, state["config"], self.cfg, self.step,
+        changed = resume.apply_changes(self.scheduler, state["config"], self.cfg, self.step - self.skipped,
                                        force=plan.universal is not None)
         if self.rank == 0:
             how = f", resharded ({'; '.join(plan.reshard)})" if plan.reshard else ""
@@ -446,7 +468,7 @@ class Trainer:
                     self.metrics.log_eval(self.step, self.step * tokens_per_step, val,
                                           {src.label: src.weight for src in self.sources})
             stop = self._all_reduce(torch.tensor([1.0 if self.stop.raised else 0.0]), dist.ReduceOp.MAX)
-            if bool(stop.item()):
+            if bool(stop.item()) and self.step < t.max_steps:  # at the last step: finish (saved below), exit 0
                 path = self.save()
                 if self.rank == 0:  # launchers (launch/slurm/train.sbatch) requeue when they find this file
                     (self.run_dir / STOP_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
@@ -455,7 +477,8 @@ class Trainer:
                 return STOP_EXIT_CODE
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.max_steps:
                 self.save()
-        self.save()
+        if self.saved_step != self.step:  # resumed at max_steps (a requeued finished run): on disk already
+            self.save()
         self.metrics.log_memory(self.step, "final", self._rss_peaks_mb())  # the whole run, the last save included
         self.metrics.close()
         return 0

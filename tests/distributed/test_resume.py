@@ -112,11 +112,30 @@ def test_resume_with_changed_fields(runs, built) -> None:
 
     out = train(run, built, 2, *ARGS, "--resume", str(step13), "--max_steps", "14", "--learning_rate", "0.0005")
     assert "applying changed train.learning_rate: 0.001 -> 0.0005" in out
+    # step 24 belongs to the history this resume leaves: set aside whole (not pruned, not written over)
+    aside = run / "checkpoints" / "abandoned" / "step_00000024"
+    assert f"moved to {aside}" in out and not (run / "checkpoints" / "step_00000024").exists()
+    from ep_train.train.checkpoint import verify
+
+    assert verify(aside) is None
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000014"
     rec = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
     from ep_train.train.optim import lr_factor
 
     assert math.isclose(rec["lr"], 0.0005 * lr_factor(13, 4, 14, 0.1), rel_tol=1e-9), rec
     assert json.loads((run / "config.json").read_text())["train"]["learning_rate"] == 0.0005
+
+
+def test_a_finished_run_started_again_writes_nothing(runs, built) -> None:
+    """A run resumed at max_steps (a requeue after a stop notice during the last step, or the same command
+    run twice) trains nothing and leaves its checkpoint as it was: it saved step 24 again, in place, into
+    the folder `latest` names (a kill mid-save then left no good checkpoint with keep_last 1)."""
+    run = _copy(runs, "finished")
+    step24 = run / "checkpoints" / "step_00000024"
+    before = {f.name: f.stat().st_mtime_ns for f in step24.rglob("*") if f.is_file()}
+    out = train(run, built, 2, *ARGS, "--resume", "auto")
+    assert "at step 24" in out and "saved checkpoint" not in out
+    assert {f.name: f.stat().st_mtime_ns for f in step24.rglob("*") if f.is_file()} == before
 
 
 def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built) -> None:

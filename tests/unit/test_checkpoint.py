@@ -41,6 +41,48 @@ def test_prune_keep_last_two_never_counts_a_partial_folder(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000010", "step_00000020", "step_00000030"]
 
 
+def test_folders_that_are_not_step_dirs_are_left_alone(tmp_path) -> None:
+    """A user's copy (step_00000010_keep) or the abandoned/ folder is not one of the run's checkpoints: the
+    listing skips it (it made step_of raise, on rank 0 alone, mid-save) and pruning never touches it."""
+    for s in (10, 20, 30):
+        _ckpt(tmp_path, s)
+    (tmp_path / "step_00000010_keep").mkdir()
+    (tmp_path / "step_00000010_keep" / ck.MANIFEST).write_text("{}")
+    (tmp_path / "step_notes.txt").write_text("mine")
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step_00000010", "step_00000020", "step_00000030"]
+    ck.prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000010_keep", "step_00000030",
+                                                                  "step_notes.txt"]
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_history_aside(tmp_path) -> None:
+    """Resume at step 300 with 400 and 500 on disk (and a save of 600 cut short): 400 and 500 move to
+    abandoned/ (kept), 600 is removed, latest names 300. Without this, pruning after the new saves 310,
+    320, 330 kept 400 and 500 as the newest and deleted 310 and 320."""
+    for s in (300, 400, 500):
+        _ckpt(tmp_path, s)
+    _ckpt(tmp_path, 600, complete=False)
+    (tmp_path / "latest").write_text("step_00000500")
+    moved, removed = ck.set_aside_newer(tmp_path, 300)
+    assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["abandoned/step_00000400",
+                                                                     "abandoned/step_00000500"]
+    assert [p.name for p in removed] == ["step_00000600"] and not removed[0].exists()
+    assert ck.verify(tmp_path / "abandoned" / "step_00000500") is None  # intact where it went
+    assert ck.latest_target(tmp_path) == tmp_path / "step_00000300"
+    for s in (310, 320, 330):  # the new history's saves (latest moves), each followed by a prune (keep_last 3)
+        _ckpt(tmp_path, s)
+        (tmp_path / "latest").write_text(f"step_{s:08d}")
+        ck.prune(tmp_path, keep_last=3)
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step_00000310", "step_00000320", "step_00000330"]
+    assert sorted(p.name for p in (tmp_path / "abandoned").iterdir()) == ["step_00000400", "step_00000500"]
+    # a second rollback past a step already set aside once: a numbered name, nothing overwritten
+    _ckpt(tmp_path, 400)
+    moved, _ = ck.set_aside_newer(tmp_path, 330)
+    assert [p.name for p in moved] == ["step_00000400.1"]
+    assert ck.latest_target(tmp_path) == tmp_path / "step_00000330"  # it named none of the moved ones
+    assert ck.set_aside_newer(tmp_path, 330) == ([], [])  # nothing past it: nothing moves
+
+
 def test_verify_names_the_file(tmp_path) -> None:
     p = _ckpt(tmp_path, 10)
     assert ck.verify(p) is None
@@ -173,3 +215,29 @@ def test_group_settings_come_back_after_a_universal_load() -> None:
     got = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     assert got == want
     assert sched.get_last_lr() == [g["lr"] for g in want]
+
+
+def test_a_changed_schedule_on_resume_follows_the_applied_steps_not_the_step_count() -> None:
+    """DeepSpeed does not step the scheduler on a skipped (non-finite) step: after 3 steps with one skipped
+    the schedule is at 2, and apply_changes must set the rate the scheduler gives (it used the step count, 3:
+    the first step after such a resume ran at another rate)."""
+    import torch
+
+    from ep_train.config import config_to_dict
+    from ep_train.model.transformer import build_model
+    from ep_train.train.optim import lr_schedule, optimizer_param_groups
+    from ep_train.train.resume import apply_changes
+
+    cfg = _tiny_cfg("--ep_size", "1", "--warmup_steps", "4", "--max_steps", "10")
+    model = build_model(cfg.model, cfg.moe)
+    opt = torch.optim.AdamW(optimizer_param_groups(model, cfg), lr=cfg.train.learning_rate)
+    sched = lr_schedule(opt, cfg.train)
+    for step in (1, 2, 3):
+        opt.step()
+        if step != 2:  # step 2 skipped: DeepSpeed steps neither the optimizer nor the scheduler
+            sched.step()
+    want = sched.get_last_lr()
+    assert apply_changes(sched, config_to_dict(cfg), cfg, 3 - 1, force=True) == []
+    assert sched.get_last_lr() == want and [g["lr"] for g in opt.param_groups] == want
+    apply_changes(sched, config_to_dict(cfg), cfg, 3, force=True)  # the step count: another rate
+    assert sched.get_last_lr() != want
