@@ -254,6 +254,10 @@ class Transformer(nn.Module):
         if targets is None:
             return ModelOutput(logits, aux, zl, stats)
         lm = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        # A micro-batch whose every target is ignored (data.eod_mask_loss on a window of EOS tokens only) has
+        # no LM term, not a NaN (0/0) that would stop the run; where() passes lm and its gradient unchanged
+        # otherwise, and the test runs on the device (no host sync).
+        lm = torch.where((targets != -100).any(), lm, zero)
         mc = self.moe_cfg
         loss = lm + mc.aux_loss_weight * aux + mc.router_z_loss_weight * zl
         if stats and mc.cv_loss_weight > 0:  # optional balance terms: in the loss only when weighted

@@ -117,3 +117,15 @@ def test_eod_mask_loss_needs_an_eos_id(built, tmp_path) -> None:
         shards_eos_id(tmp_path, DataConfig(eod_mask_loss=True))
     with pytest.raises(ValueError, match=r"data\.document_mask = true"):
         shards_eos_id(tmp_path, DataConfig(document_mask=True, eod_mask_loss=True))
+
+
+def test_a_micro_batch_with_every_target_masked_adds_no_lm_loss() -> None:
+    """Only EOS tokens in the window: every target is masked; the LM term is 0 and its gradients 0 (not
+    the NaN of a mean over nothing, which stopped the run), while the router terms still count."""
+    cfg, model = _model()
+    x = torch.full((1, 12), EOS)
+    out = model(x, eod_masked_targets(x, torch.full((1, 12), 7), EOS))
+    assert out.lm_loss.item() == 0.0 and torch.isfinite(out.loss) and out.loss.item() > 0
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.lm_head.weight.grad.abs().max().item() == 0.0
