@@ -30,10 +30,13 @@ def _aligned16(t: torch.Tensor) -> bool:
 
 
 def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    # torch._grouped_mm needs CUDA (sm90+ for bf16) and 16-byte aligned operands; on CPU the slice loop wins.
+    # torch._grouped_mm needs CUDA and 16-byte aligned operands; on CPU the slice loop wins. Hopper (sm90)
+    # only: it is where ep-train's grouped path is tested and measured (bench/gpu_check.sh), and on Blackwell
+    # (sm100) torch's kernel is reported to give an expert with no rows a non-zero weight gradient
+    # (pytorch/pytorch#172439, open), which MoE routing produces all the time. Other GPUs take the loop.
     if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
         return False
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
         return False
     return all(_aligned16(t) for t in (x, *weights))
 
