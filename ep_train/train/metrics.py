@@ -59,7 +59,33 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            self.path = run_dir / "metrics.jsonl"
+            self.jsonl = open(self.path, "a")
+
+    def resume_at(self, step: int) -> int:
+        """On resuming at ``step``: records of steps past it in metrics.jsonl come from a history the run
+        leaves (it crashed after its last checkpoint, or resumed an older one), and the run will log those
+        steps again; they move to metrics.abandoned.jsonl (appended, with any line cut short by a crash), so
+        each step appears once. Returns how many lines moved. (TensorBoard's purge_step would also drop the
+        by-tokens series, whose x-axis is not the step: not used.)"""
+        if not self.enabled:
+            return 0
+        self.jsonl.close()
+        keep, gone = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                past = json.loads(line)["step"] > step
+            except (ValueError, KeyError, TypeError):
+                past = True  # not a record (a write cut short)
+            (gone if past else keep).append(line if line.endswith("\n") else line + "\n")
+        if gone:
+            with open(self.path.with_name("metrics.abandoned.jsonl"), "a") as fh:
+                fh.writelines(gone)
+            tmp = self.path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(self.path)
+        self.jsonl = open(self.path, "a")
+        return len(gone)
 
     def log(self, rec: dict[str, Any], expert_counts: dict[int, list[int]], layer_stats: dict[int, dict]) -> None:
         if not self.enabled:

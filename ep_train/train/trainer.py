@@ -205,16 +205,20 @@ class Trainer:
         if self.rank == 0:
             try:
                 moved, removed = checkpoint.set_aside_newer(self.ckpt_root, self.step)
+                lines = self.metrics.resume_at(self.step)
             except OSError as e:
-                moved, removed = [], []
-                err = (f"resume: could not move the step folders past step {self.step} out of the way in "
-                       f"{self.ckpt_root} ({e}); fix the folder's permissions or space, or move them yourself")
+                moved, removed, lines = [], [], 0
+                err = (f"resume: could not move what lies past step {self.step} out of the way ({e}); fix the "
+                       f"permissions or free space of {self.run_dir}, or move the step folders past it yourself")
             for p in moved:
                 print(f"resume: a checkpoint past step {self.step}, from a history this run leaves, moved to {p} "
                       "(pruning would otherwise delete the new checkpoints, and resume auto return to it)",
                       flush=True)
             for p in removed:
                 print(f"resume: removed {p}, an incomplete save past step {self.step}", flush=True)
+            if lines:
+                print(f"resume: {lines} metrics.jsonl records past step {self.step} (they will be logged again) "
+                      "moved to metrics.abandoned.jsonl", flush=True)
         msg = [err]
         dist.broadcast_object_list(msg, src=0)  # communication: no rank saves before the folders are out of the way
         if msg[0]:

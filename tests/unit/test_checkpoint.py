@@ -241,3 +241,24 @@ def test_a_changed_schedule_on_resume_follows_the_applied_steps_not_the_step_cou
     assert sched.get_last_lr() == want and [g["lr"] for g in opt.param_groups] == want
     apply_changes(sched, config_to_dict(cfg), cfg, 3, force=True)  # the step count: another rate
     assert sched.get_last_lr() != want
+
+
+def test_metrics_past_the_resumed_step_move_aside(tmp_path) -> None:
+    """A run that crashed at step 7 after its step-4 checkpoint logs steps 5-7 again after the resume:
+    the first records of 5-7 (and a line cut short by the crash) move to metrics.abandoned.jsonl, so each
+    step appears once in metrics.jsonl; nothing is lost."""
+    from ep_train.train.metrics import MetricsLogger
+
+    lines = [json.dumps({"step": s, "loss": 10.0 - s}) for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 8, "lo')
+    m = MetricsLogger(tmp_path, True, 10)
+    assert m.resume_at(4) == 4
+    m.log_memory(4, "setup", [1.0, 2.0])  # the resumed run's own records follow
+    m.close()
+    kept = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 4] and kept[-1]["phase"] == "setup"
+    gone = (tmp_path / "metrics.abandoned.jsonl").read_text().splitlines()
+    assert gone == lines[4:] + ['{"step": 8, "lo']
+    again = MetricsLogger(tmp_path, True, 10)
+    assert again.resume_at(4) == 0  # nothing past it: the file stays as it is
+    again.close()
