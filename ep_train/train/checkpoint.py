@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -98,7 +99,11 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     doomed += [p for p in step_dirs(root) if not (p / MANIFEST).is_file()
                and step_of(p) < newest and p.resolve() not in protect]
     for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+        failed: list[str] = []
+        shutil.rmtree(p, onerror=lambda _f, path, exc: failed.append(f"{path}: {exc[1]}"))
+        if failed:  # the run goes on (the checkpoint it saved is complete); the user hears of the disk it keeps
+            print(f"WARNING: pruning could not remove all of {p} ({len(failed)} errors, first: {failed[0]}); "
+                  "remove it by hand", flush=True)
     return doomed
 
 
@@ -222,7 +227,12 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
     if rank == 0:
         (path / STATE_FILE).write_text(json.dumps(run_state, indent=2))
     dist.barrier()
-    files = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+    # Rank 0 lists the folder for everyone: on a shared filesystem another node's listing can lag, and a
+    # file no rank hashed would be missing from the manifest (and never checked).
+    listing = [sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+               if rank == 0 else None]
+    dist.broadcast_object_list(listing, src=0)  # communication
+    files: list[str] = listing[0]
     mine = {f: {"bytes": (path / f).stat().st_size, "sha256": sha256_file(path / f)} for f in files[rank::world]}
     shares: list[dict[str, Any]] = [{} for _ in range(world)]
     dist.all_gather_object(shares, mine)  # communication: the hashing is spread over the ranks
@@ -290,11 +300,16 @@ def choose(resume: str, root: Path, mode: str, fallback: bool, log: Any = print)
     """Collective. ``auto``: the newest complete checkpoint that passes verification (older ones on
     failure, saying so, when ``fallback``); a folder: that one, verified. None when there is nothing."""
     if resume == "auto":
-        candidates = list(reversed(complete_checkpoints(root)))
-        target = latest_target(root)
-        if target is not None and target in candidates:  # `latest` first (normally also the newest)
-            candidates.remove(target)
-            candidates.insert(0, target)
+        found: list[Any] = [None]
+        if dist.get_rank() == 0:  # one listing for every rank (another node's view of a shared disk can lag)
+            candidates = list(reversed(complete_checkpoints(root)))
+            target = latest_target(root)
+            if target is not None and target in candidates:  # `latest` first (normally also the newest)
+                candidates.remove(target)
+                candidates.insert(0, target)
+            found = [[str(p) for p in candidates]]
+        dist.broadcast_object_list(found, src=0)  # communication
+        candidates = [Path(p) for p in found[0]]
         if not candidates:
             return None
     else:
@@ -335,9 +350,15 @@ def safe_load(path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:
         with torch.serialization.safe_globals(_allowed()):
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
     except Exception as e:  # UnpicklingError and friends
-        why = re.search(r"Unsupported global: GLOBAL [\w.]+|WeightsUnpickler error: [^\n]+", str(e))
+        if not (isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e)):
+            # not a refusal: the file could not be read (truncated, not a torch file, an I/O error)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(f"checkpoint file {str(path)!r} could not be read ({type(e).__name__}: {first}); "
+                                  "it is truncated or corrupted: resume from another checkpoint") from None
+        m = re.search(r"Unsupported global: GLOBAL [\w.]+|WeightsUnpickler error:\s*[^\n]+", str(e))
+        why = " ".join(m.group(0).split()) if m else type(e).__name__
         raise CheckpointError(f"checkpoint file {str(path)!r} holds objects ep-train does not load "
-                              f"(weights_only=True refused it: {why.group(0) if why else type(e).__name__}); "
+                              f"(weights_only=True refused it: {why}); "
                               "it is corrupted or was not written by ep-train") from None
 
 

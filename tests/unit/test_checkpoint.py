@@ -262,3 +262,38 @@ def test_metrics_past_the_resumed_step_move_aside(tmp_path) -> None:
     again = MetricsLogger(tmp_path, True, 10)
     assert again.resume_at(4) == 0  # nothing past it: the file stays as it is
     again.close()
+
+
+def test_a_truncated_file_is_named_as_unreadable_not_as_foreign(tmp_path) -> None:
+    """safe_load keeps the cause: a cut-off torch file is 'could not be read (...): truncated', a pickle
+    with a forbidden global is 'holds objects ep-train does not load' (tests/distributed/test_resume.py)."""
+    import torch
+
+    f = tmp_path / "optim_states.pt"
+    torch.save({"w": torch.ones(1000)}, f)
+    assert ck.safe_load(f)["w"].sum().item() == 1000
+    f.write_bytes(f.read_bytes()[:1500])
+    with pytest.raises(ck.CheckpointError, match=r"optim_states.pt' could not be read \(\w+Error: .+\); it is "
+                                                 r"truncated or corrupted"):
+        ck.safe_load(f)
+    import pickle
+
+    f.write_bytes(pickle.dumps({"x": print}, protocol=2))  # a pickle naming a function: refused by the allowlist
+    with pytest.raises(ck.CheckpointError, match=r"holds objects ep-train does not load \(weights_only=True "
+                                                 r"refused it: .*GLOBAL print"):
+        ck.safe_load(f)
+
+
+def test_pruning_reports_what_it_could_not_remove(tmp_path, monkeypatch, capsys) -> None:
+    for s in (10, 20):
+        _ckpt(tmp_path, s)
+    real = ck.shutil.rmtree
+
+    def stubborn(path, onerror=None, **kw):  # as on a filesystem that refuses one file
+        onerror(None, str(Path(path) / "weights.pt"), (OSError, OSError(13, "Permission denied"), None))
+
+    monkeypatch.setattr(ck.shutil, "rmtree", stubborn)
+    assert [p.name for p in ck.prune(tmp_path, keep_last=1)] == ["step_00000010"]
+    out = capsys.readouterr().out
+    assert "WARNING: pruning could not remove all of" in out and "step_00000010" in out and "Permission denied" in out
+    monkeypatch.setattr(ck.shutil, "rmtree", real)
