@@ -166,6 +166,7 @@ def analyze(checkpoint: str, data: str, output: str, compare: str | None = None,
     sp = loaded.tokenizer
     decode = (lambda t: safe_decode(sp, [int(t)])[0]) if sp is not None else (lambda t: f"<{int(t)}>")
     layers, tokens = collect_routing(loaded.model, batches)
+    del loaded  # only its routing is needed from here: --compare then holds one model at a time
     rep: dict[str, Any] = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "tokens": int(tokens.size),
                            "layers": {i: layer_report(v["ids"], v["probs"], tokens, decode, top)
                                       for i, v in sorted(layers.items())}}

@@ -134,7 +134,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     from ep_train.data.tokenizer import load_tokenizer
 
     cfg, source, weights, candidates = resolve(path)
-    model = build_model(cfg.model, cfg.moe, device=device, source=source).to(dtype).eval()
+    # each parameter made in dtype as it is read (the buffers follow in .to)
+    model = build_model(cfg.model, cfg.moe, device=device, source=source, dtype=dtype).to(dtype).eval()
     state_file = weights / "ep_train_state.json"
     if state_file.is_file():  # aux-loss-free expert biases live beside DeepSpeed's files (selection only)
         set_expert_biases(model, json.loads(state_file.read_text()).get("expert_bias", {}))

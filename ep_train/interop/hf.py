@@ -9,14 +9,32 @@ Never unpickles anything: safetensors only.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
 
 from ep_train.config import Config, read_json_object, validate
 from ep_train.model.transformer import Transformer
+
+
+# transformers' defaults (MixtralConfig, LlamaConfig, MistralConfig) for the keys a config.json may omit:
+# (rope_theta, rms_norm_eps).
+HF_DEFAULTS: dict[str, tuple[float, float]] = {"mixtral": (1e6, 1e-5), "llama": (10000.0, 1e-6),
+                                               "mistral": (10000.0, 1e-6)}
+
+
+def _needer(hf: dict[str, Any], kind: str) -> Any:
+    """``need(key)``: config.json's value for a key with no default, or a ValueError naming it."""
+    def need(key: str) -> Any:
+        if key not in hf:
+            raise ValueError(f"config.json (model_type {kind!r}) has no {key!r}; it is not a complete Hugging Face "
+                             "config: re-save the model with save_pretrained, or fetch config.json again")
+        return hf[key]
+    return need
 
 
 def model_config_from_hf(hf: dict[str, Any], kinds: tuple[str, ...] = ("mixtral",)) -> Config:
@@ -41,14 +59,18 @@ def model_config_from_hf(hf: dict[str, Any], kinds: tuple[str, ...] = ("mixtral"
                          "only 'default' is supported")
     c = Config()
     m = c.model
-    m.vocab_size, m.hidden_size = hf["vocab_size"], hf["hidden_size"]
-    m.intermediate_size, m.num_layers = hf["intermediate_size"], hf["num_hidden_layers"]
-    m.num_heads = hf["num_attention_heads"]
+    need = _needer(hf, kind)
+    m.vocab_size, m.hidden_size = need("vocab_size"), need("hidden_size")
+    m.intermediate_size, m.num_layers = need("intermediate_size"), need("num_hidden_layers")
+    m.num_heads = need("num_attention_heads")
     m.num_kv_heads = hf.get("num_key_value_heads") or m.num_heads
     m.head_dim = hf.get("head_dim")
     m.max_seq_len = hf.get("max_position_embeddings", m.max_seq_len)
-    m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 1e6)))
-    m.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-5))
+    # A key left out means transformers' default for that model_type (save_pretrained omits some): Mixtral's
+    # differ from Llama's and Mistral's (a Llama-2 config.json has no rope_theta: 10000, not Mixtral's 1e6).
+    theta, eps = HF_DEFAULTS[kind]
+    m.rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", theta)))
+    m.rms_norm_eps = float(hf.get("rms_norm_eps", eps))
     m.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     m.init_std = float(hf.get("initializer_range", 0.02))
     c.moe.num_experts = 0
@@ -59,7 +81,8 @@ def model_config_from_hf(hf: dict[str, Any], kinds: tuple[str, ...] = ("mixtral"
 def config_from_hf(hf: dict[str, Any]) -> Config:
     c = model_config_from_hf(hf)
     e = c.moe
-    e.num_experts, e.num_experts_per_token = hf["num_local_experts"], hf["num_experts_per_tok"]
+    need = _needer(hf, "mixtral")
+    e.num_experts, e.num_experts_per_token = need("num_local_experts"), need("num_experts_per_tok")
     e.aux_loss_weight = float(hf.get("router_aux_loss_coef", e.aux_loss_weight))
     e.router_jitter_noise = float(hf.get("router_jitter_noise", 0.0))
     e.moe_layers = list(range(c.model.num_layers))
@@ -100,6 +123,10 @@ def weight_map(index: Path) -> dict[str, str]:
     if not isinstance(where, dict):
         raise ValueError(f"{str(index)!r} has no \"weight_map\" object (tensor name -> shard file); rewrite that "
                          "file (save_pretrained writes it) or fetch it again")
+    for name, shard in where.items():  # shards live beside the index: a path would read (and copy) elsewhere
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+            raise ValueError(f"{str(index)!r}: weight_map[{name!r}] = {shard!r} is not a file name in that folder; "
+                             "shard names must be plain file names (as save_pretrained writes them)")
     return dict(where)
 
 
@@ -166,7 +193,7 @@ class HFMixtralSource:
         for name, p in build_model(self.cfg.model, self.cfg.moe, device="meta").named_parameters():
             experts = range(p.shape[0]) if name.endswith(("experts.w1", "experts.w2", "experts.w3")) else [None]
             wanted.update(self._hf_names(name, e)[0] for e in experts)
-        if self.cfg.model.tie_embeddings or "lm_head.weight" not in self.where:
+        if self.cfg.model.tie_embeddings:  # one matrix, stored as the embedding (an lm_head copy is ignored)
             wanted.discard("lm_head.weight")
         missing = sorted(wanted - set(self.where))
         extra = sorted(k for k in set(self.where) - wanted if "rotary_emb" not in k and k != "lm_head.weight")
@@ -184,8 +211,8 @@ class HFMixtralSource:
             return sl[expert, rows.start:rows.stop]
 
     def __call__(self, name: str, shape: tuple[int, ...], expert_ids: list[int] | None) -> torch.Tensor:
-        if name == "lm_head.weight" and "lm_head.weight" not in self.where:
-            name = "embed.weight"  # tied in the checkpoint
+        if name == "lm_head.weight" and self.cfg.model.tie_embeddings:
+            name = "embed.weight"  # tied: not asked for as a parameter of its own, but read as the embedding
         if expert_ids is None:
             key, _ = self._hf_names(name)
             return self._read(key, None, None).float()
@@ -265,6 +292,25 @@ def write_run_config(cfg: Config, out: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A folder to write ``final`` in: ``final.partial``, renamed to ``final`` when the block succeeds and
+    removed when it fails, so a failed or killed conversion leaves no ``final`` that would make the retry
+    refuse the output folder as already holding a run (a ``.partial`` left by a kill is ours to replace)."""
+    import shutil
+
+    tmp = final.with_name(final.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.replace(tmp, final)
+
+
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.model",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -281,7 +327,6 @@ def from_hf(hf_dir: str | Path, output: str | Path, config: str | Path | None = 
     The weights are the HF files themselves, so ``to_hf`` of the run before any step writes them back
     bit for bit.
     """
-    import os
     import shutil
 
     src, out = Path(hf_dir), Path(output)
@@ -291,14 +336,14 @@ def from_hf(hf_dir: str | Path, output: str | Path, config: str | Path | None = 
                          "pass a new folder")
     cfg = run_config_for(source.cfg, config, overrides or [], f"the checkpoint {str(src)!r}")
     init = out / "init"
-    init.mkdir(parents=True)
-    for name in sorted({*source.where.values(), *(f for f in HF_FILES if (src / f).is_file())}):
-        if link:
-            try:
-                os.link(src / name, init / name)
-                continue
-            except OSError:  # another file system: copy instead
-                pass
-        shutil.copyfile(src / name, init / name)
+    with building(init) as tmp:
+        for name in sorted({*source.where.values(), *(f for f in HF_FILES if (src / f).is_file())}):
+            if link:
+                try:
+                    os.link(src / name, tmp / name)
+                    continue
+                except OSError:  # another file system: copy instead
+                    pass
+            shutil.copyfile(src / name, tmp / name)
     cfg.train.init_from = str(init.resolve())
     return write_run_config(cfg, out)

@@ -80,16 +80,24 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
         return dest
     from deepspeed.checkpoint import ds_to_universal
 
-    tmp = dest.parent / f"{dest.name}.tmp"
+    # This process's own temporary folder: two conversions of one checkpoint at once (an export while a
+    # resharded resume converts) must not remove each other's work; the first to finish wins the rename.
+    tmp = dest.parent / f"{dest.name}.tmp.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp / UNIVERSAL),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                              strict=True, inject_missing_state=False)  # one worker: bounded memory
-    with only_safe_loads():
-        ds_to_universal.main(args)
-    os.replace(tmp / UNIVERSAL, dest)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp / UNIVERSAL),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                  strict=True, inject_missing_state=False)  # one worker: bounded memory
+        with only_safe_loads():
+            ds_to_universal.main(args)
+        try:
+            os.replace(tmp / UNIVERSAL, dest)
+        except OSError:  # dest exists and is not empty: another conversion finished first
+            if not (dest / "zero").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -19,8 +19,10 @@ import torch
 from safetensors import safe_open
 
 from ep_train.config import Config, data_sources, moe_layer_indices
-from ep_train.interop.hf import model_config_from_hf, read_hf_json, run_config_for, weight_map, write_run_config
-from ep_train.interop.hf_export import Source, copy_tokenizer_files, run_tokenizer, write_hf
+from ep_train.interop.hf import (building, model_config_from_hf, read_hf_json, run_config_for, weight_map,
+                                write_run_config)
+from ep_train.interop.hf_export import (DTYPES, Source, check_exportable, copy_tokenizer_files, run_tokenizer,
+                                       write_hf)
 from ep_train.model.init import _generator
 
 
@@ -146,12 +148,24 @@ def upcycle(dense: str | Path, output: str | Path, num_experts: int, experts_per
     cfg = run_config_for(moe, config, overrides or [], f"the dense model {str(src)!r} upcycled",
                          ("num_experts", "num_experts_per_token", "moe_layers"))
     source = UpcycledSource(values, noise, router_init, cfg.moe.router_init_std, seed)
+    # RUN/init is a Hugging Face Mixtral folder: refuse what it cannot hold before writing anything. The
+    # capacity factor is a training choice (the weights are the same): it does not stop the upcycle.
+    try:
+        check_exportable(cfg, allow_dropless=True)
+    except ValueError as e:
+        raise ValueError(f"cannot upcycle with this run config: RUN/init is written as a Hugging Face Mixtral "
+                         f"folder, and {str(e).removeprefix('this model cannot be exported as Hugging Face Mixtral: ')}"
+                         "; change that setting in --config (it can be set again for training in RUN/config.yaml)"
+                         ) from None
+    if dtype not in DTYPES:
+        raise ValueError(f"{str(src)!r} config.json dtype = {dtype!r}: upcycle writes {sorted(DTYPES)}; set "
+                         "\"dtype\" in that config.json to one of them")
     init = out / "init"
-    init.mkdir(parents=True)
     tokenizer = None if hf is not None else run_tokenizer(dense_cfg, log)
-    if hf is not None:
-        copy_tokenizer_files(src, init)
-    write_hf(init, cfg, source, dtype, "2GB", base=hf, tokenizer=tokenizer)
+    with building(init) as tmp:
+        if hf is not None:
+            copy_tokenizer_files(src, tmp)
+        write_hf(tmp, cfg, source, dtype, "2GB", base=hf, tokenizer=tokenizer, allow_dropless=True)
     cfg.train.init_from = str(init.resolve())
     dense_data = data_sources(dense_cfg.data)
     if hf is None and not data_sources(cfg.data) and dense_data and all(Path(s.path).is_dir() for s in dense_data):

@@ -283,15 +283,16 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, moe: MoEConfig, seed: int = 0, device: str | torch.device = "cpu",
-                source: ValueSource | None = None) -> Transformer:
+                source: ValueSource | None = None, dtype: torch.dtype | None = None) -> Transformer:
     """The whole model in one process (single-process runs, references, small tools).
 
     ``device="meta"`` gives shapes only (no memory): what ``ep_train.parallel.parallelize`` starts from
     before each rank materialises its own share. Values come from ``source`` (default: ``SeededInit``,
-    a function of seed, parameter name and global expert id, so every layout starts identical).
+    a function of seed, parameter name and global expert id, so every layout starts identical), each
+    parameter made in ``dtype`` (default fp32) as it is read: a bf16 model never exists in fp32 whole.
     """
     with torch.device("meta"):
         model = Transformer(cfg, moe)
     if str(device) == "meta":
         return model
-    return materialize(model, source or SeededInit(cfg, moe, seed), device=device)
+    return materialize(model, source or SeededInit(cfg, moe, seed), device=device, dtype=dtype)

@@ -177,3 +177,81 @@ def test_upcycle_an_ep_train_dense_run_then_export(tmp_path, dense_run, tokenize
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
         sp.bos_id(), sp.eos_id(), sp.pad_id())
+
+
+def _mixtral(tmp_path: Path, tied: bool = False, shards: bool = True) -> Path:
+    torch.manual_seed(5)
+    hf = transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2,
+                                                                    tie_word_embeddings=tied))
+    hf.save_pretrained(tmp_path / "mixtral", max_shard_size="100KB" if shards else "1GB")
+    return tmp_path / "mixtral"
+
+
+def test_omitted_config_keys_take_transformers_defaults_for_that_model_type() -> None:
+    """rope_theta / rms_norm_eps left out of config.json mean transformers' defaults for its model_type:
+    Mixtral's differ from Llama's and Mistral's (it read Mixtral's 1e6 for a Llama-2 config.json)."""
+    from ep_train.interop.hf import model_config_from_hf
+
+    base = {k: v for k, v in TINY.items() if k != "rope_theta"}
+    for kind, ref in (("llama", transformers.LlamaConfig()), ("mistral", transformers.MistralConfig()),
+                      ("mixtral", transformers.MixtralConfig())):
+        m = model_config_from_hf({**base, "model_type": kind}, kinds=(kind,)).model
+        assert (m.rope_theta, m.rms_norm_eps) == (ref.rope_parameters["rope_theta"], ref.rms_norm_eps), kind
+    with pytest.raises(ValueError, match=r"config.json \(model_type 'mixtral'\) has no 'num_local_experts'; .*"
+                                         "save_pretrained"):
+        from ep_train.interop.hf import config_from_hf
+
+        config_from_hf({**TINY, "model_type": "mixtral", "num_experts_per_tok": 2})
+
+
+def test_an_index_cannot_name_files_outside_its_folder(tmp_path) -> None:
+    """A shard name in model.safetensors.index.json is a file beside it: '../x' would be read from, and
+    copied to, places outside the folders (from-hf wrote outside --output; train.init_from reads through
+    the same weight_map)."""
+    src = _mixtral(tmp_path)
+    index = src / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = next(iter(data["weight_map"]))
+    data["weight_map"][name] = "../payload.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"weight_map\['{name}'\] = '../payload.safetensors' is not a file name in "
+                                         "that folder"):
+        from_hf(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "payload.safetensors").exists()
+
+
+def test_an_untied_model_without_lm_head_is_refused_not_tied(tmp_path) -> None:
+    """tie_word_embeddings false and no lm_head.weight: a damaged checkpoint, named; it was silently loaded
+    with the embedding as the output layer."""
+    from ep_train.interop.hf import HFMixtralSource
+
+    src = _mixtral(tmp_path)
+    index = src / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"]["lm_head.weight"]
+    index.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\]"):
+        HFMixtralSource(src)
+
+
+def test_upcycle_ignores_the_capacity_choice_and_a_failure_leaves_no_init(tmp_path, monkeypatch) -> None:
+    """A base config with moe.capacity_factor (a training choice) upcycles; a write that fails leaves no
+    RUN/init behind, so the same command can run again (it was refused as 'already holds a run')."""
+    import ep_train.interop.upcycle as up
+
+    _, src = _llama(tmp_path, False)
+    base = tmp_path / "base.yaml"
+    base.write_text("moe:\n  capacity_factor: 1.25\n")
+    real = up.write_hf
+
+    def broken(*a, **k):
+        real(*a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(up, "write_hf", broken)
+    with pytest.raises(OSError, match="No space left"):
+        upcycle(src, tmp_path / "up", num_experts=4, config=base)
+    assert not (tmp_path / "up" / "init").exists() and not (tmp_path / "up" / "init.partial").exists()
+    monkeypatch.setattr(up, "write_hf", real)
+    cfg_file = upcycle(src, tmp_path / "up", num_experts=4, config=base)
+    assert "capacity_factor: 1.25" in cfg_file.read_text() and (tmp_path / "up" / "init" / "config.json").is_file()
