@@ -20,7 +20,9 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -78,6 +80,7 @@ class Report:
     empty_documents: int = 0
     replaced_characters: int = 0
     binary_files: int = 0
+    unreadable_files: int = 0  # truncated or corrupt (a cut-off .gz, a broken parquet footer): read up to there
     examples: list[str] = field(default_factory=list)
 
     def add(self, kind: str, where: str, n: int = 1) -> None:
@@ -121,8 +124,35 @@ def _binary_event(path: Path, head: bytes) -> tuple[str, Any, str] | None:
     return None if why is None else ("binary_files", None, f"{path}: binary file ({why}), not tokenized")
 
 
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud83d" alone (an emoji cut in half): no UTF-8 for it
+BOM = b"\xef\xbb\xbf"
+
+
+def _clean_text(text: str, where: str) -> Iterator[tuple[str, Any, str]]:
+    """('replaced_characters', n, where) if ``text`` holds lone surrogates (each becomes U+FFFD: the
+    tokenizer cannot take them), then ('doc', text, where)."""
+    if not text.isascii() and SURROGATE.search(text):
+        text, n = SURROGATE.subn("\ufffd", text)
+        yield "replaced_characters", n, where
+    yield "doc", text, where
+
+
+def _unreadable(path: Path, e: BaseException) -> tuple[str, None, str]:
+    msg = (str(e).strip().splitlines() or [""])[0][:200]
+    return ("unreadable_files", None, f"{path}: could not be read to the end ({type(e).__name__}: {msg}); it is "
+            "truncated, corrupt or not what its name says (re-download or re-encode it)")
+
+
 def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
-    """Yield ('doc', text, where) or (kind, None, where) for bad rows, in file order."""
+    """Yield ('doc', text, where) or (kind, None, where) for bad rows, in file order. A file that breaks off
+    (a cut-off .gz, a corrupt parquet) gives its documents up to there, then one 'unreadable_files' event."""
+    try:
+        yield from _documents_of(path, text_key)
+    except (OSError, EOFError, zlib.error, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid, json's
+        yield _unreadable(path, e)
+
+
+def _documents_of(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
     global _replaced
     name = path.name
     if name.endswith(JSON_SUFFIXES):
@@ -132,9 +162,11 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
         if (event := _binary_event(path, head)) is not None:
             yield event
             return
-        if not head.lstrip().startswith(b"["):
+        if not head.removeprefix(BOM).lstrip().startswith(b"["):
             with opener(path, "rb") as f:
                 for lineno, raw in enumerate(f, 1):
+                    if lineno == 1:
+                        raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark is not part of the first row
                     if not raw.strip():
                         continue
                     where = f"{path}:{lineno}"
@@ -150,7 +182,7 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
                     if (problem := _not_text(row, text_key)) is not None:
                         yield "missing_text_key", None, f"{where}: {problem}"
                         continue
-                    yield "doc", row[text_key], where
+                    yield from _clean_text(row[text_key], where)
             return
     from datasets import load_dataset  # imported here: slow import, only needed for these formats
 
@@ -164,7 +196,7 @@ def _documents(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
         if (problem := _not_text(row, key)) is not None:
             yield "missing_text_key", None, f"{where}: {problem}"
             continue
-        yield "doc", row[key], where
+        yield from _clean_text(row[key], where)
 
 
 def _not_text(row: Any, key: str) -> str | None:
@@ -189,12 +221,16 @@ def _text_documents(paths: list[Path]) -> Iterator[tuple[str, Any, str]]:
     global _replaced
     for path in paths:
         _replaced = 0
-        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-            if (event := _binary_event(path, head)) is not None:
-                yield event  # the rest of the file is never read
-                continue
-            text = (head + f.read()).decode("utf-8", errors="ep_train_count_replace")
+        try:
+            with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+                head = f.read(SNIFF_BYTES)
+                if (event := _binary_event(path, head)) is not None:
+                    yield event  # the rest of the file is never read
+                    continue
+                text = (head + f.read()).removeprefix(BOM).decode("utf-8", errors="ep_train_count_replace")
+        except (OSError, EOFError, zlib.error) as e:  # a cut-off or mislabelled .gz: its document is not whole
+            yield _unreadable(path, e)
+            continue
         if _replaced:
             yield "replaced_characters", _replaced, str(path)
         yield "doc", text, str(path)
@@ -290,7 +326,15 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
         raise ValueError(f"--task-id = {task_id} is invalid: use 0 <= task-id < --num-tasks ({num_tasks})")
     if workers < 1:
         raise ValueError(f"--workers = {workers} is invalid: use 1 or more")
-    files = expand_inputs(inputs)[task_id::num_tasks]
+    root = Path(output).resolve()
+    every = [f for f in expand_inputs(inputs) if root not in f.resolve().parents]  # never our own output
+    if not every:
+        raise ValueError(f"--input {inputs} holds no input files outside --output {output!r}; pass the corpus, "
+                         "not the output folder")
+    if num_tasks > len(every):
+        raise ValueError(f"--num-tasks = {num_tasks} is more than the {len(every)} input file(s): each task takes "
+                         f"whole files, so a task would have none; use --num-tasks {len(every)} or fewer")
+    files = every[task_id::num_tasks]
     sp = load_tokenizer(tokenizer)
     vocab = sp.get_piece_size()
     np_dtype = check_dtype(vocab, dtype)
@@ -446,6 +490,33 @@ def _join_segments(out: Path, segments: list[dict], cap: float, dtype: np.dtype)
     return shards
 
 
+def _check_parts(output: str, parts: list[Path], manifests: list[dict]) -> None:
+    """The parts must be the tasks 0..N-1 of one ``--num-tasks N`` build with one set of options (inputs,
+    tokenizer, every option but the task id): a missing task would leave its files out of the data, a stale
+    part of another build would add (or repeat) data, both silently."""
+    keys = [m.get("build_key") for m in manifests]
+    if any(not isinstance(k, dict) or "options" not in k for k in keys):
+        raise ValueError(f"{output!r}: a part's manifest.json has no build key (made by an older data_prep_tool); "
+                         "rebuild every task with this one")
+    opts = [{k: v for k, v in key["options"].items() if k != "task_id"} for key in keys]
+    rest = [{k: v for k, v in key.items() if k not in ("options", "inputs_sha256", "num_inputs")} for key in keys]
+    if any(o != opts[0] for o in opts) or any(r != rest[0] for r in rest):
+        raise ValueError(f"{output!r}: the part_* folders come from builds with different options or tokenizers "
+                         f"({', '.join(p.name for p in parts)}); remove the stale ones and rerun their tasks")
+    n = opts[0].get("num_tasks")
+    ids = [key["options"].get("task_id") for key in keys]
+    named = [int(p.name.removeprefix("part_")) for p in parts]
+    if ids != named:
+        raise ValueError(f"{output!r}: part folder names {[p.name for p in parts]} do not match the task ids in "
+                         f"their manifests {ids}; rebuild them (build --num-tasks N --task-id I)")
+    missing = sorted(set(range(n)) - set(ids)) if isinstance(n, int) else []
+    extra = sorted(i for i in ids if not isinstance(n, int) or i >= n)
+    if missing or extra:
+        raise ValueError(f"{output!r}: a --num-tasks {n} build needs parts 0..{n - 1}; "
+                         + (f"missing task(s) {missing} (run build --num-tasks {n} --task-id I for each)"
+                            if missing else f"stray part(s) {extra} (remove them)") + "; nothing was merged")
+
+
 def merge(output: str) -> dict:
     """Write one manifest over ``part_*`` folders made by ``build --num-tasks``."""
     root = Path(output)
@@ -460,6 +531,7 @@ def merge(output: str) -> dict:
     shas = {m["tokenizer"]["sha256"] for m in manifests}
     if len(shas) != 1:
         raise ValueError(f"parts were built with different tokenizers ({len(shas)} distinct); rebuild them")
+    _check_parts(output, parts, manifests)
     merged = dict(manifests[0])
     # not one build's key: a later `build` into this root must not take it for task 0's build
     merged.pop("build_key", None)

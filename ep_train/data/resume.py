@@ -117,6 +117,10 @@ def check_previous(out: Path, key: dict[str, Any], records: list[dict[str, Any]]
     """
     manifest = read_own_json(out / MANIFEST, "manifest")
     state = read_own_json(out / PROGRESS, "progress file")
+    if (out / INPUTS).is_file() and not _own_inputs(out / INPUTS):
+        raise ValueError(f"{str(out / INPUTS)!r} was not written by data_prep_tool build (it keeps its input "
+                         "list under that name); choose another --output (this file is left alone, also by "
+                         "--overwrite)")
     if overwrite:
         remove_previous(out)
         return "fresh", None
@@ -153,6 +157,16 @@ def check_previous(out: Path, key: dict[str, Any], records: list[dict[str, Any]]
                          "progress.json saying what they hold; nothing was changed. Add --overwrite to replace "
                          "them, or choose another --output")
     return "fresh", None
+
+
+def _own_inputs(path: Path) -> bool:
+    """Whether ``inputs.json`` is the list ``input_records`` writes (a user's file of that name is not)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(data, list) and all(isinstance(r, dict) and set(r) == {"path", "bytes", "mtime_ns"}
+                                          for r in data)
 
 
 def remove_previous(out: Path) -> list[str]:

@@ -92,6 +92,11 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
         lengths = []
         for s in info["shards"]:
             prefix = Path(data_dir) / s["prefix"]
+            gone = [f"{prefix}.{ext}" for ext in ("bin", "idx") if not Path(f"{prefix}.{ext}").is_file()]
+            if gone:  # named, and the summary goes on (the checksum read raised FileNotFoundError)
+                ok = False
+                lines.extend(f"  MISSING: {f}" for f in gone)
+                continue
             if verify:
                 for ext in ("bin", "idx"):
                     if sha256_file(f"{prefix}.{ext}") != s[f"{ext}_sha256"]:
@@ -109,8 +114,9 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
     if verify:
         lines.append("checksums: " + ("OK" if ok else "MISMATCH"))
     train = m["splits"].get("train", {}).get("shards", [])
-    if samples and train and sp is not None:
-        shard = IndexedShard(Path(data_dir) / train[0]["prefix"])
+    first = Path(data_dir) / train[0]["prefix"] if train else None
+    if samples and first is not None and sp is not None and all(Path(f"{first}.{e}").is_file() for e in ("bin", "idx")):
+        shard = IndexedShard(first)
         for i in range(min(samples, len(shard))):
             text, oov = safe_decode(sp, shard[i].tolist())  # never IndexError on ids past the vocabulary
             note = f", {oov} id(s) out of range for this tokenizer" if oov else ""
@@ -118,7 +124,8 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
     r = m.get("report", {})
     lines.append(f"report: malformed json {r.get('malformed_json', 0)}, missing text key "
                  f"{r.get('missing_text_key', 0)}, empty documents {r.get('empty_documents', 0)}, replaced "
-                 f"characters {r.get('replaced_characters', 0)}, binary files {r.get('binary_files', 0)}")
+                 f"characters {r.get('replaced_characters', 0)}, binary files {r.get('binary_files', 0)}, "
+                 f"unreadable files {r.get('unreadable_files', 0)}")
     return "\n".join(lines), ok
 
 

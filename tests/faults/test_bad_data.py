@@ -151,6 +151,9 @@ def test_shard_listed_in_manifest_but_missing(shards) -> None:
     idx.unlink()
     with pytest.raises(ValueError, match=rf"{idx.name}.*missing"):
         verify_for_training(shards, "train", 1000)
+    p = tool("inspect", str(shards))  # a MISSING line and a failed exit, not a FileNotFoundError traceback
+    assert p.returncode == 1 and "Traceback" not in p.stderr, (p.stdout, p.stderr)
+    assert f"MISSING: {first_shard(shards)}.idx" in p.stdout and "checksums: MISMATCH" in p.stdout
 
 
 # ---- bad inputs to build ----------------------------------------------------------------------------
@@ -315,3 +318,107 @@ def test_train_tokenizer_too_small_vocab_suggests_an_option_that_exists(tmp_path
     assert "character_coverage" not in msg and "--vocab-size 40 is too small" in msg
     suggested = int(msg.rsplit("--vocab-size ", 1)[1].split()[0])
     assert train_tokenizer(src, suggested, str(tmp_path / "ok")).is_file()  # the advice works
+
+
+def test_a_lone_surrogate_is_replaced_and_counted(tokenizer, tmp_path) -> None:
+    """JSON's "\\ud83d" alone (an emoji cut in half, common in scraped text) made sentencepiece raise a
+    TypeError naming nothing, on every rerun; it becomes U+FFFD, counted with the replaced characters."""
+    src = tmp_path / "tweets.jsonl"
+    src.write_text('{"text": "tweet cut \\ud83d here"}\n{"text": "whole \\ud83d\\ude00 emoji"}\n')
+    man = build([str(src)], str(tokenizer), str(tmp_path / "out"), progress=False)
+    assert man["splits"]["train"]["documents"] == 2 and man["report"]["replaced_characters"] == 1
+    assert f"replaced_characters: {src}:1" in man["report"]["examples"]
+
+
+def test_a_byte_order_mark_does_not_cost_the_first_row(tokenizer, tmp_path) -> None:
+    rows = tmp_path / "bom.jsonl"
+    rows.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first row"}\n{"text": "second row"}\n')
+    array = tmp_path / "bom_array.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"text": "only document"}]).encode())
+    man = build([str(rows)], str(tokenizer), str(tmp_path / "a"), progress=False)
+    assert man["splits"]["train"]["documents"] == 2 and man["report"]["malformed_json"] == 0
+    man = build([str(array)], str(tokenizer), str(tmp_path / "b"), progress=False)
+    assert man["splits"]["train"]["documents"] == 1 and man["report"]["malformed_json"] == 0
+
+
+def test_truncated_or_mislabelled_files_are_counted_by_name(tokenizer, tmp_path) -> None:
+    """A cut-off .jsonl.gz gives its rows up to the cut, then an 'unreadable_files' entry naming it; a plain
+    file named .txt.gz and a corrupt parquet likewise (they ended the build with EOFError / BadGzipFile /
+    'Parquet magic bytes not found' tracebacks naming no file); --strict stops at them."""
+    import gzip
+
+    cut = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps({"text": f"row {i} " * 20}) + "\n" for i in range(400)).encode())
+    cut.write_bytes(whole[: len(whole) // 2])
+    fake = tmp_path / "plain.txt.gz"
+    fake.write_text("plain text, not gzip")
+    bad_parquet = tmp_path / "broken.parquet"
+    bad_parquet.write_bytes(b"PAR1" + b"\x00" * 64)
+    good = tmp_path / "good.txt"
+    good.write_text("print('hello')\n")
+    man = build([str(p) for p in (cut, fake, bad_parquet, good)], str(tokenizer), str(tmp_path / "out"),
+                progress=False)
+    r = man["report"]
+    assert r["unreadable_files"] == 3, r
+    ex = "\n".join(r["examples"])
+    for f in (cut, fake, bad_parquet):
+        assert f"unreadable_files: {f}: could not be read to the end" in ex
+    assert 1 < man["splits"]["train"]["documents"] < 400  # the cut file's rows before the cut, and good.txt
+    with pytest.raises(ValueError, match=rf"unreadable files at {fake}: could not be read"):
+        build([str(fake)], str(tokenizer), str(tmp_path / "strict"), strict=True, progress=False)
+
+
+def test_an_output_inside_an_input_folder_is_not_read_back(tokenizer, tmp_path) -> None:
+    """`build --input corp --output corp/tok` twice: the second run read the first's manifest.json as an
+    input and was refused; with --overwrite it deleted the finished build and crashed."""
+    corp = tmp_path / "corp"
+    corp.mkdir()
+    (corp / "a.jsonl").write_text(json.dumps({"text": "def f():\n    return 1\n"}) + "\n")
+    first = build([str(corp)], str(tokenizer), str(corp / "tok"), progress=False)
+    again = build([str(corp)], str(tokenizer), str(corp / "tok"), progress=False)
+    assert again.get("already_built") and again["splits"] == first["splits"]
+    over = build([str(corp)], str(tokenizer), str(corp / "tok"), overwrite=True, progress=False)
+    assert over["splits"]["train"]["documents"] == 1 and (corp / "tok" / "manifest.json").is_file()
+    with pytest.raises(ValueError, match="holds no input files outside --output"):
+        build([str(corp)], str(tokenizer), str(corp), progress=False)  # the corpus folder as its own output
+
+
+def test_more_tasks_than_files_is_refused_up_front(tokenizer, tmp_path) -> None:
+    for i in range(2):
+        (tmp_path / f"f{i}.txt").write_text(f"x = {i}\n")
+    with pytest.raises(ValueError, match=r"--num-tasks = 3 is more than the 2 input file\(s\).*--num-tasks 2 or fewer"):
+        build([str(tmp_path / "f0.txt"), str(tmp_path / "f1.txt")], str(tokenizer), str(tmp_path / "out"),
+              num_tasks=3, task_id=2, progress=False)
+
+
+def test_merge_refuses_a_missing_task_or_a_stale_part(tokenizer, tmp_path) -> None:
+    """merge over part_* folders: a --num-tasks 2 build with only task 0 done merged half the data
+    silently; a part left from a build with other options was merged too."""
+    from ep_train.data.prep import merge
+
+    files = []
+    for i in range(4):
+        (tmp_path / f"f{i}.txt").write_text(f"value_{i} = {i} * 2\n" * 5)
+        files.append(str(tmp_path / f"f{i}.txt"))
+    out = tmp_path / "out"
+    build(files, str(tokenizer), str(out), num_tasks=2, task_id=0, progress=False)
+    with pytest.raises(ValueError, match=r"needs parts 0..1; missing task\(s\) \[1\]"):
+        merge(str(out))
+    build(files, str(tokenizer), str(out), num_tasks=2, task_id=1, progress=False)
+    assert merge(str(out))["splits"]["train"]["documents"] == 4
+    stale = tmp_path / "stale"
+    build(files, str(tokenizer), str(stale), num_tasks=3, task_id=2, progress=False)
+    shutil.copytree(stale / "part_00002", out / "part_00002")
+    with pytest.raises(ValueError, match="different options or tokenizers"):
+        merge(str(out))
+
+
+def test_a_users_inputs_json_in_the_output_is_left_alone(tokenizer, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "inputs.json").write_text('{"my": "precious config"}')
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"inputs.json' was not written by data_prep_tool build"):
+            build([str(tmp_path / "a.txt")], str(tokenizer), str(out), overwrite=overwrite, progress=False)
+    assert (out / "inputs.json").read_text() == '{"my": "precious config"}'
