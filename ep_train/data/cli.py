@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ep_train.data import prep
 from ep_train.data.tokenizer import train_tokenizer
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eos-id", type=int, default=2)
     t.add_argument("--unk-id", type=int, default=0)
     t.add_argument("--pad-id", type=int, default=3)
+    t.add_argument("--text-key", default="text", help="JSON/parquet field holding the text (as for build)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model")
 
     b = sub.add_parser("build", help="tokenize local text/jsonl/parquet/arrow into shards + manifest.json")
     b.add_argument("--input", nargs="+", required=True, help="files, globs or folders")
@@ -70,7 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "train-tokenizer":
             files = [str(p) for p in prep.expand_inputs(args.input)]
-            path = train_tokenizer(files, args.vocab_size, args.output, model_type=args.model_type,
+            if Path(f"{args.output}.model").exists() and not args.overwrite:
+                raise ValueError(f"--output {args.output!r}: {args.output}.model exists already (shards built with "
+                                 "it would no longer match it); add --overwrite to replace it, or choose another "
+                                 "--output prefix")
+            path = train_tokenizer(files, args.vocab_size, args.output, text_key=args.text_key,
+                                   model_type=args.model_type,
                                    input_sentence_size=args.input_sentence_size, num_threads=args.threads,
                                    bos_id=args.bos_id, eos_id=args.eos_id, unk_id=args.unk_id, pad_id=args.pad_id)
             print(f"wrote {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,30 @@ def llm_defaults(vocab_size: int) -> dict[str, Any]:
     )
 
 
-def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, **overrides: Any) -> Path:
-    """Train on local text files; writes ``PREFIX.model``, ``PREFIX.vocab`` and ``PREFIX.json`` (options)."""
+def _extract_documents(files: list[str], out: Path, text_key: str) -> int:
+    """The documents ``data_prep_tool build`` reads from ``files`` (JSON lines / arrays, parquet, arrow,
+    gzip), as plain text into ``out``, one after another; returns how many. Sentencepiece reads its inputs
+    as plain text lines: given these files themselves it learned JSON syntax, escapes and compressed bytes."""
+    from ep_train.data.prep import TEXT_SUFFIXES, _documents, _text_documents
+
+    n = 0
+    with open(out, "w", encoding="utf-8") as fh:
+        for f in files:
+            path = Path(f)
+            events = _text_documents([path]) if path.name.endswith(TEXT_SUFFIXES) else _documents(path, text_key)
+            for kind, text, _ in events:
+                if kind == "doc" and text.strip():
+                    fh.write(text if text.endswith("\n") else text + "\n")
+                    n += 1
+    return n
+
+
+def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, text_key: str = "text",
+                    **overrides: Any) -> Path:
+    """Train on local files; writes ``PREFIX.model``, ``PREFIX.vocab`` and ``PREFIX.json`` (options).
+    Plain text files feed sentencepiece as they are; from JSON, parquet, arrow and gzip files it gets the
+    documents (field ``text_key``) that ``data_prep_tool build`` would tokenize, through a temporary file
+    beside the output."""
     opts = llm_defaults(vocab_size)
     unknown = set(overrides) - set(opts)
     if unknown:
@@ -36,8 +59,27 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, **ov
     if missing:
         raise ValueError(f"--input file(s) not found: {missing[:5]}")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    plain = [p for p in inputs if p.endswith((".txt", ".md", ".py", ".rst"))]
+    other = [p for p in inputs if p not in plain]
+    with tempfile.TemporaryDirectory(dir=Path(output_prefix).parent, prefix=".train_tokenizer_") as tmp:
+        feed = list(plain)
+        if other:
+            extracted = Path(tmp) / "documents.txt"
+            if _extract_documents(other, extracted, text_key):
+                feed.append(str(extracted))
+        if not feed:
+            raise ValueError(f"--input {other[:3]} hold no documents with a string field {text_key!r} "
+                             "(see --text-key), or are empty or binary")
+        _train(feed, output_prefix, vocab_size, opts)
+    model = Path(f"{output_prefix}.model")
+    info = {"options": opts, "inputs": list(inputs), "sha256": sha256_file(model)}
+    Path(f"{output_prefix}.json").write_text(json.dumps(info, indent=2))
+    return model
+
+
+def _train(feed: list[str], output_prefix: str, vocab_size: int, opts: dict[str, Any]) -> None:
     try:
-        spm.SentencePieceTrainer.train(input=list(inputs), model_prefix=output_prefix, **opts)
+        spm.SentencePieceTrainer.train(input=feed, model_prefix=output_prefix, **opts)
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars", "too high"
         msg = str(e).split("]")[-1].strip()
         need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
@@ -45,10 +87,6 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, **ov
             raise ValueError(f"--vocab-size {vocab_size} is too small for this text: its characters alone need "
                              f"{need.group(2)} pieces; use --vocab-size {int(need.group(2)) + 1} or more") from None
         raise ValueError(f"sentencepiece refused --vocab-size {vocab_size} for this text: {msg}") from None
-    model = Path(f"{output_prefix}.model")
-    info = {"options": opts, "inputs": list(inputs), "sha256": sha256_file(model)}
-    Path(f"{output_prefix}.json").write_text(json.dumps(info, indent=2))
-    return model
 
 
 def check_tokenizer_path(path: str | Path) -> Path:

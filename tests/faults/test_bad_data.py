@@ -422,3 +422,39 @@ def test_a_users_inputs_json_in_the_output_is_left_alone(tokenizer, tmp_path) ->
         with pytest.raises(ValueError, match=r"inputs.json' was not written by data_prep_tool build"):
             build([str(tmp_path / "a.txt")], str(tokenizer), str(out), overwrite=overwrite, progress=False)
     assert (out / "inputs.json").read_text() == '{"my": "precious config"}'
+
+
+def test_train_tokenizer_learns_the_documents_not_the_json_around_them(tmp_path) -> None:
+    """A .jsonl and a .json.gz give sentencepiece the texts that build would tokenize (given the files
+    themselves, it learned JSON's quotes and keys and never saw inside the .gz). The CLI refuses to replace
+    an existing PREFIX.model without --overwrite."""
+    import gzip
+
+    import sentencepiece as spm
+
+    from ep_train.data.tokenizer import _extract_documents, train_tokenizer
+
+    texts = [t for f in sorted(CORPUS[0].glob("*.py")) if (t := f.read_text()).strip()][:6]  # json's sources
+    plain = "".join(t if t.endswith("\n") else t + "\n" for t in texts)
+    rows, rest = tmp_path / "rows.jsonl", tmp_path / "rest.json.gz"
+    rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
+    rest.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts[3:]).encode()))
+    assert _extract_documents([str(rows), str(rest)], tmp_path / "x.txt", "text") == len(texts) == 5
+    assert (tmp_path / "x.txt").read_text() == plain  # what sentencepiece now reads: the texts, whole
+
+    def escapes(model: Path) -> set[str]:  # pieces holding JSON's escaped quote: \" (a backslash, a quote)
+        sp = spm.SentencePieceProcessor(model_file=str(model))
+        return {p for p in map(sp.id_to_piece, range(sp.get_piece_size())) if '\\"' in p}
+
+    model = train_tokenizer([str(rows), str(rest)], 500, str(tmp_path / "b"))
+    assert not escapes(model)
+    assert not list(tmp_path.glob(".train_tokenizer_*"))  # the extracted text is gone
+    # the control: sentencepiece on the .jsonl itself learns JSON (so the check above can fail)
+    spm.SentencePieceTrainer.train(input=str(rows), model_prefix=str(tmp_path / "raw"), vocab_size=500,
+                                   max_sentence_length=1 << 20, minloglevel=2)  # a row is one long line
+    assert escapes(tmp_path / "raw.model")
+    (tmp_path / "plain.txt").write_text(plain)
+    train_tokenizer([str(tmp_path / "plain.txt")], 500, str(tmp_path / "a"))
+    err = refused(tool("train-tokenizer", "--input", str(tmp_path / "plain.txt"), "--vocab-size", "500",
+                       "--output", str(tmp_path / "a")))
+    assert "a.model exists already" in err and "--overwrite" in err
