@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 from ep_train.data.shards import IndexedShard, sha256_file
 from ep_train.data.tokenizer import load_tokenizer
 from ep_train.data.verify import SCAN_CHUNK
+from ep_train.files import atomic_write_text
 
 ADOPTED = "data_prep_tool adopt"
 
@@ -155,7 +155,5 @@ def adopt(folder: str | Path, tokenizer: str | Path, val_patterns: list[str] | N
         "splits": {s: {"shards": v, "documents": sum(x["documents"] for x in v), "tokens": sum(x["tokens"] for x in v)}
                    for s, v in splits.items()},
     }
-    tmp = existing.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, existing)
+    atomic_write_text(existing, json.dumps(manifest, indent=1))
     return manifest

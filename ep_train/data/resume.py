@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
+
+from ep_train.files import atomic_write_text
 
 KEY_VERSION = 2  # 2: validation written as valseg_* segments, joined at the end
 MANIFEST, PROGRESS, INPUTS = "manifest.json", "progress.json", "inputs.json"
@@ -190,6 +191,4 @@ def remove_unfinished_shards(out: Path, done: set[str]) -> None:
 
 
 def atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))

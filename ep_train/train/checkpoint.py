@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ep_train.data.shards import sha256_file
+from ep_train.files import atomic_write_text
 
 STATE_FILE = "ep_train_state.json"
 MANIFEST = "manifest.json"
@@ -137,9 +138,7 @@ def set_aside_newer(root: Path, step: int) -> tuple[list[Path], list[Path]]:
     for p in partial:
         shutil.rmtree(p)
     if target is not None and target in newer:
-        tmp = root / "latest.tmp"
-        tmp.write_text(f"step_{step:08d}")
-        os.replace(tmp, root / "latest")
+        atomic_write_text(root / "latest", f"step_{step:08d}")
     return moved, partial
 
 
@@ -238,13 +237,9 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
     dist.all_gather_object(shares, mine)  # communication: the hashing is spread over the ranks
     if rank == 0:
         entries = {k: v for share in shares for k, v in share.items()}
-        tmp = path / f"{MANIFEST}.tmp"
-        tmp.write_text(json.dumps({"step": step, "world_size": world, "files": dict(sorted(entries.items()))},
-                                  indent=1))
-        os.replace(tmp, path / MANIFEST)  # complete from here on
-        tmp = root / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
+        atomic_write_text(path / MANIFEST, json.dumps(  # complete from here on
+            {"step": step, "world_size": world, "files": dict(sorted(entries.items()))}, indent=1))
+        atomic_write_text(root / "latest", tag)
         prune(root, keep_last)
     dist.barrier()
     return path

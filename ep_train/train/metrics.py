@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ep_train.files import atomic_write_text
+
 
 def expert_summary(counts: np.ndarray, ep_size: int = 1) -> dict[str, float]:
     """Load statistics of one layer from its per-expert token counts [E]. ``ep_rank_max_over_mean``: the rows
@@ -81,9 +83,7 @@ class MetricsLogger:
         if gone:
             with open(self.path.with_name("metrics.abandoned.jsonl"), "a") as fh:
                 fh.writelines(gone)
-            tmp = self.path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, "".join(keep))
         self.jsonl = open(self.path, "a")
         return len(gone)
 
