@@ -18,9 +18,11 @@ a single ``data_dir`` run, so a one-source mixture reads exactly what ``data_dir
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -59,6 +61,18 @@ def mixture_key(sources: list[DataSource]) -> list[tuple[Path, float]]:
     """What decides which sample comes from where: each folder (resolved) and its normalised weight."""
     total = sum(s.weight for s in sources)
     return [(Path(s.path).resolve(), s.weight / total) for s in sources]
+
+
+def data_fingerprint(sources: list[DataSource], windows: list[int]) -> dict[str, dict[str, Any]]:
+    """Per source (resolved folder): its training windows and a digest of its train shards (names, sizes,
+    checksums, from the manifest): what the data position of a checkpoint indexes into."""
+    out = {}
+    for s, n in zip(sources, windows):
+        shards = load_manifest(s.path)["splits"]["train"]["shards"]
+        key = [(x["prefix"], x.get("bin_sha256"), x["tokens"]) for x in shards]
+        out[str(Path(s.path).resolve())] = {"windows": n, "shards_sha256": hashlib.sha256(
+            json.dumps(key).encode()).hexdigest()}
+    return out
 
 
 def check_same_tokenizer(sources: list[DataSource]) -> None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ep_train.config import (Config, DataConfig, config_from_dict, config_to_dict, data_sources, load_config,
                              parse_overrides, validate)
 from ep_train.data.loader import DistributedBatches, TokenWindows
-from ep_train.data.mixture import Blend, mixture_key
+from ep_train.data.mixture import Blend, data_fingerprint, mixture_key
 from ep_train.data.verify import has_split, load_manifest, verify_for_training
 from ep_train.model.moe import expert_biases, set_expert_biases, update_expert_biases
 from ep_train.model.transformer import (Transformer, build_model, document_ids, document_positions,
@@ -162,6 +162,9 @@ class Trainer:
         doc = document_ids(x, self.eos_id)
         return self.engine(x, y, doc, document_positions(doc) if self.cfg.data.reset_positions else None)
 
+    def _data_fingerprint(self) -> dict[str, dict[str, Any]]:
+        return data_fingerprint(self.sources, [w.num_windows for w in self.blend.windows])
+
     def _value_source(self):  # type: ignore[no-untyped-def]
         """Initial values: the seeded initialisation, or a Hugging Face checkpoint streamed tensor by tensor."""
         from ep_train.model.init import SeededInit
@@ -175,7 +178,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
-                 "world_size": self.world, "config": config_to_dict(self.cfg)}
+                 "world_size": self.world, "config": config_to_dict(self.cfg), "data": self._data_fingerprint()}
         biases = expert_biases(self.model)
         if biases:  # in the JSON, not DeepSpeed's files: exact (float32 -> float64 -> float32)
             state["expert_bias"] = biases
@@ -237,6 +240,14 @@ class Trainer:
                 if getattr(saved, key) != getattr(self.cfg.data, key):
                     print(f"resume: data.{key} changes from {getattr(saved, key)} to {getattr(self.cfg.data, key)} "
                           f"at step {self.step}", flush=True)
+            for path, now_fp in self._data_fingerprint().items():  # the same folders, rebuilt since?
+                then = state.get("data", {}).get(path)  # absent in checkpoints that predate it
+                if then is not None and then != now_fp:
+                    print(f"resume: the data in {path} changed since the checkpoint (training windows "
+                          f"{then['windows']:,} -> {now_fp['windows']:,}, shards "
+                          f"{'the same' if then['shards_sha256'] == now_fp['shards_sha256'] else 'rebuilt'}): "
+                          f"samples from {self.batches.consumed_samples} on follow the new data's order, which does "
+                          "not continue the old one's (some samples may repeat or be skipped)", flush=True)
             before, now = mixture_key(data_sources(saved)), mixture_key(self.sources)
             if before != now:
                 def show(key: list[tuple[Path, float]]) -> str:

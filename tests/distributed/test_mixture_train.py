@@ -79,6 +79,9 @@ def test_mixture_resume_continues_exactly(mixed_run, built, tmp_path) -> None:
     split = tmp_path / "split"
     out = train(split, built, 2, "--ep_size", "2", *args, "--resume", str(step4))
     assert f"resumed from {step4}" in out and "data sources or weights differ" not in out
+    assert "changed since the checkpoint" not in out  # the same folders, untouched: no data warning
+    assert set(json.loads((step4 / "ep_train_state.json").read_text())["data"]) == {
+        str(Path(p).resolve()) for p in args[1].split()[1::2]}  # every source's fingerprint was saved
     a, b = losses(run), losses(split)
     assert sorted(b) == list(range(STEPS // 2 + 1, STEPS + 1))
     assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(b)]

@@ -144,3 +144,24 @@ def test_bad_mixtures_are_refused_with_the_field_and_fix(built, built_small, tok
               names=["a", "b"])
     assert json.loads((built / "manifest.json").read_text())["splits"]  # nothing was touched
     shutil.rmtree(other)
+
+
+def test_data_fingerprint_changes_when_a_source_is_rebuilt(tokenizer, tmp_path) -> None:
+    """What a resume compares: the same shards give the same fingerprint; a rebuild of the folder with
+    other input gives another (windows and shard digest), so the resume says the order does not continue."""
+    from ep_train.data.mixture import data_fingerprint
+    from ep_train.data.prep import build
+
+    (tmp_path / "a.txt").write_text("alpha = 1\n" * 300)
+    (tmp_path / "b.txt").write_text("beta = 2\n" * 300)
+    out = tmp_path / "data"
+    build([str(tmp_path / "a.txt")], str(tokenizer), str(out), progress=False)
+    src = [DataSource(str(out), 1.0)]
+    first = data_fingerprint(src, [TokenWindows(out, "train", 16).num_windows])
+    assert first == data_fingerprint(src, [TokenWindows(out, "train", 16).num_windows])
+    build([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], str(tokenizer), str(out), overwrite=True,
+          progress=False)
+    again = data_fingerprint(src, [TokenWindows(out, "train", 16).num_windows])
+    key = str(out.resolve())
+    assert again[key]["windows"] > first[key]["windows"]
+    assert again[key]["shards_sha256"] != first[key]["shards_sha256"]
