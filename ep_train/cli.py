@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from ep_train.config import load_config, parse_overrides, validate
+from ep_train.config import load_config, parse_overrides, require_data, validate
 from ep_train.stdio import exit_quietly_on_broken_pipe, report_error
 
 
@@ -67,6 +67,8 @@ def _check(argv: list[str]) -> int:
     args, rest = ap.parse_known_args(argv)
     cfg = load_config(args.config, parse_overrides(rest))
     validate(cfg, world_size=args.world_size)
+    if args.run_dir is not None:  # a training launch (the launch scripts pass the trainer's arguments): as main()
+        require_data(cfg)
     print(f"config ok: {args.config or '(defaults)'}")
     return 0
 

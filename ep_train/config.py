@@ -295,8 +295,12 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{where} = {value!r} is invalid: expected a number") from None
     if typ is str:
+        if where in BOOLEAN_WORDS and isinstance(value, bool) and value in BOOLEAN_WORDS[where]:
+            return BOOLEAN_WORDS[where][value]  # YAML 1.1 read the documented word (off) as a boolean
         if not isinstance(value, str):
-            raise ValueError(f"{where} = {value!r} is invalid: expected a string")
+            hint = (" (YAML reads yes/no/on/off/true/false as booleans: quote the word)"
+                    if isinstance(value, bool) else "")
+            raise ValueError(f"{where} = {value!r} is invalid: expected a string{hint}")
         return value
     raise AssertionError(f"unsupported annotation {typ} for {where}")
 
@@ -425,6 +429,10 @@ def _read_config_file(path: Path) -> Any:
         raise ValueError(f"config file {path}: invalid YAML: {e}; fix the syntax") from None
 
 
+# String settings whose documented values YAML 1.1 reads as booleans when unquoted (`verify_checkpoint: off`).
+BOOLEAN_WORDS: dict[str, dict[bool, str]] = {"train.verify_checkpoint": {False: "off"}}
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
     """['--moe.top_k', '2', '--seed=3'] -> [('moe.top_k', 2), ('seed', 3)] (values parsed as YAML scalars)."""
     out: list[tuple[str, Any]] = []
@@ -441,7 +449,13 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
                 raise ValueError(f"override {arg} has no value; write {arg} VALUE")
             key, raw = arg[2:], argv[i + 1]
             i += 2
-        out.append((key.replace("-", "_"), yaml.safe_load(raw) if raw != "" else None))
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            why = " ".join(str(e).split())[:160]
+            raise ValueError(f"override --{key} {raw!r} is not a valid YAML value ({why}); fix it, or quote it "
+                             f"as a string (--{key} \"'{raw}'\")") from None
+        out.append((key.replace("-", "_"), value))
     return out
 
 
@@ -645,6 +659,17 @@ def _check_paths(cfg: Any) -> None:
     if t is not None and t.resume not in (None, "auto"):
         _check(Path(t.resume).is_dir(), "train.resume", t.resume,
                "no such checkpoint folder; pass a run's checkpoints/step_* folder, or auto for the latest one")
+    if t is not None and t.init_from:
+        _check((Path(t.init_from) / "config.json").is_file(), "train.init_from", t.init_from,
+               "has no config.json; pass a Hugging Face Mixtral folder (save_pretrained, or ep-train convert "
+               "from-hf / upcycle, which write RUN/init)")
+
+
+def require_data(cfg: Any) -> None:
+    """A training run needs data: one folder or a mixture (``ep-train check`` and the trainer)."""
+    if not data_sources(cfg.data):
+        raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build), or "
+                         "a weighted mixture as --data_sources '0.7 DIR_A 0.3 DIR_B'")
 
 
 def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = True) -> None:

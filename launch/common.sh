@@ -55,11 +55,30 @@ check_config() {
 # PIDs of trainer workers (python [-u] -m ep_train.train ...) among the descendants of process $1 only:
 # never another job's or another user's trainers on the same node (what `pkill -f` reached).
 trainer_pids() {
-  local child cmd
-  for child in $(pgrep -P "$1"); do
-    cmd="$(tr '\0' ' ' < "/proc/$child/cmdline" 2>/dev/null)" || continue
-    if [[ "$cmd" =~ ^[^\ ]*python[^\ ]*\ (-u\ )?-m\ ep_train\.train(\ |$) ]]; then echo "$child"; fi
+  local child args i
+  for child in $(children_of "$1"); do
+    # the arguments one by one (NUL-separated): an interpreter path with spaces stays one argument
+    { mapfile -d '' args < "/proc/$child/cmdline"; } 2>/dev/null || continue  # gone since listed: skip it
+    i=1
+    [ "${args[1]:-}" != "-u" ] || i=2
+    if [[ "${args[0]:-}" == *python* ]] && [ "${args[i]:-}" = "-m" ] && [ "${args[i + 1]:-}" = "ep_train.train" ]; then
+      echo "$child"
+    fi
     trainer_pids "$child"
+  done
+}
+
+# PIDs whose parent is $1: pgrep where procps is installed, else read from /proc (slim images lack pgrep).
+children_of() {
+  if command -v pgrep >/dev/null; then
+    pgrep -P "$1" || true
+    return
+  fi
+  local stat line ppid
+  for stat in /proc/[0-9]*/stat; do
+    { read -r line < "$stat"; } 2>/dev/null || continue
+    read -r _ ppid _ <<< "${line##*) }"  # after the command name, which may hold spaces and ')'
+    [ "$ppid" != "$1" ] || { stat="${stat#/proc/}"; echo "${stat%/stat}"; }
   done
 }
 

@@ -43,12 +43,15 @@ cmd=("$py" -m deepspeed.launcher.runner --master_port "$master_port")
 [ -z "$master_addr" ] || cmd+=(--master_addr "$master_addr")
 if [ "$no_ssh" = 1 ]; then
   [ -n "$node_rank" ] || die "--no_ssh needs --node_rank (this node's index in the hostfile)"
+  # without it DeepSpeed asks the first host for its address over ssh, which --no_ssh is meant to avoid
+  [ -n "$master_addr" ] || die "--no_ssh needs --master_addr (the first hostfile node's address, reachable from \
+every node)"
   cmd+=(--no_ssh --node_rank "$node_rank")
 fi
 trainer_args "$config" "$data" "$resume" "$@"
 cmd+=(--module ep_train.train --run-dir "$run_dir" "${TRAINER_ARGS[@]}")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-check_config "$py" "" "${TRAINER_ARGS[@]}"
+check_config "$py" "" --run-dir "$run_dir" "${TRAINER_ARGS[@]}"
 print_cmd "${cmd[@]}"
 # Not exec: SIGUSR1/SIGTERM to this script reach this node's trainer workers (DeepSpeed's launcher
 # would die of USR1 and orphan them); exit code 75 after a stop with a checkpoint.

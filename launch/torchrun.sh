@@ -48,7 +48,7 @@ cmd+=(-m ep_train.train --run-dir "$run_dir" "${TRAINER_ARGS[@]}")
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 world=""
 case "$nnodes$nproc" in *[!0-9]*) ;; *) world=$((nnodes * nproc)) ;; esac  # unknown for elastic MIN:MAX
-check_config "$py" "$world" "${TRAINER_ARGS[@]}"
+check_config "$py" "$world" --run-dir "$run_dir" "${TRAINER_ARGS[@]}"
 print_cmd "${cmd[@]}"
 # Not exec: this script stays to forward SIGUSR1/SIGTERM to the workers and to exit 75 after a stop.
 rc=0

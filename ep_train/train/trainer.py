@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ep_train.config import (Config, DataConfig, config_from_dict, config_to_dict, data_sources, load_config,
-                             parse_overrides, validate)
+                             parse_overrides, require_data, validate)
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.mixture import Blend, data_fingerprint, mixture_key
 from ep_train.data.verify import has_split, load_manifest, verify_for_training
@@ -508,9 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = _parse(list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(args.config, overrides)
     validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
-    if not data_sources(cfg.data):
-        raise ValueError("data.data_dir is not set; pass --data_dir DIR (the output of data_prep_tool build), or "
-                         "a weighted mixture as --data_sources '0.7 DIR_A 0.3 DIR_B'")
+    require_data(cfg)
     run_dir = Path(args.run_dir)
     if os.environ.get("RANK", "0") == "0":
         # A stop marker from an earlier attempt must not outlive it: whatever happens from here on (a

@@ -10,6 +10,9 @@ shift
 [[ "$tasks" =~ ^[1-9][0-9]*$ ]] || die "TASKS must be a positive integer, got '$tasks'"
 [ -f "$1" ] || die "tokenizer '$1' not found"
 mkdir -p logs
-array_id="$(sbatch --parsable --array="0-$((tasks - 1))" "$root/launch/slurm/data_prep.sbatch" "$@")"
-merge_id="$(sbatch --parsable --dependency="afterok:${array_id}" "$root/launch/slurm/data_prep_merge.sbatch" "$2")"
+# The jobs find the repository through EP_TRAIN_ROOT (SLURM_SUBMIT_DIR is wherever this was run from).
+array_id="$(sbatch --parsable --export=ALL,EP_TRAIN_ROOT="$root" --array="0-$((tasks - 1))" \
+  "$root/launch/slurm/data_prep.sbatch" "$@")"
+merge_id="$(sbatch --parsable --export=ALL,EP_TRAIN_ROOT="$root" --dependency="afterok:${array_id}" \
+  "$root/launch/slurm/data_prep_merge.sbatch" "$2")"
 echo "array job ${array_id} (${tasks} tasks), merge job ${merge_id}"

@@ -35,9 +35,22 @@ def test_plan_and_train_refuse_bad_values_by_name(tmp_path) -> None:
     assert p.returncode == 2 and "missing.yaml" in p.stderr and "does not exist" in p.stderr
 
 
-def test_check_command_validates_like_the_trainer() -> None:
-    p = ep_train("check", "--config", "configs/tiny.yaml", "--world-size", "2", "--run-dir", "runs/x", "--top_k", "1")
+def test_check_command_validates_like_the_trainer(built, tmp_path) -> None:
+    p = ep_train("check", "--config", "configs/tiny.yaml", "--world-size", "2", "--run-dir", "runs/x", "--top_k", "1",
+                 "--data_dir", str(built))
     assert p.returncode == 0 and "config ok" in p.stdout, p.stderr
+    # a training launch (--run-dir) without data, or with an init_from folder that is not a model: refused here,
+    # once, not in every worker
+    p = ep_train("check", "--config", "configs/tiny.yaml", "--run-dir", "runs/x")
+    assert p.returncode == 2 and "data.data_dir is not set" in p.stderr, p.stderr
+    p = ep_train("check", "--config", "configs/tiny.yaml", "--init_from", str(tmp_path))
+    assert p.returncode == 2 and f"train.init_from = '{tmp_path}'" in p.stderr and "config.json" in p.stderr, p.stderr
+    # a bad YAML value in an override, and YAML's boolean reading of the documented word off
+    p = ep_train("check", "--config", "configs/tiny.yaml", "--moe.moe_layers", "[1,3")
+    assert p.returncode == 2 and "override --moe.moe_layers '[1,3' is not a valid YAML value" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    p = ep_train("check", "--config", "configs/tiny.yaml", "--train.verify_checkpoint", "off")
+    assert p.returncode == 0, p.stderr
     p = ep_train("check", "--config", "configs/tiny.yaml", "--world-size", "3")
     assert p.returncode == 2 and "ep-train check: error: parallel.ep_size = 2" in p.stderr, p.stderr
 

@@ -215,6 +215,9 @@ def test_scripts_fail_early_with_clear_messages(tmp_path, built) -> None:
         (["deepspeed.sh", "--config", str(CONFIG), "--hostfile", str(tmp_path / "hosts")], "hostfile"),
         (["torchrun.sh", "--config", str(CONFIG), "--bogus", "1"], "unknown option '--bogus'"),
         (["slurm/train.sbatch", str(CONFIG)], "usage"),
+        (["torchrun.sh", "--config", str(CONFIG)], "data.data_dir is not set"),  # once here, not per worker
+        (["deepspeed.sh", "--config", str(CONFIG), "--data", str(built), "--no_ssh", "--node_rank", "0"],
+         "--no_ssh needs --master_addr"),  # DeepSpeed would ssh to the first host for its address
     ]
     for args, msg in cases:
         p = subprocess.run(["bash", str(ROOT / "launch" / args[0]), *args[1:]], capture_output=True, text=True,
