@@ -327,10 +327,13 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     if workers < 1:
         raise ValueError(f"--workers = {workers} is invalid: use 1 or more")
     root = Path(output).resolve()
-    every = [f for f in expand_inputs(inputs) if root not in f.resolve().parents]  # never our own output
+    # Never this tool's own state files (manifest.json, progress.json, inputs.json, of this build or of a
+    # --num-tasks part) when --output lies inside an input folder; the user's files there stay inputs.
+    every = [f for f in expand_inputs(inputs)
+             if not (resume.OWN_FILE.match(f.name) and root in f.resolve().parents)]
     if not every:
-        raise ValueError(f"--input {inputs} holds no input files outside --output {output!r}; pass the corpus, "
-                         "not the output folder")
+        raise ValueError(f"--input {inputs} holds no input files besides this tool's own files in --output "
+                         f"{output!r}; pass the corpus")
     if num_tasks > len(every):
         raise ValueError(f"--num-tasks = {num_tasks} is more than the {len(every)} input file(s): each task takes "
                          f"whole files, so a task would have none; use --num-tasks {len(every)} or fewer")
@@ -349,10 +352,12 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     state_path, manifest_path = out / resume.PROGRESS, out / resume.MANIFEST
     records = resume.input_records(files)
     # Everything that changes the bytes written, batching constants included (a shard rolls at a batch end).
-    key = resume.build_key(records, tok_sha, {
-        "val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "append_bos": append_bos,
-        "dtype": np_dtype.name, "text_key": text_key, "num_tasks": num_tasks, "task_id": task_id,
-        "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS})
+    options = {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "append_bos": append_bos,
+               "dtype": np_dtype.name, "text_key": text_key, "num_tasks": num_tasks, "task_id": task_id,
+               "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS}
+    if num_tasks > 1:  # the whole corpus's identity, the same in every task: merge checks the parts share it
+        options["corpus_sha256"] = resume.build_key(resume.input_records(every), tok_sha, {})["inputs_sha256"]
+    key = resume.build_key(records, tok_sha, options)
     action, previous = resume.check_previous(out, key, records, tokenizer, overwrite)
     if action == "done":
         for f in out.glob("valseg_*"):  # a crash between the manifest and the clean-up left them
@@ -500,9 +505,13 @@ def _check_parts(output: str, parts: list[Path], manifests: list[dict]) -> None:
                          "rebuild every task with this one")
     opts = [{k: v for k, v in key["options"].items() if k != "task_id"} for key in keys]
     rest = [{k: v for k, v in key.items() if k not in ("options", "inputs_sha256", "num_inputs")} for key in keys]
+    if any("corpus_sha256" not in o for o in opts):
+        raise ValueError(f"{output!r}: a part's build key does not say which corpus it is a part of (made by an "
+                         "older data_prep_tool); rebuild every task with this one")
     if any(o != opts[0] for o in opts) or any(r != rest[0] for r in rest):
-        raise ValueError(f"{output!r}: the part_* folders come from builds with different options or tokenizers "
-                         f"({', '.join(p.name for p in parts)}); remove the stale ones and rerun their tasks")
+        raise ValueError(f"{output!r}: the part_* folders come from builds of different inputs, options or "
+                         f"tokenizers ({', '.join(p.name for p in parts)}); remove the stale ones and rerun their "
+                         "tasks")
     n = opts[0].get("num_tasks")
     ids = [key["options"].get("task_id") for key in keys]
     named = [int(p.name.removeprefix("part_")) for p in parts]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import sentencepiece as spm
 
@@ -26,30 +26,27 @@ def llm_defaults(vocab_size: int) -> dict[str, Any]:
     )
 
 
-def _extract_documents(files: list[str], out: Path, text_key: str) -> int:
-    """The documents ``data_prep_tool build`` reads from ``files`` (JSON lines / arrays, parquet, arrow,
-    gzip), as plain text into ``out``, one after another; returns how many. Sentencepiece reads its inputs
-    as plain text lines: given these files themselves it learned JSON syntax, escapes and compressed bytes."""
+def document_lines(files: list[str], text_key: str) -> Iterator[str]:
+    """The lines of the documents ``data_prep_tool build`` reads from ``files`` (plain text, JSON lines /
+    arrays, parquet, arrow, gzip), in order, empty lines left out: what sentencepiece trains on. Given the
+    JSON or gzip files themselves it read them as text lines, learning JSON's quotes, keys and escapes, and
+    never saw the text inside a .gz."""
     from ep_train.data.prep import TEXT_SUFFIXES, _documents, _text_documents
 
-    n = 0
-    with open(out, "w", encoding="utf-8") as fh:
-        for f in files:
-            path = Path(f)
-            events = _text_documents([path]) if path.name.endswith(TEXT_SUFFIXES) else _documents(path, text_key)
-            for kind, text, _ in events:
-                if kind == "doc" and text.strip():
-                    fh.write(text if text.endswith("\n") else text + "\n")
-                    n += 1
-    return n
+    for f in files:
+        path = Path(f)
+        events = _text_documents([path]) if path.name.endswith(TEXT_SUFFIXES) else _documents(path, text_key)
+        for kind, text, _ in events:
+            if kind == "doc":
+                yield from (line for line in text.split("\n") if line)
 
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, text_key: str = "text",
                     **overrides: Any) -> Path:
     """Train on local files; writes ``PREFIX.model``, ``PREFIX.vocab`` and ``PREFIX.json`` (options).
-    Plain text files feed sentencepiece as they are; from JSON, parquet, arrow and gzip files it gets the
-    documents (field ``text_key``) that ``data_prep_tool build`` would tokenize, through a temporary file
-    beside the output."""
+    Plain text files feed sentencepiece as they are; with any JSON, parquet, arrow or gzip input, every
+    input is streamed to it as ``document_lines`` (nothing is written to disk; sentencepiece keeps at most
+    ``input_sentence_size`` lines, sampled)."""
     opts = llm_defaults(vocab_size)
     unknown = set(overrides) - set(opts)
     if unknown:
@@ -59,27 +56,24 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, text
     if missing:
         raise ValueError(f"--input file(s) not found: {missing[:5]}")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    plain = [p for p in inputs if p.endswith((".txt", ".md", ".py", ".rst"))]
-    other = [p for p in inputs if p not in plain]
-    with tempfile.TemporaryDirectory(dir=Path(output_prefix).parent, prefix=".train_tokenizer_") as tmp:
-        feed = list(plain)
-        if other:
-            extracted = Path(tmp) / "documents.txt"
-            if _extract_documents(other, extracted, text_key):
-                feed.append(str(extracted))
-        if not feed:
-            raise ValueError(f"--input {other[:3]} hold no documents with a string field {text_key!r} "
-                             "(see --text-key), or are empty or binary")
-        _train(feed, output_prefix, vocab_size, opts)
+    if all(p.endswith((".txt", ".md", ".py", ".rst")) for p in inputs):
+        _train({"input": list(inputs)}, output_prefix, vocab_size, opts)
+    else:
+        lines = document_lines(list(inputs), text_key)
+        first = next(lines, None)
+        if first is None:
+            raise ValueError(f"--input {inputs[:3]} hold no text: empty or binary files, or rows without a string "
+                             f"field {text_key!r} (see --text-key)")
+        _train({"sentence_iterator": itertools.chain([first], lines)}, output_prefix, vocab_size, opts)
     model = Path(f"{output_prefix}.model")
     info = {"options": opts, "inputs": list(inputs), "sha256": sha256_file(model)}
     Path(f"{output_prefix}.json").write_text(json.dumps(info, indent=2))
     return model
 
 
-def _train(feed: list[str], output_prefix: str, vocab_size: int, opts: dict[str, Any]) -> None:
+def _train(source: dict[str, Any], output_prefix: str, vocab_size: int, opts: dict[str, Any]) -> None:
     try:
-        spm.SentencePieceTrainer.train(input=feed, model_prefix=output_prefix, **opts)
+        spm.SentencePieceTrainer.train(**source, model_prefix=output_prefix, **opts)
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars", "too high"
         msg = str(e).split("]")[-1].strip()
         need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -69,6 +70,16 @@ def run_config(step_dir: Path) -> Config:
     return config_from_dict(state["config"])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     """The universal form of the checkpoint in ``step_dir``, converted once and reused.
 
@@ -82,8 +93,13 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
 
     # This process's own temporary folder: two conversions of one checkpoint at once (an export while a
     # resharded resume converts) must not remove each other's work; the first to finish wins the rename.
-    tmp = dest.parent / f"{dest.name}.tmp.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # A folder left by a killed conversion on this host (its process is gone) is removed here.
+    host = socket.gethostname()
+    for old in dest.parent.glob(f"{dest.name}.tmp.{host}.*"):
+        pid = old.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = dest.parent / f"{dest.name}.tmp.{host}.{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
         args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp / UNIVERSAL),

@@ -137,8 +137,11 @@ def set_aside_newer(root: Path, step: int) -> tuple[list[Path], list[Path]]:
     moved = set_aside(root, complete)
     for p in partial:
         shutil.rmtree(p)
-    if target is not None and target in newer:
-        atomic_write_text(root / "latest", f"step_{step:08d}")
+    if target is not None and target in newer:  # latest names the resumed step if it is here, else nothing
+        if (root / f"step_{step:08d}" / MANIFEST).is_file():
+            atomic_write_text(root / "latest", f"step_{step:08d}")
+        else:  # resumed from another run's folder: this run's next save writes latest again
+            (root / "latest").unlink()
     return moved, partial
 
 
@@ -297,13 +300,18 @@ def choose(resume: str, root: Path, mode: str, fallback: bool, log: Any = print)
     if resume == "auto":
         found: list[Any] = [None]
         if dist.get_rank() == 0:  # one listing for every rank (another node's view of a shared disk can lag)
-            candidates = list(reversed(complete_checkpoints(root)))
-            target = latest_target(root)
-            if target is not None and target in candidates:  # `latest` first (normally also the newest)
-                candidates.remove(target)
-                candidates.insert(0, target)
-            found = [[str(p) for p in candidates]]
+            try:
+                candidates = list(reversed(complete_checkpoints(root)))
+                target = latest_target(root)
+                if target is not None and target in candidates:  # `latest` first (normally also the newest)
+                    candidates.remove(target)
+                    candidates.insert(0, target)
+                found = [[str(p) for p in candidates]]
+            except Exception as e:  # raised on rank 0 alone: every rank must hear of it
+                found = [f"listing the checkpoints in {str(root)!r} failed ({type(e).__name__}: {e})"]
         dist.broadcast_object_list(found, src=0)  # communication
+        if isinstance(found[0], str):
+            raise CheckpointError(f"{found[0]}; fix that folder (permissions, a damaged 'latest') and resume again")
         candidates = [Path(p) for p in found[0]]
         if not candidates:
             return None

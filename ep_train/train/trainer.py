@@ -162,6 +162,34 @@ class Trainer:
         doc = document_ids(x, self.eos_id)
         return self.engine(x, y, doc, document_positions(doc) if self.cfg.data.reset_positions else None)
 
+    def _leave_other_histories(self, step: int) -> None:
+        """Collective. What lies past ``step`` in the run folder belongs to a history this run does not
+        continue: checkpoints go to checkpoints/abandoned/ (checkpoint.set_aside_newer), metrics.jsonl
+        records to metrics.abandoned.jsonl. Rank 0 does it; any failure there reaches every rank."""
+        err = ""
+        if self.rank == 0:
+            try:
+                moved, removed = checkpoint.set_aside_newer(self.ckpt_root, step)
+                lines = self.metrics.resume_at(step)
+            except Exception as e:  # on rank 0 alone: the others must not wait for it at a collective
+                moved, removed, lines = [], [], 0
+                err = (f"could not move what lies past step {step} in {self.run_dir} out of the way "
+                       f"({type(e).__name__}: {e}); fix the folder's permissions or free space, or move the "
+                       "checkpoints/step_* folders past that step and metrics.jsonl aside yourself")
+            for p in moved:
+                print(f"resume: a checkpoint past step {step}, from a history this run leaves, moved to {p} "
+                      "(pruning would otherwise delete the new checkpoints, and resume auto return to it)",
+                      flush=True)
+            for p in removed:
+                print(f"resume: removed {p}, an incomplete save past step {step}", flush=True)
+            if lines:
+                print(f"resume: {lines} metrics.jsonl records past step {step} (they will be logged again) "
+                      "moved to metrics.abandoned.jsonl", flush=True)
+        msg = [err]
+        dist.broadcast_object_list(msg, src=0)  # communication: no rank saves before the folders are out of the way
+        if msg[0]:
+            raise checkpoint.CheckpointError(msg[0])
+
     def _data_fingerprint(self) -> dict[str, dict[str, Any]]:
         return data_fingerprint(self.sources, [w.num_windows for w in self.blend.windows])
 
@@ -194,6 +222,7 @@ class Trainer:
         if plan is None:
             if self.cfg.train.resume is not None and self.rank == 0:
                 print(f"resume auto: no checkpoint in {self.ckpt_root}, starting fresh", flush=True)
+            self._leave_other_histories(0)  # a crash before the first save left its records; a new run's too
             return
         optimizer = self.scheduler.optimizer
         tags = resume.group_tags(optimizer)
@@ -204,28 +233,7 @@ class Trainer:
         self.batches.consumed_samples = state["consumed_samples"]
         if plan.path.parent.resolve() == self.ckpt_root.resolve():
             self.saved_step = self.step  # this state is on disk already: a run resumed at its end saves nothing
-        err = ""
-        if self.rank == 0:
-            try:
-                moved, removed = checkpoint.set_aside_newer(self.ckpt_root, self.step)
-                lines = self.metrics.resume_at(self.step)
-            except OSError as e:
-                moved, removed, lines = [], [], 0
-                err = (f"resume: could not move what lies past step {self.step} out of the way ({e}); fix the "
-                       f"permissions or free space of {self.run_dir}, or move the step folders past it yourself")
-            for p in moved:
-                print(f"resume: a checkpoint past step {self.step}, from a history this run leaves, moved to {p} "
-                      "(pruning would otherwise delete the new checkpoints, and resume auto return to it)",
-                      flush=True)
-            for p in removed:
-                print(f"resume: removed {p}, an incomplete save past step {self.step}", flush=True)
-            if lines:
-                print(f"resume: {lines} metrics.jsonl records past step {self.step} (they will be logged again) "
-                      "moved to metrics.abandoned.jsonl", flush=True)
-        msg = [err]
-        dist.broadcast_object_list(msg, src=0)  # communication: no rank saves before the folders are out of the way
-        if msg[0]:
-            raise checkpoint.CheckpointError(msg[0])
+        self._leave_other_histories(self.step)
         set_expert_biases(self.model, state.get("expert_bias", {}))  # the moe section cannot change on resume
         changed = resume.apply_changes(self.scheduler, state["config"], self.cfg, self.step - self.skipped,
                                        force=plan.universal is not None)

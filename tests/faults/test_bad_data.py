@@ -379,8 +379,9 @@ def test_an_output_inside_an_input_folder_is_not_read_back(tokenizer, tmp_path) 
     assert again.get("already_built") and again["splits"] == first["splits"]
     over = build([str(corp)], str(tokenizer), str(corp / "tok"), overwrite=True, progress=False)
     assert over["splits"]["train"]["documents"] == 1 and (corp / "tok" / "manifest.json").is_file()
-    with pytest.raises(ValueError, match="holds no input files outside --output"):
-        build([str(corp)], str(tokenizer), str(corp), progress=False)  # the corpus folder as its own output
+    # the user's files under --output stay inputs (only the tool's own state files are left out)
+    mine = build([str(corp / "a.jsonl")], str(tokenizer), str(corp), progress=False)
+    assert mine["splits"]["train"]["documents"] == 1
 
 
 def test_more_tasks_than_files_is_refused_up_front(tokenizer, tmp_path) -> None:
@@ -409,7 +410,17 @@ def test_merge_refuses_a_missing_task_or_a_stale_part(tokenizer, tmp_path) -> No
     stale = tmp_path / "stale"
     build(files, str(tokenizer), str(stale), num_tasks=3, task_id=2, progress=False)
     shutil.copytree(stale / "part_00002", out / "part_00002")
-    with pytest.raises(ValueError, match="different options or tokenizers"):
+    with pytest.raises(ValueError, match="different inputs, options or tokenizers"):
+        merge(str(out))
+    # a part of another corpus split the same way (same options): refused too
+    shutil.rmtree(out / "part_00002")
+    (tmp_path / "g.txt").write_text("gamma = 3\n" * 5)
+    other = tmp_path / "other"
+    build([*files[:3], str(tmp_path / "g.txt")], str(tokenizer), str(other), num_tasks=2, task_id=1,
+          progress=False)
+    shutil.rmtree(out / "part_00001")
+    shutil.copytree(other / "part_00001", out / "part_00001")
+    with pytest.raises(ValueError, match="different inputs, options or tokenizers"):
         merge(str(out))
 
 
@@ -425,22 +436,23 @@ def test_a_users_inputs_json_in_the_output_is_left_alone(tokenizer, tmp_path) ->
 
 
 def test_train_tokenizer_learns_the_documents_not_the_json_around_them(tmp_path) -> None:
-    """A .jsonl and a .json.gz give sentencepiece the texts that build would tokenize (given the files
-    themselves, it learned JSON's quotes and keys and never saw inside the .gz). The CLI refuses to replace
-    an existing PREFIX.model without --overwrite."""
+    """A .jsonl and a .json.gz give sentencepiece the texts that build would tokenize, streamed (given the
+    files themselves, it learned JSON's quotes and keys and never saw inside the .gz). The CLI refuses to
+    replace an existing PREFIX.model without --overwrite."""
     import gzip
 
     import sentencepiece as spm
 
-    from ep_train.data.tokenizer import _extract_documents, train_tokenizer
+    from ep_train.data.tokenizer import document_lines, train_tokenizer
 
     texts = [t for f in sorted(CORPUS[0].glob("*.py")) if (t := f.read_text()).strip()][:6]  # json's sources
     plain = "".join(t if t.endswith("\n") else t + "\n" for t in texts)
     rows, rest = tmp_path / "rows.jsonl", tmp_path / "rest.json.gz"
     rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
     rest.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts[3:]).encode()))
-    assert _extract_documents([str(rows), str(rest)], tmp_path / "x.txt", "text") == len(texts) == 5
-    assert (tmp_path / "x.txt").read_text() == plain  # what sentencepiece now reads: the texts, whole
+    assert len(texts) == 5
+    got = list(document_lines([str(rows), str(rest)], "text"))  # what sentencepiece now reads: the texts' lines
+    assert got == [line for line in plain.split("\n") if line]
 
     def escapes(model: Path) -> set[str]:  # pieces holding JSON's escaped quote: \" (a backslash, a quote)
         sp = spm.SentencePieceProcessor(model_file=str(model))
@@ -448,7 +460,6 @@ def test_train_tokenizer_learns_the_documents_not_the_json_around_them(tmp_path)
 
     model = train_tokenizer([str(rows), str(rest)], 500, str(tmp_path / "b"))
     assert not escapes(model)
-    assert not list(tmp_path.glob(".train_tokenizer_*"))  # the extracted text is gone
     # the control: sentencepiece on the .jsonl itself learns JSON (so the check above can fail)
     spm.SentencePieceTrainer.train(input=str(rows), model_prefix=str(tmp_path / "raw"), vocab_size=500,
                                    max_sentence_length=1 << 20, minloglevel=2)  # a row is one long line

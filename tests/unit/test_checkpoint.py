@@ -83,6 +83,18 @@ def test_resuming_an_older_checkpoint_sets_the_newer_history_aside(tmp_path) -> 
     assert ck.set_aside_newer(tmp_path, 330) == ([], [])  # nothing past it: nothing moves
 
 
+def test_resuming_another_runs_checkpoint_leaves_no_dangling_latest(tmp_path) -> None:
+    """Resumed from a step-300 folder of another run while this run has 100 and 400 (latest): 400 is set
+    aside and latest, which named it, is removed rather than pointed at a step_00000300 that is not here
+    (resume auto then quietly took step 100)."""
+    for s in (100, 400):
+        _ckpt(tmp_path, s)
+    (tmp_path / "latest").write_text("step_00000400")
+    moved, _ = ck.set_aside_newer(tmp_path, 300)
+    assert [p.name for p in moved] == ["step_00000400"] and not (tmp_path / "latest").exists()
+    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step_00000100"]
+
+
 def test_verify_names_the_file(tmp_path) -> None:
     p = _ckpt(tmp_path, 10)
     assert ck.verify(p) is None
