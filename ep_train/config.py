@@ -218,6 +218,9 @@ def _field_types(section_cls: type) -> dict[str, Any]:
 
 def _resolve_key(key: str, cfg_cls: type = Config) -> tuple[str, str]:
     """Map 'section.field', 'field' or an alias onto (section, field); raise on unknown keys."""
+    if not isinstance(key, str):  # YAML reads `2: 3` or `true: x` as a number or boolean key
+        raise ValueError(f"config key {key!r} is a {type(key).__name__}, not a name; keys are section and field "
+                         "names (e.g. train: {learning_rate: 0.001})")
     sections = _sections(cfg_cls)
     if "." in key:
         section, name = key.split(".", 1)
@@ -713,6 +716,9 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
         bad = [i for i in e.moe_layers if not 0 <= i < m.num_layers]
         _check(not bad, "moe.moe_layers", e.moe_layers,
                f"layer indices {bad} are out of range; use indices in [0, {m.num_layers - 1}]")
+        _check(bool(e.moe_layers) or e.num_experts == 0, "moe.moe_layers", e.moe_layers,
+               f"lists no layer while moe.num_experts = {e.num_experts}: the model would be dense; list the MoE "
+               "layers, or set moe.num_experts 0 for a dense model")
     _check(e.router_type in ("topk", "noisy_topk", "expert_choice"), "moe.router_type", e.router_type,
            "use 'topk', 'noisy_topk' or 'expert_choice'")
     if e.router_type == "expert_choice":

@@ -9,7 +9,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/common.sh"
 config="" data="" run_dir="runs/default" resume="" nproc="" nnodes=1 node_rank=0
-master_addr=127.0.0.1 master_port=29500 rdzv="" rdzv_id="ep-train" max_restarts=0
+master_addr=127.0.0.1 master_port=29500 rdzv="" rdzv_id="ep-train" max_restarts=0 addr_given=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) config="$2"; shift 2 ;;
@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
     --nproc|--nproc-per-node) nproc="$2"; shift 2 ;;
     --nnodes) nnodes="$2"; shift 2 ;;
     --node-rank) node_rank="$2"; shift 2 ;;
-    --master-addr) master_addr="$2"; shift 2 ;;
+    --master-addr) master_addr="$2"; addr_given=1; shift 2 ;;
     --master-port) master_port="$2"; shift 2 ;;
     --rdzv) rdzv="$2"; shift 2 ;;
     --rdzv-id) rdzv_id="$2"; shift 2 ;;
@@ -30,6 +30,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 check_inputs "$config" "$data" "$resume"
+if [ "$nnodes" != 1 ] && [ -z "$rdzv" ] && [ "$addr_given" = 0 ]; then
+  # every node would wait for a master at its own 127.0.0.1 until the rendezvous timed out
+  die "--nnodes $nnodes needs --master-addr (the address of the node with --node-rank 0) or --rdzv HOST:PORT"
+fi
 [ -n "$nproc" ] || nproc="$(default_nproc)"
 py="$(ep_python "$root")"
 cmd=("$py" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" --max-restarts "$max_restarts")

@@ -216,6 +216,7 @@ def test_scripts_fail_early_with_clear_messages(tmp_path, built) -> None:
         (["torchrun.sh", "--config", str(CONFIG), "--bogus", "1"], "unknown option '--bogus'"),
         (["slurm/train.sbatch", str(CONFIG)], "usage"),
         (["torchrun.sh", "--config", str(CONFIG)], "data.data_dir is not set"),  # once here, not per worker
+        (["torchrun.sh", "--config", str(CONFIG), "--data", str(built), "--nnodes", "2"], "needs --master-addr"),
         (["deepspeed.sh", "--config", str(CONFIG), "--data", str(built), "--no_ssh", "--node_rank", "0"],
          "--no_ssh needs --master_addr"),  # DeepSpeed would ssh to the first host for its address
     ]

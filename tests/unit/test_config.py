@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,15 @@ def test_missing_file_and_bad_override(tmp_path) -> None:
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="has no value"):
         parse_overrides(["--top_k"])
+
+
+def test_a_non_string_key_and_an_empty_moe_layer_list_are_refused(tmp_path) -> None:
+    """`2: 3` at the top of a config (YAML makes the key an int) gave a TypeError traceback; an empty
+    moe.moe_layers with experts configured trained a dense model silently."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("2: 3\n")
+    with pytest.raises(ValueError, match=r"config key 2 is a int, not a name"):
+        load_config(bad)
+    with pytest.raises(ValueError, match=r"moe.moe_layers = \[\] is invalid: lists no layer while moe.num_experts"):
+        load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
+                    parse_overrides(["--moe.moe_layers", "[]"]))
