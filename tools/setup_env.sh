@@ -12,7 +12,8 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
 stamp=.venv/.ep_train_installed
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
+# Re-install when the package's metadata or this script (its pins) changed since the last install.
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt tools/setup_env.sh ]; then
   exit 0
 fi
 echo "[setup] installing torch==2.13.0, then ep-train[test] into .venv"
