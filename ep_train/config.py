@@ -761,6 +761,10 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
             _check(e.top_groups * per_group >= e.num_experts_per_token, "moe.top_groups", e.top_groups,
                    f"{e.top_groups} group(s) of {per_group} experts cannot hold moe.num_experts_per_token = "
                    f"{e.num_experts_per_token} experts; raise top_groups")
+            _check(e.drop_policy != "overflow" or e.capacity_factor is None or e.top_groups == e.num_expert_groups,
+                   "moe.drop_policy", e.drop_policy, f"'overflow' moves an assignment over capacity to the token's "
+                   f"next-best expert of all experts, outside its moe.top_groups = {e.top_groups} group(s); use "
+                   "'drop' with group-limited routing")
 
     check_ep_layout(p.ep_size, e.num_experts, world_size)
     _check(p.zero3_gather in ("auto", "block", "module"), "parallel.zero3_gather", p.zero3_gather,

@@ -132,10 +132,12 @@ def inference_routing(model: nn.Module, experts_per_token: int | None = None) ->
         if not layers:
             raise ValueError(f"experts_per_token = {experts_per_token} given, but the model has no MoE layers; "
                              "leave it unset for a dense model")
-        e = min(m.num_experts for m in layers)
+        # with group-limited routing a token may use only its top_groups' experts
+        e = min(m.num_experts // m.router.num_groups * m.router.top_groups for m in layers)
         if not 1 <= experts_per_token <= e:
             raise ValueError(f"experts_per_token = {experts_per_token} is invalid: must be between 1 and the "
-                             f"number of experts ({e}); e.g. 1 for the cheapest routing")
+                             f"number of experts ({e}; with moe.top_groups, those of a token's groups); e.g. 1 for "
+                             "the cheapest routing")
     saved = [(m.top_k, m.router.top_k, m.router.capacity_factor) for m in layers]
     try:
         for m in layers:

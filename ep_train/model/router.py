@@ -61,7 +61,9 @@ def limit_to_groups(probs: torch.Tensor, num_groups: int, top_groups: int) -> to
     chosen = torch.topk(group_score, top_groups, dim=-1).indices  # [T, M]
     allowed = torch.zeros(t, num_groups, dtype=torch.bool, device=probs.device).scatter_(1, chosen, True)
     allowed = allowed.repeat_interleave(e // num_groups, dim=1)  # [T, E]
-    return probs.masked_fill(~allowed, -1.0)
+    # -inf, not a finite mark: the scores may carry an expert bias (aux-loss-free balancing) that drifts
+    # below any finite value, and then an expert outside the token's groups would outrank an allowed one.
+    return probs.masked_fill(~allowed, float("-inf"))
 
 
 def expert_choice_keep(probs: torch.Tensor, capacity_factor: float,
@@ -71,8 +73,8 @@ def expert_choice_keep(probs: torch.Tensor, capacity_factor: float,
     ``gather`` (set by ``parallelize`` under EP) returns the scores of every token of the EP group
     [T_all, E] and this rank's first row: each expert's choice is then global over the tokens it would
     see in one process, and every rank computes the same choice redundantly (cost: one all-gather of
-    T * E scores per layer, no second exchange). Ties go to the lower token index (both routes see the
-    same [T_all, E] tensor, so they agree)."""
+    T * E scores per layer, no second exchange). Among tied scores torch's top-k picks (not necessarily
+    the lower token index); every rank runs it on the same [T_all, E] tensor, so they agree."""
     t, e = probs.shape
     scores, first = gather(probs.detach()) if gather is not None else (probs.detach(), 0)
     t_all = scores.shape[0]

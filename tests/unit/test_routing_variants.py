@@ -270,3 +270,37 @@ def test_aux_free_bias_lowers_load_imbalance() -> None:
     print(f"expert-load CV, skewed start {first_off:.3f}: after 50 steps without bias {off:.3f}, with bias {on:.3f}")
     assert first_on == pytest.approx(first_off)  # same start
     assert on < 0.75 * off  # measured: 0.65 without, 0.36 with (a rate of 0.03 overshoots: 0.69)
+
+
+def test_group_limit_holds_whatever_the_expert_bias() -> None:
+    """The experts outside a token's groups were marked -1 among scores that carry the expert bias: a bias
+    drifted below -1 let them outrank allowed experts. A uniform shift of the bias must change nothing."""
+    torch.manual_seed(1)
+    r = Router(8, 8, 2, num_groups=4, top_groups=1, bias_update_rate=0.01)
+    with torch.no_grad():
+        r.weight.normal_(std=1.0)
+    x = torch.randn(64, 8)
+    before = r(x).expert_ids
+    with torch.no_grad():
+        r.expert_bias.fill_(-2.0)
+    after = r(x).expert_ids
+    assert torch.equal(after, before)
+    groups = after // 2  # 2 experts per group
+    assert bool((groups == groups[:, :1]).all())
+
+
+def test_overflow_with_group_limited_routing_and_too_many_inference_experts_are_refused() -> None:
+    """overflow reroutes to the next-best expert of all experts (outside the token's groups); and
+    inference_routing cannot give a token more experts than its groups hold."""
+    from ep_train.model.moe import inference_routing
+
+    with pytest.raises(ValueError, match=r"moe\.drop_policy = 'overflow' is invalid: 'overflow' moves .* outside its "
+                                         r"moe\.top_groups = 1 group"):
+        _cfg(num_experts=8, num_expert_groups=4, top_groups=1, capacity_factor=1.0, drop_policy="overflow")
+    c = _cfg(num_experts=8, num_expert_groups=4, top_groups=1)
+    model = build_model(c.model, c.moe, seed=0)
+    with pytest.raises(ValueError, match=r"experts_per_token = 3 is invalid: .*number of experts \(2; with moe.top_groups"):
+        with inference_routing(model, experts_per_token=3):
+            pass
+    with inference_routing(model, experts_per_token=2):
+        pass
