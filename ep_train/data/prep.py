@@ -350,13 +350,14 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     out = Path(output) if num_tasks == 1 else Path(output) / f"part_{task_id:05d}"
     out.mkdir(parents=True, exist_ok=True)
     state_path, manifest_path = out / resume.PROGRESS, out / resume.MANIFEST
-    records = resume.input_records(files)
+    every_record = resume.input_records(every)  # one stat per file, for the task's list and the corpus digest
+    records = every_record[task_id::num_tasks]
     # Everything that changes the bytes written, batching constants included (a shard rolls at a batch end).
     options = {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "append_bos": append_bos,
                "dtype": np_dtype.name, "text_key": text_key, "num_tasks": num_tasks, "task_id": task_id,
                "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS}
     if num_tasks > 1:  # the whole corpus's identity, the same in every task: merge checks the parts share it
-        options["corpus_sha256"] = resume.build_key(resume.input_records(every), tok_sha, {})["inputs_sha256"]
+        options["corpus_sha256"] = resume.inputs_digest(every_record)
     key = resume.build_key(records, tok_sha, options)
     action, previous = resume.check_previous(out, key, records, tokenizer, overwrite)
     if action == "done":

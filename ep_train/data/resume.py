@@ -41,12 +41,16 @@ def input_records(files: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
+def inputs_digest(records: list[dict[str, Any]]) -> str:
+    """sha256 of an input list (``input_records``)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
 def build_key(records: list[dict[str, Any]], tokenizer_sha256: str, options: dict[str, Any]) -> dict[str, Any]:
     """The identity of a build. The input list is kept as a digest here (progress.json is rewritten at every
     shard roll; a million-file list would make that slow) and in full in ``inputs.json`` / the manifest."""
-    digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
     return {"version": KEY_VERSION, "tokenizer_sha256": tokenizer_sha256, "options": dict(options),
-            "inputs_sha256": digest, "num_inputs": len(records)}
+            "inputs_sha256": inputs_digest(records), "num_inputs": len(records)}
 
 
 def _first(paths: list[str], n: int = 3) -> str:

@@ -56,7 +56,9 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, text
     if missing:
         raise ValueError(f"--input file(s) not found: {missing[:5]}")
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    if all(p.endswith((".txt", ".md", ".py", ".rst")) for p in inputs):
+    from ep_train.data.prep import TEXT_SUFFIXES  # here: prep imports this module
+
+    if all(p.endswith(TEXT_SUFFIXES) and not p.endswith(".gz") for p in inputs):  # sentencepiece reads these
         _train({"input": list(inputs)}, output_prefix, vocab_size, opts)
     else:
         lines = document_lines(list(inputs), text_key)

@@ -69,6 +69,11 @@ def _inspect_tokenizer(data_dir: str, m: dict, tokenizer: str | None, force: boo
     return sp, f"WARNING: {what}; samples decoded with it anyway (--force-tokenizer)"
 
 
+def _missing_files(prefix: Path) -> list[str]:
+    """The shard's .bin / .idx files that are not there."""
+    return [f"{prefix}.{ext}" for ext in ("bin", "idx") if not Path(f"{prefix}.{ext}").is_file()]
+
+
 def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verify: bool = True,
             force_tokenizer: bool = False) -> tuple[str, bool]:
     """Human-readable summary; returns (text, checksums_ok)."""
@@ -92,7 +97,7 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
         lengths = []
         for s in info["shards"]:
             prefix = Path(data_dir) / s["prefix"]
-            gone = [f"{prefix}.{ext}" for ext in ("bin", "idx") if not Path(f"{prefix}.{ext}").is_file()]
+            gone = _missing_files(prefix)
             if gone:  # named, and the summary goes on (the checksum read raised FileNotFoundError)
                 ok = False
                 lines.extend(f"  MISSING: {f}" for f in gone)
@@ -115,7 +120,7 @@ def inspect(data_dir: str, samples: int = 3, tokenizer: str | None = None, verif
         lines.append("checksums: " + ("OK" if ok else "MISMATCH"))
     train = m["splits"].get("train", {}).get("shards", [])
     first = Path(data_dir) / train[0]["prefix"] if train else None
-    if samples and first is not None and sp is not None and all(Path(f"{first}.{e}").is_file() for e in ("bin", "idx")):
+    if samples and first is not None and sp is not None and not _missing_files(first):
         shard = IndexedShard(first)
         for i in range(min(samples, len(shard))):
             text, oov = safe_decode(sp, shard[i].tolist())  # never IndexError on ids past the vocabulary

@@ -61,6 +61,11 @@ STEP_DIR = re.compile(r"step_(\d+)")
 SET_ASIDE = "abandoned"  # RUN/checkpoints/abandoned/: folders moved out of the run's way, never deleted
 
 
+def step_tag(step: int) -> str:
+    """A checkpoint folder's name (what ``latest`` holds)."""
+    return f"step_{step:08d}"
+
+
 def step_of(path: Path) -> int:
     m = STEP_DIR.fullmatch(path.name)
     assert m is not None, path  # callers pass step_dirs() entries only
@@ -88,7 +93,8 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     """Remove all but the newest ``keep_last`` complete checkpoints, and partial folders older than the
     newest complete one (a crash mid-save). Never the newest complete one, never what ``latest`` names,
     never a partial folder newer than the newest complete one (a save may be under way)."""
-    complete = complete_checkpoints(root)
+    dirs = step_dirs(root)
+    complete = [p for p in dirs if (p / MANIFEST).is_file()]
     if not complete:
         return []
     protect = {complete[-1].resolve()}
@@ -97,8 +103,7 @@ def prune(root: Path, keep_last: int) -> list[Path]:
         protect.add(target.resolve())
     doomed = [p for p in complete[:-keep_last] if p.resolve() not in protect]
     newest = step_of(complete[-1])
-    doomed += [p for p in step_dirs(root) if not (p / MANIFEST).is_file()
-               and step_of(p) < newest and p.resolve() not in protect]
+    doomed += [p for p in dirs if p not in complete and step_of(p) < newest and p.resolve() not in protect]
     for p in doomed:
         failed: list[str] = []
         shutil.rmtree(p, onerror=lambda _f, path, exc: failed.append(f"{path}: {exc[1]}"))
@@ -138,8 +143,8 @@ def set_aside_newer(root: Path, step: int) -> tuple[list[Path], list[Path]]:
     for p in partial:
         shutil.rmtree(p)
     if target is not None and target in newer:  # latest names the resumed step if it is here, else nothing
-        if (root / f"step_{step:08d}" / MANIFEST).is_file():
-            atomic_write_text(root / "latest", f"step_{step:08d}")
+        if (root / step_tag(step) / MANIFEST).is_file():
+            atomic_write_text(root / "latest", step_tag(step))
         else:  # resumed from another run's folder: this run's next save writes latest again
             (root / "latest").unlink()
     return moved, partial
@@ -188,7 +193,7 @@ def _agree(ok: bool) -> bool:
 
 def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_last: int, estimate: int) -> Path:
     """Collective. Raises ``CheckpointError`` (on every rank) if the save cannot be completed."""
-    tag = f"step_{step:08d}"
+    tag = step_tag(step)
     path = root / tag
     rank, world = dist.get_rank(), dist.get_world_size()
     root.mkdir(parents=True, exist_ok=True)

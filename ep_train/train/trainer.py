@@ -115,6 +115,8 @@ class Trainer:
         self.blend = Blend([TokenWindows(src.path, "train", cfg.data.seq_len, cfg.data.tokenizer)
                             for src in self.sources], [src.weight for src in self.sources], t.seed,
                            cfg.data.shuffle, [src.label for src in self.sources])
+        # what a checkpoint's data position indexes into (saved with each checkpoint, compared on resume)
+        self.data_fingerprint = data_fingerprint(self.sources, [w.num_windows for w in self.blend.windows])
         # Sharded construction: shapes on `meta`, this rank's experts only, then values module by module
         # straight into this rank's ZeRO-3 partitions (ep_train.parallel.zero.materialize_partitioned).
         layout = deepspeed_layout(cfg.parallel.ep_size)
@@ -190,9 +192,6 @@ class Trainer:
         if msg[0]:
             raise checkpoint.CheckpointError(msg[0])
 
-    def _data_fingerprint(self) -> dict[str, dict[str, Any]]:
-        return data_fingerprint(self.sources, [w.num_windows for w in self.blend.windows])
-
     def _value_source(self):  # type: ignore[no-untyped-def]
         """Initial values: the seeded initialisation, or a Hugging Face checkpoint streamed tensor by tensor."""
         from ep_train.model.init import SeededInit
@@ -206,7 +205,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
-                 "world_size": self.world, "config": config_to_dict(self.cfg), "data": self._data_fingerprint()}
+                 "world_size": self.world, "config": config_to_dict(self.cfg), "data": self.data_fingerprint}
         biases = expert_biases(self.model)
         if biases:  # in the JSON, not DeepSpeed's files: exact (float32 -> float64 -> float32)
             state["expert_bias"] = biases
@@ -248,7 +247,7 @@ class Trainer:
                 if getattr(saved, key) != getattr(self.cfg.data, key):
                     print(f"resume: data.{key} changes from {getattr(saved, key)} to {getattr(self.cfg.data, key)} "
                           f"at step {self.step}", flush=True)
-            for path, now_fp in self._data_fingerprint().items():  # the same folders, rebuilt since?
+            for path, now_fp in self.data_fingerprint.items():  # the same folders, rebuilt since?
                 then = state.get("data", {}).get(path)  # absent in checkpoints that predate it
                 if then is not None and then != now_fp:
                     print(f"resume: the data in {path} changed since the checkpoint (training windows "
