@@ -14,6 +14,12 @@ as jsonl rows (one file per row) in shuffled passes until the size is reached (`
   processes (no reading, no writing): the fastest any tool could go here (tokens/s only); measured
   before, between and after the two runs, the median reported with the range.
 
+- **one .txt file**: the same kind of text as one plain-text file of the size (a plain-text file is one
+  document), built with ``--workers N``: tokenized in pieces cut after newlines (``prep.LARGE_TEXT_BYTES``);
+- **whole vs pieces**: one plain-text file of ``COMPARE_BYTES``, built as before pieces existed (the whole
+  file tokenized at once; ``LARGE_TEXT_BYTES`` raised in that process) and in pieces: peak RSS of each, and
+  whether the two wrote the same shards (the whole-file tokenization is the reference for the pieces).
+
 Memory must not grow with the corpus: the peak of every process at the largest size is compared with the
 smallest (target in bench/targets.py).
 """
@@ -33,6 +39,7 @@ import threading
 import time
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,39 +51,89 @@ ROOT = Path(__file__).resolve().parents[1]
 TOOL = [sys.executable, str(ROOT / "tools" / "data_prep_tool.py")]
 PART_BYTES = 100 * 2**20
 MIB = 2**20
+COMPARE_BYTES = 24 * MIB  # above prep.LARGE_TEXT_BYTES; whole, its tokenization takes ~50x this in memory
 _sp = None
 
 
-def make_corpus(out: Path, size: int, seed: int = 0) -> tuple[int, int]:
-    """jsonl parts of about ``size`` characters of text in total; returns (documents, characters)."""
+def _texts(size: int, seed: int) -> Iterator[str]:
+    """The standard library's sources in shuffled passes until ``size`` characters were given."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     texts = [p.read_text(errors="replace") for p in sorted(stdlib.rglob("*.py")) if "site-packages" not in p.parts]
     texts = [t for t in texts if t.strip()]
-    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    written = docs = part = 0
-    f = open(out / f"part_{part:03d}.jsonl", "w")
-    part_bytes = 0
+    written = 0
     while written < size:
         order = list(range(len(texts)))
         rng.shuffle(order)  # each pass in another order: shards are not one file repeated end to end
         for i in order:
-            line = json.dumps({"text": texts[i]}) + "\n"
-            f.write(line)
+            yield texts[i]
             written += len(texts[i])
-            part_bytes += len(line)
-            docs += 1
-            if part_bytes >= min(PART_BYTES, size // 8):  # at least 8 parts: array tasks split by file
-                f.close()
-                part += 1
-                f = open(out / f"part_{part:03d}.jsonl", "w")
-                part_bytes = 0
             if written >= size:
-                break
+                return
+
+
+def make_corpus(out: Path, size: int, seed: int = 0) -> tuple[int, int]:
+    """jsonl parts of about ``size`` characters of text in total; returns (documents, characters)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = docs = part = 0
+    f = open(out / f"part_{part:03d}.jsonl", "w")
+    part_bytes = 0
+    for text in _texts(size, seed):
+        line = json.dumps({"text": text}) + "\n"
+        f.write(line)
+        written += len(text)
+        part_bytes += len(line)
+        docs += 1
+        if part_bytes >= min(PART_BYTES, size // 8):  # at least 8 parts: array tasks split by file
+            f.close()
+            part += 1
+            f = open(out / f"part_{part:03d}.jsonl", "w")
+            part_bytes = 0
     f.close()
     if part_bytes == 0:  # the size was reached right after a part was closed
         (out / f"part_{part:03d}.jsonl").unlink()
     return docs, written
+
+
+def make_text_file(path: Path, size: int, seed: int = 0) -> int:
+    """One plain-text file of about ``size`` characters (the same texts, one after the other); its size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for text in _texts(size, seed):
+            f.write(text)
+    return path.stat().st_size
+
+
+# `data_prep_tool build` as it ran before large text files were cut into pieces: the whole file at once
+WHOLE = ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); from ep_train.data import prep; "
+               "prep.LARGE_TEXT_BYTES = 1 << 62; from ep_train.data.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def _shard_digests(out: Path) -> list[tuple[str, str, str]]:
+    man = json.loads((out / "manifest.json").read_text())
+    return [(s["prefix"], s["bin_sha256"], split) for split in ("train", "val") for s in man["splits"][split]["shards"]]
+
+
+def _tokens(out: Path) -> int:
+    man = json.loads((out / "manifest.json").read_text())
+    return man["splits"]["train"]["tokens"] + man["splits"]["val"]["tokens"]
+
+
+def compare_whole(tmp: Path, model: str, workers: int) -> dict:
+    """Peak RSS of one COMPARE_BYTES text file built whole (the earlier path) and in pieces; same shards?"""
+    path = tmp / "compare" / "one.txt"
+    nbytes = make_text_file(path, COMPARE_BYTES, seed=1)
+    common = ["build", "--input", str(path), "--tokenizer", model, "--val-fraction", "0.01", "--no-progress",
+              "--workers", str(workers)]
+    res: dict[str, Any] = {"bytes": nbytes}
+    for name, cmd in (("whole", [sys.executable, *WHOLE]), ("pieces", TOOL)):
+        out = tmp / "compare" / name
+        secs, peaks, _ = sampled([[*cmd, *common, "--output", str(out)]])
+        res[name] = {"s": secs, "main_peak": peaks["main"], "worker_peak": peaks["worker"], "tokens": _tokens(out),
+                     "shards": _shard_digests(out)}
+    res["same_shards"] = res["whole"]["shards"] == res["pieces"]["shards"]
+    shutil.rmtree(tmp / "compare")
+    return res
 
 
 def _vmhwm(pid: int) -> int | None:
@@ -170,6 +227,9 @@ def merge_note(r: dict) -> str:
     return f", merge {r['merge_peak'] / MIB:.0f} MiB"
 
 
+GROWTH_KEYS = ("build_main_peak", "build_worker_peak", "array_task_peak", "text_main_peak", "text_worker_peak")
+
+
 def _load() -> float:
     return os.getloadavg()[0]
 
@@ -184,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     sizes = [5 * MIB, 20 * MIB] if args.small else [int(float(x) * 2**30) for x in args.sizes_gb.split(",")]
 
-    from ep_train.data.prep import expand_inputs
+    from ep_train.data.prep import LARGE_TEXT_BYTES, expand_inputs
     from ep_train.data.tokenizer import train_tokenizer
 
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_corpus_"))
@@ -223,20 +283,31 @@ def main(argv: list[str] | None = None) -> dict:
             rates = sorted(r for r, _ in lims)
             lim, lim_tokens = rates[1], lims[0][1]
             shutil.rmtree(corpus)
+            text_file = tmp / f"text_{size // MIB}" / "corpus.txt"
+            text_bytes = make_text_file(text_file, size)
+            t_out = tmp / f"text_shards_{size // MIB}"
+            t_secs, t_peaks, _ = sampled([[*TOOL, "build", "--input", str(text_file), "--output", str(t_out),
+                                           "--workers", str(args.workers), *common]])
+            t_tokens = _tokens(t_out)
+            shutil.rmtree(t_out)
+            shutil.rmtree(text_file.parent)
             row = {"chars": nbytes, "documents": docs, "tokens": tokens, "build_s": secs, "build_tok_s": tokens / secs,
                    "build_main_peak": peaks["main"], "build_worker_peak": peaks["worker"],
                    "array_s": a_secs + m_secs, "array_tok_s": a_tokens / (a_secs + m_secs),
                    "array_task_peak": a_peaks["main"], "merge_peak": m_peaks["main"], "merge_s": m_secs,
                    "array_tokens": a_tokens,
                    "limit_tok_s": lim, "limit_min": rates[0], "limit_max": rates[-1], "limit_tokens": lim_tokens,
-                   "load": max(load_build, _load())}
+                   "load": max(load_build, _load()), "text_bytes": text_bytes, "text_s": t_secs,
+                   "text_tokens": t_tokens, "text_main_peak": t_peaks["main"], "text_worker_peak": t_peaks["worker"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+        compare = compare_whole(tmp, model, args.workers)
+        print(json.dumps(compare), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     small, large = rows[0], rows[-1]
-    growth = max(large[k] / small[k] for k in ("build_main_peak", "build_worker_peak", "array_task_peak"))
+    growth = max(large[k] / small[k] for k in GROWTH_KEYS)
     verdict = target_verdict("corpus_memory_growth", growth)
     table = ["| corpus | documents | tokens | tool | seconds | tokens/s | share of the limit | peak RSS per process "
              "| load avg |", "|---|---|---|---|---|---|---|---|---|"]
@@ -252,7 +323,21 @@ def main(argv: list[str] | None = None) -> dict:
         table.append(f"| {gb} | | | raw sentencepiece (limit, {r['limit_tokens']:,} tokens in memory; median of 3: "
                      f"before, between, after) | | {r['limit_tok_s']:,.0f} ({r['limit_min']:,.0f}-"
                      f"{r['limit_max']:,.0f}) | 100% | | |")
+        text_rate = r["text_tokens"] / r["text_s"]
+        table.append(f"| {r['text_bytes'] / 1e9:.2f} GB file | 1 | {r['text_tokens']:,} | one .txt file, build, "
+                     f"{args.workers} workers | {r['text_s']:.0f} | {text_rate:,.0f} | {text_rate / r['limit_tok_s']:.0%} "
+                     f"| main {r['text_main_peak'] / MIB:.0f} MiB, workers {r['text_worker_peak'] / MIB:.0f} MiB | |")
     text = "\n".join(table)
+    cmp_table = ["| one .txt file | tokenized | seconds | peak RSS, main | peak RSS, largest worker | tokens |",
+                 "|---|---|---|---|---|---|"]
+    for name, words in (("whole", "whole (the earlier path)"), ("pieces", "in pieces (now)")):
+        c = compare[name]
+        cmp_table.append(f"| {compare['bytes'] / MIB:.0f} MiB | {words} | {c['s']:.1f} | {c['main_peak'] / MIB:,.0f} MiB "
+                         f"| {c['worker_peak'] / MIB:,.0f} MiB | {c['tokens']:,} |")
+    cmp_text = "\n".join(cmp_table)
+    whole_peak = max(compare["whole"]["main_peak"], compare["whole"]["worker_peak"])
+    pieces_peak = max(compare["pieces"]["main_peak"], compare["pieces"]["worker_peak"])
+    print(cmp_text)
     print(text)
     if args.write:
         append_section("Data preparation at corpus scale", f"""
@@ -269,8 +354,18 @@ alongside: the times then include it).
 
 Memory does not grow with the corpus ({TARGETS['corpus_memory_growth'].what}: {describe('corpus_memory_growth')}):
 **{verdict}** (ratio {growth:.2f} for {rows[-1]['chars'] / rows[0]['chars']:.0f}x the text).
+
+A plain-text file is one document. Above {LARGE_TEXT_BYTES >> 20} MiB (`prep.LARGE_TEXT_BYTES`) it is read and
+tokenized in pieces, each ending just after a newline (the "one .txt file" rows). The earlier path tokenized
+the whole file at once; both on one {compare['bytes'] / MIB:.0f} MiB file, {args.workers} workers:
+
+{cmp_text}
+
+The two wrote the same shards (every .bin's sha256): **{'yes' if compare['same_shards'] else 'NO'}**. Largest
+process: {whole_peak / MIB:,.0f} MiB whole ({whole_peak / compare['bytes']:.0f}x the file), {pieces_peak / MIB:,.0f} MiB
+in pieces.
 """)
-    return {"rows": rows, "growth": growth}
+    return {"rows": rows, "growth": growth, "compare": compare}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Pipeline: input files (sorted) -> a stream of documents (parquet, arrow and JSON arrays through HF
 ``datasets`` local loaders; JSON lines parsed line by line so a malformed line can be reported by file
-and line; plain text read directly, one document per file, see ``_text_documents``)
+and line; plain text read directly, one document per file, see ``_text_documents``; a large one is tokenized in
+pieces cut after a newline, see ``_text_parts``)
 -> batches encoded by N worker processes (one sentencepiece load per worker, ``imap`` keeps order, so
 the bytes do not depend on N) -> EOS per document -> train/val by a stable hash of the text ->
 shards rolled at a size cap. After each roll ``progress.json`` records how far the input stream got,
@@ -21,19 +22,20 @@ import itertools
 import json
 import os
 import re
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from ep_train.data import resume
 from ep_train.data.resume import atomic_json as _atomic_json
 from ep_train.data.shards import IndexedShard, ShardWriter, sha256_file, token_dtype
-from ep_train.data.tokenizer import load_tokenizer
+from ep_train.data.tokenizer import load_tokenizer, splits_at_newlines
 from ep_train.data.verify import inspect, load_manifest  # noqa: F401  (re-exported: cli, older callers)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".py", ".rst")
@@ -45,6 +47,12 @@ TEXT_GROUP = 512  # plain-text files per datasets call
 MAX_EXAMPLES = 20
 SNIFF_BYTES = 8192  # head of a text/JSON-lines file looked at to tell binary files from text
 BINARY_BAD_SHARE = 0.3  # share of undecodable bytes in that head above which a file is taken for binary
+# A plain-text file larger than this (on disk) is read and tokenized in pieces of about PART_CHARS characters,
+# each ending just after a newline, when the tokenizer splits at newlines (tokenizer.splits_at_newlines):
+# whole, tokenizing took ~50x the file's size in memory. Smaller files stay one piece (output unchanged).
+LARGE_TEXT_BYTES = 16 << 20
+PART_CHARS = BATCH_CHARS
+READ_BYTES = 1 << 20  # read size while streaming a large file
 # Local files only: without these, every load_dataset call asks the Hub (a network round trip per file).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -91,6 +99,16 @@ class Report:
 
 class BadInput(ValueError):
     pass
+
+
+class Part(NamedTuple):
+    """A piece of a large document: tokenized alone, EOS only after the last piece, BOS only before the
+    first; ``unit`` is the whole document's ``_hash_unit`` (its train/validation split)."""
+
+    text: str
+    first: bool
+    last: bool
+    unit: float
 
 
 _replaced = 0
@@ -210,8 +228,9 @@ def _not_text(row: Any, key: str) -> str | None:
     return None
 
 
-def _text_documents(paths: list[Path]) -> Iterator[tuple[str, Any, str]]:
-    """Plain-text files, one document each.
+def _text_documents(paths: list[Path], in_pieces: bool = False) -> Iterator[tuple[str, Any, str]]:
+    """Plain-text files, one document each; with ``in_pieces``, a file over ``LARGE_TEXT_BYTES`` comes as
+    ('part', Part, where) events (``_text_parts``).
 
     Read here rather than through ``datasets``' text loader: with one document per file the loader
     only adds per-file set-up (fsspec, an Arrow table per file), which measured as a third of the
@@ -222,18 +241,87 @@ def _text_documents(paths: list[Path]) -> Iterator[tuple[str, Any, str]]:
     for path in paths:
         _replaced = 0
         try:
-            with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
+            with _open_text(path) as f:
                 head = f.read(SNIFF_BYTES)
                 if (event := _binary_event(path, head)) is not None:
                     yield event  # the rest of the file is never read
                     continue
-                text = (head + f.read()).removeprefix(BOM).decode("utf-8", errors="ep_train_count_replace")
+                parts = in_pieces and path.stat().st_size > LARGE_TEXT_BYTES
+                if not parts:
+                    text = (head + f.read()).removeprefix(BOM).decode("utf-8", errors="ep_train_count_replace")
         except (OSError, EOFError, zlib.error) as e:  # a cut-off or mislabelled .gz: its document is not whole
             yield _unreadable(path, e)
+            continue
+        if parts:
+            yield from _text_parts(path)
             continue
         if _replaced:
             yield "replaced_characters", _replaced, str(path)
         yield "doc", text, str(path)
+
+
+def _open_text(path: Path) -> Any:
+    return (gzip.open if path.name.endswith(".gz") else open)(path, "rb")
+
+
+def _decoded_blocks(path: Path) -> Iterator[str]:
+    """The file's text as ``_text_documents`` decodes it (BOM dropped, bad bytes replaced and counted in
+    ``_replaced``), in blocks of about READ_BYTES; memory bounded whatever the file's size."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ep_train_count_replace")
+    with _open_text(path) as f:
+        first = True
+        while block := f.read(READ_BYTES):
+            if first:
+                block, first = block.removeprefix(BOM), False
+            yield decoder.decode(block)
+        yield decoder.decode(b"", final=True)
+
+
+def _text_parts(path: Path) -> Iterator[tuple[str, Any, str]]:
+    """A large plain-text file as one document in pieces, read twice: first for the document's split
+    (the hash of its whole text, as ``_hash_unit``), whether it is blank, and the bytes replaced; then
+    for its pieces, each ending just after a newline (a line longer than PART_CHARS stays whole in its
+    piece). Reading twice costs far less than tokenizing; memory stays bounded."""
+    global _replaced
+    _replaced, digest, blank = 0, hashlib.sha1(), True
+    try:
+        for text in _decoded_blocks(path):
+            digest.update(text.encode("utf-8", "surrogatepass"))
+            blank = blank and (not text or text.isspace())
+    except (OSError, EOFError, zlib.error) as e:
+        yield _unreadable(path, e)
+        return
+    if _replaced:
+        yield "replaced_characters", _replaced, str(path)
+    if blank:
+        yield "doc", "", str(path)  # counted as an empty document, as a small blank file is
+        return
+    unit = _unit_of(digest.digest())
+    pending: str | None = None  # a piece is sent once the next one exists: only then is it known not last
+    buf, index = "", 0
+    try:
+        open_line = False  # buf holds no newline at all (a line longer than a piece): look in new text only
+        for text in _decoded_blocks(path):
+            buf += text
+            if open_line and "\n" not in text:
+                continue
+            open_line = False
+            while len(buf) >= PART_CHARS:
+                cut = buf.rfind("\n", 0, PART_CHARS) + 1 or buf.find("\n", PART_CHARS) + 1
+                if not cut:
+                    open_line = True
+                    break
+                if pending is not None:
+                    yield "part", Part(pending, index == 0, False, unit), f"{path} (piece {index})"
+                    index += 1
+                pending, buf = buf[:cut], buf[cut:]
+    except (OSError, EOFError, zlib.error) as e:  # it read to the end a moment ago: changed while building
+        raise BadInput(f"{path}: could not be read a second time ({type(e).__name__}: {e}); it changed during "
+                       "the build: leave inputs alone while building, then rerun") from e
+    pieces = [t for t in (pending, buf) if t]
+    for i, piece in enumerate(pieces):
+        yield "part", Part(piece, index == 0, i == len(pieces) - 1, unit), f"{path} (piece {index})"
+        index += 1
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -246,27 +334,40 @@ def _init_worker(model_path: str, opts: dict[str, Any]) -> None:
     _sp, _opts = load_tokenizer(model_path), opts  # one tokenizer load per worker
 
 
-def _encode(batch: tuple[int, list[str], dict[str, int]]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, dict]:
+def _encode(batch: tuple[int, list[str | Part], dict[str, int]]
+            ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """-> (end position, lengths [n], tokens, is_val [n], ends [n]: the sequence ends its document, bad)."""
     end_pos, texts, bad = batch
+    bos = _opts["append_bos"]
     # sentencepiece appends EOS (and BOS) itself; tokens leave the worker already in the shard dtype
-    ids = _sp.encode(texts, add_eos=True, add_bos=_opts["append_bos"])
+    whole = iter(_sp.encode([t for t in texts if isinstance(t, str)], add_eos=True, add_bos=bos))
+    ids = [next(whole) if isinstance(t, str) else _sp.encode(t.text, add_eos=t.last, add_bos=bos and t.first)
+           for t in texts]
     lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=_opts["dtype"], count=int(lengths.sum()))
     frac = _opts["val_fraction"]
-    is_val = np.array([frac > 0 and _hash_unit(t) < frac for t in texts], dtype=bool)
-    return end_pos, lengths, tokens, is_val, bad
+    is_val = np.array([frac > 0 and (_hash_unit(t) if isinstance(t, str) else t.unit) < frac for t in texts],
+                      dtype=bool)
+    ends = np.array([isinstance(t, str) or t.last for t in texts], dtype=bool)
+    return end_pos, lengths, tokens, is_val, ends, bad
 
 
 def _hash_unit(text: str) -> float:
     """Stable hash of a document in [0, 1): the same document lands in the same split on every run."""
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2.0 ** 64
+    return _unit_of(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest())
+
+
+def _unit_of(sha1: bytes) -> float:
+    return int.from_bytes(sha1[:8], "big") / 2.0 ** 64
 
 
 # ---- main side ---------------------------------------------------------------------------------
-def _batches(files: list[Path], text_key: str, skip: int, strict: bool) -> Iterator[tuple[int, list[str], dict]]:
-    """Group the document stream into batches; each carries its end position and its bad-row events."""
+def _batches(files: list[Path], text_key: str, skip: int, strict: bool, in_pieces: bool
+             ) -> Iterator[tuple[int, list[str | Part], dict]]:
+    """Group the document stream into batches; each carries its end position and its bad-row events.
+    ``in_pieces``: large plain-text files come in pieces (``_text_parts``)."""
     pos = chars = 0
-    texts: list[str] = []
+    texts: list[str | Part] = []
     bad: dict[str, Any] = {}
     groups: list[list[Path]] = []  # runs of consecutive plain-text files are read together
     for path in files:
@@ -276,16 +377,17 @@ def _batches(files: list[Path], text_key: str, skip: int, strict: bool) -> Itera
         else:
             groups.append([path])
     for group in groups:
-        docs = _text_documents(group) if group[0].name.endswith(TEXT_SUFFIXES) else _documents(group[0], text_key)
+        docs = (_text_documents(group, in_pieces) if group[0].name.endswith(TEXT_SUFFIXES)
+                else _documents(group[0], text_key))
         for kind, payload, where in docs:
             pos += 1
             if pos <= skip:
                 continue
             if kind == "doc" and not payload.strip():
                 kind, where = "empty_documents", where
-            if kind == "doc":
+            if kind in ("doc", "part"):
                 texts.append(payload)
-                chars += len(payload)
+                chars += len(payload) if kind == "doc" else len(payload.text)
             else:
                 n = payload if kind == "replaced_characters" else 1
                 if strict and kind != "replaced_characters":
@@ -358,6 +460,15 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
                "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS}
     if num_tasks > 1:  # the whole corpus's identity, the same in every task: merge checks the parts share it
         options["corpus_sha256"] = resume.inputs_digest(every_record)
+    in_pieces = splits_at_newlines(sp)
+    large = [f for f in files if f.name.endswith(TEXT_SUFFIXES) and f.stat().st_size > LARGE_TEXT_BYTES]
+    if large and in_pieces:  # only then: every other build keeps its key (a finished one stays "done")
+        options["text_pieces"] = {"large_text_bytes": LARGE_TEXT_BYTES, "part_chars": PART_CHARS}
+    elif large:
+        print(f"warning: {len(large)} plain-text file(s) over {LARGE_TEXT_BYTES >> 20} MiB (e.g. {str(large[0])!r}) "
+              f"are tokenized whole, which takes ~50x the file's size in memory: tokenizer {tokenizer!r} may join "
+              "pieces across newlines, so they cannot be cut there; split such files into documents (one per "
+              "JSON line) or use a tokenizer trained by data_prep_tool train-tokenizer", file=sys.stderr)
     key = resume.build_key(records, tok_sha, options)
     action, previous = resume.check_previous(out, key, records, tokenizer, overwrite)
     if action == "done":
@@ -390,12 +501,7 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     def roll(consumed: int) -> None:
         for split, w in writers.items():
             if w is not None and w.num_docs:
-                bin_p, idx_p = w.close()
-                # sizes let training start check every shard without reading it (verify.py)
-                state["shards"][split].append({"prefix": bin_p.stem, "documents": w.num_docs, "tokens": w.tokens,
-                                               "bin_sha256": w.bin_sha256, "idx_sha256": sha256_file(idx_p),
-                                               "bin_bytes": bin_p.stat().st_size, "idx_bytes": idx_p.stat().st_size,
-                                               "max_token_id": w.max_token})
+                state["shards"][split].append(_close_shard(w))
             elif w is not None:
                 w.abort()
             writers[split] = None
@@ -406,14 +512,14 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
 
     bar = tqdm(desc="build", unit="doc", disable=not progress, dynamic_ncols=True)
     ctx = get_context("spawn" if os.environ.get("EP_TRAIN_SPAWN") else "fork")
-    batches = _batches(files, text_key, state["consumed"], strict)
+    batches = _batches(files, text_key, state["consumed"], strict, in_pieces)
     pool = ctx.Pool(workers, _init_worker, (tokenizer, opts)) if workers > 1 else None
     if pool is None:
         _init_worker(tokenizer, opts)
     results = pool.imap(_encode, batches, chunksize=1) if pool else map(_encode, batches)
     t0, tokens_seen = time.monotonic(), 0
     try:
-        for end_pos, lengths, tokens, is_val, bad in results:
+        for end_pos, lengths, tokens, is_val, ends, bad in results:
             for kind, events in bad.items():
                 for where, n in events:
                     report.add(kind, where, n)
@@ -421,9 +527,9 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
             for split, mask in (("train", ~is_val), ("val", is_val)):
                 if mask.any():
                     sel = np.concatenate([tokens[s:s + n] for s, n in zip(starts[mask], lengths[mask])])
-                    writer(split).add(lengths[mask], sel)
+                    writer(split).add(lengths[mask], sel, ends[mask])
             tokens_seen += int(lengths.sum())
-            bar.update(len(lengths))
+            bar.update(int(ends.sum()))
             bar.set_postfix(tok_s=f"{tokens_seen / max(time.monotonic() - t0, 1e-9):,.0f}")
             if writers["train"] is not None and writers["train"].nbytes >= cap:
                 roll(end_pos)
@@ -471,29 +577,35 @@ def _join_segments(out: Path, segments: list[dict], cap: float, dtype: np.dtype)
     shards: list[dict] = []
     w: ShardWriter | None = None
 
-    def close() -> None:
-        assert w is not None
-        bin_p, idx_p = w.close()
-        shards.append({"prefix": bin_p.stem, "documents": w.num_docs, "tokens": w.tokens,
-                       "bin_sha256": w.bin_sha256, "idx_sha256": sha256_file(idx_p),
-                       "bin_bytes": bin_p.stat().st_size, "idx_bytes": idx_p.stat().st_size,
-                       "max_token_id": w.max_token})
-
     for seg in segments:
         part = IndexedShard(out / seg["prefix"])
         if w is not None and w.nbytes and w.nbytes + part.num_tokens * dtype.itemsize > cap:
-            close()
+            shards.append(_close_shard(w))
             w = None
         if w is None:
             w = ShardWriter(out / f"val_{len(shards):05d}", dtype)
         step = 4096  # documents per copy: memory bounded by a few thousand documents, whatever the size
+        ends = part.sequence_ends()
         for lo in range(0, len(part), step):
             lengths = part.lengths[lo:lo + step]
             start = int(part.offsets[lo]) // dtype.itemsize
-            w.add(lengths, part.tokens[start:start + int(lengths.astype(np.int64).sum())])
+            w.add(lengths, part.tokens[start:start + int(lengths.astype(np.int64).sum())], ends[lo:lo + step])
     if w is not None and w.num_docs:
-        close()
+        shards.append(_close_shard(w))
     return shards
+
+
+def _close_shard(w: ShardWriter) -> dict:
+    """Close ``w``; its manifest entry. Sizes let training start check every shard without reading it
+    (verify.py); ``documents`` counts index entries (sequences), ``megatron_documents`` appears where a
+    large document's pieces make the two differ."""
+    bin_p, idx_p = w.close()
+    entry = {"prefix": bin_p.stem, "documents": w.num_docs, "tokens": w.tokens, "bin_sha256": w.bin_sha256,
+             "idx_sha256": sha256_file(idx_p), "bin_bytes": bin_p.stat().st_size,
+             "idx_bytes": idx_p.stat().st_size, "max_token_id": w.max_token}
+    if w.num_documents != w.num_docs:
+        entry["megatron_documents"] = w.num_documents
+    return entry
 
 
 def _check_parts(output: str, parts: list[Path], manifests: list[dict]) -> None:

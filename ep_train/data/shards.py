@@ -2,8 +2,10 @@
 
 ``.idx`` layout (little endian): magic ``MMIDIDX\\x00\\x00`` | version u64 (1) | dtype code u8 |
 sequence count u64 | document count u64 | sequence lengths int32[n] | byte offsets int64[n] |
-document indices int64[d]. ``.bin`` is the raw token stream. Here one sequence = one document,
-so document indices are 0..n. Shards written here load in Megatron-LM and GPT-NeoX and vice versa.
+document indices int64[d]. ``.bin`` is the raw token stream. Here one sequence = one document (document
+indices 0..n), except a document too large to tokenize in one piece (``prep.LARGE_TEXT_BYTES``): its pieces
+are sequences of one document, as in Megatron's sentence-split builds. Shards written here load in
+Megatron-LM and GPT-NeoX and vice versa.
 """
 
 from __future__ import annotations
@@ -63,24 +65,34 @@ class ShardWriter:
         self._bin_tmp = Path(f"{self.prefix}.bin.tmp")
         self._bin = open(self._bin_tmp, "wb")
         self._lengths = _Growable(np.int32)
+        self._ends = _Growable(np.bool_)  # per sequence: whether a document ends with it
         self.tokens = 0
         self.max_token = -1  # recorded in the manifest: the largest id, for vocabulary checks
         self._hash = hashlib.sha256()  # of the .bin, while writing: no second read at the end
 
     @property
     def num_docs(self) -> int:
+        """Sequences (index entries): what the manifest's ``documents`` counts."""
         return self._lengths.n
+
+    @property
+    def num_documents(self) -> int:
+        """Documents (Megatron's ``doc_idx``); a document still open when the shard closes ends there."""
+        ends = self._ends.view()
+        return int(ends.sum()) + int(len(ends) > 0 and not ends[-1])
 
     @property
     def nbytes(self) -> int:
         return self.tokens * self.dtype.itemsize
 
-    def add(self, lengths: np.ndarray, tokens: np.ndarray) -> None:
-        """Append documents given as their lengths [n] and their concatenated tokens."""
+    def add(self, lengths: np.ndarray, tokens: np.ndarray, ends: np.ndarray | None = None) -> None:
+        """Append sequences given as their lengths [n] and their concatenated tokens; ``ends`` [n] bool says
+        which of them end a document (default: each is a whole document)."""
         data = np.asarray(tokens, dtype=self.dtype).tobytes()
         self._bin.write(data)
         self._hash.update(data)
         self._lengths.append(lengths)
+        self._ends.append(np.ones(len(lengths), np.bool_) if ends is None else ends)
         self.tokens += int(lengths.sum())
         if len(data):
             self.max_token = max(self.max_token, int(np.asarray(tokens).max()))
@@ -97,7 +109,10 @@ class ShardWriter:
         offsets = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=offsets[1:])
-        doc_idx = np.arange(len(lengths) + 1, dtype=np.int64)
+        ends = self._ends.view().copy()
+        if len(ends):
+            ends[-1] = True  # Megatron's doc_idx ends at the sequence count: an open document ends with the shard
+        doc_idx = np.concatenate([[0], np.flatnonzero(ends) + 1]).astype(np.int64)
         idx_tmp = Path(f"{self.prefix}.idx.tmp")
         with open(idx_tmp, "wb") as f:
             f.write(MAGIC)
@@ -174,3 +189,10 @@ class IndexedShard:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    def sequence_ends(self) -> np.ndarray:
+        """[n] bool: which sequences end a document (from ``doc_idx``)."""
+        ends = np.zeros(len(self), np.bool_)
+        last = self.doc_idx[1:] - 1
+        ends[last[last >= 0]] = True
+        return ends

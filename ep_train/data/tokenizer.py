@@ -35,10 +35,12 @@ def document_lines(files: list[str], text_key: str) -> Iterator[str]:
 
     for f in files:
         path = Path(f)
-        events = _text_documents([path]) if path.name.endswith(TEXT_SUFFIXES) else _documents(path, text_key)
-        for kind, text, _ in events:
-            if kind == "doc":
-                yield from (line for line in text.split("\n") if line)
+        # a large text file in pieces: each ends after a newline, so its lines are the whole file's
+        events = (_text_documents([path], in_pieces=True) if path.name.endswith(TEXT_SUFFIXES)
+                  else _documents(path, text_key))
+        for kind, doc, _ in events:
+            text = doc.text if kind == "part" else doc if kind == "doc" else ""
+            yield from (line for line in text.split("\n") if line)
 
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output_prefix: str, text_key: str = "text",
@@ -104,6 +106,25 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{str(path)!r} is not a sentencepiece model ({e})") from None
     return sp
+
+
+def splits_at_newlines(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether encoding a text in pieces that each end just after a newline gives exactly the tokens of
+    the whole text (so a large document can be tokenized piece by piece in bounded memory).
+
+    True when no piece of the vocabulary contains a newline and the normalizer keeps the text as it is
+    (identity rule, no dummy prefix, no whitespace clean-up): BPE merges and the unigram lattice then never
+    join symbols across the newline, and nothing is added or removed at a piece's edges. ep-train's
+    tokenizers (trained on lines, ``llm_defaults``) qualify; Llama-2's (dummy prefix) does not."""
+    from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: read the model's own settings
+
+    m = pb.ModelProto()
+    m.ParseFromString(sp.serialized_model_proto())
+    norm = m.normalizer_spec
+    if norm.precompiled_charsmap or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
+        return False
+    kinds = (pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED)
+    return not any("\n" in piece.piece for piece in m.pieces if piece.type in kinds)
 
 
 def safe_decode(sp: spm.SentencePieceProcessor, ids: list[int]) -> tuple[str, int]:

@@ -81,8 +81,14 @@ def test_corpus_scale_bench_small(small) -> None:
         assert r["array_tokens"] == r["tokens"] == r["limit_tokens"]  # the whole toy corpus fits the limit's budget
         assert min(r["build_main_peak"], r["build_worker_peak"], r["array_task_peak"]) > 10 * 2**20
         assert r["build_tok_s"] > 0 and r["limit_tok_s"] > 0
+        assert r["text_tokens"] > 0 and min(r["text_main_peak"], r["text_worker_peak"]) > 10 * 2**20
     assert out["growth"] == max(rows[1][k] / rows[0][k] for k in ("build_main_peak", "build_worker_peak",
-                                                                   "array_task_peak"))
+                                                                   "array_task_peak", "text_main_peak",
+                                                                   "text_worker_peak"))
+    # one large .txt file tokenized whole (the earlier path, the reference) and in pieces: the same shards
+    cmp = out["compare"]
+    assert cmp["same_shards"] and cmp["whole"]["tokens"] == cmp["pieces"]["tokens"] > 0
+    assert cmp["whole"]["shards"] and all(len(s) == 3 for s in cmp["pieces"]["shards"])
 
 
 def test_data_prep_bench_small(small) -> None:
