@@ -17,6 +17,7 @@ Shape legend: N tokens analysed, E experts, K experts per token, L MoE layers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from collections import Counter
@@ -26,13 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ep_train.model.moe import inference_routing
 from ep_train.model.router import Router, Routing
 
 
 def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[dict[int, dict[str, np.ndarray]],
                                                                                    np.ndarray]:
-    """Per MoE layer: ``ids`` [N, K] expert ids (-1 where not kept), ``probs`` [N, E]; and the input
-    tokens [N] they belong to, in order."""
+    """Per MoE layer: ``ids`` [N, K] expert ids (-1 where not kept), ``first`` [N] each token's first
+    choice (what the router selected by, aux-loss-free bias included), ``probs`` [N, E]; and the input
+    tokens [N] they belong to, in order. Routed as at inference (``inference_routing``: dropless, so a
+    token's experts depend on that token only, not on the analysis batch), except expert-choice routers,
+    whose choice depends on the batch by design."""
     names = {m: int(n.split(".")[1]) for n, m in model.named_modules() if isinstance(m, Router)}
     seen: dict[int, list[Routing]] = {i: [] for i in names.values()}
 
@@ -40,8 +45,9 @@ def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> tupl
         seen[names[module]].append(out)
 
     handles = [m.register_forward_hook(hook) for m in names]
+    token_choice = all(m.router_type != "expert_choice" for m in names)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inference_routing(model) if token_choice else contextlib.nullcontext():
             for x in batches:
                 model(x)
     finally:
@@ -50,7 +56,8 @@ def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> tupl
     layers = {}
     for i, outs in seen.items():
         ids = torch.cat([torch.where(o.keep, o.expert_ids, torch.full_like(o.expert_ids, -1)) for o in outs])
-        layers[i] = {"ids": ids.numpy(), "probs": torch.cat([o.probs for o in outs]).float().numpy()}
+        layers[i] = {"ids": ids.numpy(), "first": torch.cat([o.expert_ids[:, 0] for o in outs]).numpy(),
+                     "probs": torch.cat([o.probs for o in outs]).float().numpy()}
     return layers, torch.cat([x.reshape(-1) for x in batches]).numpy()
 
 
@@ -85,7 +92,8 @@ def compare_layers(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[s
     sa = np.bincount(a["ids"][a["ids"] >= 0], minlength=a["probs"].shape[1]).astype(float)
     sb = np.bincount(b["ids"][b["ids"] >= 0], minlength=b["probs"].shape[1]).astype(float)
     sa, sb = sa / max(sa.sum(), 1), sb / max(sb.sum(), 1)
-    first_same = float((a["probs"].argmax(-1) == b["probs"].argmax(-1)).mean())
+    # the experts selected, not argmax(probs): with aux-loss-free balancing the bias moves the selection
+    first_same = float((a["first"] == b["first"]).mean())
     return {"share_change": (sb - sa).tolist(), "total_variation": float(0.5 * np.abs(sb - sa).sum()),
             "top1_agreement": first_same}
 
@@ -157,10 +165,15 @@ def analyze(checkpoint: str, data: str, output: str, compare: str | None = None,
     loaded = load(checkpoint)
     if not any(isinstance(m, Router) for m in loaded.model.modules()):
         raise ValueError(f"--checkpoint {checkpoint!r} is a dense model: there are no experts to analyze")
-    seq = seq_len or min(loaded.config.data.seq_len, loaded.config.model.max_seq_len)
+    context = loaded.config.model.max_seq_len
+    if seq_len is not None and seq_len > context:
+        raise ValueError(f"--seq-len = {seq_len} is longer than the model's context (model.max_seq_len = {context}): "
+                         f"positions past it were never trained; use --seq-len {context} or less")
+    seq = seq_len or min(loaded.config.data.seq_len, context)
     batches, split = _batches(data, split, seq, max_tokens)
+    largest = max(int(b.max()) for b in batches)
     vocab = loaded.config.model.vocab_size
-    if max(int(b.max()) for b in batches) >= vocab:
+    if largest >= vocab:
         raise ValueError(f"--data {data!r} holds token ids >= the model's vocabulary ({vocab}): it was made with "
                          "another tokenizer; pass data prepared with the run's tokenizer")
     sp = loaded.tokenizer
@@ -177,6 +190,9 @@ def analyze(checkpoint: str, data: str, output: str, compare: str | None = None,
             "share of routing assignments per expert")
     if compare is not None:
         other = load(compare)
+        if other.config.model.vocab_size != vocab:
+            raise ValueError(f"--compare {compare!r} has another vocabulary ({other.config.model.vocab_size} tokens) "
+                             f"than --checkpoint {checkpoint!r} ({vocab}); compare checkpoints of the same model")
         layers_b, _ = collect_routing(other.model, batches)
         if sorted(layers_b) != order or any(layers_b[i]["probs"].shape != layers[i]["probs"].shape for i in order):
             raise ValueError(f"--compare {compare!r} is another architecture (MoE layers or experts differ) than "

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from ep_train.config import Config, data_sources
+from ep_train.config import Config
+from ep_train.data.verify import run_manifest
 from ep_train.generation import generate
 from ep_train.model.init import ValueSource
 from ep_train.model.moe import set_expert_biases
@@ -34,6 +35,7 @@ class Loaded(NamedTuple):
     tokenizer: spm.SentencePieceProcessor | None  # None when none was found (pass tokenizer=)
     config: Config  # the run's config (or one made from the Hugging Face config.json)
     weights: Path  # where the weights were read: a checkpoints/step_N folder or a Hugging Face folder
+    add_bos: bool = False  # prompts start with BOS, as the training text did (see ``prompt_bos``)
 
 
 def _hf_config(folder: Path) -> dict | None:
@@ -68,18 +70,32 @@ def _has_checkpoint(p: Path) -> bool:
             or any(p.glob("step_*")) or any((p / "checkpoints").glob("step_*")))
 
 
+def prompt_bos(cfg: Config, weights: Path, tokenizer: spm.SentencePieceProcessor | None) -> bool:
+    """Whether a prompt starts with BOS, as the model's training documents did: the run's data manifest says
+    (``data_prep_tool build --append-bos``); without one, a Hugging Face folder's tokenizer_config.json
+    (``add_bos_token``; Mixtral's and Llama's tokenizers add it, ep-train's exports say what the run did);
+    else no (ep-train's default data has EOS after each document, no BOS)."""
+    if tokenizer is None or tokenizer.bos_id() < 0:
+        return False
+    manifest = run_manifest(cfg.data)
+    if manifest is not None:
+        return bool(manifest.get("append_bos", False))
+    try:
+        tok_cfg = json.loads((weights / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return bool(tok_cfg.get("add_bos_token", True)) if isinstance(tok_cfg, dict) else False
+
+
 def _tokenizer_candidates(cfg: Config, *folders: Path) -> list[Path]:
     out: list[Path] = []
     if cfg.data.tokenizer:
         out.append(Path(cfg.data.tokenizer))
-    for src in data_sources(cfg.data)[:1]:  # one tokenizer for every source (checked when the run started)
-        if not (Path(src.path) / "manifest.json").is_file():
-            continue
-        try:
-            manifest = json.loads((Path(src.path) / "manifest.json").read_text())
-            out.append(Path(manifest["tokenizer"]["path"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
+    manifest = run_manifest(cfg.data)
+    try:
+        out.append(Path(manifest["tokenizer"]["path"]))  # type: ignore[index]
+    except (KeyError, TypeError):
+        pass
     out += [f / "tokenizer.model" for f in folders]
     return out
 
@@ -121,6 +137,18 @@ def resolve(path: str | Path) -> tuple[Config, ValueSource, Path, list[Path]]:
                      "checkpoints/step_N, a checkpoints/step_N folder or a Hugging Face Mixtral folder")
 
 
+def _check_tokenizer_digest(path: Path, manifest: dict | None) -> None:
+    """A tokenizer found for a run must be the one its data was built with (the manifest's sha256): a file
+    retrained or replaced in place would decode every token wrong without an error."""
+    from ep_train.data.shards import sha256_file
+
+    want = (manifest or {}).get("tokenizer", {}).get("sha256") if isinstance(manifest, dict) else None
+    if want and sha256_file(path) != want:
+        raise ValueError(f"tokenizer {str(path)!r} is not the one the run's data was built with (sha256 "
+                         f"{sha256_file(path)[:12]}..., the data manifest says {want[:12]}...): it was replaced or "
+                         "retrained; pass the original with --tokenizer")
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          tokenizer: str | Path | None = None) -> Loaded:
     """Load a model for inference from a run directory, a ``checkpoints/step_N`` folder or a Hugging
@@ -140,12 +168,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if state_file.is_file():  # aux-loss-free expert biases live beside DeepSpeed's files (selection only)
         set_expert_biases(model, json.loads(state_file.read_text()).get("expert_bias", {}))
     tok_path = Path(tokenizer) if tokenizer is not None else next((c for c in candidates if c.is_file()), None)
+    if tokenizer is None and tok_path is not None:
+        _check_tokenizer_digest(tok_path, run_manifest(cfg.data))
     sp = load_tokenizer(tok_path) if tok_path is not None else None
     if sp is not None and sp.get_piece_size() > cfg.model.vocab_size:
         raise ValueError(f"tokenizer {str(tok_path)!r} has {sp.get_piece_size()} pieces, more than the model's "
                          f"vocabulary (model.vocab_size = {cfg.model.vocab_size}); pass the tokenizer the model "
                          "was trained with (--tokenizer)")
-    return Loaded(model, sp, cfg, weights)
+    return Loaded(model, sp, cfg, weights, prompt_bos(cfg, weights, sp))
 
 
 __all__ = ["Loaded", "generate", "load", "resolve"]

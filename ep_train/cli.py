@@ -20,8 +20,8 @@ def _plan(argv: list[str]) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda",
                     help="where the run trains: decides train.mixed_precision auto (bf16 on cuda, fp32 on cpu); "
                          "on cpu everything is host memory")
-    ap.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
-                    help="override the DeepSpeed JSON's zero_optimization.stage")
+    ap.add_argument("--zero-stage", type=int, default=None, choices=[1, 2, 3],
+                    help="override the DeepSpeed JSON's zero_optimization.stage (the trainer takes 1 to 3)")
     ap.add_argument("--no-offload", action="store_true", help="assume no CPU offload whatever the JSON says")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON (bytes)")
     args, rest = ap.parse_known_args(argv)
@@ -35,7 +35,7 @@ def _plan(argv: list[str]) -> int:
 
     cfg = load_config(args.config, parse_overrides(rest))
     world = args.nodes * args.gpus_per_node
-    validate(cfg, world_size=world)
+    validate(cfg, world_size=world, check_paths=False)  # a plan needs no data, tokenizer or checkpoint here
     plan = plan_memory(cfg, world, args.device, zero_stage=args.zero_stage, offload=False if args.no_offload else None)
     if args.json:
         size = model_size(cfg)

@@ -156,7 +156,10 @@ def generate_text(model: Transformer, tokenizer: spm.SentencePieceProcessor, pro
     from ep_train.data.tokenizer import safe_decode
 
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    ids = [tokenizer.encode(t) for t in texts]
+    add_bos = bool(kwargs.pop("add_bos", False))
+    if add_bos and tokenizer.bos_id() < 0:
+        raise ValueError("add_bos: the tokenizer has no BOS piece; leave it off")
+    ids = [tokenizer.encode(t, add_bos=add_bos) for t in texts]
     vocab = model.cfg.vocab_size
     if tokenizer.get_piece_size() > vocab:
         raise ValueError(f"the tokenizer has {tokenizer.get_piece_size()} pieces, more than the model's vocabulary "
@@ -171,19 +174,21 @@ def generate_text(model: Transformer, tokenizer: spm.SentencePieceProcessor, pro
 def generate(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts: list[str] | str,
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, experts_per_token: int | None = None, use_kv_cache: bool = True,
-             device: str | torch.device | None = None) -> list[str]:
+             device: str | torch.device | None = None, add_bos: bool = False) -> list[str]:
     """Completions (the new text only) of each prompt, one string per prompt, in order.
 
     ``model`` and ``tokenizer`` as ``ep_train.load(path)`` returns them. Greedy by default; ``temperature``
     > 0 samples (with ``top_p``, ``top_k``; ``seed`` makes it reproducible). Stops a prompt at the
     tokenizer's EOS. ``experts_per_token`` overrides the trained K for this call only. ``device``: move the
-    model there first (default: where it is). A prompt longer than the model's context, or one that
+    model there first (default: where it is). ``add_bos``: start each prompt with BOS, as the training text
+    did (``ep_train.load`` tells: ``Loaded.add_bos``). A prompt longer than the model's context, or one that
     would run past it within ``max_new_tokens``, is refused with a ``ValueError``.
     """
     if device is not None:
         model.to(device)
     texts, _ = generate_text(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                             top_k=top_k, seed=seed, experts_per_token=experts_per_token, use_kv_cache=use_kv_cache)
+                             top_k=top_k, seed=seed, experts_per_token=experts_per_token, use_kv_cache=use_kv_cache,
+                             add_bos=add_bos)
     return texts
 
 
@@ -204,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: found from the checkpoint)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=None,
+                    help="start prompts with BOS (default: as the training data did: the data manifest's "
+                         "append_bos, or a Hugging Face folder's add_bos_token)")
     args = ap.parse_args(argv)
     prompts = list(args.prompt)
     if args.prompts_file is not None:
@@ -222,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                          "manifest's tokenizer and tokenizer.model beside the weights); pass --tokenizer FILE")
     texts, gen = generate_text(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                               experts_per_token=args.experts_per_token, use_kv_cache=not args.no_kv_cache)
+                               experts_per_token=args.experts_per_token, use_kv_cache=not args.no_kv_cache,
+                               add_bos=loaded.add_bos if args.add_bos is None else args.add_bos)
     for prompt, text in zip(prompts, texts):
         print(f"=== {prompt!r}\n{prompt}{text}")
     cache = "no KV cache" if args.no_kv_cache else "KV cache"

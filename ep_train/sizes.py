@@ -282,10 +282,16 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     check_ep_layout(cfg.parallel.ep_size, cfg.moe.num_experts, world)
     z = ds.get("zero_optimization", {})
     stage = z.get("stage", 0) if zero_stage is None else zero_stage
-    off_opt = z.get("offload_optimizer", {}).get("device", "none") == "cpu"
-    off_par = z.get("offload_param", {}).get("device", "none") == "cpu" and stage >= 3
+    # ZeRO-Infinity: "nvme" swaps the partition to disk (stage 3 only), through pinned host buffers;
+    # parallel.nvme_offload_optimizer turns the optimizer's block to nvme as the trainer does (zero._merge_nvme)
+    opt_dev = "nvme" if cfg.parallel.nvme_offload_optimizer else z.get("offload_optimizer", {}).get("device", "none")
+    par_dev = z.get("offload_param", {}).get("device", "none")
+    off_opt = opt_dev in ("cpu", "nvme")
+    off_par = par_dev in ("cpu", "nvme") and stage >= 3
     if offload is not None:
         off_opt, off_par = offload, offload and stage >= 3
+    opt_nvme = off_opt and opt_dev == "nvme" and stage >= 3
+    par_nvme = off_par and par_dev == "nvme"
     precision = resolve_precision(cfg, device)
     pb = _DTYPE_BYTES[precision]
     from ep_train.parallel.ds_memory import dedup_enabled
@@ -307,17 +313,17 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     def where(on_host: bool) -> str:
         return "host" if cpu or on_host else "device"
 
-    items: list[tuple[str, str, int, str]] = []  # (name, host|device, bytes, why)
+    items: list[tuple[str, str, int, str]] = []  # (name, host|device|nvme, bytes, why); nvme: in neither peak
     # --- model states ---------------------------------------------------------------------------
     lp = p if stage >= 3 else s.local_full
-    items.append(("parameters", where(off_par), lp * pb,
+    items.append(("parameters", "nvme" if par_nvme else where(off_par), lp * pb,
                   f"{precision} parameters: the ZeRO-3 partition (offload_param: DeepSpeed's flat host buffer)"
                   if stage >= 3 else f"{precision} parameters: full copy under ZeRO-{stage}"))
     # stage3._create_fp32_partitions reuses an fp32 partition without offload; with offload ds_memory shares it
     # when the partition is on the host too (offload_param, or a CPU run).
-    par_nvme = z.get("offload_param", {}).get("device") == "nvme"  # swapped partitions have no host copy to share
+    # swapped partitions have no host copy to share
     shared_master = stage >= 3 and pb == 4 and (not off_opt or (dedup and not par_nvme and (off_par or cpu)))
-    items.append(("fp32 master", where(off_opt), 0 if shared_master else p * 4,
+    items.append(("fp32 master", "nvme" if opt_nvme else where(off_opt), 0 if shared_master else p * 4,
                   "fp32 master partition (none in fp32: it is the parameter partition)" if shared_master else
                   "fp32 master partition"))
     grad_elems = p if stage >= 2 else s.local_full
@@ -328,7 +334,17 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
         items.append(("optimizer gradient", where(True), 0 if shared_grad else p * 4,
                       "none: the optimizer's fp32 gradient is the accumulation buffer (ep_train ds_memory)"
                       if shared_grad else "fp32 gradient the offloaded optimizer steps on (a second buffer, pinned)"))
-    items.append(("Adam moments", where(off_opt), p * 8, "exp_avg and exp_avg_sq, fp32, created at step 1"))
+    items.append(("Adam moments", "nvme" if opt_nvme else where(off_opt), p * 8,
+                  "exp_avg and exp_avg_sq, fp32, created at step 1"))
+    if par_nvme:  # partitioned_param_swapper: buffer_count buffers of buffer_size elements, pinned
+        o = z.get("offload_param", {})
+        count, size = int(o.get("buffer_count", 5)), int(float(o.get("buffer_size", 1e8)))
+        items.append(("NVMe parameter buffers", "host", count * size * pb,
+                      f"offload_param: {count} pinned swap buffers of {size:.0e} elements"))
+    if opt_nvme:  # optimizer_utils: buffer_count buffers of the largest sub-group, fp32, pinned
+        count = int(z.get("offload_optimizer", {}).get("buffer_count", 4))
+        items.append(("NVMe optimizer buffers", "host", count * s.largest_subgroup * 4,
+                      f"offload_optimizer: {count} pinned fp32 swap buffers of the largest optimizer sub-group"))
     # --- DeepSpeed buffers ----------------------------------------------------------------------
     bucket = int(float(z.get("reduce_bucket_size", 5e8)))
     # torch.empty: only the pages gradients are copied into become resident, and a rank never puts more

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ep_train.config import DataConfig, data_sources
 from ep_train.data.shards import IndexedShard, sha256_file
 from ep_train.data.tokenizer import check_tokenizer_path, load_tokenizer, safe_decode
 
@@ -23,6 +24,17 @@ REBUILD = "rebuild the shards (data_prep_tool build --overwrite)"
 
 MANIFEST_FIELDS = ("format", "dtype", "tokenizer.path", "tokenizer.sha256", "tokenizer.vocab_size", "splits")
 SHARD_FIELDS = ("prefix", "documents", "tokens", "bin_sha256", "idx_sha256")
+
+
+def run_manifest(data: DataConfig) -> dict | None:
+    """The manifest of a run's first data source (every source has the run's tokenizer, checked at start),
+    or None where it is not on this machine or not readable: for tools that only look (load, export)."""
+    sources = data_sources(data)
+    try:
+        manifest = json.loads((Path(sources[0].path) / "manifest.json").read_text()) if sources else None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def load_manifest(data_dir: str | Path) -> dict:

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ep_train.config import Config, data_sources, moe_layer_indices
+from ep_train.config import Config, moe_layer_indices
+from ep_train.data.verify import run_manifest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Source = Callable[[str, tuple[int, ...], "list[int] | None"], torch.Tensor]  # a ValueSource
@@ -162,10 +163,11 @@ def write_safetensors(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], ma
     return total_params
 
 
-def write_tokenizer(sp_model: Path, out: Path, max_len: int) -> dict[str, int | None]:
+def write_tokenizer(sp_model: Path, out: Path, max_len: int, add_bos: bool = False) -> dict[str, int | None]:
     """``tokenizer.model`` plus the configs ``AutoTokenizer`` loads as a LlamaTokenizer encoding exactly
-    like sentencepiece: no BOS/EOS added (ep-train's data has EOS per document, no BOS), and a dummy
-    prefix space only if the model adds one itself. Returns the special token ids for config.json."""
+    like sentencepiece: no EOS added (ep-train's data has EOS per document), BOS only if the run's data
+    starts documents with it (``add_bos``: build --append-bos), and a dummy prefix space only if the model
+    adds one itself. Returns the special token ids for config.json."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
@@ -174,7 +176,7 @@ def write_tokenizer(sp_model: Path, out: Path, max_len: int) -> dict[str, int | 
     special = {k: sp.id_to_piece(i) for k, i in ids.items() if i >= 0}
     # sentencepiece keeps add_dummy_prefix in its protobuf; its effect is visible from the outside.
     prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
-    cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+    cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": add_bos, "add_eos_token": False,
            "add_prefix_space": prefix, "legacy": False, "clean_up_tokenization_spaces": False,
            "model_max_length": max_len, **special}
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -192,7 +194,9 @@ def write_hf(out: Path, cfg: Config, source: Source, dtype: str = "float32", max
         raise ValueError(f"--dtype = {dtype!r} is invalid: use one of {sorted(DTYPES)}")
     cap = parse_size(max_shard_size)
     out.mkdir(parents=True, exist_ok=True)
-    special = write_tokenizer(tokenizer, out, cfg.model.max_seq_len) if tokenizer is not None else None
+    # BOS as the run's training documents had it (build --append-bos)
+    add_bos = bool((run_manifest(cfg.data) or {}).get("append_bos", False))
+    special = write_tokenizer(tokenizer, out, cfg.model.max_seq_len, add_bos) if tokenizer is not None else None
     write_safetensors(out, hf_tensors(cfg, source, DTYPES[dtype]), cap)
     config = hf_config(cfg, dtype, base, special)
     gen = {"_from_model_config": True, "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
@@ -225,9 +229,9 @@ def run_dir_config(path: Path) -> Config | None:
 def run_tokenizer(cfg: Config, log: Callable[[str], None] = print) -> Path | None:
     """The run's sentencepiece model: data.tokenizer, else the one its shards' manifest names."""
     t = cfg.data.tokenizer
-    first = next(iter(data_sources(cfg.data)), None)  # every source has the same tokenizer (checked at start)
-    if t is None and first is not None and (Path(first.path) / "manifest.json").is_file():
-        t = json.loads((Path(first.path) / "manifest.json").read_text())["tokenizer"]["path"]
+    manifest = run_manifest(cfg.data)  # every source has the same tokenizer (checked at start)
+    if t is None and manifest is not None:
+        t = manifest["tokenizer"]["path"]
     if t is None:
         return None
     if not Path(t).is_file():  # a run from another machine: the weights are still worth exporting

@@ -63,3 +63,7 @@ def test_bad_input_is_refused(run: Path, built: Path, tmp_path: Path) -> None:
     assert p.returncode == 2 and "does not exist" in p.stderr, p.stderr[-2000:]
     p = _cli("analyze-experts", "--checkpoint", str(run), "--data", str(tmp_path), "--output", str(tmp_path / "o"))
     assert p.returncode == 2 and "manifest" in p.stderr, p.stderr[-2000:]
+    # windows longer than the model's context: positions it never trained on
+    p = _cli("analyze-experts", "--checkpoint", str(run), "--data", str(built), "--output", str(tmp_path / "o"),
+             "--seq-len", "100000")
+    assert p.returncode == 2 and "--seq-len = 100000 is longer than the model's context" in p.stderr, p.stderr[-2000:]

@@ -223,3 +223,62 @@ def test_load_resolves_paths(tmp_path) -> None:
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run_cfg))
     with pytest.raises(ValueError, match="num_layers"):
         load(tmp_path / "run")
+
+
+def test_prompts_start_with_bos_as_the_training_documents_did(tokenizer, tmp_path) -> None:
+    """The BOS choice follows the data manifest (build --append-bos), else a Hugging Face folder's
+    tokenizer_config.json; generate_text then completes [BOS] + prompt, as a hand-made call does."""
+    import json
+
+    import sentencepiece as spm
+
+    from ep_train.api import prompt_bos
+    from ep_train.generation import generate_text
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    cfg = Config()
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg.data.data_dir = str(data)
+    for append_bos in (True, False):
+        (data / "manifest.json").write_text(json.dumps({"append_bos": append_bos}))
+        assert prompt_bos(cfg, tmp_path, sp) is append_bos
+    cfg.data.data_dir = str(tmp_path / "elsewhere")  # the data is not on this machine: the folder's tokenizer says
+    assert prompt_bos(cfg, tmp_path, sp) is False
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    assert prompt_bos(cfg, tmp_path, sp) is True
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert prompt_bos(cfg, tmp_path, sp) is False
+
+    c = Config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = sp.get_piece_size(), 32, 48, 1
+    m.num_heads, m.num_kv_heads, m.max_seq_len = 4, 2, 48
+    c.moe.num_experts, c.moe.num_experts_per_token = 4, 2
+    model = build_model(c.model, c.moe, seed=0).eval()
+    prompt = "def f(x):"
+    for add_bos, ids in ((True, [sp.bos_id(), *sp.encode(prompt)]), (False, sp.encode(prompt))):
+        _, gen = generate_text(model, sp, [prompt], 6, add_bos=add_bos)
+        assert gen.tokens == generate_tokens(model, [ids], 6, eos_id=sp.eos_id()).tokens
+    seen: list[torch.Tensor] = []  # what the model was fed first: the prompt, with BOS in front or not
+    hook = model.embed.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    generate_text(model, sp, [prompt], 1, add_bos=True)
+    generate_text(model, sp, [prompt], 1)
+    hook.remove()
+    assert seen[0][0].tolist() == [sp.bos_id(), *sp.encode(prompt)] and seen[1][0].tolist() == sp.encode(prompt)
+
+
+def test_a_replaced_tokenizer_is_refused_by_its_digest(tokenizer, tmp_path) -> None:
+    import shutil
+
+    from ep_train.api import _check_tokenizer_digest
+    from ep_train.data.shards import sha256_file
+
+    copy = tmp_path / "tok.model"
+    shutil.copyfile(tokenizer, copy)
+    manifest = {"tokenizer": {"path": str(copy), "sha256": sha256_file(tokenizer)}}
+    _check_tokenizer_digest(copy, manifest)  # the file the data was built with
+    _check_tokenizer_digest(copy, None)  # no manifest here: nothing to compare with
+    copy.write_bytes(copy.read_bytes() + b"\n")  # retrained / replaced in place
+    with pytest.raises(ValueError, match=r"tok.model' is not the one the run's data was built with.*--tokenizer"):
+        _check_tokenizer_digest(copy, manifest)

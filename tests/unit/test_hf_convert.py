@@ -255,3 +255,18 @@ def test_upcycle_ignores_the_capacity_choice_and_a_failure_leaves_no_init(tmp_pa
     monkeypatch.setattr(up, "write_hf", real)
     cfg_file = upcycle(src, tmp_path / "up", num_experts=4, config=base)
     assert "capacity_factor: 1.25" in cfg_file.read_text() and (tmp_path / "up" / "init" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_exported_tokenizer_adds_bos_as_the_training_data_did(tokenizer, tmp_path, add_bos) -> None:
+    """build --append-bos data starts every document with BOS: transformers' tokenizer of the export adds it too
+    (and only then), so a Hugging Face user's prompts look like the training text."""
+    import sentencepiece as spm
+
+    from ep_train.interop.hf_export import write_tokenizer
+
+    write_tokenizer(tokenizer, tmp_path, 64, add_bos=add_bos)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "def f(x):\n    return x"
+    assert tok(text)["input_ids"] == sp.encode(text, add_bos=add_bos)

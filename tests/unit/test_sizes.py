@@ -143,3 +143,31 @@ def test_plan_buffers_and_activations() -> None:
     with pytest.raises(ValueError, match="device = 'tpu'"):
         plan_memory(cfg, 2, "tpu")
     assert plan_memory(_moe_cfg(mixed_precision="bf16"), 2, "cpu")["precision"] == "bf16"  # the config wins
+
+
+def test_plan_keeps_nvme_offloaded_states_off_the_device_and_counts_the_swap_buffers() -> None:
+    """ZeRO-Infinity: partitions swapped to NVMe are in neither peak; DeepSpeed's pinned swap buffers are on the
+    host (partitioned_param_swapper: buffer_count x buffer_size elements; the optimizer's: buffer_count x the
+    largest sub-group, fp32). The plan once counted NVMe-offloaded parameters on the GPU."""
+    import json
+
+    from ep_train.config import resolve_ds_config
+    from ep_train.sizes import plan_memory
+
+    cfg = _moe_cfg()
+    nvme = json.loads(resolve_ds_config("zero3_nvme").read_text())
+    cpu_off = json.loads(json.dumps(nvme))  # the same JSON with the parameters in host memory instead
+    cpu_off["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
+    plan, ref = plan_memory(cfg, 2, "cuda", ds=nvme), plan_memory(cfg, 2, "cuda", ds=cpu_off)
+    where = {b["name"]: b["where"] for b in plan["breakdown"]}
+    assert plan["offload_param"] and where["parameters"] == "nvme" and where["Adam moments"] == "host"
+    assert _bytes(plan, "NVMe parameter buffers") == 5 * 10**8 * 2  # bf16 on cuda
+    assert plan["device_peak_bytes"] == ref["device_peak_bytes"]  # the parameters were on the host there
+    assert plan["host_peak_bytes"] == (ref["host_peak_bytes"] - _bytes(ref, "parameters")
+                                       + _bytes(plan, "NVMe parameter buffers"))
+    # parallel.nvme_offload_optimizer moves the optimizer's states too, as the trainer's merge does
+    cfg.parallel.nvme_offload_optimizer = True
+    both = plan_memory(cfg, 2, "cuda", ds=nvme)
+    where = {b["name"]: b["where"] for b in both["breakdown"]}
+    assert where["Adam moments"] == where["fp32 master"] == "nvme" and _bytes(both, "NVMe optimizer buffers") > 0
+    assert both["host_peak_bytes"] < plan["host_peak_bytes"] + _bytes(both, "NVMe optimizer buffers")
