@@ -45,7 +45,8 @@ def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> tupl
         seen[names[module]].append(out)
 
     handles = [m.register_forward_hook(hook) for m in names]
-    token_choice = all(m.router_type != "expert_choice" for m in names)
+    kinds = {i: m.router_type for m, i in names.items()}
+    token_choice = "expert_choice" not in kinds.values()
     try:
         with torch.no_grad(), inference_routing(model) if token_choice else contextlib.nullcontext():
             for x in batches:
@@ -56,9 +57,21 @@ def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> tupl
     layers = {}
     for i, outs in seen.items():
         ids = torch.cat([torch.where(o.keep, o.expert_ids, torch.full_like(o.expert_ids, -1)) for o in outs])
-        layers[i] = {"ids": ids.numpy(), "first": torch.cat([o.expert_ids[:, 0] for o in outs]).numpy(),
+        ec = kinds[i] == "expert_choice"
+        layers[i] = {"ids": ids.numpy(), "first": torch.cat([_first_choice(o, ec) for o in outs]).numpy(),
                      "probs": torch.cat([o.probs for o in outs]).float().numpy()}
     return layers, torch.cat([x.reshape(-1) for x in batches]).numpy()
+
+
+def _first_choice(r: Routing, expert_choice: bool) -> torch.Tensor:
+    """[N] each token's first expert: top-k routers list the selected experts best first (by the scores they
+    select with, aux-loss-free bias included); expert-choice routing lists every expert for every token
+    (kept where the expert took it), so there it is the most probable expert that took the token, -1 if none."""
+    if expert_choice:
+        taken = torch.where(r.keep, r.probs.gather(1, r.expert_ids), torch.full_like(r.probs, -1.0))
+        best = taken.argmax(1)
+        return torch.where(taken.max(1).values >= 0, r.expert_ids.gather(1, best[:, None])[:, 0], -1)
+    return r.expert_ids[:, 0]
 
 
 def layer_report(ids: np.ndarray, probs: np.ndarray, tokens: np.ndarray, decode: Any, top: int = 8) -> dict[str, Any]:

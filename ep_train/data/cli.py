@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @exit_quietly_on_broken_pipe
+def _docs(split: dict) -> str:
+    """'N docs', or 'N docs in M sequences' where large text files were written in pieces."""
+    docs = sum(s.get("megatron_documents", s["documents"]) for s in split["shards"])
+    return f"{docs:,} docs" + (f" in {split['documents']:,} sequences" if docs != split["documents"] else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -93,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{out} already holds this build (same inputs, tokenizer and options): nothing to do; "
                       "add --overwrite to rebuild it")
             s, r = man["splits"], man["report"]
-            print(f"train: {s['train']['documents']:,} docs, {s['train']['tokens']:,} tokens in "
-                  f"{len(s['train']['shards'])} shard(s); val: {s['val']['documents']:,} docs, "
-                  f"{s['val']['tokens']:,} tokens")
+            print(f"train: {_docs(s['train'])}, {s['train']['tokens']:,} tokens in {len(s['train']['shards'])} "
+                  f"shard(s); val: {_docs(s['val'])}, {s['val']['tokens']:,} tokens")
             print("skipped: " + json.dumps({k: v for k, v in r.items() if k != "examples"}))
             for e in r["examples"]:
                 print(f"  {e}")

@@ -250,7 +250,7 @@ def _text_documents(paths: list[Path], in_pieces: bool = False) -> Iterator[tupl
                 if (event := _binary_event(path, head)) is not None:
                     yield event  # the rest of the file is never read
                     continue
-                parts = in_pieces and path.stat().st_size > LARGE_TEXT_BYTES
+                parts = in_pieces and _text_size(path) > LARGE_TEXT_BYTES
                 if not parts:
                     text = (head + f.read()).removeprefix(BOM).decode("utf-8", errors="ep_train_count_replace")
         except (OSError, EOFError, zlib.error) as e:  # a cut-off or mislabelled .gz: its document is not whole
@@ -266,6 +266,17 @@ def _text_documents(paths: list[Path], in_pieces: bool = False) -> Iterator[tupl
 
 def _open_text(path: Path) -> Any:
     return (gzip.open if path.name.endswith(".gz") else open)(path, "rb")
+
+
+def _text_size(path: Path) -> int:
+    """Bytes of text in a plain-text file: for a .gz, its trailer's size field (the size mod 2^32; the
+    compressed size where larger) instead of the compressed size."""
+    size = path.stat().st_size
+    if path.name.endswith(".gz") and size >= 4:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            size = max(size, int.from_bytes(f.read(4), "little"))
+    return size
 
 
 def _decoded_blocks(path: Path) -> Iterator[str]:
@@ -304,10 +315,11 @@ def _text_parts(path: Path) -> Iterator[tuple[str, Any, str]]:
         return
     unit = _unit_of(digest.digest())
     pending: str | None = None  # a piece is sent once the next one exists: only then is it known not last
-    buf, index = "", 0
+    buf, index, again = "", 0, hashlib.sha1()
     try:
         open_line = False  # buf holds no newline at all (a line longer than a piece): look in new text only
         for text in _decoded_blocks(path):
+            again.update(text.encode("utf-8", "surrogatepass"))
             buf += text
             if open_line and "\n" not in text:
                 continue
@@ -324,6 +336,9 @@ def _text_parts(path: Path) -> Iterator[tuple[str, Any, str]]:
     except (OSError, EOFError, zlib.error) as e:  # it read to the end a moment ago: changed while building
         raise BadInput(f"{path}: could not be read a second time ({type(e).__name__}: {e}); it changed during "
                        "the build: leave inputs alone while building, then rerun") from e
+    if again.digest() != digest.digest():  # the split and the pieces must come from the same text
+        raise BadInput(f"{path}: changed while the build read it (its text differs between two reads); leave "
+                       "inputs alone while building, then rerun")
     pieces = [t for t in (pending, buf) if t]
     for i, piece in enumerate(pieces):
         yield "part", Part(piece, index == 0, i == len(pieces) - 1, unit), f"{path} (piece {index})"
@@ -472,7 +487,8 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     if num_tasks > 1:  # the whole corpus's identity, the same in every task: merge checks the parts share it
         options["corpus_sha256"] = resume.inputs_digest(every_record)
     in_pieces = splits_at_newlines(sp)
-    large = [f for f in files if f.name.endswith(TEXT_SUFFIXES) and f.stat().st_size > LARGE_TEXT_BYTES]
+    # over the whole corpus, not this task's files: every --num-tasks part must have the same options
+    large = [f for f in every if f.name.endswith(TEXT_SUFFIXES) and _text_size(f) > LARGE_TEXT_BYTES]
     if large and in_pieces:  # only then: every other build keeps its key (a finished one stays "done")
         options["text_pieces"] = {"large_text_bytes": LARGE_TEXT_BYTES, "part_chars": PART_CHARS}
     elif large:

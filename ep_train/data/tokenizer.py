@@ -114,8 +114,10 @@ def splits_at_newlines(sp: spm.SentencePieceProcessor) -> bool:
 
     True when no piece of the vocabulary contains a newline and the normalizer keeps the text as it is
     (identity rule, no dummy prefix, no whitespace clean-up): BPE merges and the unigram lattice then never
-    join symbols across the newline, and nothing is added or removed at a piece's edges. ep-train's
-    tokenizers (trained on lines, ``llm_defaults``) qualify; Llama-2's (dummy prefix) does not."""
+    join symbols across the newline, and nothing is added or removed at a piece's edges. A newline must also
+    stay a token of its own: a piece of the vocabulary, or bytes (byte fallback); otherwise it is unknown, and
+    sentencepiece merges a run of unknown characters ("\n\n", "Q\nQ") into one <unk>. ep-train's tokenizers
+    (trained on lines, ``llm_defaults``: byte fallback) qualify; Llama-2's (dummy prefix) does not."""
     from sentencepiece import sentencepiece_model_pb2 as pb  # protobuf: read the model's own settings
 
     m = pb.ModelProto()
@@ -124,7 +126,10 @@ def splits_at_newlines(sp: spm.SentencePieceProcessor) -> bool:
     if norm.precompiled_charsmap or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
         return False
     kinds = (pb.ModelProto.SentencePiece.NORMAL, pb.ModelProto.SentencePiece.USER_DEFINED)
-    return not any("\n" in piece.piece for piece in m.pieces if piece.type in kinds)
+    texts = [piece.piece for piece in m.pieces if piece.type in kinds]
+    if any("\n" in t and t != "\n" for t in texts):
+        return False
+    return m.trainer_spec.byte_fallback or "\n" in texts
 
 
 def safe_decode(sp: spm.SentencePieceProcessor, ids: list[int]) -> tuple[str, int]:

@@ -57,3 +57,23 @@ def test_analysis_routing_does_not_drop_tokens_for_a_capacity_trained_model() ->
     x = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(3))
     layers, _ = collect_routing(_model(capacity_factor=0.5), [x])  # training routing would drop half the slots
     assert (layers[1]["ids"] >= 0).all()
+
+
+def test_expert_choice_first_expert_is_the_most_probable_expert_that_took_the_token() -> None:
+    c = Config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 64, 32, 48, 1
+    m.num_heads, m.num_kv_heads, m.max_seq_len = 4, 2, 32
+    c.moe.num_experts, c.moe.num_experts_per_token, c.moe.router_type = 4, 2, "expert_choice"
+    c.moe.capacity_factor = 1.0
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(4))
+    firsts = []
+    for seed in (0, 1):
+        model = build_model(c.model, c.moe, seed=seed).eval()
+        layers, _ = collect_routing(model, [x])
+        ids, probs = layers[0]["ids"], layers[0]["probs"]  # ids: the experts that took each token, -1 elsewhere
+        ref = np.array([max((e for e in row if e >= 0), key=lambda e: p[e], default=-1) for row, p in zip(ids, probs)])
+        np.testing.assert_array_equal(layers[0]["first"], ref)
+        firsts.append(layers[0])
+    assert len(set(firsts[0]["first"].tolist())) > 1  # not one constant expert id for every token
+    assert compare_layers(*firsts)["top1_agreement"] == float((firsts[0]["first"] == firsts[1]["first"]).mean())

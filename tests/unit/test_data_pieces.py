@@ -75,6 +75,12 @@ def test_ep_train_tokenizers_split_at_newlines_and_dummy_prefix_ones_do_not(toke
     assert not splits_at_newlines(spm.SentencePieceProcessor(model_file=str(llama2)))
     clean = train_tokenizer(files, 400, str(tmp_path / "cl"), remove_extra_whitespaces=True)
     assert not splits_at_newlines(spm.SentencePieceProcessor(model_file=str(clean)))
+    # without byte fallback a newline is unknown, and sentencepiece joins a run of unknown characters into one
+    # <unk>: "\n\n" whole is one token, cut between the newlines two
+    bare = spm.SentencePieceProcessor(model_file=str(train_tokenizer(files, 400, str(tmp_path / "nb"),
+                                                                      byte_fallback=False)))
+    assert bare.encode("x\n\ny") != bare.encode("x\n") + bare.encode("\ny")
+    assert not splits_at_newlines(bare)
 
 
 def test_large_files_in_pieces_give_the_whole_files_tokens_and_splits(tokenizer, tmp_path, small_pieces) -> None:
@@ -191,3 +197,48 @@ def test_shard_writer_records_documents_over_sequences(tmp_path) -> None:
     shard = IndexedShard(tmp_path / "s")
     assert shard.doc_idx.tolist() == [0, 2, 3, 4]
     assert shard.sequence_ends().tolist() == [False, True, True, True]
+
+
+def test_array_tasks_with_a_large_file_in_one_task_merge_to_the_single_build(tokenizer, tmp_path,
+                                                                            small_pieces) -> None:
+    """Every task carries the pieces option when any file of the corpus is large (not only the task holding it):
+    merge requires equal options."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_bytes(_raw(["json/decoder.py"]))
+    (tmp_path / "in" / "b.txt").write_text("small\n")
+    single = prep.build([str(tmp_path / "in")], str(tokenizer), str(tmp_path / "one"), progress=False)
+    for task in (0, 1):
+        prep.build([str(tmp_path / "in")], str(tokenizer), str(tmp_path / "arr"), num_tasks=2, task_id=task,
+                   progress=False)
+    merged = prep.merge(str(tmp_path / "arr"))
+    assert merged["splits"]["train"]["tokens"] == single["splits"]["train"]["tokens"]
+    stream = [_read(tmp_path / "arr" / s["prefix"])[2] for s in merged["splits"]["train"]["shards"]]
+    assert np.concatenate(stream).tolist() == _read(tmp_path / "one" / "train_00000")[2].tolist()
+
+
+def test_a_large_gz_is_judged_by_its_text_size(tokenizer, tmp_path, small_pieces) -> None:
+    raw = _raw(["json/decoder.py"])
+    packed = gzip.compress(raw)
+    assert len(packed) < prep.LARGE_TEXT_BYTES < len(raw)  # small on disk, large as text
+    (tmp_path / "a.txt.gz").write_bytes(packed)
+    man = prep.build([str(tmp_path / "a.txt.gz")], str(tokenizer), str(tmp_path / "out"), progress=False)
+    [entry] = man["splits"]["train"]["shards"]
+    assert entry["documents"] > 1 and entry["megatron_documents"] == 1
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    assert _read(tmp_path / "out" / entry["prefix"])[2].tolist() == _reference(sp, raw)[0]
+
+
+def test_a_file_that_changes_between_the_two_reads_is_refused(tokenizer, tmp_path, small_pieces,
+                                                             monkeypatch) -> None:
+    (tmp_path / "a.txt").write_bytes(_raw(["json/decoder.py"]))
+    reads = []
+    real = prep._decoded_blocks
+
+    def changing(path: Path):
+        reads.append(path)
+        for i, text in enumerate(real(path)):
+            yield text + ("edited\n" if len(reads) == 2 and i == 3 else "")
+
+    monkeypatch.setattr(prep, "_decoded_blocks", changing)
+    with pytest.raises(ValueError, match="a.txt: changed while the build read it"):
+        prep.build([str(tmp_path / "a.txt")], str(tokenizer), str(tmp_path / "out"), progress=False)
