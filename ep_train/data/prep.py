@@ -426,6 +426,22 @@ def _batches(files: list[Path], text_key: str, skip: int, strict: bool, in_piece
     yield pos, texts, bad
 
 
+def _fixed_mmap_threshold() -> None:
+    """Fix glibc's mmap threshold of this process at its initial 128 KiB. The build's main process passes
+    ~128 KiB buffers (pickled batches, token arrays) back and forth with the workers; with the threshold's
+    dynamic rule (it rises after the first freed large block) they land on the heap and fragment it: measured
+    on one text file, the main process grew from 79 MiB (0.54 GB) to 99 MiB (2.15 GB); fixed, it stays near
+    50 MiB at the same speed. Workers are left alone (fixed there too, the build ran 16% slower). No-op
+    without glibc's mallopt."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
 def check_dtype(vocab: int, dtype: str | None) -> np.dtype:
     """The token dtype for a vocabulary (``None``: Megatron's rule), refusing one too small for it."""
     np_dtype = token_dtype(vocab) if dtype is None else np.dtype(dtype)
@@ -541,6 +557,8 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     ctx = get_context("spawn" if os.environ.get("EP_TRAIN_SPAWN") else "fork")
     batches = _batches(files, text_key, state["consumed"], strict, in_pieces)
     pool = ctx.Pool(workers, _init_worker, (tokenizer, opts)) if workers > 1 else None
+    if pool is not None:
+        _fixed_mmap_threshold()  # here, after the fork: the workers keep glibc's defaults (they are faster so)
     if pool is None:
         _init_worker(tokenizer, opts)
     slots, stop = threading.Semaphore(IN_FLIGHT * workers), threading.Event()
