@@ -54,6 +54,8 @@ world=""
 case "$nnodes$nproc" in *[!0-9]*) ;; *) world=$((nnodes * nproc)) ;; esac  # unknown for elastic MIN:MAX
 check_config "$py" "$world" --run-dir "$run_dir" "${TRAINER_ARGS[@]}"
 print_cmd "${cmd[@]}"
+# what this node's workers may run on (its CPU affinity: a scheduler's binding shows here)
+echo "$(hostname): $nproc worker(s) on $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) CPU(s)"
 # Not exec: this script stays to forward SIGUSR1/SIGTERM to the workers and to exit 75 after a stop.
 rc=0
 run_forwarding_stop "$run_dir" "$max_restarts" "${cmd[@]}" || rc=$?

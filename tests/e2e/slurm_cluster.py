@@ -1,5 +1,8 @@
 """A real one-node Slurm cluster on this machine (munge, slurmctld, slurmd, as root), for the e2e tests.
 
+Tasks are bound to their CPUs (task/affinity), as on most clusters: a job step that asks for fewer CPUs than
+the job has shows it.
+
 Installs Debian's slurm-wlm and munge with apt-get when they are missing; skips (with the reason)
 when that is impossible (not root, no apt-get). The configuration is written here, into a temp folder.
 """
@@ -22,7 +25,7 @@ AuthType=auth/munge
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SwitchType=switch/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres

@@ -46,6 +46,9 @@ def straight(slurm, built, tmp_path_factory) -> dict[int, float]:
     assert state == "COMPLETED", f"{state}\n{log[-4000:]}\n{slurm.log_tail()}"
     assert (run / "checkpoints" / "latest").read_text() == "step_00000016"
     assert "running:" in log and "--rdzv-backend c10d" in log  # the script says what it runs
+    # each node's torchrun (one task per node) may use the job's CPUs on that node: a step without -c gets
+    # them (Slurm 22.05.8 with task/affinity; a step asking fewer, e.g. srun -c1, is bound to fewer and fails here)
+    assert re.search(r": 2 worker\(s\) on 2 CPU\(s\)", log), log[-3000:]
     return _losses(run)
 
 
