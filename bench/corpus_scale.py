@@ -356,8 +356,10 @@ Memory does not grow with the corpus ({TARGETS['corpus_memory_growth'].what}: {d
 **{verdict}** (ratio {growth:.2f} for {rows[-1]['chars'] / rows[0]['chars']:.0f}x the text).
 
 A plain-text file is one document. Above {LARGE_TEXT_BYTES >> 20} MiB (`prep.LARGE_TEXT_BYTES`) it is read and
-tokenized in pieces, each ending just after a newline (the "one .txt file" rows). The earlier path tokenized
-the whole file at once; both on one {compare['bytes'] / MIB:.0f} MiB file, {args.workers} workers:
+tokenized in pieces, each ending just after a newline (the "one .txt file" rows: the same texts, one after the
+other, in one file). Their share of the limit can pass 100%: the limit encodes whole documents, and
+sentencepiece encodes the pieces (at most `prep.PART_CHARS` characters) faster than long inputs. The earlier
+path tokenized the whole file at once; both on one {compare['bytes'] / MIB:.0f} MiB file, {args.workers} workers:
 
 {cmp_text}
 

@@ -72,7 +72,8 @@ TARGETS: dict[str, Target] = {
     "data_prep_share": Target(0.85, ">=", "%", "ep-train's tokens/s as a share of the encode-only limit",
                               "data-prep issue (bench/data_prep.py)"),
     "corpus_memory_growth": Target(1.25, "<=", "x", "peak RSS of each process (build main, build worker, array "
-                                   "task) at the largest corpus over the smallest, the largest ratio",
+                                   "task; main and worker of the one-.txt-file build) at the largest corpus over "
+                                   "the smallest, the largest ratio",
                                    "data issue 15 (bench/corpus_scale.py): memory must not grow with the corpus"),
     # soak
     "soak_growth": Target(0.02, "<=", "%", "predicted RSS growth after warm-up over the run / mean RSS, every rank",
