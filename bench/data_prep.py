@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     inputs = corpus(args.small)
     files = prep.expand_inputs(inputs)
     tmp = Path(tempfile.mkdtemp(prefix="bench_prep_"))
-    model = str(train_tokenizer([str(f) for f in files], 1000 if args.small else 4096, str(tmp / "tok"),
-                                input_sentence_size=200_000))
+    vocab = 1000 if args.small else 4096
+    model = str(train_tokenizer([str(f) for f in files], vocab, str(tmp / "tok"), input_sentence_size=200_000))
     texts = [f.read_text(errors="replace") for f in files]
     texts = [t for t in texts if t.strip()]
     batches = [texts[i:i + 16] for i in range(0, len(texts), 16)]
@@ -117,14 +117,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.write:
         append_section("Data preparation", f"""
 `python bench/data_prep.py --workers {args.workers} --repeat {args.repeat} --write` on {machine()}.
-Corpus: {len(texts)} documents, every `.py` file of the Python standard library; sentencepiece BPE, 4096 pieces;
+Corpus: {len(texts)} documents, every `.py` file of the Python standard library; sentencepiece BPE, {vocab} pieces;
 {args.workers} processes for every tool. Target (bench/targets.py): ep-train's tokens/s {describe('data_prep_share')} of the limit's: **{verdict}** ({share:.0%}).
 
 {table}
 
 The limit only encodes documents already in memory; ep-train also reads and decodes the files
-(plain text directly, not through `datasets`' text loader), splits train/validation, writes shards and hashes them. Token counts differ by a few
-tokens: the limit reads in text mode, which turns `\\r\\n` into `\\n`; ep-train keeps the bytes as they are.
+(plain text directly, not through `datasets`' text loader), writes shards (all training: no validation split
+here) and hashes them. Token counts: ep-train {tokens['ep-train']:,}, the limit {tokens['limit']:,}; the limit reads
+in text mode (`\\r\\n` becomes `\\n`, a byte-order mark stays a character), ep-train reads bytes (keeps
+`\\r\\n`, drops a byte-order mark).
 """)
     return {"share": share, "tokens": tokens}
 

@@ -8,7 +8,8 @@
 - DeepSpeed AutoEP: the ``AutoEPMoELayer`` that ``deepspeed.initialize`` puts in place of a one-layer
   ``transformers`` Mixtral's MoE block (``expert_parallel.autoep_size`` 2, preset ``mixtral``); built at
   ZeRO stage 0 so the time is the layer's own (ZeRO-3 is measured end to end in train_e2e.py);
-- HF Mixtral: ``transformers``' ``MixtralSparseMoeBlock`` on the same tokens in one process with both threads;
+- HF Mixtral: ``transformers``' ``MixtralSparseMoeBlock`` on as many tokens (drawn the same way) in one process
+  with both threads;
 - limit: dense SwiGLU matmuls over the busiest rank's routed rows (same FLOPs, same threads) plus the
   measured time of all-to-all exchanges carrying the same bytes.
 Two routings, the same for every row: every implementation's router gets the same weight matrix, and
@@ -179,7 +180,11 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -
             profiles = {"ep-train": _profile(ep_step, device), "DeepSpeed MoE": _profile(ds_step, device)}
         with torch.no_grad():  # DeepSpeed sends [E, C, D] capacity buffers padded to the largest expert
             _, _, counts = ds(x.view(1, t, d))
-            cap = int(counts.max())  # drop_tokens=False: capacity = the busiest expert's count (all-reduced max)
+            # drop_tokens=False: the capacity is the busiest expert's count over all ranks (DeepSpeed all-reduces
+            # it with MAX in sharded_moe's gating; the counts it returns are this rank's own)
+            cap_t = torch.tensor([int(counts.max())], device=device)
+            dist.all_reduce(cap_t, op=dist.ReduceOp.MAX)
+            cap = int(cap_t.item())
             sent[prefix + "DeepSpeed (padded capacity buffers)"] = cap * E // world * (world - 1)
             # each rank receives [E_l, C] rows from every rank: E_l * world * C = E * C rows for its experts
             load[case]["DeepSpeed rows per rank (padded)"] = cap * E
@@ -440,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
         append_section("MoE layer", f"""
 `python bench/moe_layer.py --write` on {machine()}; device {args.device}.
 D={args.dim}, F={args.ffn}, E={E}, k={K}, {args.tokens} tokens per rank, fp32, 2 processes (1 thread each), EP 2;
-HF's block runs the same {world * args.tokens} tokens in one process with {world} threads. DeepSpeed AutoEP is
+HF's block runs as many tokens ({world * args.tokens}, drawn the same way) in one process with {world} threads. DeepSpeed AutoEP is
 the `AutoEPMoELayer` that `deepspeed.initialize` (expert_parallel autoep_size 2, preset mixtral, ZeRO stage 0
 so that ZeRO's gathers are not in the layer's time) puts in a one-layer `transformers` Mixtral.
 Every implementation gets the same router weights; "skewed" adds a per-expert logit bias so that expert

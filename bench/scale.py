@@ -448,12 +448,23 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
     setups = ", ".join(f"{_gib(max(r['setup_peak']))}" for r in ran)
     shrink = (f"A rank's set-up peak shrinks with the world size: **{'yes' if result['shrinks'] else 'NO'}** "
               f"({setups} GiB at world {', '.join(str(r['world']) for r in ran)}).")
-    within = [r for r in ran
-              if target_verdict("scale_plan_error", abs(r["plan_host"] / max(r["train_peak"]) - 1)) == "met"]
-    plan_v = (f"`ep-train plan --device cpu` error against the measured training peak {describe('scale_plan_error')}: "
-              f"{len(within)} of {len(ran)} runs.")
+    measured = ran + [r for r in largest if r.get("train_peak") and not r.get("skipped")]
+    errors = [abs(r["plan_host"] / max(r["train_peak"]) - 1) for r in measured]
+    plan_v = (f"`ep-train plan --device cpu` error against the measured training peak {describe('scale_plan_error')}, "
+              "every run (the largest-model runs included): ")
+    if errors:
+        plan_v += (f"**{target_verdict('scale_plan_error', max(errors))}** (largest error {max(errors):.0%}; "
+                   f"{sum(target_verdict('scale_plan_error', e) == 'met' for e in errors)} of {len(errors)} runs within).")
+    else:
+        plan_v += "**not measured** (no run finished)."
+    from ep_train.parallel.ds_memory import dedup_enabled
+
+    # model-state bytes per parameter under the lean JSON (see the text below): the floor each precision meets
+    dedup = dedup_enabled(LEAN_DS)
+    floors = {"fp32": 16 if dedup else 24, "bf16": 18 if dedup else 20}
     lrows = ["| precision | layers | parameters | result | training peak, summed | bytes / parameter (summed) | "
-             "vs 18-byte floor | plan (per rank) / measured | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+             f"vs its floor ({floors['fp32']} B fp32, {floors['bf16']} B bf16) | plan (per rank) / measured | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     best: dict[str, dict[str, Any]] = {}
     for r in largest:
         layers = r["name"].split("_")[1]
@@ -465,7 +476,8 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
         bpp = total / r["params"]
         ok = "trains, finite loss" if r.get("finite") else "ran, loss not finite" if r.get("ok") else "failed"
         lrows.append(f"| {r['precision']} | {layers} | {r['params'] / 1e9:.3f}B | {ok} | {_gib(total)} GiB | "
-                     f"{bpp:.1f} | {bpp / 18:.2f}x | {r['plan_host'] / max(r['train_peak']):.2f} | {r['seconds']:.0f} |")
+                     f"{bpp:.1f} | {bpp / floors[r['precision']]:.2f}x | {r['plan_host'] / max(r['train_peak']):.2f} | "
+                     f"{r['seconds']:.0f} |")
         if r.get("finite") and (r["precision"] not in best or r["params"] > best[r["precision"]]["params"]):
             best[r["precision"]] = r
     verdicts = []
@@ -483,9 +495,6 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
                         "**not measured**")
     verdicts.append(f"{TARGETS['scale_nvme_params'].what}: {describe('scale_nvme_params')} parameters: "
                     "**not measured** here")
-    from ep_train.parallel.ds_memory import dedup_enabled
-
-    dedup_bytes = 16 if dedup_enabled(LEAN_DS) else 24
     return f"""`python bench/scale.py{' --small' if args.small else ''} --write` on {machine()}.
 Every run: `ep_train.train` under torchrun, gloo, 1 thread per rank, {STEPS} steps, seq_len {seq}, micro batch 1,
 activation checkpointing, CPU offload. Peaks are VmHWM of each rank process read from /proc by this script:
@@ -515,13 +524,14 @@ A leaner DeepSpeed JSON (written by the script to its output folder):
 `{json.dumps(LEAN_DS['zero_optimization'])}`, and the environment `{' '.join(f'{k}={v}' for k, v in LEAN_ENV.items())}`
 (freed tensors above 1 MiB go back to the OS; `ep-train plan` reads the same variable).
 Bytes per parameter are the training peaks summed over both ranks divided by the parameter count; the
-18-byte floor is bf16 parameter + fp32 master + fp32 gradient + two fp32 Adam moments. DeepSpeed 0.19.8's
+floors are the model states alone, per parameter (below). DeepSpeed's
 ZeRO-3 with optimizer offload holds per partition element: the parameter, an fp32 master clone (also in fp32),
 a gradient-accumulation partition, a second fp32 gradient for the optimizer, two moments: 24 bytes in fp32,
 20 in bf16. ep-train removes the duplicates (`ep_train/parallel/ds_memory.py`, on unless the DeepSpeed JSON
 sets `"ep_train": {{"dedup_offload_buffers": false}}`): the fp32 master is the fp32 parameter partition and the
-optimizer's gradient is the accumulation buffer, which bf16 runs then keep in fp32: {dedup_bytes} bytes in
-fp32 and 18 in bf16, before the process baseline and buffers.
+optimizer's gradient is the accumulation buffer, which bf16 runs then keep in fp32: 16 bytes in fp32 and 18 in
+bf16 (bf16 parameter + fp32 master + fp32 gradient + two fp32 Adam moments), before the process baseline and
+buffers. This run's JSON {'keeps that on' if dedup else 'turns that off'}: floors of {floors['fp32']} and {floors['bf16']} bytes.
 
 {chr(10).join(lrows)}
 

@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
                f"{med[REUSE] / med[AUTOEP_OFF]:.2f}x AutoEP's with offload and {med[REUSE] / med[DS_MOE]:.2f}x "
                "DeepSpeed-MoE's (reported, not judged).")
     load = {k: r["rank_load"] for k, r in results.items()}
+    same_routing = all(results[mine]["expert_counts"] == results[peer]["expert_counts"]
+                       for mine, peer in ((MATCHED, AUTOEP), (MATCHED_OFF, AUTOEP_OFF)))
     balance = (f"Routing balance between the two ranks (the table's busiest-rank column, median over the counted "
                f"steps): ep-train ZeRO-3 {load['zero3']:.2f}, ZeRO-3 + offload {load['zero3_offload']:.2f}; from "
                f"AutoEP's weights without router losses {load[MATCHED]:.2f} and {load[MATCHED_OFF]:.2f}; AutoEP "
@@ -275,8 +277,9 @@ The ep-train rows are `ep_train.train` under each DeepSpeed config. The rows "Au
 router losses" start from the AutoEP peer's own seeded `MixtralForCausalLM`, saved as a Hugging Face folder that
 both load (`train.init_from`; bench/train_e2e.py `save_autoep_init`), with `--aux_loss_weight 0
 --router_z_loss_weight 0`: the function AutoEP trains, from the same start, on the same data and optimizer
-settings, so the two runs route the same tokens to the same experts (their losses agree step by step, as the
-verdict says) and their tokens/s compare the systems alone. The default rows keep ep-train's initial weights and
+settings, so that their tokens/s compare the systems alone. Both gave every expert the same number of rows at
+every step (the per-step counts compared, with and without offload): **{'yes' if same_routing else 'NO'}**; their
+losses agree as the verdict says. The default rows keep ep-train's initial weights and
 router losses: another routing history, whose balance between the ranks moves tokens/s (see the busiest-rank
 column).
 

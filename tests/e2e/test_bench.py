@@ -82,9 +82,9 @@ def test_corpus_scale_bench_small(small) -> None:
         assert min(r["build_main_peak"], r["build_worker_peak"], r["array_task_peak"]) > 10 * 2**20
         assert r["build_tok_s"] > 0 and r["limit_tok_s"] > 0
         assert r["text_tokens"] > 0 and min(r["text_main_peak"], r["text_worker_peak"]) > 10 * 2**20
+    # --small's 5 MiB text file is below the pieces threshold: the text rows are not compared across sizes
     assert out["growth"] == max(rows[1][k] / rows[0][k] for k in ("build_main_peak", "build_worker_peak",
-                                                                   "array_task_peak", "text_main_peak",
-                                                                   "text_worker_peak"))
+                                                                   "array_task_peak"))
     # one large .txt file tokenized whole (the earlier path, the reference) and in pieces: the same shards
     cmp = out["compare"]
     assert cmp["same_shards"] and cmp["whole"]["tokens"] == cmp["pieces"]["tokens"] > 0
