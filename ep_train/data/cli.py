@@ -67,13 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-@exit_quietly_on_broken_pipe
 def _docs(split: dict) -> str:
     """'N docs', or 'N docs in M sequences' where large text files were written in pieces."""
     docs = sum(s.get("megatron_documents", s["documents"]) for s in split["shards"])
     return f"{docs:,} docs" + (f" in {split['documents']:,} sequences" if docs != split["documents"] else "")
 
 
+@exit_quietly_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
