@@ -184,9 +184,8 @@ def analyze(checkpoint: str, data: str, output: str, compare: str | None = None,
                          f"positions past it were never trained; use --seq-len {context} or less")
     seq = seq_len or min(loaded.config.data.seq_len, context)
     batches, split = _batches(data, split, seq, max_tokens)
-    largest = max(int(b.max()) for b in batches)
     vocab = loaded.config.model.vocab_size
-    if largest >= vocab:
+    if max(int(b.max()) for b in batches) >= vocab:
         raise ValueError(f"--data {data!r} holds token ids >= the model's vocabulary ({vocab}): it was made with "
                          "another tokenizer; pass data prepared with the run's tokenizer")
     sp = loaded.tokenizer

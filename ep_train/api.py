@@ -142,10 +142,11 @@ def _check_tokenizer_digest(path: Path, manifest: dict | None) -> None:
     retrained or replaced in place would decode every token wrong without an error."""
     from ep_train.data.shards import sha256_file
 
-    want = (manifest or {}).get("tokenizer", {}).get("sha256") if isinstance(manifest, dict) else None
-    if want and sha256_file(path) != want:
+    want = ((manifest or {}).get("tokenizer") or {}).get("sha256")
+    got = sha256_file(path) if want else None
+    if got != want:
         raise ValueError(f"tokenizer {str(path)!r} is not the one the run's data was built with (sha256 "
-                         f"{sha256_file(path)[:12]}..., the data manifest says {want[:12]}...): it was replaced or "
+                         f"{got[:12]}..., the data manifest says {want[:12]}...): it was replaced or "
                          "retrained; pass the original with --tokenizer")
 
 

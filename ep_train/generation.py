@@ -151,12 +151,11 @@ def _snippet(text: str, n: int = 40) -> str:
 
 
 def generate_text(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts: list[str] | str,
-                  max_new_tokens: int, **kwargs: object) -> tuple[list[str], Generated]:
+                  max_new_tokens: int, *, add_bos: bool = False, **kwargs: object) -> tuple[list[str], Generated]:
     """``generate`` that also returns the token-level result (counts, timing)."""
     from ep_train.data.tokenizer import safe_decode
 
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    add_bos = bool(kwargs.pop("add_bos", False))
     if add_bos and tokenizer.bos_id() < 0:
         raise ValueError("add_bos: the tokenizer has no BOS piece; leave it off")
     ids = [tokenizer.encode(t, add_bos=add_bos) for t in texts]

@@ -320,8 +320,8 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
                   f"{precision} parameters: the ZeRO-3 partition (offload_param: DeepSpeed's flat host buffer)"
                   if stage >= 3 else f"{precision} parameters: full copy under ZeRO-{stage}"))
     # stage3._create_fp32_partitions reuses an fp32 partition without offload; with offload ds_memory shares it
-    # when the partition is on the host too (offload_param, or a CPU run).
-    # swapped partitions have no host copy to share
+    # when the partition is on the host too (offload_param, or a CPU run; NVMe-swapped partitions have no host
+    # copy to share).
     shared_master = stage >= 3 and pb == 4 and (not off_opt or (dedup and not par_nvme and (off_par or cpu)))
     items.append(("fp32 master", "nvme" if opt_nvme else where(off_opt), 0 if shared_master else p * 4,
                   "fp32 master partition (none in fp32: it is the parameter partition)" if shared_master else

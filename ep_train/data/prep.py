@@ -502,10 +502,10 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
                "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS}
     if num_tasks > 1:  # the whole corpus's identity, the same in every task: merge checks the parts share it
         options["corpus_sha256"] = resume.inputs_digest(every_record)
-    in_pieces = splits_at_newlines(sp)
     # over the whole corpus, not this task's files: every --num-tasks part must have the same options
     large = [f for f in every if f.name.endswith(TEXT_SUFFIXES) and _text_size(f) > LARGE_TEXT_BYTES]
-    if large and in_pieces:  # only then: every other build keeps its key (a finished one stays "done")
+    in_pieces = bool(large) and splits_at_newlines(sp)  # pieces exactly when the build key says so
+    if in_pieces:  # only then: every other build keeps its key (a finished one stays "done")
         options["text_pieces"] = {"large_text_bytes": LARGE_TEXT_BYTES, "part_chars": PART_CHARS}
     elif large:
         print(f"warning: {len(large)} plain-text file(s) over {LARGE_TEXT_BYTES >> 20} MiB (e.g. {str(large[0])!r}) "
