@@ -74,8 +74,8 @@ class ParallelConfig:
     # ZeRO-Infinity (ds_config zero3_nvme or any JSON with an offload device "nvme"): a folder on a fast
     # local disk that supports O_DIRECT (ext4/xfs on NVMe), one per run; written into the JSON's nvme_path.
     nvme_path: str | None = None
-    # Also swap optimizer states (fp32 master weights, Adam moments) to nvme_path. Dense models only:
-    # DeepSpeed 0.19.8 cannot checkpoint MoE (AutoEP) layers under ZeRO-3 with optimizer swapping.
+    # Also swap optimizer states (fp32 master weights, Adam moments) to nvme_path. Checkpoints then resume
+    # only the same way, at the same world size (ep_train/parallel/ds_nvme.py).
     nvme_offload_optimizer: bool = False
     # What one ZeRO-3 fetch brings in: "block" = a transformer block's parameters at once (DeepSpeed's z3 leaf
     # module: one hook pair per block instead of one per submodule; the block's attention and local experts are

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ep_train.config import Config, config_from_dict
+from ep_train.parallel.ds_nvme import OFFLOADED
 from ep_train.train.checkpoint import (MANIFEST, STATE_FILE, CheckpointError, complete_checkpoints, latest_target,
                                        only_safe_loads, safe_load, verify)
 
@@ -89,6 +90,11 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     dest = out if out is not None else step_dir / UNIVERSAL
     if (dest / "zero").is_dir():
         return dest
+    if (step_dir / OFFLOADED).is_dir():  # the ZeRO shards hold empty tensors for the swapped sub-groups
+        raise CheckpointError(f"checkpoint {str(step_dir)!r} keeps its optimizer states in NVMe swap files "
+                              f"({OFFLOADED}/), which DeepSpeed's universal form does not read: exporting, "
+                              "upcycling or resharding it is not supported; it resumes at the world and EP size "
+                              "that wrote it, with the optimizer on NVMe (parallel.nvme_offload_optimizer true)")
     from deepspeed.checkpoint import ds_to_universal
 
     # This process's own temporary folder: two conversions of one checkpoint at once (an export while a

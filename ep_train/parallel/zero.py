@@ -103,14 +103,15 @@ def _merge_nvme(ds: dict[str, Any], cfg: Config, json_name: str, world: int) -> 
         raise ValueError(f"{json_name} offloads {nvme_blocks[0]} to nvme with zero_optimization.stage = {stage}; "
                          "NVMe offload (ZeRO-Infinity) needs stage 3: use parallel.ds_config zero3_nvme")
     moe = bool(moe_layer_indices(cfg.model, cfg.moe))
-    if "offload_optimizer" in nvme_blocks and moe:
-        # DeepSpeed 0.19.8 engine._save_moe_checkpoint raises for AutoEP layers under ZeRO-3 with
-        # optimizer swapping (expert state is restored from optimizer shards, which NVMe leaves empty):
-        # refuse now instead of after hours of training, at the first checkpoint.
-        raise ValueError(f"parallel.nvme_offload_optimizer / {json_name} offload_optimizer.device = 'nvme' is "
-                         "invalid for a model with MoE layers: DeepSpeed 0.19.8 cannot save ZeRO-3 checkpoints of "
-                         "MoE layers while optimizer states are swapped to NVMe. Keep optimizer states in CPU RAM "
-                         "(parallel.ds_config zero3_nvme puts only parameters on NVMe) or use zero3_offload")
+    if "offload_optimizer" in nvme_blocks:
+        import deepspeed
+
+        from ep_train.parallel.ds_memory import SUPPORTED_DEEPSPEED
+
+        if deepspeed.__version__ != SUPPORTED_DEEPSPEED:  # ds_nvme.py completes that version's save and resume
+            raise ValueError(f"{json_name} offload_optimizer.device = 'nvme' needs deepspeed {SUPPORTED_DEEPSPEED} "
+                             f"(installed: {deepspeed.__version__}), whose checkpoints of swapped optimizer states "
+                             "ep-train completes; install that version or keep optimizer states in CPU RAM")
     one_rank_group = world == 1 or (moe and world == p.ep_size)
     if "offload_param" in nvme_blocks and one_rank_group and not torch.cuda.is_available():
         # DeepSpeed 0.19.8 on CPU: a parameter whose ZeRO group has one rank is "gathered" as

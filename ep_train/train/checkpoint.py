@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from ep_train.data.shards import sha256_file
 from ep_train.files import atomic_write_text
+from ep_train.parallel.ds_nvme import nvme_optimizer, restore_from_shard
 
 STATE_FILE = "ep_train_state.json"
 MANIFEST = "manifest.json"
@@ -401,6 +402,8 @@ def load(engine: Any, path: Path, universal: Path | None = None) -> dict[str, An
     with only_safe_loads() if universal is not None else contextlib.nullcontext():
         load_path, _ = engine.load_checkpoint(str(where.parent), tag=where.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
+    if load_path is not None and universal is None and nvme_optimizer(engine):
+        restore_from_shard(engine, str(where.parent), where.name)  # what DeepSpeed skips with NVMe swapping
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint at {str(where)!r}; is it complete?")
     state = json.loads((path / STATE_FILE).read_text())

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ep_train.config import Config, config_to_dict
+from ep_train.parallel.ds_nvme import checkpoint_refusal
 from ep_train.train import checkpoint
 from ep_train.train.optim import base_lr, schedule_factor
 
@@ -79,9 +80,12 @@ def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, An
         return None
     state = checkpoint.read_state(path)
     reshard = check_resumable(state, cfg, world, path)  # before DeepSpeed reads a file
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    refusal = checkpoint_refusal(path, offload.get("device") == "nvme", world)  # swap files vs this run
+    if refusal:
+        raise checkpoint.CheckpointError(refusal)
     if not reshard:
         return ResumePlan(path, state, [], None)
-    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
     if offload.get("device") == "nvme":
         # DeepSpeed 0.19.8's load_checkpoint skips the ZeRO (and so the universal) load when the optimizer
         # lives on NVMe and copies the old world's per-rank swap files instead: no resharding there.

@@ -1,5 +1,6 @@
-"""ZeRO-Infinity NVMe offload: how parallel.nvme_path meets the DeepSpeed JSON (one process, no training), and a
-small MoE run at world 2 with parameters swapped to NVMe that equals the CPU-offload run.
+"""ZeRO-Infinity NVMe offload: how parallel.nvme_path meets the DeepSpeed JSON (one process, no training), a
+small MoE run at world 2 with parameters swapped to NVMe that equals the CPU-offload run, and an MoE run with
+optimizer states swapped to NVMe whose resume continues exactly (ep_train/parallel/ds_nvme.py).
 
 EP 1 there (experts partitioned over both ranks): at EP = world size on CPU the experts' ZeRO group has one
 rank and DeepSpeed 0.19.8 trains them from a recycled swap buffer, so ep-train refuses that layout (tested).
@@ -59,8 +60,6 @@ def test_nvme_path_is_written_into_the_json(tmp_path) -> None:
     (["--ds_config", "zero3_nvme"], r"parallel.nvme_path = None is invalid: zero3_nvme.json offloads "
                                     r"zero_optimization.offload_param to nvme; pass --parallel.nvme_path DIR"),
     (["--nvme_path", "/tmp/x"], r"parallel.nvme_path = '/tmp/x' is set but zero3_offload.json offloads nothing"),
-    (["--ds_config", "zero3_nvme", "--nvme_offload_optimizer", "true", "--nvme_path", "/tmp/x"],
-     r"invalid for a model with MoE layers: DeepSpeed 0.19.8 cannot save ZeRO-3 checkpoints"),
     (["--ds_config", "zero2", "--nvme_offload_optimizer", "true", "--nvme_path", "/tmp/x"],
      r"NVMe offload \(ZeRO-Infinity\) needs stage 3"),
     pytest.param(["--ds_config", "zero3_nvme", "--nvme_path", "/tmp/x", "--ep_size", "2"],
@@ -100,6 +99,9 @@ def test_optimizer_states_on_nvme_for_a_dense_model(tmp_path) -> None:
                               "--nvme_offload_optimizer", "true", "--nvme_path", str(tmp_path)), 2, False)
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "nvme", "pin_memory": True,
                                                            "nvme_path": str(tmp_path)}
+    moe = build_ds_config(_cfg("--ds_config", "zero3_offload", "--ep_size", "2", "--nvme_offload_optimizer", "true",
+                               "--nvme_path", str(tmp_path)), 2, False)  # MoE too (ds_nvme.py saves and resumes it)
+    assert moe["zero_optimization"]["offload_optimizer"]["device"] == "nvme"
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -182,3 +184,51 @@ def test_attention_on_nvme_trains_with_the_default_gather(tmp_path, built) -> No
     infos = run_distributed(_train, 2, argv, str(tmp_path / "run"), timeout=300)
     assert all(info["params_on_nvme"] and info["swap_files"] > 0 for info in infos), infos
     assert sorted(read_losses(tmp_path / "run")) == [1]
+
+
+def _fit(rank: int, world: int, argv: list[str], run_dir: str) -> dict[str, Any]:
+    from ep_train.train.trainer import Trainer
+
+    trainer = Trainer(load_config(CONFIG, parse_overrides(argv)), Path(run_dir))
+    rc = trainer.fit()
+    zero = trainer.engine.optimizer
+    return {"rc": rc, "swapped": [zero._swappable_optimizer_subgroup(i) for i in range(len(zero.fp16_groups))]}
+
+
+@pytest.mark.skipif(AIO_MISSING is not None, reason=str(AIO_MISSING))
+def test_moe_optimizer_states_on_nvme_resume_exactly(tmp_path, built) -> None:
+    """EP 2, optimizer states on NVMe: DeepSpeed 0.19.8 alone refuses to save the MoE layers, and its resume
+    restarts the Adam moments and step counts, keeps the learning rate it was built with and leaves the
+    sub-groups kept in RAM at their initial values (the resumed losses drifted from step 5 on when checked
+    by hand). With ds_nvme.py the resumed steps are bitwise the unbroken run's."""
+    reason = _o_direct_unsupported(tmp_path / "swap")
+    if reason:
+        pytest.skip(reason)
+    # hidden 256: the experts and the dense decay group pass DeepSpeed's 1 MiB swap minimum, the router and
+    # norm groups stay in RAM, so both restore paths run
+    argv = ["--data_dir", str(built), "--seq_len", "32", "--ep_size", "2", "--hidden_size", "256",
+            "--intermediate_size", "512", "--ds_config", "zero3_offload", "--nvme_offload_optimizer", "true",
+            "--warmup_steps", "2", "--max_steps", "5", "--save_interval", "3", "--log_interval", "1"]
+    straight = tmp_path / "straight"
+    infos = run_distributed(_fit, 2, [*argv, "--nvme_path", str(tmp_path / "swap")], str(straight), timeout=300)
+    assert all(i["rc"] == 0 and True in i["swapped"] and False in i["swapped"] for i in infos), infos
+    step3 = straight / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in (step3 / "offloaded_tensors").iterdir()) == ["rank00", "rank01"]
+
+    resumed = tmp_path / "resumed"
+    run_distributed(_fit, 2, [*argv, "--nvme_path", str(tmp_path / "swap2"), "--resume", str(step3)], str(resumed),
+                    timeout=300)
+    want, got = read_losses(straight), read_losses(resumed)
+    assert sorted(got) == [4, 5] and got == {s: want[s] for s in got}, (got, want)
+
+    # Such a checkpoint resumes only as it was written; export and resharding read the ZeRO shards
+    from ep_train.interop.universal import to_universal
+    from ep_train.parallel.ds_nvme import checkpoint_refusal
+    from ep_train.train.checkpoint import CheckpointError
+
+    assert "resume it with parallel.nvme_offload_optimizer true" in checkpoint_refusal(step3, False, 2)
+    assert "launch 2 processes" in checkpoint_refusal(step3, True, 4)
+    assert checkpoint_refusal(step3, True, 2) is None
+    assert "parallel.nvme_offload_optimizer false" in checkpoint_refusal(tmp_path, True, 2)  # no swap files
+    with pytest.raises(CheckpointError, match=r"keeps its optimizer states in NVMe swap files \(offloaded_tensors/\)"):
+        to_universal(step3, tmp_path / "universal")
