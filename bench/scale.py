@@ -50,6 +50,10 @@ MODEL_SMALL = {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, 
 # Candidates for the largest MoE at world 2 (smallest first; the search stops at the first failure):
 # more layers of the 583M model's shape, so bytes per parameter compare like for like.
 LARGEST_LAYERS = (12, 13, 14)
+# The NVMe search (issue 11's ZeRO-Infinity target): the same shape, parameters and optimizer states swapped to
+# disk. 36 layers: 2.59B parameters. EP 1 there: on CPU ep-train refuses parameter swapping when a ZeRO group
+# has one rank (EP = world), see README "bf16 and NVMe offload".
+NVME_LAYERS = (36,)
 
 
 
@@ -223,6 +227,18 @@ LEAN_DS = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", 
                                  "stage3_prefetch_bucket_size": 1e7, "stage3_param_persistence_threshold": 0,
                                  "stage3_gather_16bit_weights_on_model_save": False},
            "steps_per_print": 1000000, "wall_clock_breakdown": False}
+# ZeRO-Infinity: parameters and optimizer states swapped to parallel.nvme_path (the trainer writes it in).
+# sub_group_size 1e8: the optimizer swaps a sub-group at a time through 4 pinned fp32 buffers of the largest
+# sub-group (DeepSpeed's default 1e9 would pin ~15 GiB per rank); buffer_size holds the largest parameter
+# partition of the 583M shape (an expert weight [8, 2816, 1024] over 2 ranks: 11.5M elements).
+NVME_DS = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "pin_memory": True, "buffer_count": 5,
+                                                                 "buffer_size": 1.2e7, "max_in_cpu": 0},
+                                 "offload_optimizer": {"device": "nvme", "pin_memory": True}, "sub_group_size": 1e8,
+                                 "overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 1e7,
+                                 "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0,
+                                 "stage3_param_persistence_threshold": 0,
+                                 "stage3_gather_16bit_weights_on_model_save": False},
+           "steps_per_print": 1000000, "wall_clock_breakdown": False}
 # glibc: a fixed 1 MiB mmap threshold returns every freed tensor above 1 MiB to the OS at once (the
 # construction partitions DeepSpeed copies into its flat buffers); the planner reads the same variable.
 LEAN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
@@ -238,27 +254,31 @@ def _mem_available() -> int:
     return 0
 
 
-def _cfg(model: dict[str, Any], world: int, ep: int, seq_len: int, precision: str, ds_config: str):
+def _cfg(model: dict[str, Any], world: int, ep: int, seq_len: int, precision: str, ds_config: str,
+         extra: list[str] = ()):
     from ep_train.config import load_config, parse_overrides
 
     return load_config(None, parse_overrides(_overrides(model, world, ep, seq_len, precision)
-                                             + ["--ds_config", ds_config]))
+                                             + ["--ds_config", ds_config, *extra]))
 
 
 def plan_host(model: dict[str, Any], world: int, ep: int, seq_len: int, precision: str, ds_config: str,
-              env: dict[str, str]) -> dict[str, Any]:
+              env: dict[str, str], extra: list[str] = ()) -> dict[str, Any]:
     from ep_train.sizes import model_size, plan_memory
 
-    cfg = _cfg(model, world, ep, seq_len, precision, ds_config)
+    cfg = _cfg(model, world, ep, seq_len, precision, ds_config, extra)
     plan = plan_memory(cfg, world, "cpu", env=env)
     return {"params": model_size(cfg).total, "host": plan["host_peak_bytes"], "setup": plan["host_setup_bytes"]}
 
 
 def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precision: str, ds_config: str,
-            env: dict[str, str], data: Path, out: Path) -> dict[str, Any]:
-    """One run, or a reason it was not run (the plan says it would not fit next to the machine's other load)."""
-    ep = max(e for e in range(1, world + 1) if world % e == 0 and model["num_experts"] % e == 0)
-    plan = plan_host(model, world, ep, seq_len, precision, ds_config, env)
+            env: dict[str, str], data: Path, out: Path, ep: int | None = None,
+            extra: list[str] = ()) -> dict[str, Any]:
+    """One run, or a reason it was not run (the plan says it would not fit next to the machine's other load).
+    ``ep``: default the largest EP dividing the world and the experts; ``extra``: more trainer overrides."""
+    if ep is None:
+        ep = max(e for e in range(1, world + 1) if world % e == 0 and model["num_experts"] % e == 0)
+    plan = plan_host(model, world, ep, seq_len, precision, ds_config, env, extra)
     row = {"name": name, "world": world, "ep": ep, "precision": precision, "params": plan["params"],
            "plan_host": plan["host"], "plan_setup": plan["setup"], "ds_config": ds_config, "env": env}
     cache = out / "rows" / f"{name}_w{world}_{precision}.json"  # a re-run with the same --out reuses results
@@ -279,7 +299,7 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
         print(f"{name}: {row['skipped']}", flush=True)
         return row
     res = run_trainer(out / f"{name}_w{world}_{precision}", data, world,
-                      _overrides(model, world, ep, seq_len, precision), ds_config, env=env)
+                      _overrides(model, world, ep, seq_len, precision) + list(extra), ds_config, env=env)
     row.update(ok=res.ok, finite=res.finite, losses=res.losses, seconds=res.seconds,
                setup_peak=res.setup_peak, train_peak=res.train_peak, outside_peak=res.outside_peak,
                trainer_final=res.trainer_final, trainer_max_rss=res.trainer_max_rss,
@@ -290,6 +310,59 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(row))
     return row
+
+
+def _o_direct_refusal(folder: Path) -> str | None:
+    """DeepSpeed's aio opens swap files with O_DIRECT, which some filesystems (tmpfs before Linux 6.6) refuse."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".o_direct_probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError as e:
+        return f"{folder} does not support O_DIRECT ({e})"
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def nvme_search(layer_counts: list[int], model: dict[str, Any], seq: int, precision: str, data: Path, out: Path,
+                nvme_root: Path) -> list[dict[str, Any]]:
+    """The largest MoE at world 2 with parameters and optimizer states swapped to ``nvme_root`` (smallest first,
+    stopping at the first size that fails, does not fit in memory or whose swap files would not fit on disk)."""
+    from ep_train.parallel.zero import aio_unavailable_reason
+
+    ds = out / "ds_nvme.json"
+    ds.write_text(json.dumps(NVME_DS, indent=1))
+    nvme_root.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for layers in layer_counts:
+        m = {**model, "num_layers": layers}
+        name = f"nvme_{layers}l"
+        swap = nvme_root / name
+        shutil.rmtree(swap, ignore_errors=True)
+        extra = ["--nvme_path", str(swap), "--save_at_end", "false"]  # a checkpoint would double the disk needed
+        params = plan_host(m, 2, 1, seq, precision, str(ds), LEAN_ENV, extra)["params"]
+        # swap files: the parameter partitions, fp32 master, two fp32 moments, the fp32 optimizer gradient
+        need = params * ({"fp32": 4, "bf16": 2}[precision] + 16)
+        free = shutil.disk_usage(nvme_root).free
+        reason = aio_unavailable_reason() or _o_direct_refusal(swap)
+        if reason is None and need + RESERVE > free:
+            reason = (f"its swap files need about {need / GIB:.0f} GiB and {free / GIB:.0f} GiB are free on "
+                      f"{nvme_root}")
+        if reason is not None:
+            rows.append({"name": name, "world": 2, "ep": 1, "precision": precision, "params": params,
+                         "plan_host": 0, "skipped": f"not run: {reason}"})
+            print(f"{name}: not run: {reason}", flush=True)
+            break
+        row = measure(name, m, 2, seq, precision, str(ds), LEAN_ENV, data, out, ep=1, extra=extra)
+        if swap.is_dir():  # the files DeepSpeed swapped to (kept after the run), then removed
+            row["swap_bytes"] = sum(f.stat().st_size for f in swap.rglob("*") if f.is_file())
+            (out / "rows" / f"{name}_w2_{precision}.json").write_text(json.dumps(row))
+        shutil.rmtree(swap, ignore_errors=True)
+        rows.append(row)
+        if row.get("skipped") or not row.get("finite"):
+            break
+    return rows
 
 
 def _other_load() -> str:
@@ -374,6 +447,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--out", default=None, help="run folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--nvme-layers", default=",".join(map(str, NVME_LAYERS)),
+                    help="layer counts tried with parameters and optimizer states on NVMe at world 2 ('' skips)")
+    ap.add_argument("--nvme-precision", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument("--nvme-path", default=None,
+                    help="folder on a fast local disk with O_DIRECT (ext4/xfs) for the swap files (default: --out)")
     args = ap.parse_args(argv)
     worlds = [1, 2] if args.small else [int(w) for w in args.worlds.split(",") if w]
     model = MODEL_SMALL if args.small else MODEL_583M
@@ -405,13 +483,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             largest.append(row)
             if row.get("skipped") or not row.get("finite"):
                 break
-    result = {"scaling": scaling, "largest": largest, "shrinks": shrinks}
+    # 3. The largest MoE with parameters and optimizer states swapped to NVMe, at world 2.
+    nvme_layers = [model["num_layers"]] if args.small else [int(x) for x in args.nvme_layers.split(",") if x]
+    nvme_root = Path(args.nvme_path) if args.nvme_path else out / "nvme"
+    nvme = nvme_search(nvme_layers, model, seq, args.nvme_precision, data, out, nvme_root)
+    result = {"scaling": scaling, "largest": largest, "shrinks": shrinks, "nvme": nvme}
     (out / "scale.json").write_text(json.dumps(result, indent=1))
     with open(out / "scale.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "world", "ep", "precision", "params", "setup_peak_max_MiB", "train_peak_max_MiB",
                      "train_peak_sum_MiB", "trainer_max_rss_MiB", "plan_host_MiB", "plan_setup_MiB", "skipped"])
-        for r in scaling + largest:
+        for r in scaling + largest + nvme:
             w.writerow([r["name"], r["world"], r["ep"], r["precision"], r["params"],
                         round(max(r.get("setup_peak") or [0]) / MIB), round(max(r.get("train_peak") or [0]) / MIB),
                         round(sum(r.get("train_peak") or [0]) / MIB), round(r.get("trainer_max_rss", 0) / MIB),
@@ -448,7 +530,7 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
     setups = ", ".join(f"{_gib(max(r['setup_peak']))}" for r in ran)
     shrink = (f"A rank's set-up peak shrinks with the world size: **{'yes' if result['shrinks'] else 'NO'}** "
               f"({setups} GiB at world {', '.join(str(r['world']) for r in ran)}).")
-    measured = ran + [r for r in largest if r.get("train_peak") and not r.get("skipped")]
+    measured = ran + [r for r in largest + result["nvme"] if r.get("train_peak") and not r.get("skipped")]
     errors = [abs(r["plan_host"] / max(r["train_peak"]) - 1) for r in measured]
     plan_v = (f"`ep-train plan --device cpu` error against the measured training peak {describe('scale_plan_error')}, "
               "every run (the largest-model runs included): ")
@@ -493,8 +575,31 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
     else:
         verdicts.append(f"583M in fp32 at world 2, {describe('scale_fp32_bytes_per_param')} per parameter: "
                         "**not measured**")
-    verdicts.append(f"{TARGETS['scale_nvme_params'].what}: {describe('scale_nvme_params')} parameters: "
-                    "**not measured** here")
+    nrows = ["| precision | layers | parameters | result | training peak, summed | bytes / parameter in RAM (summed) | "
+             "swap files on disk | plan (per rank) / measured | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    nbest = None
+    for r in result["nvme"]:
+        layers = r["name"].split("_")[1]
+        if r.get("skipped") or not r.get("train_peak"):
+            nrows.append(f"| {r['precision']} | {layers} | {r['params'] / 1e9:.3f}B | {r.get('skipped') or 'failed'} "
+                         "|  |  |  |  |  |")
+            continue
+        total = sum(r["train_peak"])
+        ok = "trains, finite loss" if r.get("finite") else "ran, loss not finite" if r.get("ok") else "failed"
+        nrows.append(f"| {r['precision']} | {layers} | {r['params'] / 1e9:.3f}B | {ok} | {_gib(total)} GiB | "
+                     f"{total / r['params']:.1f} | {_gib(r.get('swap_bytes', 0))} GiB | "
+                     f"{r['plan_host'] / max(r['train_peak']):.2f} | {r['seconds']:.0f} |")
+        if r.get("finite") and (nbest is None or r["params"] > nbest["params"]):
+            nbest = r
+    goal = f"{TARGETS['scale_nvme_params'].what}: {describe('scale_nvme_params')} parameters"
+    tried = [r for r in result["nvme"] if not r.get("skipped")]
+    if nbest:
+        verdicts.append(f"{goal}: **{target_verdict('scale_nvme_params', nbest['params'])}** (largest that trained: "
+                        f"{nbest['params'] / 1e9:.3f}B)")
+    elif tried:
+        verdicts.append(f"{goal}: **MISSED** (no NVMe run trained)")
+    else:
+        verdicts.append(f"{goal}: **not measured** ({result['nvme'][0]['skipped'] if result['nvme'] else 'no size'})")
     return f"""`python bench/scale.py{' --small' if args.small else ''} --write` on {machine()}.
 Every run: `ep_train.train` under torchrun, gloo, 1 thread per rank, {STEPS} steps, seq_len {seq}, micro batch 1,
 activation checkpointing, CPU offload. Peaks are VmHWM of each rank process read from /proc by this script:
@@ -534,6 +639,19 @@ bf16 (bf16 parameter + fp32 master + fp32 gradient + two fp32 Adam moments), bef
 buffers. This run's JSON {'keeps that on' if dedup else 'turns that off'}: floors of {floors['fp32']} and {floors['bf16']} bytes.
 
 {chr(10).join(lrows)}
+
+### The largest MoE with NVMe offload at world 2
+
+The same shape with more layers, {args.nvme_precision}, EP 1 (experts partitioned over both ranks: on CPU ep-train
+refuses parameter swapping when a ZeRO group has one rank), parameters and optimizer states (fp32 masters, Adam
+moments, the optimizer's fp32 gradients) swapped to files on this machine's disk through DeepSpeed's async I/O
+(ZeRO-Infinity; `parallel.nvme_path`, `parallel.nvme_offload_optimizer`), no checkpoint at the end
+(`train.save_at_end: false`: a checkpoint copies the optimizer's swap files, which would not fit on this
+disk twice). The DeepSpeed JSON: `{json.dumps(NVME_DS['zero_optimization'])}`. "Swap files on disk" is the size of
+the swap folder after the run; RAM holds the bf16/fp32 gradient accumulation partition, the swap buffers and the
+activations.
+
+{chr(10).join(nrows)}
 
 {chr(10).join('- ' + v for v in verdicts)}
 """

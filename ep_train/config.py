@@ -157,6 +157,9 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = never
     eval_batches: int = 4
     save_interval: int = 0  # 0 = only at the end (and on a stop signal)
+    # false: no checkpoint when the run reaches max_steps (a benchmark, a throwaway run; a run started again
+    # then trains its last steps again); interval saves and stop-signal saves still happen
+    save_at_end: bool = True
     keep_last: int = 3
     resume: str | None = None  # "auto" = the latest checkpoint in run_dir/checkpoints, or a checkpoint folder
     verify_checkpoint: str = "fast"  # at resume: fast (sizes + small-file checksums) | full (every checksum) | off

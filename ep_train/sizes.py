@@ -139,10 +139,26 @@ class _Shapes:
     block_full: int  # the largest transformer block's parameters in full (this rank's experts)
     block_gathered: int  # ... of those that ZeRO-3 must all-gather (partition group > 1)
     largest_module_full: int  # the largest module's own parameters in full: what construction makes at once
-    largest_subgroup: int  # the largest optimizer group's partition elements (DeepSpeed sub-groups, 1e9 cap)
+    largest_subgroup: int  # the largest DeepSpeed optimizer sub-group's partition elements (sub_group_size)
+    largest_subgroup_full: int  # the full (unpartitioned) elements of the parameters of that sub-group
 
 
-def _rank_shapes(cfg: Config, world: int, zero_stage: int, param_bytes: int, threshold: int) -> _Shapes:
+def _largest_subgroup(sizes: list[tuple[int, int]], sub_group_size: int) -> tuple[int, int]:
+    """DeepSpeed's ``_create_fp16_sub_groups``: a group's parameters in order, a sub-group closed once it holds
+    at least ``sub_group_size`` partition elements. ``sizes``: (partition, full) elements per parameter ->
+    the largest sub-group's (partition, full) elements."""
+    if sub_group_size >= sum(n for n, _ in sizes):
+        return sum(n for n, _ in sizes), sum(f for _, f in sizes)
+    largest, run = (0, 0), (0, 0)
+    for n, f in sizes:
+        run = (run[0] + n, run[1] + f)
+        if run[0] >= sub_group_size:
+            largest, run = max(largest, run), (0, 0)
+    return max(largest, run)
+
+
+def _rank_shapes(cfg: Config, world: int, zero_stage: int, param_bytes: int, threshold: int,
+                 sub_group_size: int = int(1e9)) -> _Shapes:
     import math
 
     import torch
@@ -157,7 +173,7 @@ def _rank_shapes(cfg: Config, world: int, zero_stage: int, param_bytes: int, thr
     model = parallelize(build_model(cfg.model, cfg.moe, device="meta"), cfg, ParallelLayout(world, 0, ep),
                         deepspeed=False)
     part = small = local = 0
-    groups: dict[tuple[bool, bool, bool], int] = {}
+    groups: dict[tuple[bool, bool, bool], list[tuple[int, int]]] = {}
     expert_ids = set()
     for mod in model.modules():
         if isinstance(mod, GroupedExperts):
@@ -170,7 +186,7 @@ def _rank_shapes(cfg: Config, world: int, zero_stage: int, param_bytes: int, thr
         if n * param_bytes <= threshold:
             small += n
         key = (".router." in name, p.dim() >= 2, id(p) in expert_ids)  # train/optim.py's groups
-        groups[key] = groups.get(key, 0) + n
+        groups.setdefault(key, []).append((n, p.numel()))
     block_full = block_gathered = 0
     for mod in model.modules():
         if isinstance(mod, Block):
@@ -183,9 +199,9 @@ def _rank_shapes(cfg: Config, world: int, zero_stage: int, param_bytes: int, thr
                 block_full, block_gathered = full, gathered
     largest_module = max(sum(p.numel() for p in m._parameters.values() if p is not None)
                          for m in model.modules())
-    sub = max(min(n, int(1e9)) for n in groups.values())
+    sub, sub_full = max(_largest_subgroup(sizes, sub_group_size) for sizes in groups.values())
     del torch
-    return _Shapes(part, small, local, block_full, block_gathered, largest_module, sub)
+    return _Shapes(part, small, local, block_full, block_gathered, largest_module, sub, sub_full)
 
 
 def activation_bytes(cfg: Config, checkpointing: bool, act_bytes: int) -> dict[str, int]:
@@ -299,14 +315,14 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     # ep_train.parallel.ds_memory: under ZeRO-3 with the optimizer offloaded to CPU (and the JSON's switch on)
     # the fp32 master shares an fp32 parameter partition on the host, and the optimizer's gradient is the
     # accumulation buffer when both are fp32.
-    dedup = dedup_enabled({**ds, "zero_optimization": {**z, "stage": stage,
-                                                        "offload_optimizer": {"device": "cpu" if off_opt else "none"}}})
+    dedup = dedup_enabled({**ds, "zero_optimization": {**z, "stage": stage, "offload_optimizer": {
+        "device": "cpu" if off_opt and not opt_nvme else "none"}}})  # (NVMe-swapped sub-groups keep their own)
     # DeepSpeed accumulates gradients in the model dtype unless data_types.grad_accum_dtype says otherwise
     # (engine.get_data_types); build_ds_config makes that fp32 for bf16 when the deduplication applies.
     accum = ds.get("data_types", {}).get("grad_accum_dtype", "fp32" if dedup and precision == "bf16" else precision)
     gb = _DTYPE_BYTES.get(str(accum).lower(), pb)
     threshold = heap_threshold(env)
-    s = _rank_shapes(cfg, world, stage, pb, threshold)
+    s = _rank_shapes(cfg, world, stage, pb, threshold, int(float(z.get("sub_group_size", 1e9))))
     p = s.partition
     cpu = device == "cpu"
 
@@ -330,7 +346,9 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     items.append(("gradient partition", where(off_opt and stage >= 3), grad_elems * gb,
                   "gradients accumulated per partition (stage3 grad_partitions_flat_buffer, grad_accum dtype)"))
     shared_grad = dedup and gb == 4  # the optimizer steps on its slice of the accumulation buffer
-    if off_opt:
+    if opt_nvme:  # _swap_out_offload_fp32_gradients: written at the boundary, read back into a swap buffer
+        items.append(("optimizer gradient", "nvme", p * 4, "fp32 gradients of the swapped sub-groups, swap files"))
+    elif off_opt:
         items.append(("optimizer gradient", where(True), 0 if shared_grad else p * 4,
                       "none: the optimizer's fp32 gradient is the accumulation buffer (ep_train ds_memory)"
                       if shared_grad else "fp32 gradient the offloaded optimizer steps on (a second buffer, pinned)"))
@@ -341,10 +359,15 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
         count, size = int(o.get("buffer_count", 5)), int(float(o.get("buffer_size", 1e8)))
         items.append(("NVMe parameter buffers", "host", count * size * pb,
                       f"offload_param: {count} pinned swap buffers of {size:.0e} elements"))
+        # stage3 reserve_partitioned_swap_space: sized by the full (ds_numel) sizes of the largest sub-group
+        items.append(("NVMe parameter write-back", "host", s.largest_subgroup_full * pb,
+                      "pinned buffer the optimizer step writes a sub-group's parameters through (full sizes)"))
     if opt_nvme:  # optimizer_utils: buffer_count buffers of the largest sub-group, fp32, pinned
         count = int(z.get("offload_optimizer", {}).get("buffer_count", 4))
         items.append(("NVMe optimizer buffers", "host", count * s.largest_subgroup * 4,
                       f"offload_optimizer: {count} pinned fp32 swap buffers of the largest optimizer sub-group"))
+        items.append(("first-step Adam moments", "host", s.largest_subgroup * 8,
+                      "CPU Adam creates a sub-group's moments at its first step, before they are swapped out"))
     # --- DeepSpeed buffers ----------------------------------------------------------------------
     bucket = int(float(z.get("reduce_bucket_size", 5e8)))
     # torch.empty: only the pages gradients are copied into become resident, and a rank never puts more
@@ -384,7 +407,8 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
         items.append(("CUDA context", "device", DEVICE_BASELINE, "context and library workspaces (typical)"))
 
     setup_names = {"parameters", "fp32 master", "gradient partition", "optimizer gradient",
-                   "freed heap (construction)"}
+                   "freed heap (construction)", "NVMe parameter buffers", "NVMe parameter write-back",
+                   "NVMe optimizer buffers"}  # (all allocated by deepspeed.initialize)
     host = sum(b for _, w, b, _ in items if w == "host")
     dev = sum(b for _, w, b, _ in items if w == "device")
     setup_host = sum(b for n, w, b, _ in items if w == "host" and n in setup_names) + HOST_BASELINE_SETUP

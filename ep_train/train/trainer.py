@@ -501,7 +501,7 @@ class Trainer:
                 return STOP_EXIT_CODE
             if t.save_interval and self.step % t.save_interval == 0 and self.step < t.max_steps:
                 self.save()
-        if self.saved_step != self.step:  # resumed at max_steps (a requeued finished run): on disk already
+        if self.saved_step != self.step and t.save_at_end:  # saved_step == step: resumed at max_steps (on disk)
             self.save()
         self.metrics.log_memory(self.step, "final", self._rss_peaks_mb())  # the whole run, the last save included
         self.metrics.close()

@@ -244,9 +244,13 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, built) -> None:
 
 
 def test_memory_marks_in_metrics(tmp_path, built) -> None:
-    """The set-up peak (engine built, before step 1) and the final peak (after the last save) are logged."""
+    """The set-up peak (engine built, before step 1) and the final peak (after the last save) are logged.
+    With train.save_at_end false the run keeps its interval checkpoint (step 1) and writes none at the end."""
     run = tmp_path / "run"
-    out = train(run, built, 2, "--ep_size", "2", "--max_steps", "2", "--warmup_steps", "1")
+    out = train(run, built, 2, "--ep_size", "2", "--max_steps", "2", "--warmup_steps", "1", "--save_interval", "1",
+                "--save_at_end", "false")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001"]
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000001"
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     setup = [r for r in recs if r.get("phase") == "setup"]
     final = [r for r in recs if r.get("phase") == "final"]

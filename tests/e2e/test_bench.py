@@ -193,6 +193,13 @@ def test_scale_bench_small(tmp_path) -> None:
         assert max(r["setup_peak"]) <= r["trainer_max_rss"] <= max(r["train_peak"]) + 2**20
         assert r["plan_host"] > 0
     assert {r["precision"] for r in out["largest"]} == {"fp32", "bf16"}
+    # parameters and optimizer states on NVMe (ZeRO-Infinity), or the reason it could not run here
+    [nvme] = out["nvme"]
+    if nvme.get("skipped"):
+        assert "not run:" in nvme["skipped"] and "**not measured**" in out["text"]
+    else:
+        assert nvme["finite"] and nvme["ep"] == 1 and nvme["swap_bytes"] > 0 and nvme["plan_host"] > 0, nvme
+        assert "| bf16 | 2l |" in out["text"].split("NVMe offload at world 2")[1]
     assert isinstance(out["shrinks"], bool) and "shrinks with the world size" in out["text"]
     assert "bytes / parameter" in out["text"] and "| 2 | 2 |" in out["text"]
     assert (tmp_path / "scale.png").stat().st_size > 0 and (tmp_path / "scale.csv").is_file()

@@ -164,10 +164,31 @@ def test_plan_keeps_nvme_offloaded_states_off_the_device_and_counts_the_swap_buf
     assert _bytes(plan, "NVMe parameter buffers") == 5 * 10**8 * 2  # bf16 on cuda
     assert plan["device_peak_bytes"] == ref["device_peak_bytes"]  # the parameters were on the host there
     assert plan["host_peak_bytes"] == (ref["host_peak_bytes"] - _bytes(ref, "parameters")
-                                       + _bytes(plan, "NVMe parameter buffers"))
+                                       + _bytes(plan, "NVMe parameter buffers") + _bytes(plan, "NVMe parameter write-back"))
     # parallel.nvme_offload_optimizer moves the optimizer's states too, as the trainer's merge does
     cfg.parallel.nvme_offload_optimizer = True
     both = plan_memory(cfg, 2, "cuda", ds=nvme)
     where = {b["name"]: b["where"] for b in both["breakdown"]}
     assert where["Adam moments"] == where["fp32 master"] == "nvme" and _bytes(both, "NVMe optimizer buffers") > 0
+    # CPU Adam makes a sub-group's moments at its first step (fp32, 2 per element) before they are swapped out
+    assert _bytes(both, "first-step Adam moments") * 4 == _bytes(both, "NVMe optimizer buffers") * 2
     assert both["host_peak_bytes"] < plan["host_peak_bytes"] + _bytes(both, "NVMe optimizer buffers")
+
+
+def test_largest_subgroup_follows_deepspeed() -> None:
+    """The plan's sub-group split against DeepSpeed 0.19.8's own ``_create_fp16_sub_groups``."""
+    import random
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    from ep_train.sizes import _largest_subgroup
+
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = [(rng.randint(1, 50), rng.randint(50, 120)) for _ in range(rng.randint(1, 12))]
+        sub_group_size = rng.randint(1, 300)
+        params = [SimpleNamespace(n=n, full=f, partition_numel=lambda n=n: n) for n, f in sizes]
+        groups = Stage3._create_fp16_sub_groups(SimpleNamespace(sub_group_size=sub_group_size), params)
+        want = max((sum(p.n for p in g), sum(p.full for p in g)) for g in groups)
+        assert _largest_subgroup(sizes, sub_group_size)[0] == want[0], (sizes, sub_group_size)
