@@ -332,7 +332,13 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     items: list[tuple[str, str, int, str]] = []  # (name, host|device|nvme, bytes, why); nvme: in neither peak
     # --- model states ---------------------------------------------------------------------------
     lp = p if stage >= 3 else s.local_full
-    items.append(("parameters", "nvme" if par_nvme else where(off_par), lp * pb,
+    # offload_param.max_in_cpu: DeepSpeed keeps up to that many parameter elements in pinned host buffers
+    # (_create_param_groups_fp16_flat_cpu_memory) and swaps only the rest
+    in_cpu = min(lp, int(float(z.get("offload_param", {}).get("max_in_cpu", 1e9)))) if par_nvme else 0
+    if in_cpu:
+        items.append(("parameters kept in RAM", "host", in_cpu * pb,
+                      "offload_param.max_in_cpu: parameter partitions held in pinned host buffers, not swapped"))
+    items.append(("parameters", "nvme" if par_nvme else where(off_par), (lp - in_cpu) * pb,
                   f"{precision} parameters: the ZeRO-3 partition (offload_param: DeepSpeed's flat host buffer)"
                   if stage >= 3 else f"{precision} parameters: full copy under ZeRO-{stage}"))
     # stage3._create_fp32_partitions reuses an fp32 partition without offload; with offload ds_memory shares it
@@ -359,9 +365,10 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
         count, size = int(o.get("buffer_count", 5)), int(float(o.get("buffer_size", 1e8)))
         items.append(("NVMe parameter buffers", "host", count * size * pb,
                       f"offload_param: {count} pinned swap buffers of {size:.0e} elements"))
-        # stage3 reserve_partitioned_swap_space: sized by the full (ds_numel) sizes of the largest sub-group
-        items.append(("NVMe parameter write-back", "host", s.largest_subgroup_full * pb,
-                      "pinned buffer the optimizer step writes a sub-group's parameters through (full sizes)"))
+        if in_cpu < lp:  # stage3 reserve_partitioned_swap_space: only when a sub-group has no host buffer,
+            # sized by the full (ds_numel) sizes of the largest sub-group
+            items.append(("NVMe parameter write-back", "host", s.largest_subgroup_full * pb,
+                          "pinned buffer the optimizer step writes a sub-group's parameters through (full sizes)"))
     if opt_nvme:  # optimizer_utils: buffer_count buffers of the largest sub-group, fp32, pinned
         count = int(z.get("offload_optimizer", {}).get("buffer_count", 4))
         items.append(("NVMe optimizer buffers", "host", count * s.largest_subgroup * 4,
@@ -408,6 +415,7 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
 
     setup_names = {"parameters", "fp32 master", "gradient partition", "optimizer gradient",
                    "freed heap (construction)", "NVMe parameter buffers", "NVMe parameter write-back",
+                   "parameters kept in RAM",
                    "NVMe optimizer buffers"}  # (all allocated by deepspeed.initialize)
     host = sum(b for _, w, b, _ in items if w == "host")
     dev = sum(b for _, w, b, _ in items if w == "device")

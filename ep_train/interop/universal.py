@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ep_train.config import Config, config_from_dict
-from ep_train.parallel.ds_nvme import OFFLOADED
+from ep_train.parallel.ds_nvme import OFFLOADED, SWAP_MAP, swapped_checkpoint
 from ep_train.train.checkpoint import (MANIFEST, STATE_FILE, CheckpointError, complete_checkpoints, latest_target,
                                        only_safe_loads, safe_load, verify)
 
@@ -90,11 +90,6 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     dest = out if out is not None else step_dir / UNIVERSAL
     if (dest / "zero").is_dir():
         return dest
-    if (step_dir / OFFLOADED).is_dir():  # the ZeRO shards hold empty tensors for the swapped sub-groups
-        raise CheckpointError(f"checkpoint {str(step_dir)!r} keeps its optimizer states in NVMe swap files "
-                              f"({OFFLOADED}/), which DeepSpeed's universal form does not read: exporting, "
-                              "upcycling or resharding it is not supported; it resumes at the world and EP size "
-                              "that wrote it, with the optimizer on NVMe (parallel.nvme_offload_optimizer true)")
     from deepspeed.checkpoint import ds_to_universal
 
     # This process's own temporary folder: two conversions of one checkpoint at once (an export while a
@@ -108,7 +103,11 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     tmp = dest.parent / f"{dest.name}.tmp.{host}.{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
-        args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(tmp / UNIVERSAL),
+        source = step_dir
+        if swapped_checkpoint(step_dir):  # its ZeRO shards lack the states swapped to NVMe: a filled copy
+            source = tmp / "filled"
+            _fill_swapped_states(step_dir, source)
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp / UNIVERSAL),
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                   strict=True, inject_missing_state=False)  # one worker: bounded memory
         with only_safe_loads():
@@ -121,6 +120,49 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _fill_swapped_states(step_dir: Path, dest: Path) -> None:
+    """``dest``: ``step_dir``'s DeepSpeed files, each rank's ZeRO shard rewritten with the fp32 masters and
+    Adam moments its NVMe swap files hold (``ds_nvme.write_swap_map`` says which sub-group is in which file).
+    One rank's shard in memory at a time, as DeepSpeed's converter reads them; the swap files are mapped."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+
+    ranks = [p for p in (step_dir / OFFLOADED).iterdir() if p.is_dir()]
+    maps = [json.loads(p.read_text()) for p in sorted(step_dir.glob(SWAP_MAP.format(rank="*")))]
+    if len(maps) != len(ranks):
+        raise CheckpointError(f"checkpoint {str(step_dir)!r} holds NVMe swap files of {len(ranks)} ranks and swap "
+                              f"maps ({SWAP_MAP.format(rank='R')}) of {len(maps)}: it was written before ep-train "
+                              "recorded them, or is incomplete; resume it as it was written (same world size, "
+                              "parallel.nvme_offload_optimizer true)")
+    dest.mkdir(parents=True)
+    shards = {m["shard"]: m for m in maps}
+    for f in step_dir.iterdir():
+        if f.is_file() and f.name not in shards:
+            (dest / f.name).symlink_to(f.resolve())
+    for name, info in shards.items():
+        sd = safe_load(step_dir / name, map_location="cpu")
+        zero = sd[OPTIMIZER_STATE_DICT]
+        state = zero[OPTIMIZER_STATE_DICT]["state"]
+        swap = step_dir / info["swap_dir"]
+        for e in info["subgroups"]:
+            dtype = getattr(torch, e["dtype"])
+            zero[FP32_FLAT_GROUPS][e["subgroup"]] = _swap_file(swap / f"{e['swap_id']}.tensor.swp", e["numel"], dtype)
+            for key, value in state[e["index"]].items():
+                if torch.is_tensor(value):
+                    state[e["index"]][key] = _swap_file(swap / f"{key}-{e['swap_id']}.tensor.swp", e["numel"], dtype)
+        torch.save(sd, dest / name)
+        del sd, zero, state
+
+
+def _swap_file(path: Path, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``numel`` elements of a DeepSpeed swap file (raw, padded to its I/O alignment), mapped."""
+    need = numel * torch.empty(0, dtype=dtype).element_size()
+    size = path.stat().st_size if path.is_file() else -1
+    if size < need:
+        raise CheckpointError(f"NVMe swap file {str(path)!r} is {'missing' if size < 0 else f'{size:,} bytes'}; "
+                              f"the swap map needs {need:,}: the checkpoint is incomplete or damaged")
+    return torch.from_file(str(path), shared=False, size=numel, dtype=dtype)
 
 
 def to_universal_everywhere(step_dir: Path) -> Path:

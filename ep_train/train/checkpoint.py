@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from ep_train.data.shards import sha256_file
 from ep_train.files import atomic_write_text
-from ep_train.parallel.ds_nvme import nvme_optimizer, restore_from_shard
+from ep_train.parallel.ds_nvme import nvme_optimizer, restore_from_shard, write_swap_map
 
 STATE_FILE = "ep_train_state.json"
 MANIFEST = "manifest.json"
@@ -216,6 +216,8 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # collective
         torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+        if nvme_optimizer(engine):
+            write_swap_map(engine, path)  # which swap files hold which sub-group (for the universal form)
         ok = True
     except (OSError, RuntimeError) as e:  # disk full (ENOSPC), file-size limit (EFBIG); torch.save raises RuntimeError
         ok, err = False, f"{type(e).__name__}: {e}"

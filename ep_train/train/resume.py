@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ep_train.config import Config, config_to_dict
-from ep_train.parallel.ds_nvme import checkpoint_refusal
+from ep_train.parallel.ds_nvme import checkpoint_refusal, swapped_checkpoint
 from ep_train.train import checkpoint
 from ep_train.train.optim import base_lr, schedule_factor
 
@@ -63,7 +63,7 @@ class ResumePlan:
     path: Path  # the chosen checkpoint folder (step_N)
     state: dict[str, Any]  # its ep_train_state.json
     reshard: list[str]  # shape changes ("world size: 2 -> 1", ...); [] at the same shape
-    universal: Path | None  # step_N/universal when resharding
+    universal: Path | None  # step_N/universal: resharding, or NVMe-swapped states into a run that keeps them in RAM
 
 
 def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, Any],
@@ -81,12 +81,16 @@ def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, An
     state = checkpoint.read_state(path)
     reshard = check_resumable(state, cfg, world, path)  # before DeepSpeed reads a file
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
-    refusal = checkpoint_refusal(path, offload.get("device") == "nvme", world)  # swap files vs this run
+    nvme = offload.get("device") == "nvme"
+    refusal = checkpoint_refusal(path, nvme, world)  # swap files vs this run
     if refusal:
         raise checkpoint.CheckpointError(refusal)
-    if not reshard:
+    # Optimizer states swapped to NVMe and this run keeps them in RAM: DeepSpeed would read the ZeRO shards,
+    # which lack them; the universal form is converted with them filled in (ds_nvme.py), at any shape.
+    from_swap = swapped_checkpoint(path) and not nvme
+    if not reshard and not from_swap:
         return ResumePlan(path, state, [], None)
-    if offload.get("device") == "nvme":
+    if nvme:
         # DeepSpeed 0.19.8's load_checkpoint skips the ZeRO (and so the universal) load when the optimizer
         # lives on NVMe and copies the old world's per-rank swap files instead: no resharding there.
         raise checkpoint.CheckpointError(
@@ -97,8 +101,9 @@ def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, An
     from ep_train.interop.universal import to_universal_everywhere
 
     if rank == 0:
-        log(f"resume: checkpoint {path.name} was written at another shape ({'; '.join(reshard)}); resharding "
-            f"through DeepSpeed's universal form in {path / 'universal'}")
+        why = (f"was written at another shape ({'; '.join(reshard)}); resharding" if reshard else
+               "keeps optimizer states in NVMe swap files and this run keeps them in RAM; loading")
+        log(f"resume: checkpoint {path.name} {why} through DeepSpeed's universal form in {path / 'universal'}")
     return ResumePlan(path, state, reshard, to_universal_everywhere(path))
 
 

@@ -84,6 +84,7 @@ class Trainer:
         from ep_train.parallel.zero import (build_ds_config, gather_whole_blocks, is_offloading_optimizer,
                                             materialize_partitioned)
         from ep_train.parallel.ds_grad_path import apply_fast_grad_path
+        from ep_train.parallel.ds_load import fetch_only_loaded
         from ep_train.parallel.ds_nvme import allow_moe_save
         from ep_train.parallel.ds_memory import lean_offload_buffers
 
@@ -139,6 +140,7 @@ class Trainer:
                 model=model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config)
         apply_fast_grad_path(self.engine.optimizer, self.ds_config)  # no full-size gradient copies (ds_grad_path.py)
         allow_moe_save(self.engine)  # MoE checkpoints with optimizer states on NVMe (ds_nvme.py)
+        fetch_only_loaded(self.engine)  # a resume gathers no expert it does not load (ds_load.py)
         self.model: Transformer = model
         if t.compile:
             compile_blocks(model)

@@ -195,20 +195,33 @@ def _fit(rank: int, world: int, argv: list[str], run_dir: str) -> dict[str, Any]
     return {"rc": rc, "swapped": [zero._swappable_optimizer_subgroup(i) for i in range(len(zero.fp16_groups))]}
 
 
+def _params_on_nvme_json(folder: Path) -> str:
+    """zero3_nvme.json with swap buffers sized for the test's model (its 1e8 default would pin gigabytes)."""
+    ds = json.loads((DS_CONFIG_DIR / "zero3_nvme.json").read_text())
+    ds["zero_optimization"]["offload_param"]["buffer_size"] = 1.2e6
+    path = folder / "zero3_nvme_small.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
 @pytest.mark.skipif(AIO_MISSING is not None, reason=str(AIO_MISSING))
-def test_moe_optimizer_states_on_nvme_resume_exactly(tmp_path, built) -> None:
-    """EP 2, optimizer states on NVMe: DeepSpeed 0.19.8 alone refuses to save the MoE layers, and its resume
-    restarts the Adam moments and step counts, keeps the learning rate it was built with and leaves the
-    sub-groups kept in RAM at their initial values (the resumed losses drifted from step 5 on when checked
-    by hand). With ds_nvme.py the resumed steps are bitwise the unbroken run's."""
+@pytest.mark.parametrize("params", ["in_ram", "on_nvme"])
+def test_moe_optimizer_states_on_nvme_resume_exactly(tmp_path, built, params) -> None:
+    """Optimizer states on NVMe, parameters in RAM (EP 2) or on NVMe too (EP 1, as CPU runs need): DeepSpeed
+    0.19.8 alone refuses to save the MoE layers, and its resume restarts the Adam moments and step counts, keeps
+    the learning rate it was built with and leaves the sub-groups kept in RAM at their initial values (the
+    resumed losses drifted from step 5 on when checked by hand). With ds_nvme.py the resumed steps are bitwise
+    the unbroken run's."""
     reason = _o_direct_unsupported(tmp_path / "swap")
     if reason:
         pytest.skip(reason)
     # hidden 256: the experts and the dense decay group pass DeepSpeed's 1 MiB swap minimum, the router and
     # norm groups stay in RAM, so both restore paths run
-    argv = ["--data_dir", str(built), "--seq_len", "32", "--ep_size", "2", "--hidden_size", "256",
-            "--intermediate_size", "512", "--ds_config", "zero3_offload", "--nvme_offload_optimizer", "true",
-            "--warmup_steps", "2", "--max_steps", "5", "--save_interval", "3", "--log_interval", "1"]
+    layout = (["--ep_size", "2", "--ds_config", "zero3_offload"] if params == "in_ram" else
+              ["--ep_size", "1", "--ds_config", _params_on_nvme_json(tmp_path)])
+    argv = ["--data_dir", str(built), "--seq_len", "32", "--hidden_size", "256", "--intermediate_size", "512",
+            *layout, "--nvme_offload_optimizer", "true", "--warmup_steps", "2", "--max_steps", "5",
+            "--save_interval", "3", "--log_interval", "1"]
     straight = tmp_path / "straight"
     infos = run_distributed(_fit, 2, [*argv, "--nvme_path", str(tmp_path / "swap")], str(straight), timeout=300)
     assert all(i["rc"] == 0 and True in i["swapped"] and False in i["swapped"] for i in infos), infos
@@ -220,15 +233,28 @@ def test_moe_optimizer_states_on_nvme_resume_exactly(tmp_path, built) -> None:
                     timeout=300)
     want, got = read_losses(straight), read_losses(resumed)
     assert sorted(got) == [4, 5] and got == {s: want[s] for s in got}, (got, want)
+    if params == "on_nvme":
+        return
 
-    # Such a checkpoint resumes only as it was written; export and resharding read the ZeRO shards
+    # With the optimizer on NVMe it resumes only at the world size that wrote it; a run that keeps the optimizer
+    # in RAM loads it through the universal form, converted with the swapped states filled in from the swap files
     from ep_train.interop.universal import to_universal
     from ep_train.parallel.ds_nvme import checkpoint_refusal
     from ep_train.train.checkpoint import CheckpointError
 
-    assert "resume it with parallel.nvme_offload_optimizer true" in checkpoint_refusal(step3, False, 2)
     assert "launch 2 processes" in checkpoint_refusal(step3, True, 4)
-    assert checkpoint_refusal(step3, True, 2) is None
+    assert checkpoint_refusal(step3, True, 2) is None and checkpoint_refusal(step3, False, 2) is None
     assert "parallel.nvme_offload_optimizer false" in checkpoint_refusal(tmp_path, True, 2)  # no swap files
-    with pytest.raises(CheckpointError, match=r"keeps its optimizer states in NVMe swap files \(offloaded_tensors/\)"):
-        to_universal(step3, tmp_path / "universal")
+    assert sorted(p.name for p in step3.glob("nvme_swap_map_rank*.json")) == ["nvme_swap_map_rank0.json",
+                                                                               "nvme_swap_map_rank1.json"]
+    in_ram = tmp_path / "in_ram"
+    argv_ram = ["false" if a == "true" else a for a in argv]  # (--nvme_offload_optimizer is argv's only "true")
+    run_distributed(_fit, 2, [*argv_ram, "--resume", str(step3)], str(in_ram), timeout=300)
+    got = read_losses(in_ram)
+    assert sorted(got) == [4, 5], got
+    for s in got:  # the universal form's load is exact to fp32 rounding (tests/distributed/test_reshard.py)
+        assert abs(got[s] - want[s]) <= 1e-6 * abs(want[s]), (got, want)
+    # A checkpoint whose swap map is missing is named, not converted from empty shards
+    (step3 / "nvme_swap_map_rank1.json").rename(tmp_path / "map1.json")
+    with pytest.raises(CheckpointError, match=r"swap maps \(nvme_swap_map_rankR.json\) of 1"):
+        to_universal(step3, tmp_path / "universal_again")

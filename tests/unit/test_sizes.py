@@ -165,6 +165,14 @@ def test_plan_keeps_nvme_offloaded_states_off_the_device_and_counts_the_swap_buf
     assert plan["device_peak_bytes"] == ref["device_peak_bytes"]  # the parameters were on the host there
     assert plan["host_peak_bytes"] == (ref["host_peak_bytes"] - _bytes(ref, "parameters")
                                        + _bytes(plan, "NVMe parameter buffers") + _bytes(plan, "NVMe parameter write-back"))
+    # DeepSpeed's default max_in_cpu (1e9) keeps a small model's partitions in pinned RAM: nothing to write back
+    roomy = json.loads(json.dumps(nvme))
+    del roomy["zero_optimization"]["offload_param"]["max_in_cpu"]
+    kept = plan_memory(cfg, 2, "cuda", ds=roomy)
+    names = {b["name"] for b in kept["breakdown"]}
+    assert _bytes(kept, "parameters kept in RAM") == _bytes(ref, "parameters") and _bytes(kept, "parameters") == 0
+    assert "NVMe parameter write-back" not in names
+    assert "NVMe parameter write-back" in {b["name"] for b in plan["breakdown"]}  # max_in_cpu 0: every sub-group
     # parallel.nvme_offload_optimizer moves the optimizer's states too, as the trainer's merge does
     cfg.parallel.nvme_offload_optimizer = True
     both = plan_memory(cfg, 2, "cuda", ds=nvme)
