@@ -109,7 +109,7 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
             _fill_swapped_states(step_dir, source)
         args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp / UNIVERSAL),
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                  strict=True, inject_missing_state=False)  # one worker: bounded memory
+                                  strict=True, inject_missing_state=False)  # one worker (AutoEP: see _fill_swapped_states)
         with only_safe_loads():
             ds_to_universal.main(args)
         try:
@@ -125,7 +125,8 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
 def _fill_swapped_states(step_dir: Path, dest: Path) -> None:
     """``dest``: ``step_dir``'s DeepSpeed files, each rank's ZeRO shard rewritten with the fp32 masters and
     Adam moments its NVMe swap files hold (``ds_nvme.write_swap_map`` says which sub-group is in which file).
-    One rank's shard in memory at a time, as DeepSpeed's converter reads them; the swap files are mapped."""
+    One rank's shard in memory at a time here (the swap files are mapped); DeepSpeed's converter afterwards
+    loads every rank's shard of an AutoEP checkpoint at once (``_consolidate_zero3_autoep_expert_states``)."""
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 
     ranks = [p for p in (step_dir / OFFLOADED).iterdir() if p.is_dir()]

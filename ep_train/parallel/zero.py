@@ -108,6 +108,12 @@ def _merge_nvme(ds: dict[str, Any], cfg: Config, json_name: str, world: int) -> 
 
         from ep_train.parallel.ds_memory import SUPPORTED_DEEPSPEED
 
+        opt = zero.get("offload_optimizer", {})
+        for key in ("pipeline_read", "pipeline_write"):
+            if opt.get(key):  # PipelinedOptimizerSwapper keeps swapped states in the saved shards (ds_nvme.py)
+                raise ValueError(f"{json_name} sets zero_optimization.offload_optimizer.{key} = {opt[key]!r}: "
+                                 "DeepSpeed's pipelined optimizer swapper leaves swapped states in the saved ZeRO "
+                                 "shards, which a resume cannot tell from in-RAM ones; remove it (default false)")
         if deepspeed.__version__ != SUPPORTED_DEEPSPEED:  # ds_nvme.py completes that version's save and resume
             raise ValueError(f"{json_name} offload_optimizer.device = 'nvme' needs deepspeed {SUPPORTED_DEEPSPEED} "
                              f"(installed: {deepspeed.__version__}), whose checkpoints of swapped optimizer states "

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ep_train.config import Config, config_to_dict
 from ep_train.parallel.ds_nvme import checkpoint_refusal, swapped_checkpoint
 from ep_train.train import checkpoint
@@ -134,6 +136,25 @@ GROUP_TAGS = ("router", "decay", "name", "moe")  # what optimizer_param_groups m
 
 def group_tags(optimizer: Any) -> list[dict[str, Any]]:
     return [{k: g[k] for k in GROUP_TAGS if k in g} for g in optimizer.param_groups]
+
+
+def tensor_steps(optimizer: Any) -> int:
+    """DeepSpeed 0.19.8's universal loader sets every sub-group's Adam ``step`` to the checkpoint's value as
+    saved: a Python int when CPU Adam wrote it (optimizer offload). torch's Adam/AdamW keep ``step`` as a tensor
+    and increment it in place; with an int the increment never sticks (every later step would use the first
+    resumed step's bias correction) and the foreach path fails. torch's own ``load_state_dict`` converts it
+    (``Adam.__setstate__``); here the same for the universal load. DeepSpeed's CPU Adam counts with ints:
+    left alone. Returns how many were converted."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if isinstance(optimizer, DeepSpeedCPUAdam):
+        return 0
+    n = 0
+    for state in optimizer.state.values():
+        if "step" in state and not torch.is_tensor(state["step"]):
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            n += 1
+    return n
 
 
 def restore_group_tags(optimizer: Any, tags: list[dict[str, Any]]) -> None:

@@ -56,6 +56,15 @@ def test_nvme_path_is_written_into_the_json(tmp_path) -> None:
     assert is_offloading_optimizer(ds)  # the step runs on the CPU: DeepSpeedCPUAdam
 
 
+def test_pipelined_optimizer_swapper_is_refused(tmp_path) -> None:
+    ds = json.loads((DS_CONFIG_DIR / "zero3_nvme.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "pipeline_read": True}
+    path = tmp_path / "pipelined.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ValueError, match=r"offload_optimizer.pipeline_read = True: DeepSpeed's pipelined optimizer"):
+        build_ds_config(_cfg("--ds_config", str(path), "--ep_size", "1", "--nvme_path", str(tmp_path)), 2, False)
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--ds_config", "zero3_nvme"], r"parallel.nvme_path = None is invalid: zero3_nvme.json offloads "
                                     r"zero_optimization.offload_param to nvme; pass --parallel.nvme_path DIR"),

@@ -56,10 +56,13 @@ def straight(tmp_path_factory, built) -> dict[str, Path]:
 def resumed(straight, built) -> dict[str, Path]:
     """The three resumes side by side, each from its own copy of a step-4 checkpoint, into a fresh run dir."""
     root = straight["root"]
-    shapes = {"w2ep2_to_w1ep1": ("w2ep2", 1, "1"), "w2ep2_to_w2ep1": ("w2ep2", 2, "1"),
-              "w1ep1_to_w2ep2": ("w1ep1", 2, "2")}
+    # The last one trains without optimizer offload (torch's AdamW instead of CPU Adam): the universal loader
+    # leaves CPU Adam's int step counts, which torch's Adam must get as tensors (resume.tensor_steps).
+    shapes = {"w2ep2_to_w1ep1": ("w2ep2", 1, "1", []), "w2ep2_to_w2ep1": ("w2ep2", 2, "1", []),
+              "w1ep1_to_w2ep2": ("w1ep1", 2, "2", []),
+              "w2ep2_to_w1ep1_no_offload": ("w2ep2", 1, "1", ["--ds_config", "zero3"])}
     procs, runs = {}, {}
-    for name, (src, nproc, ep) in shapes.items():
+    for name, (src, nproc, ep, extra) in shapes.items():
         ckpt = _copy_step4(straight[src], root / f"{name}_ckpt")
         if name == "w2ep2_to_w2ep1":  # converted ahead of time by the offline form; the resume reuses it
             p = subprocess.run([sys.executable, "-m", "ep_train.cli", "convert", "reshard", "--checkpoint", str(ckpt)],
@@ -68,7 +71,7 @@ def resumed(straight, built) -> dict[str, Path]:
             runs["offline_stamp"] = ckpt / "universal" / "zero"
             runs["offline_mtime"] = runs["offline_stamp"].stat().st_mtime_ns  # type: ignore[assignment]
         runs[name] = root / name
-        procs[name] = launch(runs[name], built, nproc, *ARGS, "--ep_size", ep, "--resume", str(ckpt))
+        procs[name] = launch(runs[name], built, nproc, *ARGS, "--ep_size", ep, "--resume", str(ckpt), *extra)
     _wait(root, procs)
     return runs
 
@@ -80,7 +83,7 @@ def _assert_matches(got: dict[int, float], ref: dict[int, float]) -> None:
 
 
 @pytest.mark.parametrize("name, ref", [("w2ep2_to_w1ep1", "w2ep2"), ("w2ep2_to_w2ep1", "w2ep2"),
-                                       ("w1ep1_to_w2ep2", "w1ep1")])
+                                       ("w1ep1_to_w2ep2", "w1ep1"), ("w2ep2_to_w1ep1_no_offload", "w2ep2")])
 def test_resume_at_another_shape_continues_the_run(resumed, straight, name, ref) -> None:
     _assert_matches(losses(resumed[name]), losses(straight[ref]))
     log = (resumed[name].parent / f"{name}.log").read_text()
