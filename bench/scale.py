@@ -312,24 +312,11 @@ def measure(name: str, model: dict[str, Any], world: int, seq_len: int, precisio
     return row
 
 
-def _o_direct_refusal(folder: Path) -> str | None:
-    """DeepSpeed's aio opens swap files with O_DIRECT, which some filesystems (tmpfs before Linux 6.6) refuse."""
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / ".o_direct_probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-    except OSError as e:
-        return f"{folder} does not support O_DIRECT ({e})"
-    finally:
-        probe.unlink(missing_ok=True)
-    return None
-
-
 def nvme_search(layer_counts: list[int], model: dict[str, Any], seq: int, precision: str, data: Path, out: Path,
                 nvme_root: Path) -> list[dict[str, Any]]:
     """The largest MoE at world 2 with parameters and optimizer states swapped to ``nvme_root`` (smallest first,
     stopping at the first size that fails, does not fit in memory or whose swap files would not fit on disk)."""
-    from ep_train.parallel.zero import aio_unavailable_reason
+    from ep_train.parallel.zero import aio_unavailable_reason, o_direct_unsupported
 
     ds = out / "ds_nvme.json"
     ds.write_text(json.dumps(NVME_DS, indent=1))
@@ -345,7 +332,7 @@ def nvme_search(layer_counts: list[int], model: dict[str, Any], seq: int, precis
         # swap files: the parameter partitions, fp32 master, two fp32 moments, the fp32 optimizer gradient
         need = params * ({"fp32": 4, "bf16": 2}[precision] + 16)
         free = shutil.disk_usage(nvme_root).free
-        reason = aio_unavailable_reason() or _o_direct_refusal(swap)
+        reason = aio_unavailable_reason() or o_direct_unsupported(swap)
         if reason is None and need + RESERVE > free:
             reason = (f"its swap files need about {need / GIB:.0f} GiB and {free / GIB:.0f} GiB are free on "
                       f"{nvme_root}")

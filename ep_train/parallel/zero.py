@@ -78,6 +78,22 @@ def aio_unavailable_reason() -> str | None:
             "parallel.ds_config zero3_offload")
 
 
+def o_direct_unsupported(folder: Path) -> str | None:
+    """Why swap files cannot live in ``folder`` (DeepSpeed's aio opens them with O_DIRECT, which some
+    filesystems refuse, e.g. tmpfs before Linux 6.6), or None. Creates the folder."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".o_direct_probe"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError as e:
+        return f"{folder} does not support O_DIRECT ({e}); NVMe offload needs a disk filesystem such as ext4/xfs"
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
 def _merge_nvme(ds: dict[str, Any], cfg: Config, json_name: str, world: int) -> None:
     """Write ``parallel.nvme_path`` (and ``parallel.nvme_offload_optimizer``) into the offload blocks.
 

@@ -12,7 +12,6 @@ it when it can); without it the training test skips with that reason.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ import pytest
 import torch
 
 from ep_train.config import Config, load_config, parse_overrides, validate
-from ep_train.parallel.zero import DS_CONFIG_DIR, aio_unavailable_reason, build_ds_config, is_offloading_optimizer
+from ep_train.parallel.zero import (DS_CONFIG_DIR, aio_unavailable_reason, build_ds_config, is_offloading_optimizer,
+                                    o_direct_unsupported)
 from tests.distributed.harness import read_losses, run_distributed
 from tests.distributed.reference_train import reference_losses
 
@@ -114,19 +114,6 @@ def test_optimizer_states_on_nvme_for_a_dense_model(tmp_path) -> None:
 
 
 # ---- training ----------------------------------------------------------------------------------------
-def _o_direct_unsupported(folder: Path) -> str | None:
-    """DeepSpeed's aio opens swap files with O_DIRECT, which some filesystems (tmpfs before Linux 6.6) refuse."""
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / ".o_direct_probe"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-    except OSError as e:
-        return f"{folder} does not support O_DIRECT ({e}); NVMe offload needs a disk filesystem such as ext4/xfs"
-    finally:
-        probe.unlink(missing_ok=True)
-    return None
-
-
 def _train(rank: int, world: int, argv: list[str], run_dir: str) -> dict[str, Any]:
     from ep_train.train.trainer import Trainer
 
@@ -142,7 +129,7 @@ def _train(rank: int, world: int, argv: list[str], run_dir: str) -> dict[str, An
 
 @pytest.mark.skipif(AIO_MISSING is not None, reason=str(AIO_MISSING))
 def test_nvme_param_offload_equals_cpu_offload(tmp_path, built) -> None:
-    reason = _o_direct_unsupported(tmp_path / "nvme")
+    reason = o_direct_unsupported(tmp_path / "nvme")
     if reason:
         pytest.skip(reason)
     # zero3_nvme.json with swap buffers sized for this model: its default (5 x 1e8 elements per rank) would
@@ -179,7 +166,7 @@ def test_attention_on_nvme_trains_with_the_default_gather(tmp_path, built) -> No
     swapped parameters than zero3_nvme's 5 swap buffers. Fetching a whole block at once (zero3_gather: block)
     would fail in DeepSpeed's swapper at the first forward ("Not enough buffers 5 for swapping 7"); the
     default, auto, keeps per-submodule fetches there and trains."""
-    reason = _o_direct_unsupported(tmp_path / "nvme")
+    reason = o_direct_unsupported(tmp_path / "nvme")
     if reason:
         pytest.skip(reason)
     ds = json.loads((DS_CONFIG_DIR / "zero3_nvme.json").read_text())
@@ -221,7 +208,7 @@ def test_moe_optimizer_states_on_nvme_resume_exactly(tmp_path, built, params) ->
     the learning rate it was built with and leaves the sub-groups kept in RAM at their initial values (the
     resumed losses drifted from step 5 on when checked by hand). With ds_nvme.py the resumed steps are bitwise
     the unbroken run's."""
-    reason = _o_direct_unsupported(tmp_path / "swap")
+    reason = o_direct_unsupported(tmp_path / "swap")
     if reason:
         pytest.skip(reason)
     # hidden 256: the experts and the dense decay group pass DeepSpeed's 1 MiB swap minimum, the router and
