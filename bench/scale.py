@@ -581,8 +581,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
     goal = f"{TARGETS['scale_nvme_params'].what}: {describe('scale_nvme_params')} parameters"
     tried = [r for r in result["nvme"] if not r.get("skipped")]
     if nbest:
+        sizes = f"{len(tried)} size{'s' if len(tried) > 1 else ''} tried"
         verdicts.append(f"{goal}: **{target_verdict('scale_nvme_params', nbest['params'])}** (largest tried that "
-                        f"trained: {nbest['params'] / 1e9:.3f}B, {len(tried)} size{'s' if len(tried) > 1 else ''} tried)")
+                        f"trained: {nbest['params'] / 1e9:.3f}B, {sizes})")
     elif tried:
         verdicts.append(f"{goal}: **MISSED** (no NVMe run trained)")
     else:

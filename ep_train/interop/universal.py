@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ep_train.config import Config, config_from_dict
-from ep_train.parallel.ds_nvme import OFFLOADED, SWAP_MAP, swapped_checkpoint
+from ep_train.parallel.ds_nvme import SWAP_MAP, swapped_checkpoint, swapped_ranks
 from ep_train.train.checkpoint import (MANIFEST, STATE_FILE, CheckpointError, complete_checkpoints, latest_target,
                                        only_safe_loads, safe_load, verify)
 
@@ -107,9 +107,10 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
         if swapped_checkpoint(step_dir):  # its ZeRO shards lack the states swapped to NVMe: a filled copy
             source = tmp / "filled"
             _fill_swapped_states(step_dir, source)
+        # one worker (DeepSpeed's AutoEP consolidation still loads every rank's shard: _fill_swapped_states)
         args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp / UNIVERSAL),
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                  strict=True, inject_missing_state=False)  # one worker (AutoEP: see _fill_swapped_states)
+                                  strict=True, inject_missing_state=False)
         with only_safe_loads():
             ds_to_universal.main(args)
         try:
@@ -129,10 +130,10 @@ def _fill_swapped_states(step_dir: Path, dest: Path) -> None:
     loads every rank's shard of an AutoEP checkpoint at once (``_consolidate_zero3_autoep_expert_states``)."""
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 
-    ranks = [p for p in (step_dir / OFFLOADED).iterdir() if p.is_dir()]
+    ranks = swapped_ranks(step_dir)
     maps = [json.loads(p.read_text()) for p in sorted(step_dir.glob(SWAP_MAP.format(rank="*")))]
-    if len(maps) != len(ranks):
-        raise CheckpointError(f"checkpoint {str(step_dir)!r} holds NVMe swap files of {len(ranks)} ranks and swap "
+    if len(maps) != ranks:
+        raise CheckpointError(f"checkpoint {str(step_dir)!r} holds NVMe swap files of {ranks} ranks and swap "
                               f"maps ({SWAP_MAP.format(rank='R')}) of {len(maps)}: it was written before ep-train "
                               "recorded them, or is incomplete; resume it as it was written (same world size, "
                               "parallel.nvme_offload_optimizer true)")
@@ -148,10 +149,11 @@ def _fill_swapped_states(step_dir: Path, dest: Path) -> None:
         swap = step_dir / info["swap_dir"]
         for e in info["subgroups"]:
             dtype = getattr(torch, e["dtype"])
-            zero[FP32_FLAT_GROUPS][e["subgroup"]] = _swap_file(swap / f"{e['swap_id']}.tensor.swp", e["numel"], dtype)
+            numel = e["numel"]
+            zero[FP32_FLAT_GROUPS][e["subgroup"]] = _swap_file(swap / f"{e['swap_id']}.tensor.swp", numel, dtype)
             for key, value in state[e["index"]].items():
                 if torch.is_tensor(value):
-                    state[e["index"]][key] = _swap_file(swap / f"{key}-{e['swap_id']}.tensor.swp", e["numel"], dtype)
+                    state[e["index"]][key] = _swap_file(swap / f"{key}-{e['swap_id']}.tensor.swp", numel, dtype)
         torch.save(sd, dest / name)
         del sd, zero, state
 

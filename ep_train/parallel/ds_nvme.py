@@ -76,11 +76,15 @@ def swapped_checkpoint(step_dir: Path) -> bool:
     return (step_dir / OFFLOADED).is_dir()
 
 
+def swapped_ranks(step_dir: Path) -> int:
+    """How many ranks' swap files a swapped checkpoint holds (one ``OFFLOADED/rankNN`` folder each)."""
+    return sum(1 for p in (step_dir / OFFLOADED).iterdir() if p.is_dir())
+
+
 def checkpoint_refusal(step_dir: Path, nvme: bool, world: int) -> str | None:
     """Why a run with (``nvme``) or without optimizer states on NVMe cannot resume ``step_dir``, or None.
     (A swapped checkpoint resumed without NVMe goes through the universal form: resume.plan.)"""
-    offloaded = step_dir / OFFLOADED
-    if not offloaded.is_dir():
+    if not swapped_checkpoint(step_dir):
         if nvme:
             return (f"checkpoint {str(step_dir)!r} keeps its optimizer states in its ZeRO shards, but this run "
                     "swaps them to NVMe (parallel.nvme_offload_optimizer / offload_optimizer.device 'nvme'), "
@@ -89,11 +93,11 @@ def checkpoint_refusal(step_dir: Path, nvme: bool, world: int) -> str | None:
         return None
     if not nvme:
         return None
-    ranks = sorted(p.name for p in offloaded.iterdir() if p.is_dir())
-    if len(ranks) != world:
-        return (f"checkpoint {str(step_dir)!r} holds NVMe swap files of {len(ranks)} ranks and this run has "
+    ranks = swapped_ranks(step_dir)
+    if ranks != world:
+        return (f"checkpoint {str(step_dir)!r} holds NVMe swap files of {ranks} ranks and this run has "
                 f"{world}: with the optimizer on NVMe it resumes only at the world size that wrote it; launch "
-                f"{len(ranks)} processes, or keep the optimizer states in RAM (parallel.nvme_offload_optimizer "
+                f"{ranks} processes, or keep the optimizer states in RAM (parallel.nvme_offload_optimizer "
                 "false), which reshards it through DeepSpeed's universal form")
     return None
 
@@ -192,7 +196,8 @@ def _layout_problem(opt: Any, saved_fp32: list, saved_state: dict, saved_groups:
     return None
 
 
-def _register_swapped_moments(swapper: Any, master: torch.Tensor, state: dict[str, Any], saved: dict[str, Any]) -> None:
+def _register_swapped_moments(swapper: Any, master: torch.Tensor, state: dict[str, Any],
+                              saved: dict[str, Any]) -> None:
     """Point a swapped sub-group's optimizer state at the moment files DeepSpeed's load copied back.
 
     The swapper learns a sub-group's state tensors from ``optimizer.state`` (``_update_param_state_info``),

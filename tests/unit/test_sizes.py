@@ -164,7 +164,8 @@ def test_plan_keeps_nvme_offloaded_states_off_the_device_and_counts_the_swap_buf
     assert _bytes(plan, "NVMe parameter buffers") == 5 * 10**8 * 2  # bf16 on cuda
     assert plan["device_peak_bytes"] == ref["device_peak_bytes"]  # the parameters were on the host there
     assert plan["host_peak_bytes"] == (ref["host_peak_bytes"] - _bytes(ref, "parameters")
-                                       + _bytes(plan, "NVMe parameter buffers") + _bytes(plan, "NVMe parameter write-back"))
+                                       + _bytes(plan, "NVMe parameter buffers")
+                                       + _bytes(plan, "NVMe parameter write-back"))
     # DeepSpeed's default max_in_cpu (1e9) keeps a small model's partitions in pinned RAM: nothing to write back
     roomy = json.loads(json.dumps(nvme))
     del roomy["zero_optimization"]["offload_param"]["max_in_cpu"]
