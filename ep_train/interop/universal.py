@@ -8,9 +8,11 @@ tensors come out whole (``[E, ...]`` in global expert order, tagged as expert pa
 be re-sliced for any EP size. Resuming at another shape, exporting to Hugging Face and loading a run
 for generation all read this one form.
 
-Memory: the conversion reads one rank's optimizer file at a time (its share of the model) and merges
-one parameter at a time; ``UniversalSource`` memory-maps one parameter file per call and copies only
-the rows asked for. Nothing here holds the whole model.
+Memory: DeepSpeed's converter as shipped holds every rank's optimizer file of an AutoEP checkpoint at once,
+plus a copy of every expert's states, and writes rank 0's whole shard into ``zero/optimizer_state.pt``,
+which every rank of a resume then loads (``_bounded_memory`` says how and what changes). Converted here, it
+memory-maps what it reads and holds one parameter's states at a time; ``UniversalSource`` memory-maps one
+parameter file per call and copies only the rows asked for. Nothing here holds the whole model.
 
 Safety: DeepSpeed's converter calls ``torch.load(weights_only=False)``; it runs under
 ``only_safe_loads`` (``weights_only=True`` with ep-train's allowlist), so a crafted file fails with a
@@ -20,11 +22,15 @@ Safety: DeepSpeed's converter calls ``torch.load(weights_only=False)``; it runs 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import shutil
 import socket
 from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -107,11 +113,11 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
         if swapped_checkpoint(step_dir):  # its ZeRO shards lack the states swapped to NVMe: a filled copy
             source = tmp / "filled"
             _fill_swapped_states(step_dir, source)
-        # one worker (DeepSpeed's AutoEP consolidation still loads every rank's shard: _fill_swapped_states)
+        # one worker: a second would hold a second rank's fragments and parameter at once
         args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp / UNIVERSAL),
                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                   strict=True, inject_missing_state=False)
-        with only_safe_loads():
+        with only_safe_loads(mmap=True), _bounded_memory(ds_to_universal):
             ds_to_universal.main(args)
         try:
             os.replace(tmp / UNIVERSAL, dest)
@@ -123,11 +129,55 @@ def to_universal(step_dir: Path, out: Path | None = None) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def _bounded_memory(m: ModuleType) -> Iterator[None]:
+    """DeepSpeed 0.19.8's ZeRO-3 converter (``m``: ``ds_to_universal``) holding one parameter's states at a time.
+
+    As shipped, ``_consolidate_zero3_autoep_expert_states`` loads every rank's model and optimizer files at
+    once, clones every expert fragment of every layer and only then writes: about twice the model's optimizer
+    states in RAM (AutoEP experts are most of an MoE). Here it runs once per expert parameter, DeepSpeed's own
+    code and checks restricted to that one (the files, memory-mapped by the caller's ``only_safe_loads(mmap=True)``,
+    cost page cache, not RAM). ``_save_optimizer_state_stage3`` copies rank 0's whole optimizer state dict
+    (its fp32 masters and moments: 1/world of the model's optimizer states) into ``zero/optimizer_state.pt``,
+    which DeepSpeed's universal loader reads on every rank for its scalars, parameter groups and step counts
+    only (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``); here it keeps just those."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    consolidate, info, save_state = (m._consolidate_zero3_autoep_expert_states, m._autoep_expert_param_info,
+                                     m._save_optimizer_state_stage3)
+
+    def only(keep: str, metadata: Any) -> dict[str, Any]:
+        return {name: entry for name, entry in info(metadata).items() if name == keep}
+
+    def one_at_a_time(output_dir: str, model_files: list[str], optim_files: list[str]) -> None:
+        names, _ = m._autoep_expert_param_names_by_rank(model_files)
+        for name in sorted(names):
+            m._autoep_expert_param_info = functools.partial(only, name)
+            try:
+                consolidate(output_dir, model_files, optim_files)
+            finally:
+                m._autoep_expert_param_info = info
+
+    def global_state(args: argparse.Namespace, optim_files: list[str]) -> None:
+        out = safe_load(optim_files[0], map_location="cpu", mmap=True)[OPTIMIZER_STATE_DICT]
+        inner = out[OPTIMIZER_STATE_DICT]
+        inner["state"] = {i: {k: v for k, v in s.items() if not torch.is_tensor(v) or v.numel() <= 1}
+                          for i, s in inner["state"].items()}  # the step counts (int, or a 0-d tensor)
+        out[FP32_FLAT_GROUPS] = []
+        out[PARAM_GROUPS] = inner[PARAM_GROUPS]
+        torch.save(out, Path(args.output_folder) / "zero" / "optimizer_state.pt")
+
+    m._consolidate_zero3_autoep_expert_states, m._save_optimizer_state_stage3 = one_at_a_time, global_state
+    try:
+        yield
+    finally:
+        m._consolidate_zero3_autoep_expert_states, m._save_optimizer_state_stage3 = consolidate, save_state
+
+
 def _fill_swapped_states(step_dir: Path, dest: Path) -> None:
     """``dest``: ``step_dir``'s DeepSpeed files, each rank's ZeRO shard rewritten with the fp32 masters and
     Adam moments its NVMe swap files hold (``ds_nvme.write_swap_map`` says which sub-group is in which file).
-    One rank's shard in memory at a time here (the swap files are mapped); DeepSpeed's converter afterwards
-    loads every rank's shard of an AutoEP checkpoint at once (``_consolidate_zero3_autoep_expert_states``)."""
+    One rank's shard in memory at a time here (the swap files are mapped)."""
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
 
     ranks = swapped_ranks(step_dir)

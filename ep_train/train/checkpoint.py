@@ -18,6 +18,7 @@ with an allowlist of the one DeepSpeed class its ZeRO checkpoints hold).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -374,10 +375,11 @@ def safe_load(path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def only_safe_loads() -> Iterator[None]:
+def only_safe_loads(mmap: bool = False) -> Iterator[None]:
     """Within this block every ``torch.load`` is ``safe_load``: for DeepSpeed code that calls
-    ``torch.load(weights_only=False)`` itself (``ds_to_universal``, the universal loader)."""
-    torch.load = safe_load  # type: ignore[assignment]
+    ``torch.load(weights_only=False)`` itself (``ds_to_universal``, the universal loader). ``mmap``: tensors
+    are mapped from the file (read when touched, from the page cache) instead of read into memory."""
+    torch.load = functools.partial(safe_load, mmap=True) if mmap else safe_load  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -398,10 +400,13 @@ def safe_checkpoint_engine(config_params: Any = None) -> Any:
 def load(engine: Any, path: Path, universal: Path | None = None) -> dict[str, Any]:
     """Load ``path`` into the engine; ``universal`` (its converted form, the engine built with
     ``checkpoint.load_universal``) when the checkpoint was written at another world or EP size."""
-    engine.checkpoint_engine = safe_checkpoint_engine()
+    # With the engine's config: without one DeepSpeed's engine saves in torch's legacy format, which every later
+    # checkpoint of the run would then be (slower to load, and not memory-mappable for the universal conversion).
+    engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
     where = universal if universal is not None else path
-    # The universal loader reads its per-parameter files with torch.load(weights_only=False) itself.
-    with only_safe_loads() if universal is not None else contextlib.nullcontext():
+    # The universal loader reads its per-parameter files with torch.load(weights_only=False) itself; mapped, a
+    # rank reads the rows of its own experts (and its own partition of a dense parameter) from each file.
+    with only_safe_loads(mmap=True) if universal is not None else contextlib.nullcontext():
         load_path, _ = engine.load_checkpoint(str(where.parent), tag=where.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
     if load_path is not None and universal is None and nvme_optimizer(engine):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -127,3 +129,57 @@ def test_a_partial_checkpoint_is_refused_at_another_shape(straight, built, tmp_p
     failed = "to DeepSpeed's universal form (to resume at another world or EP size) failed: RuntimeError: ZeRO-3"
     assert out.count(failed) == 2, out[-5000:]  # the same error on both ranks
     assert not (ckpt / "universal").exists()
+
+
+def _flat(x: object, path: str = "") -> Iterator[tuple[str, object]]:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _flat(v, f"{path}/{k}")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _flat(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
+@pytest.mark.parametrize("which", ["w2ep2 step 4", "w1ep1 step 4", "w2ep1 step 8"])
+def test_the_bounded_memory_conversion_writes_what_deepspeeds_converter_writes(straight, resumed, which,
+                                                                               tmp_path) -> None:
+    """ep-train runs DeepSpeed's converter one expert parameter at a time from mapped files
+    (universal._bounded_memory); its output must be the stock converter's, file by file and tensor by tensor,
+    except optimizer_state.pt, which keeps only what the universal loader reads (the resumes above load it)."""
+    import argparse
+
+    import torch
+    from deepspeed.checkpoint import ds_to_universal
+
+    from ep_train.interop.universal import to_universal
+    from ep_train.train.checkpoint import only_safe_loads
+
+    step = {"w2ep2 step 4": straight["w2ep2"] / STEP4, "w1ep1 step 4": straight["w1ep1"] / STEP4,
+            "w2ep1 step 8": resumed["w2ep2_to_w2ep1"] / "checkpoints" / "step_00000008"}[which]
+    # Written in torch's zip format, as the run's first checkpoints are; a resumed run's engine saved in the legacy
+    # format once (checkpoint.load gave it DeepSpeed's checkpoint engine without the config), which cannot be mapped.
+    assert all(zipfile.is_zipfile(f) for f in step.glob("*.pt"))
+    stock, ours = tmp_path / "stock", to_universal(step, tmp_path / "ours")
+    with only_safe_loads():
+        ds_to_universal.main(argparse.Namespace(input_folder=str(step), output_folder=str(stock),
+                                                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                                strict=True, inject_missing_state=False))
+    files = sorted(str(f.relative_to(stock)) for f in stock.rglob("*") if f.is_file())
+    assert files == sorted(str(f.relative_to(ours)) for f in ours.rglob("*") if f.is_file())
+    assert sum("experts" in f for f in files) >= 3 * 3 * 2  # w1, w2, w3 x (fp32, exp_avg, exp_avg_sq) x 2 layers
+    for f in files:
+        want = dict(_flat(torch.load(stock / f, weights_only=False)))
+        got = dict(_flat(torch.load(ours / f, weights_only=False)))
+        if f == "zero/optimizer_state.pt":
+            dropped = set(want) - set(got)
+            assert dropped and all(torch.is_tensor(want[k]) and want[k].numel() > 1 for k in dropped), dropped
+            assert any("step" in k for k in got), sorted(got)
+            want = {k: v for k, v in want.items() if k not in dropped}
+        assert want.keys() == got.keys(), (f, set(want) ^ set(got))
+        for k, v in want.items():
+            if torch.is_tensor(v):
+                assert torch.is_tensor(got[k]) and v.dtype == got[k].dtype and torch.equal(v, got[k]), (f, k)
+            else:  # DeepSpeed's loss scaler compares by identity: its repr holds its settings
+                assert v == got[k] or repr(v) == repr(got[k]), (f, k, v, got[k])
