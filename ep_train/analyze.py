@@ -2,7 +2,7 @@
 
     ep-train analyze-experts --checkpoint RUN_OR_STEP --data SHARDS --output DIR [--compare OTHER] [--tokens N]
 
-Runs the model (one process, eval mode) over held-out windows of a ``data_prep_tool`` output and
+Runs the model (one process, eval mode, one block's weights in memory at a time) over held-out windows of a ``data_prep_tool`` output and
 records every MoE layer's routing with forward hooks on the routers (the model is unchanged). Per
 layer: each expert's share of the routing assignments, the tokens it takes most often (decoded, with
 how much of that token's traffic it gets), the mean routing entropy, and how often two experts are
@@ -27,17 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from ep_train.model.moe import inference_routing
+from ep_train.model.init import ValueSource, blockwise
+from ep_train.model.moe import inference_routing, set_expert_biases
 from ep_train.model.router import Router, Routing
 
 
-def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[dict[int, dict[str, np.ndarray]],
-                                                                                   np.ndarray]:
+def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor], source: ValueSource | None = None,
+                    expert_bias: dict[str, list[float]] | None = None) -> tuple[dict[int, dict[str, np.ndarray]],
+                                                                                np.ndarray]:
     """Per MoE layer: ``ids`` [N, K] expert ids (-1 where not kept), ``first`` [N] each token's first
     choice (what the router selected by, aux-loss-free bias included), ``probs`` [N, E]; and the input
     tokens [N] they belong to, in order. Routed as at inference (``inference_routing``: dropless, so a
     token's experts depend on that token only, not on the analysis batch), except expert-choice routers,
-    whose choice depends on the batch by design."""
+    whose choice depends on the batch by design. With ``source`` the model is on ``meta`` and runs one
+    block at a time (``init.blockwise``; ``expert_bias``: the saved aux-loss-free biases, by layer)."""
     names = {m: int(n.split(".")[1]) for n, m in model.named_modules() if isinstance(m, Router)}
     seen: dict[int, list[Routing]] = {i: [] for i in names.values()}
 
@@ -49,8 +52,13 @@ def collect_routing(model: torch.nn.Module, batches: list[torch.Tensor]) -> tupl
     token_choice = "expert_choice" not in kinds.values()
     try:
         with torch.no_grad(), inference_routing(model) if token_choice else contextlib.nullcontext():
-            for x in batches:
-                model(x)
+            if source is None:
+                for x in batches:
+                    model(x)
+            else:
+                biases = expert_bias or {}
+                blockwise(model, source, batches,
+                          lambda i, _: set_expert_biases(model, {str(i): biases[str(i)]} if str(i) in biases else {}))
     finally:
         for h in handles:
             h.remove()
@@ -175,7 +183,7 @@ def analyze(checkpoint: str, data: str, output: str, compare: str | None = None,
     from ep_train.api import load
     from ep_train.data.tokenizer import safe_decode
 
-    loaded = load(checkpoint)
+    loaded = load(checkpoint, lazy=True)  # run block by block: one layer's weights in memory at a time
     if not any(isinstance(m, Router) for m in loaded.model.modules()):
         raise ValueError(f"--checkpoint {checkpoint!r} is a dense model: there are no experts to analyze")
     context = loaded.config.model.max_seq_len
@@ -190,8 +198,7 @@ def analyze(checkpoint: str, data: str, output: str, compare: str | None = None,
                          "another tokenizer; pass data prepared with the run's tokenizer")
     sp = loaded.tokenizer
     decode = (lambda t: safe_decode(sp, [int(t)])[0]) if sp is not None else (lambda t: f"<{int(t)}>")
-    layers, tokens = collect_routing(loaded.model, batches)
-    del loaded  # only its routing is needed from here: --compare then holds one model at a time
+    layers, tokens = collect_routing(loaded.model, batches, loaded.source, loaded.expert_bias)
     rep: dict[str, Any] = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "tokens": int(tokens.size),
                            "layers": {i: layer_report(v["ids"], v["probs"], tokens, decode, top)
                                       for i, v in sorted(layers.items())}}
@@ -201,11 +208,11 @@ def analyze(checkpoint: str, data: str, output: str, compare: str | None = None,
     heatmap(np.array([rep["layers"][i]["share"] for i in order]), order, out / "heatmap.png",
             "share of routing assignments per expert")
     if compare is not None:
-        other = load(compare)
+        other = load(compare, lazy=True)
         if other.config.model.vocab_size != vocab:
             raise ValueError(f"--compare {compare!r} has another vocabulary ({other.config.model.vocab_size} tokens) "
                              f"than --checkpoint {checkpoint!r} ({vocab}); compare checkpoints of the same model")
-        layers_b, _ = collect_routing(other.model, batches)
+        layers_b, _ = collect_routing(other.model, batches, other.source, other.expert_bias)
         if sorted(layers_b) != order or any(layers_b[i]["probs"].shape != layers[i]["probs"].shape for i in order):
             raise ValueError(f"--compare {compare!r} is another architecture (MoE layers or experts differ) than "
                              f"--checkpoint {checkpoint!r}; compare checkpoints of the same model")

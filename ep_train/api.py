@@ -36,6 +36,10 @@ class Loaded(NamedTuple):
     config: Config  # the run's config (or one made from the Hugging Face config.json)
     weights: Path  # where the weights were read: a checkpoints/step_N folder or a Hugging Face folder
     add_bos: bool = False  # prompts start with BOS, as the training text did (see ``prompt_bos``)
+    # load(lazy=True): the model stays on "meta"; its values come from source (init.blockwise), and the
+    # aux-loss-free expert biases (layer index -> values) from expert_bias
+    source: ValueSource | None = None
+    expert_bias: dict[str, list[float]] | None = None
 
 
 def _hf_config(folder: Path) -> dict | None:
@@ -151,9 +155,10 @@ def _check_tokenizer_digest(path: Path, manifest: dict | None) -> None:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         tokenizer: str | Path | None = None) -> Loaded:
+         tokenizer: str | Path | None = None, lazy: bool = False) -> Loaded:
     """Load a model for inference from a run directory, a ``checkpoints/step_N`` folder or a Hugging
-    Face Mixtral folder (see :func:`resolve`), in eval mode on ``device`` in ``dtype``.
+    Face Mixtral folder (see :func:`resolve`), in eval mode on ``device`` in ``dtype``. ``lazy``: read no
+    weights; the model stays on ``meta`` with ``source`` and ``expert_bias`` to run it block by block.
 
     The tokenizer: ``tokenizer`` if given, else the first that exists of the run's ``data.tokenizer``,
     its data manifest's tokenizer, and ``tokenizer.model`` beside the weights; None if none exists.
@@ -163,11 +168,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     from ep_train.data.tokenizer import load_tokenizer
 
     cfg, source, weights, candidates = resolve(path)
-    # each parameter made in dtype as it is read (the buffers follow in .to)
-    model = build_model(cfg.model, cfg.moe, device=device, source=source, dtype=dtype).to(dtype).eval()
     state_file = weights / "ep_train_state.json"
-    if state_file.is_file():  # aux-loss-free expert biases live beside DeepSpeed's files (selection only)
-        set_expert_biases(model, json.loads(state_file.read_text()).get("expert_bias", {}))
+    # aux-loss-free expert biases live beside DeepSpeed's files (selection only)
+    biases = json.loads(state_file.read_text()).get("expert_bias", {}) if state_file.is_file() else {}
+    if lazy:
+        model = build_model(cfg.model, cfg.moe, device="meta").eval()
+    else:  # each parameter made in dtype as it is read (the buffers follow in .to)
+        model = build_model(cfg.model, cfg.moe, device=device, source=source, dtype=dtype).to(dtype).eval()
+        set_expert_biases(model, biases)
     tok_path = Path(tokenizer) if tokenizer is not None else next((c for c in candidates if c.is_file()), None)
     if tokenizer is None and tok_path is not None:
         _check_tokenizer_digest(tok_path, run_manifest(cfg.data))
@@ -176,7 +184,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         raise ValueError(f"tokenizer {str(tok_path)!r} has {sp.get_piece_size()} pieces, more than the model's "
                          f"vocabulary (model.vocab_size = {cfg.model.vocab_size}); pass the tokenizer the model "
                          "was trained with (--tokenizer)")
-    return Loaded(model, sp, cfg, weights, prompt_bos(cfg, weights, sp))
+    return Loaded(model, sp, cfg, weights, prompt_bos(cfg, weights, sp), source if lazy else None,
+                  biases if lazy else None)
 
 
 __all__ = ["Loaded", "generate", "load", "resolve"]

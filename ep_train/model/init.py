@@ -9,6 +9,7 @@ single-process build, any EP layout and any world size all start from the same m
 ``materialize`` turns a model built on the ``meta`` device into a real one, one module at a time:
 at most one module's own parameters exist in full at once, and an ``after(module)`` callback (ZeRO-3
 partitioning) can shrink them before the next module is made.
+``blockwise`` runs a model on ``meta`` a block at a time (analysis of a model larger than memory).
 """
 
 from __future__ import annotations
@@ -95,3 +96,35 @@ def materialize(model: nn.Module, source: ValueSource, *, dtype: torch.dtype | N
         if after is not None:
             after(module)
     return model
+
+
+class _Under:
+    """``source`` for a submodule: its parameter names as the whole model names them."""
+
+    def __init__(self, source: ValueSource, prefix: str) -> None:
+        self.source, self.prefix = source, prefix
+
+    def __call__(self, name: str, shape: tuple[int, ...], expert_ids: list[int] | None) -> torch.Tensor:
+        return self.source(f"{self.prefix}.{name}", shape, expert_ids)
+
+
+def blockwise(model: nn.Module, source: ValueSource, batches: list[torch.Tensor],
+              prepare: Callable[[int, nn.Module], None] | None = None) -> None:
+    """The embedding and every block of ``model`` (a ``Transformer`` on ``meta``) over ``batches`` [B, S] of
+    token ids, one block's parameters in memory at a time (made from ``source``, then back to ``meta``),
+    for what hooks on the blocks observe (routing): the final norm and LM head are not run. Holds every
+    batch's hidden states [B, S, D] and one block: a model of any depth, in the memory of one layer.
+    ``prepare(i, block)`` runs after block i is made (buffers a source does not hold)."""
+    from ep_train.model.transformer import rope_cos_sin
+
+    materialize(model.embed, _Under(source, "embed"))
+    hidden = [model.embed(x) for x in batches]
+    model.embed.to("meta")
+    for i, block in enumerate(model.layers):
+        materialize(block, _Under(source, f"layers.{i}"))
+        if prepare is not None:
+            prepare(i, block)
+        for j, h in enumerate(hidden):
+            cos, sin = rope_cos_sin(h.shape[1], model.head_dim, model.cfg.rope_theta, h.device)
+            hidden[j] = block(h, cos, sin)[0]
+        block.to("meta")

@@ -77,3 +77,42 @@ def test_expert_choice_first_expert_is_the_most_probable_expert_that_took_the_to
         firsts.append(layers[0])
     assert len(set(firsts[0]["first"].tolist())) > 1  # not one constant expert id for every token
     assert compare_layers(*firsts)["top1_agreement"] == float((firsts[0]["first"] == firsts[1]["first"]).mean())
+
+
+def test_block_by_block_routing_equals_the_whole_models() -> None:
+    """analyze-experts runs a checkpoint one block at a time (init.blockwise, the model on meta): the routing
+    it records, biases included, must be the whole model's, and no two blocks may exist at once."""
+    from ep_train.model.init import blockwise
+
+    c = Config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 64, 32, 48, 3
+    m.num_heads, m.num_kv_heads, m.max_seq_len = 4, 2, 32
+    c.moe.num_experts, c.moe.num_experts_per_token, c.moe.moe_layers = 4, 2, [0, 2]
+    c.moe.expert_bias_update_rate = 0.001
+    whole = build_model(c.model, c.moe, seed=3).eval()
+    biases = {"0": [0.0, 0.3, 0.0, 0.0], "2": [0.0, 0.0, 0.0, 0.2]}
+    for i, b in biases.items():
+        whole.layers[int(i)].ffn.router.expert_bias.copy_(torch.tensor(b))
+    state = whole.state_dict()
+
+    def source(name: str, shape: tuple[int, ...], expert_ids: list[int] | None) -> torch.Tensor:
+        value = state[name]
+        return (value[expert_ids] if expert_ids is not None else value).clone()
+
+    xs = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(s)) for s in (4, 5)]
+    want, tokens = collect_routing(whole, xs)
+    lazy = build_model(c.model, c.moe, device="meta").eval()
+    got, got_tokens = collect_routing(lazy, xs, source, biases)
+    np.testing.assert_array_equal(tokens, got_tokens)
+    assert sorted(got) == sorted(want) == [0, 2]
+    for i in want:
+        for key in ("ids", "first", "probs"):
+            np.testing.assert_array_equal(want[i][key], got[i][key])
+    unbiased, _ = collect_routing(lazy, xs, source)  # a lost bias would show: it moves selections here
+    assert any((unbiased[i]["ids"] != want[i]["ids"]).any() for i in want)
+
+    made: list[list[int]] = []
+    blockwise(lazy, source, xs, lambda i, _: made.append([j for j, blk in enumerate(lazy.layers)
+                                                          if not next(blk.parameters()).is_meta]))
+    assert made == [[0], [1], [2]] and all(p.is_meta for p in lazy.parameters())
