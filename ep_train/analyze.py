@@ -2,9 +2,9 @@
 
     ep-train analyze-experts --checkpoint RUN_OR_STEP --data SHARDS --output DIR [--compare OTHER] [--tokens N]
 
-Runs the model (one process, eval mode, one block's weights in memory at a time) over held-out windows of a ``data_prep_tool`` output and
-records every MoE layer's routing with forward hooks on the routers (the model is unchanged). Per
-layer: each expert's share of the routing assignments, the tokens it takes most often (decoded, with
+Runs the model (one process, eval mode, one block's weights in memory at a time) over held-out windows
+of a ``data_prep_tool`` output and records every MoE layer's routing with forward hooks on the routers
+(the model is unchanged). Per layer: each expert's share of the routing assignments, the tokens it takes most often (decoded, with
 how much of that token's traffic it gets), the mean routing entropy, and how often two experts are
 chosen together. Writes ``report.json``, a readable ``report.md`` and ``heatmap.png`` (layers x
 experts); with ``--compare`` the same data through a second checkpoint: share changes, the fraction

@@ -126,6 +126,22 @@ def heap_threshold(env: dict[str, str] | None = None) -> int:
     except ValueError:
         raise ValueError(f"MALLOC_MMAP_THRESHOLD_ = {raw!r} is invalid: must be a byte count such as 1048576, "
                          "or unset") from None
+
+
+def fix_mmap_threshold(nbytes: int) -> None:
+    """Fix this process's glibc mmap threshold at ``nbytes`` (mallopt(3) M_MMAP_THRESHOLD, which also turns
+    the dynamic rule above off): allocations above it go back to the OS when freed instead of staying on
+    a fragmented heap. For processes that make and free the same large tensors over and over (a data build's
+    batches, a model run block by block). No-op without glibc's mallopt."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+
+
 _DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 

@@ -431,15 +431,10 @@ def _fixed_mmap_threshold() -> None:
     ~128 KiB buffers (pickled batches, token arrays) back and forth with the workers; with the threshold's
     dynamic rule (it rises after the first freed large block) they land on the heap and fragment it: measured
     on one text file, the main process grew from 79 MiB (0.54 GB) to 99 MiB (2.15 GB); fixed, it stays near
-    50 MiB at the same speed. Workers are left alone (fixed there too, the build ran 16% slower). No-op
-    without glibc's mallopt."""
-    import ctypes
+    50 MiB at the same speed. Workers are left alone (fixed there too, the build ran 16% slower)."""
+    from ep_train.sizes import fix_mmap_threshold
 
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    fix_mmap_threshold(128 * 1024)
 
 
 def check_dtype(vocab: int, dtype: str | None) -> np.dtype:

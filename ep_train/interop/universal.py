@@ -38,7 +38,7 @@ import torch.distributed as dist
 from ep_train.config import Config, config_from_dict
 from ep_train.parallel.ds_nvme import SWAP_MAP, swapped_checkpoint, swapped_ranks
 from ep_train.train.checkpoint import (MANIFEST, STATE_FILE, CheckpointError, complete_checkpoints, latest_target,
-                                       only_safe_loads, safe_load, verify)
+                                       only_safe_loads, safe_load, safe_load_mapped, verify)
 
 UNIVERSAL = "universal"  # the converted form's folder inside a checkpoint folder
 
@@ -136,11 +136,12 @@ def _bounded_memory(m: ModuleType) -> Iterator[None]:
     As shipped, ``_consolidate_zero3_autoep_expert_states`` loads every rank's model and optimizer files at
     once, clones every expert fragment of every layer and only then writes: about twice the model's optimizer
     states in RAM (AutoEP experts are most of an MoE). Here it runs once per expert parameter, DeepSpeed's own
-    code and checks restricted to that one (the files, memory-mapped by the caller's ``only_safe_loads(mmap=True)``,
-    cost page cache, not RAM). ``_save_optimizer_state_stage3`` copies rank 0's whole optimizer state dict
-    (its fp32 masters and moments: 1/world of the model's optimizer states) into ``zero/optimizer_state.pt``,
-    which DeepSpeed's universal loader reads on every rank for its scalars, parameter groups and step counts
-    only (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``); here it keeps just those."""
+    code and checks restricted to that one (the files, memory-mapped by the caller's
+    ``only_safe_loads(mmap=True)``, are read through the page cache, which the kernel can reclaim).
+    ``_save_optimizer_state_stage3`` copies rank 0's whole optimizer state dict (its fp32 masters and moments:
+    1/world of the model's optimizer states) into ``zero/optimizer_state.pt``, which DeepSpeed's universal
+    loader reads on every rank for its scalars, parameter groups and step counts only
+    (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``); here it keeps just those."""
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT, PARAM_GROUPS
 
     consolidate, info, save_state = (m._consolidate_zero3_autoep_expert_states, m._autoep_expert_param_info,
@@ -159,7 +160,7 @@ def _bounded_memory(m: ModuleType) -> Iterator[None]:
                 m._autoep_expert_param_info = info
 
     def global_state(args: argparse.Namespace, optim_files: list[str]) -> None:
-        out = safe_load(optim_files[0], map_location="cpu", mmap=True)[OPTIMIZER_STATE_DICT]
+        out = safe_load_mapped(optim_files[0], map_location="cpu")[OPTIMIZER_STATE_DICT]
         inner = out[OPTIMIZER_STATE_DICT]
         inner["state"] = {i: {k: v for k, v in s.items() if not torch.is_tensor(v) or v.numel() <= 1}
                           for i, s in inner["state"].items()}  # the step counts (int, or a 0-d tensor)

@@ -18,13 +18,13 @@ with an allowlist of the one DeepSpeed class its ZeRO checkpoints hold).
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -374,12 +374,22 @@ def safe_load(path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:
                               "it is corrupted or was not written by ep-train") from None
 
 
+def safe_load_mapped(path: str | Path, map_location: Any = None, **kwargs: Any) -> Any:
+    """``safe_load`` with the tensors memory-mapped (read from the page cache when touched) where the file
+    allows it: torch's zip format. Files in torch's legacy format (DeepSpeed's engine writes it when
+    configured with ``checkpoint_serialization: false``, and did after every resume before ep-train kept
+    its config) are read into memory."""
+    kwargs.pop("mmap", None)
+    mappable = isinstance(path, (str, os.PathLike)) and zipfile.is_zipfile(path)
+    return safe_load(path, map_location=map_location, mmap=mappable, **kwargs)
+
+
 @contextlib.contextmanager
 def only_safe_loads(mmap: bool = False) -> Iterator[None]:
     """Within this block every ``torch.load`` is ``safe_load``: for DeepSpeed code that calls
-    ``torch.load(weights_only=False)`` itself (``ds_to_universal``, the universal loader). ``mmap``: tensors
-    are mapped from the file (read when touched, from the page cache) instead of read into memory."""
-    torch.load = functools.partial(safe_load, mmap=True) if mmap else safe_load  # type: ignore[assignment]
+    ``torch.load(weights_only=False)`` itself (``ds_to_universal``, the universal loader). ``mmap``:
+    ``safe_load_mapped``."""
+    torch.load = safe_load_mapped if mmap else safe_load  # type: ignore[assignment]
     try:
         yield
     finally:

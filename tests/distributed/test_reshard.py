@@ -142,30 +142,25 @@ def _flat(x: object, path: str = "") -> Iterator[tuple[str, object]]:
         yield path, x
 
 
-@pytest.mark.parametrize("which", ["w2ep2 step 4", "w1ep1 step 4", "w2ep1 step 8"])
-def test_the_bounded_memory_conversion_writes_what_deepspeeds_converter_writes(straight, resumed, which,
-                                                                               tmp_path) -> None:
-    """ep-train runs DeepSpeed's converter one expert parameter at a time from mapped files
-    (universal._bounded_memory); its output must be the stock converter's, file by file and tensor by tensor,
-    except optimizer_state.pt, which keeps only what the universal loader reads (the resumes above load it)."""
+def _stock_universal(step: Path, out: Path) -> Path:
     import argparse
 
-    import torch
     from deepspeed.checkpoint import ds_to_universal
 
-    from ep_train.interop.universal import to_universal
     from ep_train.train.checkpoint import only_safe_loads
 
-    step = {"w2ep2 step 4": straight["w2ep2"] / STEP4, "w1ep1 step 4": straight["w1ep1"] / STEP4,
-            "w2ep1 step 8": resumed["w2ep2_to_w2ep1"] / "checkpoints" / "step_00000008"}[which]
-    # Written in torch's zip format, as the run's first checkpoints are; a resumed run's engine saved in the legacy
-    # format once (checkpoint.load gave it DeepSpeed's checkpoint engine without the config), which cannot be mapped.
-    assert all(zipfile.is_zipfile(f) for f in step.glob("*.pt"))
-    stock, ours = tmp_path / "stock", to_universal(step, tmp_path / "ours")
     with only_safe_loads():
-        ds_to_universal.main(argparse.Namespace(input_folder=str(step), output_folder=str(stock),
+        ds_to_universal.main(argparse.Namespace(input_folder=str(step), output_folder=str(out),
                                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                                                 strict=True, inject_missing_state=False))
+    return out
+
+
+def _assert_same_universal(stock: Path, ours: Path) -> None:
+    """File by file, tensor by tensor; ep-train's optimizer_state.pt keeps only what the universal loader reads
+    (the resumes above load it): what it drops must be tensors of more than one element."""
+    import torch
+
     files = sorted(str(f.relative_to(stock)) for f in stock.rglob("*") if f.is_file())
     assert files == sorted(str(f.relative_to(ours)) for f in ours.rglob("*") if f.is_file())
     assert sum("experts" in f for f in files) >= 3 * 3 * 2  # w1, w2, w3 x (fp32, exp_avg, exp_avg_sq) x 2 layers
@@ -183,3 +178,33 @@ def test_the_bounded_memory_conversion_writes_what_deepspeeds_converter_writes(s
                 assert torch.is_tensor(got[k]) and v.dtype == got[k].dtype and torch.equal(v, got[k]), (f, k)
             else:  # DeepSpeed's loss scaler compares by identity: its repr holds its settings
                 assert v == got[k] or repr(v) == repr(got[k]), (f, k, v, got[k])
+
+
+@pytest.mark.parametrize("which", ["w2ep2 step 4", "w1ep1 step 4", "w2ep1 step 8"])
+def test_the_bounded_memory_conversion_writes_what_deepspeeds_converter_writes(straight, resumed, which,
+                                                                               tmp_path) -> None:
+    """ep-train runs DeepSpeed's converter one expert parameter at a time from mapped files
+    (universal._bounded_memory); its output must be the stock converter's."""
+    from ep_train.interop.universal import to_universal
+
+    step = {"w2ep2 step 4": straight["w2ep2"] / STEP4, "w1ep1 step 4": straight["w1ep1"] / STEP4,
+            "w2ep1 step 8": resumed["w2ep2_to_w2ep1"] / "checkpoints" / "step_00000008"}[which]
+    # Written in torch's zip format, as the run's first checkpoints are; a resumed run's engine saved in the legacy
+    # format once (checkpoint.load gave it DeepSpeed's checkpoint engine without the config), which cannot be mapped.
+    assert all(zipfile.is_zipfile(f) for f in step.glob("*.pt"))
+    _assert_same_universal(_stock_universal(step, tmp_path / "stock"), to_universal(step, tmp_path / "ours"))
+
+
+def test_a_checkpoint_in_torchs_legacy_format_converts_too(straight, tmp_path) -> None:
+    """Files in torch's legacy format (DeepSpeed's checkpoint_serialization: false, or a resumed run before the
+    engine kept its config) cannot be memory-mapped: read whole, the conversion is the same."""
+    import torch
+
+    from ep_train.interop.universal import to_universal
+
+    step = _copy_step4(straight["w2ep2"], tmp_path / "legacy")
+    for f in step.glob("*_states.pt"):
+        torch.save(torch.load(f, weights_only=False), f, _use_new_zipfile_serialization=False)
+        assert not zipfile.is_zipfile(f)
+    _assert_same_universal(_stock_universal(straight["w2ep2"] / STEP4, tmp_path / "stock"),
+                           to_universal(step, tmp_path / "ours"))
