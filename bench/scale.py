@@ -104,8 +104,9 @@ def _overrides(model: dict[str, Any], world: int, ep: int, seq_len: int, precisi
 
 
 def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_config: str,
-                env: dict[str, str] | None = None, timeout: float = 3600) -> RunResult:
-    """One training run under torchrun, its rank processes sampled from outside (see the module doc)."""
+                env: dict[str, str] | None = None, timeout: float = 3600, keep_checkpoints: bool = False) -> RunResult:
+    """One training run under torchrun, its rank processes sampled from outside (see the module doc).
+    ``keep_checkpoints``: leave the run's checkpoints (removed by default: a ~1B model's is ~16 GB)."""
     precision = overrides[overrides.index("--mixed_precision") + 1]
     ep = int(overrides[overrides.index("--ep_size") + 1])
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -179,8 +180,8 @@ def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_
     rc = proc.wait()
     done.set()
     sampler.join()
-    # The trainer's final checkpoint is not what is measured, and a ~1B model's is ~16 GB: remove it.
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if not keep_checkpoints:  # not what is measured here
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     res = RunResult(world, ep, precision, 0, rc == 0, seconds=time.monotonic() - t0)
     def by_rank(kib_of: dict[int, int]) -> list[int]:
         return [kib * 1024 for _, kib in sorted((rank_of.get(pid, pid), kib) for pid, kib in kib_of.items())]

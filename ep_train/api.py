@@ -158,7 +158,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
          tokenizer: str | Path | None = None, lazy: bool = False) -> Loaded:
     """Load a model for inference from a run directory, a ``checkpoints/step_N`` folder or a Hugging
     Face Mixtral folder (see :func:`resolve`), in eval mode on ``device`` in ``dtype``. ``lazy``: read no
-    weights; the model stays on ``meta`` with ``source`` and ``expert_bias`` to run it block by block.
+    weights; the model stays on ``meta`` with ``source`` and ``expert_bias`` to run it block by block
+    (``init.blockwise`` makes each block in fp32 on the CPU: ``device`` and ``dtype`` do not apply).
 
     The tokenizer: ``tokenizer`` if given, else the first that exists of the run's ``data.tokenizer``,
     its data manifest's tokenizer, and ``tokenizer.model`` beside the weights; None if none exists.

@@ -125,6 +125,8 @@ def blockwise(model: nn.Module, source: ValueSource, batches: list[torch.Tensor]
     materialize(model.embed, _Under(source, "embed"))
     hidden = [model.embed(x) for x in batches]
     model.embed.to("meta")
+    if model.cfg.tie_embeddings:  # materialize gave embed a new parameter: tie the head to it again
+        model.lm_head.weight = model.embed.weight
     for i, block in enumerate(model.layers):
         materialize(block, _Under(source, f"layers.{i}"))
         if prepare is not None:

@@ -205,6 +205,28 @@ def test_scale_bench_small(tmp_path) -> None:
     assert (tmp_path / "scale.png").stat().st_size > 0 and (tmp_path / "scale.csv").is_file()
 
 
+def test_offline_memory_bench_small(tmp_path) -> None:
+    """bench/offline_memory.py on a tiny model: both converters and both analyses measured from outside, their
+    outputs compared."""
+    from bench.offline_memory import main
+
+    out = main(["--small", "--out", str(tmp_path)])
+    rows, analyses = out["rows"], out["analyses"]
+    assert [(r["layers"], r["which"]) for r in rows] == [(1, "deepspeed"), (1, "ep-train"),
+                                                        (2, "deepspeed"), (2, "ep-train")]
+    assert [(r["layers"], r["which"]) for r in analyses] == [(1, "whole model"), (1, "block by block"),
+                                                            (2, "whole model"), (2, "block by block")]
+    for r in rows + analyses:
+        assert r["ok"] and 0 < r["peak_anon"] <= r["peak_rss"], r
+    for stock, ours in zip(rows[::2], rows[1::2]):
+        assert ours["same_as_deepspeed"] is True, ours["differences"]
+        assert 0 < ours["out_bytes"] < stock["out_bytes"]  # rank 0's optimizer shard is not copied
+    assert all(r["same_as_whole"] is True for r in analyses[1::2])
+    assert set(out["growth"]) == {"deepspeed", "ep-train"} and set(out["analysis_growth"]) == set(
+        ["whole model", "block by block"])
+    assert "| 2 | 746,304 |" in out["text"] and "routing equal to the whole model's" in out["text"]
+
+
 def test_moe_vs_dense_bench_small(small) -> None:
     """Both models train on the same tokens; active parameters matched up to the routers."""
     from bench.moe_vs_dense import reading

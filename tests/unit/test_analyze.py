@@ -89,7 +89,7 @@ def test_block_by_block_routing_equals_the_whole_models() -> None:
     m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 64, 32, 48, 3
     m.num_heads, m.num_kv_heads, m.max_seq_len = 4, 2, 32
     c.moe.num_experts, c.moe.num_experts_per_token, c.moe.moe_layers = 4, 2, [0, 2]
-    c.moe.expert_bias_update_rate = 0.001
+    c.moe.expert_bias_update_rate, m.tie_embeddings = 0.001, True
     whole = build_model(c.model, c.moe, seed=3).eval()
     biases = {"0": [0.0, 0.3, 0.0, 0.0], "2": [0.0, 0.0, 0.0, 0.2]}
     for i, b in biases.items():
@@ -116,3 +116,4 @@ def test_block_by_block_routing_equals_the_whole_models() -> None:
     blockwise(lazy, source, xs, lambda i, _: made.append([j for j, blk in enumerate(lazy.layers)
                                                           if not next(blk.parameters()).is_meta]))
     assert made == [[0], [1], [2]] and all(p.is_meta for p in lazy.parameters())
+    assert lazy.lm_head.weight is lazy.embed.weight  # still tied
