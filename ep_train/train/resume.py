@@ -138,23 +138,22 @@ def group_tags(optimizer: Any) -> list[dict[str, Any]]:
     return [{k: g[k] for k in GROUP_TAGS if k in g} for g in optimizer.param_groups]
 
 
-def tensor_steps(optimizer: Any) -> int:
-    """DeepSpeed 0.19.8's universal loader sets every sub-group's Adam ``step`` to the checkpoint's value as
-    saved: a Python int when CPU Adam wrote it (optimizer offload). torch's Adam/AdamW keep ``step`` as a tensor
-    and increment it in place; with an int the increment never sticks (every later step would use the first
-    resumed step's bias correction) and the foreach path fails. torch's own ``load_state_dict`` converts it
-    (``Adam.__setstate__``); here the same for the universal load. DeepSpeed's CPU Adam counts with ints:
-    left alone. Returns how many were converted."""
+def tensor_steps(optimizer: Any) -> None:
+    """DeepSpeed 0.19.8's universal loader sets every sub-group's Adam ``step`` to one object, the checkpoint's
+    value as saved (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``): a Python int when CPU Adam
+    wrote it (optimizer offload), else torch's 0-d tensor. torch's Adam/AdamW keep ``step`` as a tensor and
+    increment it in place, once per sub-group's step: with an int the increment never sticks (every later step
+    would use the first resumed step's bias correction) and the foreach path fails; with one shared tensor it
+    advances once per sub-group and step (measured: a resharded no-offload run off by 2e-3 in its second step).
+    Each sub-group gets its own tensor, as torch's ``load_state_dict`` would give (``Adam.__setstate__``).
+    DeepSpeed's CPU Adam counts with ints: left alone."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     if isinstance(optimizer, DeepSpeedCPUAdam):
-        return 0
-    n = 0
+        return
     for state in optimizer.state.values():
-        if "step" in state and not torch.is_tensor(state["step"]):
+        if "step" in state:
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-            n += 1
-    return n
 
 
 def restore_group_tags(optimizer: Any, tags: list[dict[str, Any]]) -> None:

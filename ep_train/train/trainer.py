@@ -232,7 +232,7 @@ class Trainer:
         state = checkpoint.load(self.engine, plan.path, plan.universal)
         if plan.universal is not None:
             resume.restore_group_tags(optimizer, tags)  # DeepSpeed's universal load overwrote them
-            resume.tensor_steps(optimizer)  # ... and left CPU Adam's int step counts for torch's Adam
+            resume.tensor_steps(optimizer)  # ... and left one shared (or int) step count for torch's Adam
         self.step, self.skipped = state["step"], state["skipped_steps"]
         self.batches.consumed_samples = state["consumed_samples"]
         if plan.path.parent.resolve() == self.ckpt_root.resolve():

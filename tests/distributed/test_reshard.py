@@ -48,9 +48,11 @@ def _copy_step4(run: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, built) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("reshard")
-    runs = {"w2ep2": root / "w2ep2", "w1ep1": root / "w1ep1"}
+    runs = {"w2ep2": root / "w2ep2", "w1ep1": root / "w1ep1", "w2ep2_no_offload": root / "w2ep2_no_offload"}
     _wait(root, {"w2ep2": launch(runs["w2ep2"], built, 2, *ARGS, "--ep_size", "2"),
                  "w1ep1": launch(runs["w1ep1"], built, 1, *ARGS, "--ep_size", "1")})
+    _wait(root, {"w2ep2_no_offload": launch(runs["w2ep2_no_offload"], built, 2, *ARGS, "--ep_size", "2",
+                                            "--ds_config", "zero3")})
     return {**runs, "root": root}
 
 
@@ -58,11 +60,14 @@ def straight(tmp_path_factory, built) -> dict[str, Path]:
 def resumed(straight, built) -> dict[str, Path]:
     """The three resumes side by side, each from its own copy of a step-4 checkpoint, into a fresh run dir."""
     root = straight["root"]
-    # The last one trains without optimizer offload (torch's AdamW instead of CPU Adam): the universal loader
-    # leaves CPU Adam's int step counts, which torch's Adam must get as tensors (resume.tensor_steps).
+    # The last two train without optimizer offload (torch's AdamW instead of CPU Adam): the universal loader
+    # leaves CPU Adam's int step counts, which torch's Adam must get as tensors, and from a checkpoint torch's
+    # AdamW wrote it gives every sub-group one shared step tensor, which AdamW would advance once per
+    # sub-group and step (resume.tensor_steps).
     shapes = {"w2ep2_to_w1ep1": ("w2ep2", 1, "1", []), "w2ep2_to_w2ep1": ("w2ep2", 2, "1", []),
               "w1ep1_to_w2ep2": ("w1ep1", 2, "2", []),
-              "w2ep2_to_w1ep1_no_offload": ("w2ep2", 1, "1", ["--ds_config", "zero3"])}
+              "w2ep2_to_w1ep1_no_offload": ("w2ep2", 1, "1", ["--ds_config", "zero3"]),
+              "w2ep2_no_offload_to_w1ep1": ("w2ep2_no_offload", 1, "1", ["--ds_config", "zero3"])}
     procs, runs = {}, {}
     for name, (src, nproc, ep, extra) in shapes.items():
         ckpt = _copy_step4(straight[src], root / f"{name}_ckpt")
@@ -85,7 +90,8 @@ def _assert_matches(got: dict[int, float], ref: dict[int, float]) -> None:
 
 
 @pytest.mark.parametrize("name, ref", [("w2ep2_to_w1ep1", "w2ep2"), ("w2ep2_to_w2ep1", "w2ep2"),
-                                       ("w1ep1_to_w2ep2", "w1ep1"), ("w2ep2_to_w1ep1_no_offload", "w2ep2")])
+                                       ("w1ep1_to_w2ep2", "w1ep1"), ("w2ep2_to_w1ep1_no_offload", "w2ep2"),
+                                       ("w2ep2_no_offload_to_w1ep1", "w2ep2_no_offload")])
 def test_resume_at_another_shape_continues_the_run(resumed, straight, name, ref) -> None:
     _assert_matches(losses(resumed[name]), losses(straight[ref]))
     log = (resumed[name].parent / f"{name}.log").read_text()
