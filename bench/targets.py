@@ -75,6 +75,11 @@ TARGETS: dict[str, Target] = {
     "scale_fp32_bytes_per_param": Target(22, "<=", "bytes", "583M in fp32 at world 2: training peaks summed over "
                                          "ranks / parameters", "issue 11"),
     "scale_plan_error": Target(0.15, "<=", "%", "|ep-train plan / measured training peak - 1|", "issue 11"),
+    # scale (the brief: no code path may hold the whole model in one process)
+    "offline_memory_growth": Target(0.05, "<=", "", "extra peak anonymous memory of an offline tool (conversion, "
+                                    "analysis) per extra byte of the model, 4 to 8 layers of the 583M shape",
+                                    "the brief's scale priority (bench/offline_memory.py): memory must not grow "
+                                    "with the model"),
     # data preparation
     "data_prep_share": Target(0.85, ">=", "%", "ep-train's tokens/s as a share of the encode-only limit",
                               "data-prep issue (bench/data_prep.py)"),
