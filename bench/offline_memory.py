@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -262,17 +262,9 @@ def _report(result: dict[str, Any], args: argparse.Namespace) -> str:
             "**Conversion** to DeepSpeed's universal form (what resharded resumes, `ep-train convert to-hf` and "
             "generation read): \"deepspeed\" is DeepSpeed 0.19.8's `ds_to_universal` as shipped (what ep-train "
             "ran before 2026-11-28); \"ep-train\" is `interop/universal.py` (`_bounded_memory`).\n")
-    lines = ["| layers | parameters | optimizer states in the checkpoint | converter | peak anonymous | peak RSS | "
-             "seconds | output | output equal to DeepSpeed's |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if not r["ok"]:
-            lines.append(f"| {r['layers']} | {r['params']:,} | {r['optim_bytes'] / GIB:.2f} GiB | {r['which']} | "
-                         f"{_why(r)} |  |  |  |  |")
-            continue
-        same = {True: "yes", False: "**NO**", None: ""}[r.get("same_as_deepspeed")]
-        lines.append(f"| {r['layers']} | {r['params']:,} | {r['optim_bytes'] / GIB:.2f} GiB | {r['which']} | "
-                     f"{r['peak_anon'] / MIB:,.0f} MiB | {r['peak_rss'] / MIB:,.0f} MiB | {r['seconds']:.0f} | "
-                     f"{r['out_bytes'] / GIB:.2f} GiB | {same} |")
+    lines = _table(["optimizer states in the checkpoint", "converter"], ["output", "output equal to DeepSpeed's"],
+                   result["rows"], lambda r: f"{r['optim_bytes'] / GIB:.2f} GiB",
+                   lambda r: f"{r['out_bytes'] / GIB:.2f} GiB", "same_as_deepspeed")
     tail = _verdict(result["growth"], "ep-train", "the checkpoint (extra bytes per extra byte of optimizer states",
                     "ep-train's conversion memory does not grow with the model's optimizer states")
     tail.append("The output of ep-train's conversion is DeepSpeed's minus rank 0's optimizer shard in "
@@ -282,22 +274,30 @@ def _report(result: dict[str, Any], args: argparse.Namespace) -> str:
              "data's validation split, from the converted checkpoint: \"whole model\" builds the model in the process "
              "(what analyze-experts did before 2026-11-28), \"block by block\" runs it one block at a time "
              "(`ep_train.model.init.blockwise`, what it does now).\n")
-    rows2 = ["| layers | parameters | fp32 parameters | analysis | peak anonymous | peak RSS | seconds | "
-             "routing equal to the whole model's |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["analyses"]:
-        if not r["ok"]:
-            rows2.append(f"| {r['layers']} | {r['params']:,} | {r['params'] * 4 / GIB:.2f} GiB | {r['which']} | "
-                         f"{_why(r)} |  |  |  |")
-            continue
-        same = {True: "yes", False: "**NO**", None: ""}[r.get("same_as_whole")]
-        rows2.append(f"| {r['layers']} | {r['params']:,} | {r['params'] * 4 / GIB:.2f} GiB | {r['which']} | "
-                     f"{r['peak_anon'] / MIB:,.0f} MiB | {r['peak_rss'] / MIB:,.0f} MiB | {r['seconds']:.0f} "
-                     f"| {same} |")
+    rows2 = _table(["fp32 parameters", "analysis"], ["routing equal to the whole model's"], result["analyses"],
+                   lambda r: f"{r['params'] * 4 / GIB:.2f} GiB", None, "same_as_whole")
     tail2 = _verdict(result["analysis_growth"], "block by block",
                      "the model (extra bytes per extra byte of fp32 parameters",
                      "The block-by-block analysis's memory does not grow with the model")
     return (head + "\n" + "\n".join(lines) + "\n\n" + " ".join(tail) + "\n\n" + part2 + "\n" + "\n".join(rows2)
             + "\n\n" + " ".join(tail2))
+
+
+def _table(middle: list[str], last: list[str], rows: list[dict[str, Any]], size: Callable[[dict[str, Any]], str],
+           extra: Callable[[dict[str, Any]], str] | None, same_key: str) -> list[str]:
+    """A markdown table of measured rows: layers, parameters, the ``middle`` columns (a size, the tool), the
+    measured memory and time, then the ``last`` columns (``extra``'s cell if any, and the ``same_key`` verdict)."""
+    head = ["layers", "parameters", *middle, "peak anonymous", "peak RSS", "seconds", *last]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r["layers"]), f"{r['params']:,}", size(r), r["which"]]
+        if not r["ok"]:
+            cells += [_why(r)] + [""] * (len(head) - len(cells) - 1)
+        else:
+            cells += [f"{r['peak_anon'] / MIB:,.0f} MiB", f"{r['peak_rss'] / MIB:,.0f} MiB", f"{r['seconds']:.0f}",
+                      *([extra(r)] if extra else []), {True: "yes", False: "**NO**", None: ""}[r.get(same_key)]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _why(r: dict[str, Any]) -> str:

@@ -4,9 +4,9 @@
 
 Runs the model (one process, eval mode, one block's weights in memory at a time) over held-out windows
 of a ``data_prep_tool`` output and records every MoE layer's routing with forward hooks on the routers
-(the model is unchanged). Per layer: each expert's share of the routing assignments, the tokens it takes most often (decoded, with
-how much of that token's traffic it gets), the mean routing entropy, and how often two experts are
-chosen together. Writes ``report.json``, a readable ``report.md`` and ``heatmap.png`` (layers x
+(the model is unchanged). Per layer: each expert's share of the routing assignments, the tokens it takes
+most often (decoded, with how much of that token's traffic it gets), the mean routing entropy, and how
+often two experts are chosen together. Writes ``report.json``, a readable ``report.md`` and ``heatmap.png`` (layers x
 experts); with ``--compare`` the same data through a second checkpoint: share changes, the fraction
 of tokens whose first expert stayed the same, and ``heatmap_change.png``. The trainer's TensorBoard
 expert-load image stays the live view; this is the after-the-fact one.
