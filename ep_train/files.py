@@ -15,3 +15,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)  # the rename itself is durable only once the folder's entry is
+
+
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's data, or a folder's entries, to disk (Linux allows fsync on a read-only descriptor of
+    either). ``torch.save`` and ``os.replace`` do not: after a power loss a file can be there but empty."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -18,6 +18,7 @@ with an allowlist of the one DeepSpeed class its ZeRO checkpoints hold).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ep_train.data.shards import sha256_file
-from ep_train.files import atomic_write_text
+from ep_train.files import atomic_write_text, fsync_path
 from ep_train.parallel.ds_nvme import nvme_optimizer, restore_from_shard, write_swap_map
 
 STATE_FILE = "ep_train_state.json"
@@ -193,8 +194,43 @@ def _agree(ok: bool) -> bool:
     return bool(t.item())
 
 
+def _all_done(err: str, root: Path, path: Path, estimate: int) -> None:
+    """Collective: return if no rank has an ``err``; else every rank raises the same ``CheckpointError``, naming
+    each failing rank, after rank 0 removed ``path`` (unless it is complete or what ``latest`` names)."""
+    errs: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(errs, err)  # communication: every rank takes the same branch
+    failed = [f"rank {r}: {e}" for r, e in enumerate(errs) if e]
+    if not failed:
+        return
+    msg = [""]
+    if dist.get_rank() == 0:
+        kept = (path / MANIFEST).is_file() or latest_target(root) == path
+        if not kept:
+            shutil.rmtree(path, ignore_errors=True)  # a partial folder must not look like a checkpoint
+        what = (f"{path.name} is complete but `latest` still names {_latest_name(root)}: resume with "
+                f"--resume {path}" if kept else f"the partial folder was removed; {_previous(latest_target(root))}")
+        msg[0] = (f"saving checkpoint {str(path)!r} failed ({'; '.join(failed)}); about "
+                  f"{bytes_needed(root, estimate):,} bytes needed, {shutil.disk_usage(root).free:,} free. {what}")
+    dist.broadcast_object_list(msg, src=0)  # communication
+    raise CheckpointError(msg[0])
+
+
+def _latest_name(root: Path) -> str:
+    target = latest_target(root)
+    return target.name if target is not None else "nothing"
+
+
+def _failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
 def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_last: int, estimate: int) -> Path:
-    """Collective. Raises ``CheckpointError`` (on every rank) if the save cannot be completed."""
+    """Collective. Raises ``CheckpointError`` (on every rank) if the save cannot be completed.
+
+    Every file is flushed to disk (fsync) before the manifest makes the checkpoint complete, and the
+    manifest before ``latest`` moves and older checkpoints are pruned: after a power loss the newest
+    complete checkpoint holds data, not empty files. A failure on some ranks only (a full local disk, a
+    quota) is agreed on at each phase, so no rank is left waiting at a collective the others skipped."""
     tag = step_tag(step)
     path = root / tag
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -209,65 +245,105 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
             check_free_space(root, bytes_needed(root, estimate))
         except Exception as e:  # raised on rank 0 alone: the others must hear of it, not wait at a collective
             err = str(e) if isinstance(e, CheckpointError) else \
-                f"preparing to save checkpoint {str(path)!r} failed ({type(e).__name__}: {e}); nothing was written"
+                f"preparing to save checkpoint {str(path)!r} failed ({_failure(e)}); nothing was written"
     msg = [err]
     dist.broadcast_object_list(msg, src=0)  # communication
     if msg[0]:
         raise CheckpointError(msg[0])
+    # 1. every rank writes its files. The engine records a failed write and goes on, so DeepSpeed's own
+    # collectives inside save_checkpoint (gathers, its final barrier) still meet on every rank. (Not covered:
+    # DeepSpeed's copies outside the engine, the recovery scripts and NVMe swap files, which raise out of
+    # save_checkpoint before its barrier: a rank failing there alone still leaves the others waiting.)
+    writer = _checkpoint_engine(engine)
+    writer.failed = ""
+    err = ""
     try:
         engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # collective
-        torch.save(rng_state(), path / f"rng_rank{rank}.pt")
-        if nvme_optimizer(engine):
-            write_swap_map(engine, path)  # which swap files hold which sub-group (for the universal form)
-        ok = True
+        err = writer.failed
+        if not err:
+            torch.save(rng_state(), path / f"rng_rank{rank}.pt")
+            fsync_path(path / f"rng_rank{rank}.pt")
+            if nvme_optimizer(engine):
+                write_swap_map(engine, path)  # which swap files hold which sub-group (for the universal form)
     except (OSError, RuntimeError) as e:  # disk full (ENOSPC), file-size limit (EFBIG); torch.save raises RuntimeError
-        ok, err = False, f"{type(e).__name__}: {e}"
-    if not _agree(ok):
-        if rank == 0:
-            if latest_target(root) != path:
-                shutil.rmtree(path, ignore_errors=True)  # a partial folder must not look like a checkpoint
-            free = shutil.disk_usage(root).free
-            latest = latest_target(root)
-            err = (f"saving checkpoint {str(path)!r} failed ({err or 'on another rank'}); about "
-                   f"{bytes_needed(root, estimate):,} bytes needed, {free:,} free. The partial folder was removed; "
-                   f"{_previous(latest)}")
-        msg = [err]
-        dist.broadcast_object_list(msg, src=0)
-        raise CheckpointError(msg[0])
-    dist.barrier()  # every rank's files are on disk
+        err = _failure(e)
+    _all_done(err, root, path, estimate)
+    # 2. rank 0 writes the run state and lists the folder for everyone: on a shared filesystem another node's
+    # listing can lag, and a file no rank hashed would be missing from the manifest (and never checked)
+    listing: list[Any] = [None]
+    err = ""
     if rank == 0:
-        (path / STATE_FILE).write_text(json.dumps(run_state, indent=2))
-    dist.barrier()
-    # Rank 0 lists the folder for everyone: on a shared filesystem another node's listing can lag, and a
-    # file no rank hashed would be missing from the manifest (and never checked).
-    listing = [sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
-               if rank == 0 else None]
+        try:
+            atomic_write_text(path / STATE_FILE, json.dumps(run_state, indent=2))
+            listing[0] = sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+        except OSError as e:
+            err = _failure(e)
+    _all_done(err, root, path, estimate)
     dist.broadcast_object_list(listing, src=0)  # communication
     files: list[str] = listing[0]
-    mine = {f: {"bytes": (path / f).stat().st_size, "sha256": sha256_file(path / f)} for f in files[rank::world]}
+    # 3. the hashing is spread over the ranks; each also flushes the files it reads (the writer's flush covers
+    # DeepSpeed's checkpoint files; this one every other file, such as NVMe swap copies and scripts)
+    mine: dict[str, Any] = {}
+    err = ""
+    try:
+        for f in files[rank::world]:
+            mine[f] = {"bytes": (path / f).stat().st_size, "sha256": sha256_file(path / f)}
+            fsync_path(path / f)
+    except OSError as e:
+        err = _failure(e)
+    _all_done(err, root, path, estimate)
     shares: list[dict[str, Any]] = [{} for _ in range(world)]
-    dist.all_gather_object(shares, mine)  # communication: the hashing is spread over the ranks
+    dist.all_gather_object(shares, mine)  # communication
+    # 4. rank 0 makes it complete (manifest), then moves latest and prunes
+    err = ""
     if rank == 0:
-        entries = {k: v for share in shares for k, v in share.items()}
-        atomic_write_text(path / MANIFEST, json.dumps(  # complete from here on
-            {"step": step, "world_size": world, "files": dict(sorted(entries.items()))}, indent=1))
-        atomic_write_text(root / "latest", tag)
-        prune(root, keep_last)
-    dist.barrier()
+        try:
+            for d in [path, *(p for p in path.rglob("*") if p.is_dir())]:
+                fsync_path(d)  # every file's folder entry, before the manifest says they are there
+            entries = {k: v for share in shares for k, v in share.items()}
+            atomic_write_text(path / MANIFEST, json.dumps(  # complete from here on
+                {"step": step, "world_size": world, "files": dict(sorted(entries.items()))}, indent=1))
+            atomic_write_text(root / "latest", tag)
+        except OSError as e:
+            err = _failure(e)
+        else:
+            try:
+                prune(root, keep_last)
+            except OSError as e:  # the new checkpoint is complete and latest: the run goes on, the user hears of it
+                print(f"WARNING: pruning old checkpoints in {root} failed ({_failure(e)}); remove them by hand",
+                      flush=True)
+    _all_done(err, root, path, estimate)
     return path
 
 
 # ---- verify and choose -----------------------------------------------------------------------------
+def _manifest_files(man_file: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's ``files`` entries, each checked to hold an int ``bytes`` and a str ``sha256``."""
+    files = json.loads(man_file.read_text(encoding="utf-8"))["files"]
+    if not isinstance(files, dict):
+        raise TypeError(f"'files' is a {type(files).__name__}, not an object")
+    for name, want in files.items():
+        if not (isinstance(want, dict) and isinstance(want.get("bytes"), int) and isinstance(want.get("sha256"), str)):
+            raise TypeError(f"the entry of {name!r} is {want!r}, not {{'bytes': int, 'sha256': str}}")
+    return files
+
+
 def verify(path: Path, full: bool = False, files: list[str] | None = None) -> str | None:
     """None if ``path`` matches its manifest, else what is wrong (naming the file). ``files`` limits the
     checksum work to these names (sizes are always checked for every file)."""
     man_file = path / MANIFEST
+    if not path.is_dir():
+        return (f"{str(path)!r} does not exist or is not a folder; give a checkpoint folder "
+                "(RUN/checkpoints/step_XXXXXXXX) or auto")
     if not man_file.is_file():
+        if not STEP_DIR.fullmatch(path.name):
+            return (f"{str(path)!r} is not a checkpoint folder (no {MANIFEST}); give one of its step_XXXXXXXX "
+                    "folders, or auto")
         return f"{str(path)!r} has no {MANIFEST}: it is incomplete (a save that did not finish)"
     try:
-        entries = json.loads(man_file.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        return f"{str(man_file)!r} is not a valid manifest ({e})"
+        entries = _manifest_files(man_file)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"{str(man_file)!r} is not a valid manifest ({type(e).__name__}: {e})"
     for name, want in entries.items():
         f = path / name
         if not f.is_file():
@@ -283,6 +359,13 @@ def verify(path: Path, full: bool = False, files: list[str] | None = None) -> st
     return None
 
 
+def _verify_or_say(path: Path, full: bool, files: list[str] | None) -> str | None:
+    try:
+        return verify(path, full=full, files=files)
+    except OSError as e:  # an unreadable file (EIO, permissions): a refusal like any other, on this rank alone
+        return f"reading {str(path)!r} failed ({_failure(e)})"
+
+
 def _verify_everywhere(path: Path, mode: str) -> str | None:
     """Collective: rank 0 checks sizes and small files; with ``full`` the checksums of every file are
     spread over the ranks. Every rank returns the same answer."""
@@ -292,12 +375,12 @@ def _verify_everywhere(path: Path, mode: str) -> str | None:
         names: list[str] = []
         if (path / MANIFEST).is_file():
             try:
-                names = sorted(json.loads((path / MANIFEST).read_text())["files"])
-            except (json.JSONDecodeError, KeyError):
-                names = []
-        problem = verify(path, full=True, files=names[rank::world])
+                names = sorted(_manifest_files(path / MANIFEST))
+            except (OSError, ValueError, TypeError, KeyError):
+                names = []  # verify() names the problem
+        problem = _verify_or_say(path, True, names[rank::world])
     elif rank == 0:
-        problem = verify(path, full=False)
+        problem = _verify_or_say(path, False, None)
     found: list[str | None] = [None] * world
     dist.all_gather_object(found, problem)  # communication
     return next((p for p in found if p), None)
@@ -313,6 +396,11 @@ def choose(resume: str, root: Path, mode: str, fallback: bool, log: Any = print)
                 candidates = list(reversed(complete_checkpoints(root)))
                 target = latest_target(root)
                 if target is not None and target in candidates:  # `latest` first (normally also the newest)
+                    if candidates[0] != target:  # set back by hand (as in Megatron), or a save cut short after
+                        # its manifest: the newer ones are set aside at the resume, not deleted
+                        log(f"resume auto: latest names {target.name}, older than the newest complete checkpoint "
+                            f"{candidates[0].name}; resuming {target.name} (pass --resume {candidates[0]} to "
+                            "continue from the newest instead)")
                     candidates.remove(target)
                     candidates.insert(0, target)
                 found = [[str(p) for p in candidates]]
@@ -396,23 +484,50 @@ def only_safe_loads(mmap: bool = False) -> Iterator[None]:
         torch.load = _TORCH_LOAD  # type: ignore[assignment]
 
 
-def safe_checkpoint_engine(config_params: Any = None) -> Any:
-    """DeepSpeed's torch checkpoint engine with ``weights_only=True`` loading."""
+@functools.cache
+def _safe_engine_class() -> type:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``. Each file it saves is
+        flushed to disk (fsync); a save that fails is recorded in ``failed`` (the first error) instead of
+        raised, and later saves of the same checkpoint are skipped: DeepSpeed's ``save_checkpoint`` then goes on
+        to its collectives on this rank as on the others, and ``save`` agrees on the failure afterwards."""
+
+        failed = ""
+
+        def save(self, state_dict: Any, path: str) -> None:  # type: ignore[override]
+            if self.failed:
+                return
+            try:
+                super().save(state_dict, path)
+                fsync_path(path)
+            except (OSError, RuntimeError) as e:  # ENOSPC, EFBIG (torch.save raises RuntimeError for some)
+                self.failed = _failure(e)
+
         def load(self, path: str, map_location: Any = None) -> Any:  # type: ignore[override]
             return safe_load(path, map_location=map_location)
 
-    return SafeCheckpointEngine(config_params)
+    return SafeCheckpointEngine
+
+
+def safe_checkpoint_engine(config_params: Any = None) -> Any:
+    """DeepSpeed's torch checkpoint engine with ``weights_only=True`` loading and flushed, agreed saves."""
+    return _safe_engine_class()(config_params)
+
+
+def _checkpoint_engine(engine: Any) -> Any:
+    """The engine's checkpoint engine, made a ``SafeCheckpointEngine`` (with the engine's config: without one
+    DeepSpeed saves in torch's legacy format, slower to load and not memory-mappable) if it is not one."""
+    if not isinstance(engine.checkpoint_engine, _safe_engine_class()):
+        engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    return engine.checkpoint_engine
 
 
 def load(engine: Any, path: Path, universal: Path | None = None) -> dict[str, Any]:
     """Load ``path`` into the engine; ``universal`` (its converted form, the engine built with
     ``checkpoint.load_universal``) when the checkpoint was written at another world or EP size."""
-    # With the engine's config: without one DeepSpeed's engine saves in torch's legacy format, which every later
-    # checkpoint of the run would then be (slower to load, and not memory-mappable for the universal conversion).
-    engine.checkpoint_engine = safe_checkpoint_engine(engine._config)
+    _checkpoint_engine(engine)  # every later checkpoint of the run is saved by it too
     where = universal if universal is not None else path
     # The universal loader reads its per-parameter files with torch.load(weights_only=False) itself; mapped, a
     # rank reads the rows of its own experts (and its own partition of a dense parameter) from each file.

@@ -39,6 +39,18 @@ def _diff(old: dict[str, Any], new: dict[str, Any], section: str, keys: Any = No
     return [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's sections over today's defaults: a field added to ep-train since the checkpoint was
+    written reads as its default (the behaviour the run had), not as a change nobody can set back."""
+    out = config_to_dict(Config())
+    for section, values in saved.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
 def shape_changes(state: dict[str, Any], cfg: Config, world: int) -> list[str]:
     """How this run's world and EP size differ from the checkpoint's ([] at the same shape)."""
     changes = []
@@ -49,7 +61,7 @@ def shape_changes(state: dict[str, Any], cfg: Config, world: int) -> list[str]:
 
 def check_resumable(state: dict[str, Any], cfg: Config, world: int, path: Any) -> list[str]:
     """Refuse what cannot change (module docstring); return the shape changes that need resharding."""
-    saved = state["config"]
+    saved = with_defaults(state["config"])
     now = config_to_dict(cfg)
     fixed = (_diff(saved["model"], now["model"], "model") + _diff(saved["moe"], now["moe"], "moe")
              + _diff(saved["train"], now["train"], "train", FIXED_TRAIN)
@@ -116,7 +128,7 @@ def apply_changes(scheduler: Any, saved: dict[str, Any], cfg: Config, applied_st
     ``applied_steps``: the optimizer steps taken, skipped (non-finite) ones left out. DeepSpeed does not step
     the scheduler on a skipped step, so the schedule's position is this count, not the trainer's step."""
     t = cfg.train
-    changed = _diff(saved["train"], config_to_dict(cfg)["train"], "train", OPTIMIZER + SCHEDULE)
+    changed = _diff(with_defaults(saved)["train"], config_to_dict(cfg)["train"], "train", OPTIMIZER + SCHEDULE)
     if not changed and not force:
         return []
     factor = schedule_factor(t, applied_steps)

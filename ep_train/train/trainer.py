@@ -271,6 +271,10 @@ class Trainer:
                       "one's order (some samples may repeat or be skipped)", flush=True)
 
     # ---- one step ----------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """Collective: whether any rank got a stop notice (SIGUSR1/SIGTERM), so that every rank stops together."""
+        return bool(self._all_reduce(torch.tensor([1.0 if self.stop.raised else 0.0]), dist.ReduceOp.MAX).item())
+
     def _all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         t = t.to(self.device)
         dist.all_reduce(t, op=op)  # communication + (at .item()/.tolist()) a host sync
@@ -494,16 +498,19 @@ class Trainer:
                 if val is not None:
                     self.metrics.log_eval(self.step, self.step * tokens_per_step, val,
                                           {src.label: src.weight for src in self.sources})
-            stop = self._all_reduce(torch.tensor([1.0 if self.stop.raised else 0.0]), dist.ReduceOp.MAX)
-            if bool(stop.item()) and self.step < t.max_steps:  # at the last step: finish (saved below), exit 0
-                path = self.save()
+            if self.step >= t.max_steps:  # at the last step a stop notice changes nothing: saved below, exit 0
+                continue
+            stop, saved = self._stop_requested(), None
+            if not stop and t.save_interval and self.step % t.save_interval == 0:
+                saved = self.save()
+                stop = self._stop_requested()  # a notice during the save: stop on the checkpoint just written
+            if stop:
+                path = saved if saved is not None else self.save()
                 if self.rank == 0:  # launchers (launch/slurm/train.sbatch) requeue when they find this file
                     (self.run_dir / STOP_MARKER).write_text(json.dumps({"step": self.step, "checkpoint": str(path)}))
                     print(f"stopped on signal at step {self.step}; exit code {STOP_EXIT_CODE}", flush=True)
                 self.metrics.close()
                 return STOP_EXIT_CODE
-            if t.save_interval and self.step % t.save_interval == 0 and self.step < t.max_steps:
-                self.save()
         if self.saved_step != self.step and t.save_at_end:  # saved_step == step: resumed at max_steps (on disk)
             self.save()
         self.metrics.log_memory(self.step, "final", self._rss_peaks_mb())  # the whole run, the last save included

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.distributed.harness import read_losses as losses
-from tests.distributed.test_trainer import launch, train
+from tests.distributed.test_trainer import _kill_tree, launch, train
 
 STEPS = 24
 ARGS = ["--max_steps", str(STEPS), "--log_interval", "2", "--ep_size", "2"]  # accumulation 2 (8 = 2 x 2 x 2)
@@ -139,16 +140,23 @@ def test_a_finished_run_started_again_writes_nothing(runs, built) -> None:
 
 
 def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built) -> None:
-    """A file-size limit smaller than the optimizer files (as a full disk would): the save fails with a
-    message naming the folder and the bytes; the partial folder is gone and `latest` still names step 13."""
+    """A file-size limit smaller than the optimizer files on rank 1 alone (a full disk on one node): every rank
+    stops with one message naming the folder, the failing rank and the bytes (before, rank 0 waited in
+    DeepSpeed's barrier for a rank that had left the save: a hang); the partial folder is gone and `latest`
+    still names step 13."""
     run = _copy(runs, "full_disk")
     shutil.rmtree(run / "checkpoints" / "step_00000024")
     (run / "checkpoints" / "latest").write_text("step_00000013")
-    proc = launch(run, built, 2, *ARGS, "--resume", "auto", "--max_steps", "15", fsize_limit=1 << 20)
-    rc = proc.wait(timeout=900)
+    proc = launch(run, built, 2, *ARGS, "--resume", "auto", "--max_steps", "15", fsize_limit=1 << 20, limited_rank=1)
+    try:
+        rc = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise
     out = (run.parent / f"{run.name}.log").read_text()
     assert rc != 0, out[-3000:]
-    assert "saving checkpoint" in out and "bytes needed" in out and "step_00000013 is intact and still latest" in out
+    assert "saving checkpoint" in out and "rank 1: " in out and "rank 0: " not in out and "bytes needed" in out
+    assert "step_00000013 is intact and still latest" in out
     assert not (run / "checkpoints" / "step_00000015").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000013"
 

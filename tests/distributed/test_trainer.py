@@ -34,18 +34,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(run_dir: Path, data: Path, nproc: int, *extra: str, fsize_limit: int | None = None) -> subprocess.Popen:
+def launch(run_dir: Path, data: Path, nproc: int, *extra: str, fsize_limit: int | None = None,
+           limited_rank: int = 0) -> subprocess.Popen:
+    """``fsize_limit``: a file-size limit on rank ``limited_rank`` only, standing in for a full disk on its node
+    (the trainer turns SIGXFSZ into EFBIG)."""
+    trainer = ["-m", "ep_train.train"] if fsize_limit is None else \
+        ["-m", "tests.distributed.limited_rank", str(fsize_limit), str(limited_rank)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *trainer,
            "--config", str(CONFIG), "--run-dir", str(run_dir), "--data_dir", str(data), *COMMON, *extra]
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
-    def limit() -> None:  # a file-size limit stands in for a full disk (the trainer turns SIGXFSZ into EFBIG)
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
-
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
-                            preexec_fn=limit if fsize_limit else None)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
 
 
 def train(run_dir: Path, data: Path, nproc: int, *extra: str, expect_rc: int = 0, timeout: float = 600) -> str:
@@ -174,24 +173,33 @@ def test_expert_choice_trains_under_zero3_offload(tmp_path, built) -> None:
 
 
 def test_resume_after_signal_gives_the_same_losses(tmp_path, built, reference) -> None:
-    """SIGUSR1 mid-run: the step in flight finishes, every rank saves, exit 75; --resume auto continues."""
+    """SIGUSR1 mid-run, while an interval save is being written: the run stops on that checkpoint (no step
+    trained, no second save), exit 75; --resume auto continues and gives the straight run's losses."""
     run = tmp_path / "run"
     run.parent.mkdir(parents=True, exist_ok=True)
-    proc = launch(run, built, 2, "--ep_size", "2")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").is_file() and max(losses(run), default=0) >= 8:
-            break
-        time.sleep(0.1)
-    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "ep_train.train" in _cmdline(c)]
-    assert workers, "no trainer processes found"
-    for w in workers:
-        w.send_signal(signal.SIGUSR1)
+    proc = launch(run, built, 2, "--ep_size", "2", "--save_interval", "3")
+    ckpts, deadline, signalled = run / "checkpoints", time.monotonic() + 600, None
+    while time.monotonic() < deadline and proc.poll() is None and signalled is None:
+        for step in range(9, STEPS, 3):  # a save under way: its folder exists, its manifest not yet
+            folder = ckpts / f"step_{step:08d}"
+            if folder.is_dir() and not (folder / "manifest.json").exists():
+                workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                           if "ep_train.train" in _cmdline(c)]
+                assert workers, "no trainer processes found"
+                for w in workers:
+                    w.send_signal(signal.SIGUSR1)
+                # the notice is in before the save ended only if the manifest was still missing after it
+                signalled = step if not (folder / "manifest.json").exists() else -1
+                break
+        time.sleep(0.005)
     rc = proc.wait(timeout=600)
     log = (run.parent / "run.log").read_text()
     assert rc != 0 and "stopped on signal" in log, log[-3000:]
     stopped_at = max(losses(run))
-    assert 8 <= stopped_at < STEPS
+    assert 9 <= stopped_at < STEPS
+    if signalled != -1:  # -1: the save had ended when the notice came (the run then stops after the next step)
+        assert stopped_at == signalled, (signalled, log[-3000:])
+        assert log.count(f"saved checkpoint {ckpts / f'step_{stopped_at:08d}'}") == 1
     assert (run / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
     train(run, built, 2, "--ep_size", "2", "--resume", "auto")
     _assert_close(losses(run), reference)

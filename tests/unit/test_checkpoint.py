@@ -105,6 +105,78 @@ def test_verify_names_the_file(tmp_path) -> None:
     assert "has no manifest.json" in ck.verify(_ckpt(tmp_path, 20, complete=False))
 
 
+def test_a_damaged_manifest_is_a_refusal_not_an_exception(tmp_path) -> None:
+    """Any damage is named by verify (in the fast mode only rank 0 verifies: an exception there left the other
+    ranks waiting at the next collective instead of falling back)."""
+    p = _ckpt(tmp_path, 10)
+    for damaged in (b"\xff\xfe not utf-8", b"[1, 2]", b'{"files": []}', b'{"files": {"weights.pt": {"sha256": "0"}}}',
+                    b'{"files": {"weights.pt": 5}}', b'{"nofiles": 1}', b"{"):
+        (p / ck.MANIFEST).write_bytes(damaged)
+        problem = ck.verify(p)
+        assert problem is not None and "is not a valid manifest" in problem and "manifest.json" in problem, damaged
+
+
+def test_a_wrong_resume_path_is_named_as_wrong_not_as_an_unfinished_save(tmp_path) -> None:
+    _ckpt(tmp_path / "checkpoints", 10)
+    assert "does not exist or is not a folder" in ck.verify(tmp_path / "checkpoints" / "step_00000011")
+    assert "is not a checkpoint folder" in ck.verify(tmp_path / "checkpoints")  # the parent, not a step folder
+    assert "has no manifest.json: it is incomplete" in ck.verify(_ckpt(tmp_path / "checkpoints", 20, complete=False))
+
+
+def test_save_engine_flushes_each_file_and_records_a_failed_write(tmp_path, monkeypatch) -> None:
+    """The checkpoint engine given to DeepSpeed fsyncs what it writes, and a failing write (a full disk) is
+    recorded, not raised, so that DeepSpeed's own collectives after it still meet on every rank."""
+    import os
+
+    import torch
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    eng = ck.safe_checkpoint_engine()
+    eng.save({"w": torch.ones(3)}, str(tmp_path / "a.pt"))
+    assert synced == [str(tmp_path / "a.pt")] and eng.failed == ""
+    assert torch.equal(eng.load(str(tmp_path / "a.pt"))["w"], torch.ones(3))
+    (tmp_path / "b.pt").mkdir()  # a write that fails (IsADirectoryError)
+    eng.save({"w": torch.ones(3)}, str(tmp_path / "b.pt"))
+    assert "b.pt" in eng.failed
+    eng.save({"w": torch.ones(3)}, str(tmp_path / "c.pt"))  # after a failure nothing more of this checkpoint
+    assert not (tmp_path / "c.pt").exists() and "b.pt" in eng.failed
+
+
+def test_files_written_atomically_are_flushed_with_their_folder(tmp_path, monkeypatch) -> None:
+    import os
+
+    from ep_train.files import atomic_write_text
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    atomic_write_text(tmp_path / "latest", "step_00000010")
+    assert synced == [str(tmp_path / "latest.tmp"), str(tmp_path)]
+
+
+def test_resume_auto_says_when_latest_is_not_the_newest_complete_checkpoint(tmp_path) -> None:
+    """`latest` wins (set back by hand, or a save cut short between its manifest and `latest`), and the log says
+    which newer one exists and how to take it instead (one process, a real gloo group: choose() is collective)."""
+    import torch.distributed as dist
+
+    from tests.distributed.harness import free_port
+
+    _ckpt(tmp_path, 13)
+    _ckpt(tmp_path, 24)
+    (tmp_path / "latest").write_text("step_00000013")
+    said: list[str] = []
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        assert ck.choose("auto", tmp_path, "fast", True, log=said.append) == tmp_path / "step_00000013"
+        (tmp_path / "latest").write_text("step_00000024")
+        assert ck.choose("auto", tmp_path, "fast", True, log=said.append) == tmp_path / "step_00000024"
+    finally:
+        dist.destroy_process_group()
+    assert len(said) == 1 and "latest names step_00000013" in said[0] and "step_00000024" in said[0], said
+
+
 def test_free_space_check_names_directory_bytes_and_the_intact_checkpoint(tmp_path, monkeypatch) -> None:
     _ckpt(tmp_path, 10, payload=b"z" * 1000)
     (tmp_path / "latest").write_text("step_00000010")
@@ -193,6 +265,22 @@ def test_resume_reshards_another_shape_and_refuses_another_batch() -> None:
                                                                           "parallel.ep_size: 2 -> 1"]
     with pytest.raises(ValueError, match=r"train.batch_size: 8 -> 16"):
         check_resumable(saved, _tiny_cfg("--ep_size", "1", "--batch_size", "16"), 1, "ck")
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_resumes() -> None:
+    """Fields added to ep-train since a checkpoint was written read as their defaults (what that run did), not
+    as a change ("None -> 0.0") nobody can set back."""
+    from ep_train.config import config_to_dict
+    from ep_train.train.resume import apply_changes, check_resumable
+
+    cfg = _tiny_cfg("--ep_size", "2")
+    old = config_to_dict(cfg)
+    del old["moe"]["expert_bias_update_rate"], old["train"]["min_lr_ratio"], old["data"]["reset_positions"]
+    assert check_resumable({"world_size": 2, "config": old}, cfg, 2, "ck") == []
+    assert apply_changes(None, old, cfg, 3) == []
+    with pytest.raises(ValueError, match=r"moe.expert_bias_update_rate: 0.0 -> 0.01"):
+        check_resumable({"world_size": 2, "config": old}, _tiny_cfg("--ep_size", "2", "--expert_bias_update_rate",
+                                                                    "0.01"), 2, "ck")
 
 
 def test_group_settings_come_back_after_a_universal_load() -> None:
