@@ -1,9 +1,9 @@
 """``data_prep_tool build`` / ``merge`` / ``inspect``: local text -> tokenized Megatron shards + manifest.
 
-Pipeline: input files (sorted) -> a stream of documents (parquet, arrow and JSON arrays through HF
-``datasets`` local loaders; JSON lines parsed line by line so a malformed line can be reported by file
-and line; plain text read directly, one document per file, see ``_text_documents``; a large one is tokenized in
-pieces cut after a newline, see ``_text_parts``)
+Pipeline: input files (sorted) -> a stream of documents (parquet and arrow through HF ``datasets`` local
+loaders; JSON lines parsed line by line and JSON arrays element by element (``_json_array``), so a malformed
+row can be reported by file and line; plain text read directly, one document per file, see ``_text_documents``;
+a large one is tokenized in pieces cut after a newline, see ``_text_parts``)
 -> batches encoded by N worker processes (one sentencepiece load per worker, ``imap`` keeps order, so
 the bytes do not depend on N) -> EOS per document -> train/val by a stable hash of the text ->
 shards rolled at a size cap. After each roll ``progress.json`` records how far the input stream got,
@@ -63,24 +63,32 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, globs and folders -> sorted, de-duplicated list of supported files."""
-    out: set[Path] = set()
+    """Files, globs and folders -> sorted, de-duplicated list of supported files.
+
+    A file reached twice (given under two spellings: relative and absolute, with "..", through a symlink, or
+    inside a folder also given) is kept once, under the first spelling met: it would be tokenized twice."""
+    out: dict[Path, Path] = {}  # resolved path -> the first spelling met
+
+    def add(path: Path) -> None:
+        out.setdefault(path.resolve(), path)
+
     for item in inputs:
-        matches = [Path(m) for m in glob.glob(item, recursive=True)] or [Path(item)]
+        matches = [Path(m) for m in sorted(glob.glob(item, recursive=True))] or [Path(item)]
         for m in matches:
             if m.is_dir():
-                out.update(p for p in m.rglob("*") if p.is_file() and p.name.endswith(
-                    TEXT_SUFFIXES + JSON_SUFFIXES + TABLE_SUFFIXES))
+                for p in sorted(m.rglob("*")):  # sorted: which spelling is met first must not depend on the disk
+                    if p.is_file() and p.name.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + TABLE_SUFFIXES):
+                        add(p)
             elif m.is_file():
                 if not m.name.endswith(TEXT_SUFFIXES + JSON_SUFFIXES + TABLE_SUFFIXES):
                     raise ValueError(f"--input {str(m)!r}: unsupported file type; use .txt, .jsonl/.json(.gz), "
                                      ".parquet or .arrow")
-                out.add(m)
+                add(m)
             else:
                 raise ValueError(f"--input {item!r} matches no file or folder")
     if not out:
         raise ValueError(f"--input {inputs} holds no .txt/.jsonl/.json/.parquet/.arrow files")
-    return sorted(out)
+    return sorted(out.values())
 
 
 @dataclass
@@ -184,41 +192,187 @@ def _documents_of(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
         if (event := _binary_event(path, head)) is not None:
             yield event
             return
-        if not head.removeprefix(BOM).lstrip().startswith(b"["):
-            with opener(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if lineno == 1:
-                        raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark is not part of the first row
-                    if not raw.strip():
-                        continue
-                    where = f"{path}:{lineno}"
-                    _replaced = 0
-                    line = raw.decode("utf-8", errors="ep_train_count_replace")
-                    if _replaced:
-                        yield "replaced_characters", _replaced, where
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield "malformed_json", None, f"{where}: {e.msg}"
-                        continue
-                    if (problem := _not_text(row, text_key)) is not None:
-                        yield "missing_text_key", None, f"{where}: {problem}"
-                        continue
-                    yield from _clean_text(row[text_key], where)
+        start = head.removeprefix(BOM).lstrip()
+        if start.startswith(b"["):
+            yield from _json_array(path, text_key)
             return
+        if start.split(b"\n", 1)[0].strip() == b"{":
+            # a lone "{" is never a JSON-lines row: this is one object spread over lines (json.dumps(indent=..),
+            # jq's default output); read as JSON lines, every one of its lines would count as a malformed row
+            yield ("malformed_json", None, f"{path}:1: neither JSON lines (one object per line) nor a JSON array: "
+                   "it holds a JSON object spread over several lines; write one object per line (e.g. jq -c . "
+                   f"{path.name} > rows.jsonl) or wrap the objects in one array [{{...}}, ...]")
+            return
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(BOM)  # a UTF-8 byte-order mark is not part of the first row
+                if not raw.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                _replaced = 0
+                line = raw.decode("utf-8", errors="ep_train_count_replace")
+                if _replaced:
+                    yield "replaced_characters", _replaced, where
+                yield from _json_row(line, text_key, where)
+        return
     from datasets import load_dataset  # imported here: slow import, only needed for these formats
 
-    if name.endswith(JSON_SUFFIXES):
-        ds, key = load_dataset("json", data_files=[str(path)], split="train", streaming=True), text_key
-    else:
-        builder = "parquet" if name.endswith(".parquet") else "arrow"
-        ds, key = load_dataset(builder, data_files=[str(path)], split="train", streaming=True), text_key
+    builder = "parquet" if name.endswith(".parquet") else "arrow"
+    ds = load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
     for i, row in enumerate(ds):
         where = f"{path}:row {i}"
-        if (problem := _not_text(row, key)) is not None:
+        if (problem := _not_text(row, text_key)) is not None:
             yield "missing_text_key", None, f"{where}: {problem}"
             continue
-        yield from _clean_text(row[key], where)
+        yield from _clean_text(row[text_key], where)
+
+
+def _json_row(text: str, text_key: str, where: str) -> Iterator[tuple[str, Any, str]]:
+    """One JSON row (a JSON line, an element of a JSON array) -> its events."""
+    try:
+        row = json.loads(text)
+    # not only JSONDecodeError: an integer of over 4,300 digits raises a plain ValueError, a deeply nested
+    # row RecursionError; either is one bad row, not the end of the file (or of the build)
+    except (ValueError, RecursionError) as e:
+        yield "malformed_json", None, f"{where}: {_json_problem(e)}"
+        return
+    if (problem := _not_text(row, text_key)) is not None:
+        yield "missing_text_key", None, f"{where}: {problem}"
+        return
+    yield from _clean_text(row[text_key], where)
+
+
+def _json_problem(e: ValueError | RecursionError) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return e.msg
+    if isinstance(e, RecursionError):
+        return "nested too deeply to parse (over ~1,000 levels of arrays/objects)"
+    return str(e).split(";")[0]  # drop Python's advice (sys.set_int_max_str_digits): not for a CLI user
+
+
+# A JSON array is read element by element: each element's extent is found by scanning for brackets and
+# strings (below), then the element is parsed alone like a JSON line, so a bad element costs that row only.
+# Memory is bounded by the largest element (as for JSON lines, by the longest line); an array whose brackets
+# never balance reads the rest of the file as one element. Parsing the whole array at once (what HF datasets'
+# json loader did) holds the whole file and several times its size in Python objects, and one bad row made
+# the loader turn every row into its JSON-encoded text.
+_ARRAY_TOKEN = re.compile(rb'[\[\]{},"]')  # bytes: UTF-8's multi-byte characters never hold an ASCII byte
+_SPACE = re.compile(rb"[ \t\r\n]*")  # JSON's whitespace
+
+
+def _element_end(data: bytes, start: int) -> int | None:
+    """Index of the ',' or ']' (or a stray '}') that ends the array element starting at ``start``; None
+    when ``data`` ends first."""
+    depth, i = 0, start
+    while m := _ARRAY_TOKEN.search(data, i):
+        c, i = m.group(), m.end()
+        if c == b'"':
+            if (i := _string_end(data, m.start())) < 0:
+                return None  # the string goes on past the bytes read so far
+        elif c in b"[{":
+            depth += 1
+        elif depth == 0:
+            return m.start()
+        elif c in b"]}":
+            depth -= 1
+    return None
+
+
+def _string_end(data: bytes, start: int) -> int:
+    """Index after the JSON string opening at ``start`` (-1: it goes on past ``data``). A quote ends it unless
+    an odd number of backslashes precedes it. bytes.find steps over text at memchr speed: with a regex matching
+    the string and its escapes, arrays of source code (an escape every few dozen bytes) were read 4x slower."""
+    j = start
+    while (j := data.find(b'"', j + 1)) >= 0:
+        k = j - 1
+        while data[k] == 0x5C:  # a backslash; data[start] is the opening quote, so k stays above start
+            k -= 1
+        if (j - 1 - k) % 2 == 0:
+            return j + 1
+    return -1
+
+
+def _raw_blocks(path: Path) -> Iterator[bytes]:
+    with _open_text(path) as f:
+        first = True
+        while block := f.read(READ_BYTES):
+            if first:
+                block, first = block.removeprefix(BOM), False
+            yield block
+
+
+class _Blocks:
+    """A file's bytes read on demand: ``data[at:]`` is not consumed yet, ``line`` is the line number at ``at``."""
+
+    def __init__(self, path: Path) -> None:
+        self.blocks, self.data, self.at, self.line, self.eof = _raw_blocks(path), b"", 0, 1, False
+
+    def more(self) -> bool:
+        """Read at least as much again as is unconsumed (a rescan after it then costs linear time in all);
+        False at the end of the file."""
+        if self.eof:
+            return False
+        parts, want, got = [self.data[self.at:]], max(2 * (len(self.data) - self.at), 1), 0
+        while got < want:
+            if (block := next(self.blocks, None)) is None:
+                self.eof = True
+                break
+            parts.append(block)
+            got += len(block)
+        self.data, self.at = b"".join(parts), 0
+        return got > 0
+
+    def advance(self, to: int) -> None:
+        self.line += self.data.count(b"\n", self.at, to)
+        self.at = to
+
+    def next_byte(self) -> bytes | None:
+        """The next non-whitespace byte (moved to, not consumed); None at the end of the file."""
+        while True:
+            space = _SPACE.match(self.data, self.at)
+            assert space is not None  # "*" matches the empty string too
+            self.advance(space.end())
+            if self.at < len(self.data):
+                return self.data[self.at:self.at + 1]
+            if not self.more():
+                return None
+
+
+def _json_array(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
+    """A file holding one JSON array: each element a row, decoded and checked as a JSON line is; rows are
+    located by line and index (``path:line (row i)``)."""
+    global _replaced
+    f = _Blocks(path)
+    f.next_byte()  # the "[" (the caller saw it)
+    f.advance(f.at + 1)
+    for index in itertools.count():
+        if (c := f.next_byte()) is None:
+            yield "malformed_json", None, f"{path}:{f.line}: the file ends inside the array (no closing ']')"
+            return
+        if c == b"]" and index == 0:  # an empty array
+            f.advance(f.at + 1)
+            break
+        where = f"{path}:{f.line} (row {index})"
+        while (end := _element_end(f.data, f.at)) is None:
+            if not f.more():
+                yield "malformed_json", None, f"{where}: the file ends inside this row (no closing ']')"
+                return
+        _replaced = 0
+        element, delimiter = f.data[f.at:end].decode("utf-8", errors="ep_train_count_replace"), f.data[end:end + 1]
+        f.advance(end + 1)
+        if _replaced:
+            yield "replaced_characters", _replaced, where
+        yield from _json_row(element, text_key, where)
+        if delimiter == b"]":
+            break
+        if delimiter != b",":  # a stray "}": where the next row would start is unknown
+            yield "malformed_json", None, f"{where}: unmatched '}}' after this row; the rest of the file is not read " \
+                "(fix the file's brackets)"
+            return
+    if f.next_byte() is not None:
+        yield "malformed_json", None, f"{path}:{f.line}: data after the array's closing ']' is not read (a .json " \
+            "file holds one array, or JSON lines: one object per line)"
 
 
 def _not_text(row: Any, key: str) -> str | None:
@@ -476,7 +630,10 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     if num_tasks > len(every):
         raise ValueError(f"--num-tasks = {num_tasks} is more than the {len(every)} input file(s): each task takes "
                          f"whole files, so a task would have none; use --num-tasks {len(every)} or fewer")
-    files = every[task_id::num_tasks]
+    # a contiguous block of the sorted files per task: merge joins the parts in task order, so the merged token
+    # stream is the single build's (every Nth file per task interleaved the files)
+    block = slice(task_id * len(every) // num_tasks, (task_id + 1) * len(every) // num_tasks)
+    files = every[block]
     sp = load_tokenizer(tokenizer)
     vocab = sp.get_piece_size()
     np_dtype = check_dtype(vocab, dtype)
@@ -490,13 +647,15 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     out.mkdir(parents=True, exist_ok=True)
     state_path, manifest_path = out / resume.PROGRESS, out / resume.MANIFEST
     every_record = resume.input_records(every)  # one stat per file, for the task's list and the corpus digest
-    records = every_record[task_id::num_tasks]
+    records = every_record[block]
     # Everything that changes the bytes written, batching constants included (a shard rolls at a batch end).
     options = {"val_fraction": val_fraction, "shard_size_mb": shard_size_mb, "append_bos": append_bos,
                "dtype": np_dtype.name, "text_key": text_key, "num_tasks": num_tasks, "task_id": task_id,
                "batch_docs": BATCH_DOCS, "batch_chars": BATCH_CHARS}
     if num_tasks > 1:  # the whole corpus's identity, the same in every task: merge checks the parts share it
         options["corpus_sha256"] = resume.inputs_digest(every_record)
+        # parts made before this key (task i took every Nth file) hold other files: refused, never mixed in
+        options["task_split"] = resume.TASK_SPLIT
     # over the whole corpus, not this task's files: every --num-tasks part must have the same options
     large = [f for f in every if f.name.endswith(TEXT_SUFFIXES) and _text_size(f) > LARGE_TEXT_BYTES]
     in_pieces = bool(large) and splits_at_newlines(sp)  # pieces exactly when the build key says so
@@ -607,7 +766,10 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
                        "tokens": sum(x["tokens"] for x in state["shards"][s])} for s in ("train", "val")},
         "report": report.__dict__,
     }
-    if manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 0:
+    # A --num-tasks part without documents (its files all empty, binary or without --text-key) is a finished,
+    # empty part; merge fails only if every part is empty. Refused here, merge took the task for unfinished and
+    # every rerun of it failed again.
+    if manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 0 and num_tasks == 1:
         # no shard was written: drop the state too, so a rerun with fixed inputs is not refused as a resume
         state_path.unlink(missing_ok=True)
         (out / resume.INPUTS).unlink(missing_ok=True)
@@ -718,6 +880,12 @@ def merge(output: str) -> dict:
                   for s in m["splits"][split]["shards"]]
         merged["splits"][split] = {"shards": shards, "documents": sum(s["documents"] for s in shards),
                                    "tokens": sum(s["tokens"] for s in shards)}
+    if merged["splits"]["train"]["documents"] + merged["splits"]["val"]["documents"] == 0:
+        examples = [e for m in manifests for e in m["report"].get("examples", [])][:3]
+        raise ValueError(f"{output!r}: no documents found in any of the {len(parts)} parts' input files "
+                         f"({len(merged['sources'])} file(s)): all empty, binary or without a string field --text-key "
+                         f"({merged.get('text_key')!r}); the report: {examples}. Nothing was merged: fix the inputs "
+                         "(or --text-key) and rebuild every task with --overwrite")
     # .get: parts built before a counter existed (binary_files) still merge
     merged["report"] = {k: sum(m["report"].get(k, 0) for m in manifests) for k in Report().__dict__
                         if k != "examples"}

@@ -25,6 +25,10 @@ from typing import Any
 from ep_train.files import atomic_write_text
 
 KEY_VERSION = 2  # 2: validation written as valseg_* segments, joined at the end
+# How ``build --num-tasks N`` splits the sorted inputs: task i takes the contiguous block [i*n//N, (i+1)*n//N).
+# In the build key of --num-tasks parts only (single builds keep their key); parts made before it took every
+# Nth file and lack it, so they are refused by name instead of being resumed or merged with these.
+TASK_SPLIT = "contiguous"
 MANIFEST, PROGRESS, INPUTS = "manifest.json", "progress.json", "inputs.json"
 # Every file name the build writes (shards, their temporaries, the state files): --overwrite and the
 # resume clean-up delete these and nothing else.
@@ -85,6 +89,11 @@ def differences(old_key: dict[str, Any], new_key: dict[str, Any], old_inputs: li
     if old_key.get("version") != new_key["version"]:
         return [f"it was made by another data_prep_tool version (build key {old_key.get('version')}, "
                 f"now {new_key['version']})"]
+    if "task_split" in new_key["options"] and "task_split" not in old_key["options"]:
+        return [f"it is part {old_key['options'].get('task_id')} of a --num-tasks build made by an older "
+                "data_prep_tool, which gave each task every Nth input file (tasks now take contiguous blocks of "
+                "files, so that the merged data keeps the single build's order): its files are not this task's. "
+                "Rebuild every task of that build with --overwrite"]
     if old_key["tokenizer_sha256"] != new_key["tokenizer_sha256"]:
         out.append(f"it was made with another tokenizer ({old_tokenizer_path}, sha256 "
                    f"{old_key['tokenizer_sha256'][:12]}...) than --tokenizer {new_tokenizer_path} (sha256 "

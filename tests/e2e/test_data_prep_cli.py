@@ -75,6 +75,11 @@ def test_cli_train_build_inspect_and_array_merge(tmp_path) -> None:
     arr = json.loads((tmp_path / "arr" / "manifest.json").read_text())
     assert arr["splits"]["train"]["documents"] == one["splits"]["train"]["documents"]
     assert arr["splits"]["train"]["tokens"] == one["splits"]["train"]["tokens"]
+    # token for token: each task takes a contiguous block of the sorted files and merge joins them in task order
+    def stream(d: Path, m: dict) -> bytes:
+        return b"".join((d / f"{s['prefix']}.bin").read_bytes() for s in m["splits"]["train"]["shards"])
+
+    assert len(arr["splits"]["train"]["shards"]) == 2 and stream(tmp_path / "arr", arr) == stream(tmp_path / "one", one)
     p = run("inspect", str(tmp_path / "arr"), "--samples", "1")
     assert "checksums: OK" in p.stdout and "sample 0" in p.stdout
     # a corrupted shard is caught by inspect

@@ -187,6 +187,33 @@ def test_mixed_type_jsonl_rows_are_skipped_with_their_type(tokenizer, tmp_path) 
         build([str(src)], str(tokenizer), str(tmp_path / "strict"), strict=True, progress=False)
 
 
+
+def test_unparsable_json_lines_are_counted_not_fatal(tokenizer, tmp_path) -> None:
+    """An integer of over 4,300 digits (a plain ValueError) made the rest of the file 'unreadable'; a deeply
+    nested line (RecursionError) crashed the build naming no file. Both are one malformed row at file:line."""
+    good = [json.dumps({"text": f"value_{i} = {i}\n"}) for i in range(3)]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join([good[0], '{"text": ' + "9" * 5000 + "}", good[1], "[" * 5000 + "]" * 5000, good[2]])
+                   + "\n")
+    man = build([str(src)], str(tokenizer), str(tmp_path / "out"), progress=False)
+    r = man["report"]
+    assert man["splits"]["train"]["documents"] == 3 and (r["malformed_json"], r["unreadable_files"]) == (2, 0), r
+    assert f"malformed_json: {src}:2: Exceeds the limit (4300 digits)" in "\n".join(r["examples"])
+    assert f"malformed_json: {src}:4: nested too deeply" in "\n".join(r["examples"])
+    with pytest.raises(ValueError, match=rf"malformed json at {src}:2: Exceeds the limit"):
+        build([str(src)], str(tokenizer), str(tmp_path / "strict"), strict=True, progress=False)
+
+
+def test_a_pretty_printed_json_object_is_one_clear_report_not_a_bad_row_per_line(tokenizer, tmp_path) -> None:
+    obj = tmp_path / "config.json"
+    obj.write_text(json.dumps({"text": "a document", "meta": {"a": 1}}, indent=2) + "\n")
+    good = tmp_path / "good.txt"
+    good.write_text("x = 1\n")
+    man = build([str(obj), str(good)], str(tokenizer), str(tmp_path / "out"), progress=False)
+    assert man["report"]["malformed_json"] == 1 and man["splits"]["train"]["documents"] == 1
+    [example] = [e for e in man["report"]["examples"] if "malformed_json" in e]
+    assert f"{obj}:1: neither JSON lines" in example and "one object per line (e.g. jq -c . config.json" in example
+
 def test_binary_file_named_txt_is_skipped_and_counted(tokenizer, tmp_path) -> None:
     exe = tmp_path / "python.txt"
     exe.write_bytes(Path(sys.executable).resolve().read_bytes()[:65536])  # a real ELF/Mach-O head
@@ -423,6 +450,97 @@ def test_merge_refuses_a_missing_task_or_a_stale_part(tokenizer, tmp_path) -> No
     with pytest.raises(ValueError, match="different inputs, options or tokenizers"):
         merge(str(out))
 
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.suffix in (".bin", ".idx")}
+
+
+def test_an_interrupted_task_resumes_and_a_part_of_the_old_split_is_refused(tokenizer, tmp_path) -> None:
+    """Tasks take contiguous blocks of files (task i took every Nth file before): a task stopped midway resumes
+    to the bytes of an uninterrupted run; a part made with the old split is refused by name, not resumed or
+    merged (its files are not the task's)."""
+    from ep_train.data import resume
+    from ep_train.data.prep import merge
+
+    files = []
+    for i in range(5):
+        rows = [json.dumps({"text": f"f{i} row {j}: " + "x = 1\n" * (j % 5 + 1)}) for j in range(150)]
+        (tmp_path / f"f{i}.jsonl").write_text("\n".join(rows + (["{broken"] if i == 2 else [])) + "\n")
+        files.append(str(tmp_path / f"f{i}.jsonl"))
+    common = dict(num_tasks=3, shard_size_mb=0.0005, progress=False)
+    ref = tmp_path / "ref"
+    for task in range(3):
+        build(files, str(tokenizer), str(ref), task_id=task, **common)
+    assert [r["path"] for r in json.loads((ref / "part_00001" / "manifest.json").read_text())["sources"]] == [
+        str((tmp_path / f"f{i}.jsonl").resolve()) for i in (1, 2)]  # the block [5//3, 10//3) = files 1, 2
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="malformed json"):  # stops in f2, the end of task 1: progress.json left
+        build(files, str(tokenizer), str(out), task_id=1, strict=True, **common)
+    part = out / "part_00001"
+    assert (part / "progress.json").is_file() and len(list(part.glob("train_*.idx"))) >= 2
+    old = Path(shutil.copytree(part, tmp_path / "old_unfinished"))
+    build(files, str(tokenizer), str(out), task_id=1, **common)  # resumes
+    assert _tree(part) == _tree(ref / "part_00001")
+
+    # the old split: task 1 of 3 held f1, f4; its key had no task_split
+    shutil.rmtree(part)
+    shutil.copytree(old, part)
+    state = json.loads((part / "progress.json").read_text())
+    del state["build_key"]["options"]["task_split"]
+    old_records = resume.input_records([Path(files[1]), Path(files[4])])
+    state["build_key"]["inputs_sha256"] = resume.inputs_digest(old_records)
+    (part / "progress.json").write_text(json.dumps(state))
+    (part / "inputs.json").write_text(json.dumps(old_records))
+    before = _tree(part)
+    with pytest.raises(ValueError, match=r"unfinished build.*older data_prep_tool, which gave each task every Nth "
+                                         r"input file.*--overwrite"):
+        build(files, str(tokenizer), str(out), task_id=1, **common)
+    assert _tree(part) == before  # nothing touched
+    # a finished part of the old split among new ones: merge refuses it
+    for task in (0, 2):
+        shutil.copytree(ref / f"part_0000{task}", out / f"part_0000{task}")
+    shutil.rmtree(part)
+    shutil.copytree(ref / "part_00001", part)
+    man = json.loads((part / "manifest.json").read_text())
+    del man["build_key"]["options"]["task_split"]
+    (part / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="different inputs, options or tokenizers"):
+        merge(str(out))
+    with pytest.raises(ValueError, match=r"finished build.*every Nth input file"):
+        build(files, str(tokenizer), str(out), task_id=1, **common)
+
+
+def test_a_task_without_documents_writes_an_empty_part(tokenizer, tmp_path) -> None:
+    """A task whose files hold no document raised 'no documents found' and wrote no manifest: merge then said the
+    task had not finished, and rerunning it failed again. It writes an empty part; merge skips it and fails
+    only when the whole corpus is empty."""
+    from ep_train.data.prep import merge
+
+    (tmp_path / "a_empty.txt").write_text("")
+    (tmp_path / "b_other_key.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    for name in ("c.txt", "d.txt"):
+        (tmp_path / name).write_text(f"{name[0]} = 1\n" * 3)
+    files = [str(tmp_path / n) for n in ("a_empty.txt", "b_other_key.jsonl", "c.txt", "d.txt")]
+    single = build(files, str(tokenizer), str(tmp_path / "one"), progress=False)
+    for task in range(4):  # a task per file: tasks 0 and 1 find no document
+        man = build(files, str(tokenizer), str(tmp_path / "arr"), num_tasks=4, task_id=task, progress=False)
+        assert man["splits"]["train"]["documents"] == (0 if task < 2 else 1)
+    assert build(files, str(tokenizer), str(tmp_path / "arr"), num_tasks=4, task_id=0, progress=False)[
+        "already_built"]  # a rerun of the empty task: done, not failed again
+    merged = merge(str(tmp_path / "arr"))
+    assert [s["prefix"] for s in merged["splits"]["train"]["shards"]] == ["part_00002/train_00000",
+                                                                          "part_00003/train_00000"]
+    assert all(merged["splits"][s][k] == single["splits"][s][k] for s in ("train", "val") for k in ("documents",
+                                                                                                  "tokens"))
+    assert (merged["report"]["empty_documents"], merged["report"]["missing_text_key"]) == (1, 1)
+    assert TokenWindows(tmp_path / "arr", "train", 4).num_windows > 0
+    # the whole corpus empty: each task finishes, merge says so
+    for task in range(2):
+        build(files[:2], str(tokenizer), str(tmp_path / "none"), num_tasks=2, task_id=task, progress=False)
+    with pytest.raises(ValueError, match=r"no documents found in any of the 2 parts' input files.*--text-key"):
+        merge(str(tmp_path / "none"))
+    assert not (tmp_path / "none" / "manifest.json").exists()
 
 def test_a_users_inputs_json_in_the_output_is_left_alone(tokenizer, tmp_path) -> None:
     out = tmp_path / "out"

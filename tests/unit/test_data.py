@@ -176,6 +176,86 @@ def test_parquet_arrow_and_json_array_inputs(tokenizer, tmp_path) -> None:
     assert [sp.decode(d[:-1].tolist()) for d in docs] == texts
 
 
+
+def test_json_array_rows_are_checked_one_by_one_and_keep_their_text(tokenizer, tmp_path, monkeypatch) -> None:
+    """One non-string text in a JSON array made HF datasets turn the whole column into JSON-encoded strings
+    (every document tokenized with its quotes and escapes, nothing reported). Now each element is a row checked
+    as a JSON line is; read in 5-byte blocks so that rows, strings, escapes and UTF-8 characters straddle them."""
+    from ep_train.data import prep
+
+    monkeypatch.setattr(prep, "READ_BYTES", 5)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+
+    def decoded(man: dict, out: Path) -> list[str]:
+        return [sp.decode(d[:-1].tolist()) for s in man["splits"]["train"]["shards"]
+                for d in read_megatron(out / s["prefix"])]
+
+    (tmp_path / "repro.json").write_text(json.dumps([{"text": 'say "hi"'}, {"text": 5}]))  # the review's case
+    man = build([str(tmp_path / "repro.json")], str(tokenizer), str(tmp_path / "repro"), progress=False)
+    assert decoded(man, tmp_path / "repro") == ['say "hi"'] and man["report"]["missing_text_key"] == 1
+    texts = ['say "hi" \\ back\\slash, [brackets] {braces}, commas\n\ttabs', "naïve ☃ ünï", "x = [1, {2: 3}]\n",
+             "ends in a backslash \\"]
+    rows = [{"text": texts[0]}, {"text": 5}, [1], "a string", {"other": "no text"}, {"text": texts[1], "n": [{}]},
+            {"text": None}, {"text": texts[2]}, {"text": texts[3]}]
+    parts = [json.dumps(row, indent=1, ensure_ascii=False) for row in rows]
+    pretty = tmp_path / "pretty.json"  # a row over a few lines: the examples name each row's first line
+    pretty.write_text("[\n" + ",\n".join(parts) + "\n]\n")
+    lines = [2 + sum(p.count("\n") + 1 for p in parts[:i]) for i in range(len(rows))]
+    packed = tmp_path / "packed.json.gz"  # one line, gzip
+    packed.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[ ]\n")
+    man = build([str(pretty), str(packed), str(empty)], str(tokenizer), str(tmp_path / "out"), progress=False)
+    assert decoded(man, tmp_path / "out") == texts + texts  # exactly the strings, in order
+    r = man["report"]
+    assert (r["missing_text_key"], r["malformed_json"], r["replaced_characters"]) == (10, 0, 0), r
+    ex = "\n".join(r["examples"])
+    assert f"{pretty}:{lines[1]} (row 1): field 'text' is int, not a string" in ex
+    assert f"{pretty}:{lines[2]} (row 2): row is a list" in ex and f"{pretty}:{lines[3]} (row 3): row is a str" in ex
+    assert f"{packed}:1 (row 6): field 'text' is NoneType" in ex
+    with pytest.raises(ValueError, match=rf"missing text key at {pretty}:{lines[1]} \(row 1\)"):
+        build([str(pretty)], str(tokenizer), str(tmp_path / "strict"), strict=True, progress=False)
+
+
+def test_bad_json_array_elements_cost_their_row_only(tokenizer, tmp_path, monkeypatch) -> None:
+    """Malformed, unparsable (a 5,000-digit integer, deep nesting) and undecodable elements are counted at
+    their line; the rows after them are kept. A file cut inside the array keeps the rows before the cut."""
+    from ep_train.data import prep
+
+    monkeypatch.setattr(prep, "READ_BYTES", 7)
+    good = [json.dumps({"text": f"row {i} = {i}"}) for i in range(5)]
+    src = tmp_path / "a.json"
+    src.write_bytes(("[" + good[0] + ",\n" + '{"text" "no colon"},\n' + good[1] + ",\n"
+                     + '{"text": ' + "7" * 5000 + "},\n" + good[2] + ",\n" + "[" * 5000 + "]" * 5000 + ",\n"
+                     + '{"text": "caf').encode() + b"\xe9\"},\n" + (good[3] + "]\n").encode())
+    cut = tmp_path / "cut.json"
+    cut.write_text("[" + good[4] + ",\n" + '{"text": "never closed')
+    man = build([str(src), str(cut)], str(tokenizer), str(tmp_path / "out"), progress=False)
+    r = man["report"]
+    assert man["splits"]["train"]["documents"] == 6 and r["unreadable_files"] == 0, r  # 4 good + 'caf?' + cut's
+    assert (r["malformed_json"], r["replaced_characters"]) == (4, 1), r
+    ex = "\n".join(r["examples"])
+    assert f"{src}:2 (row 1): Expecting ':' delimiter" in ex
+    assert f"{src}:4 (row 3): Exceeds the limit (4300 digits)" in ex and "set_int_max_str_digits" not in ex
+    assert f"{src}:6 (row 5): nested too deeply" in ex
+    assert f"{cut}:2 (row 1): the file ends inside this row" in ex and f"replaced_characters: {src}:7 (row 6)" in ex
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    docs = [d for s in man["splits"]["train"]["shards"] for d in read_megatron(tmp_path / "out" / s["prefix"])]
+    assert [sp.decode(d[:-1].tolist()) for d in docs] == [f"row {i} = {i}" for i in range(3)] + [
+        "caf\ufffd", "row 3 = 3", "row 4 = 4"]
+
+
+def test_inputs_given_twice_under_other_spellings_are_read_once(tokenizer, tmp_path, monkeypatch) -> None:
+    """The same file as relative, absolute, with "..", and inside a folder given too: tokenized once."""
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("alpha = 1\n")
+    (tmp_path / "d" / "b.txt").write_text("beta = 2\n")
+    monkeypatch.chdir(tmp_path)
+    spellings = ["d/b.txt", str(tmp_path / "d" / "sub" / ".." / "a.txt"), str(tmp_path / "d" / "a.txt"), "d"]
+    assert expand_inputs(spellings) == sorted([Path("d/b.txt"), tmp_path / "d" / "sub" / ".." / "a.txt"])
+    man = build(spellings, str(tokenizer), str(tmp_path / "out"), progress=False)
+    assert man["splits"]["train"]["documents"] == 2 and len(man["sources"]) == 2
+
 # ---- resume keyed to the exact build (reliability issue 10) ---------------------------------------------
 def _shard_files(d: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.suffix in (".bin", ".idx")}

@@ -202,18 +202,27 @@ def test_shard_writer_records_documents_over_sequences(tmp_path) -> None:
 def test_array_tasks_with_a_large_file_in_one_task_merge_to_the_single_build(tokenizer, tmp_path,
                                                                             small_pieces) -> None:
     """Every task carries the pieces option when any file of the corpus is large (not only the task holding it):
-    merge requires equal options."""
+    merge requires equal options. Five files over three tasks: each task takes a contiguous block of the sorted
+    files, so the merged token stream is the single build's, train and validation (with every Nth file per
+    task, the merged stream held the files in the order a, d, b, e, c)."""
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_bytes(_raw(["json/decoder.py"]))
     (tmp_path / "in" / "b.txt").write_text("small\n")
-    single = prep.build([str(tmp_path / "in")], str(tokenizer), str(tmp_path / "one"), progress=False)
-    for task in (0, 1):
-        prep.build([str(tmp_path / "in")], str(tokenizer), str(tmp_path / "arr"), num_tasks=2, task_id=task,
-                   progress=False)
+    (tmp_path / "in" / "c.jsonl").write_text("".join(json.dumps({"text": f"row {i} = {i}\n" * (i + 1)}) + "\n"
+                                                     for i in range(40)))
+    (tmp_path / "in" / "d.txt").write_bytes((STDLIB / "json" / "encoder.py").read_bytes())
+    (tmp_path / "in" / "e.txt").write_bytes((STDLIB / "json" / "scanner.py").read_bytes())
+    common = dict(val_fraction=0.2, progress=False)
+    single = prep.build([str(tmp_path / "in")], str(tokenizer), str(tmp_path / "one"), **common)
+    for task in (0, 1, 2):
+        prep.build([str(tmp_path / "in")], str(tokenizer), str(tmp_path / "arr"), num_tasks=3, task_id=task,
+                   **common)
     merged = prep.merge(str(tmp_path / "arr"))
-    assert merged["splits"]["train"]["tokens"] == single["splits"]["train"]["tokens"]
-    stream = [_read(tmp_path / "arr" / s["prefix"])[2] for s in merged["splits"]["train"]["shards"]]
-    assert np.concatenate(stream).tolist() == _read(tmp_path / "one" / "train_00000")[2].tolist()
+    assert [s["path"] for s in merged["sources"]] == [s["path"] for s in single["sources"]]
+    for split in ("train", "val"):
+        assert merged["splits"][split]["documents"] == single["splits"][split]["documents"] > 0
+        got = _split_tokens(tmp_path / "arr", merged, split)
+        assert got == _split_tokens(tmp_path / "one", single, split) and len(got[1]) > 1, split
 
 
 def test_a_large_gz_is_judged_by_its_text_size(tokenizer, tmp_path, small_pieces) -> None:
