@@ -40,7 +40,7 @@ class ModelConfig:
 @dataclass
 class MoEConfig:
     num_experts: int = 8  # 0 or 1 = dense model
-    num_experts_per_token: int = 2
+    num_experts_per_token: int = 2  # K; router_type expert_choice ignores it (see capacity_factor there)
     expert_intermediate_size: int | None = None  # defaults to model.intermediate_size
     moe_layers: list[int] | None = None  # explicit list wins over the frequency rule below
     moe_layer_frequency: int = 1
@@ -49,17 +49,27 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int | None = None  # defaults to the expert width
     router_type: str = "topk"  # "topk" (Mixtral) | "noisy_topk" (learned noise, training only) | "expert_choice"
-    normalize_top_k: bool = True  # Mixtral renormalises the top-k probabilities
-    router_jitter_noise: float = 0.0  # multiplicative jitter on the router input, training only
+    # Combine weights: true = the top-K probabilities renormalised to sum 1 (Mixtral), false = the router's
+    # probabilities as they are (Switch Transformer). null = auto: true for K >= 2, false for K = 1, where
+    # renormalising makes every weight p / p = 1 and the router learns nothing from the language-model loss
+    # (true with K = 1 is refused). expert_choice ignores it: its weights are the raw probabilities.
+    normalize_top_k: bool | None = None
+    # Multiplicative jitter on the router's input only, training only. transformers' Mixtral (router_jitter_noise)
+    # jitters the MoE block's input, which its experts then see too; an imported value keeps ep-train's meaning.
+    router_jitter_noise: float = 0.0
     router_init_std: float = 0.01
+    # Weight of the Switch loss, which is normalised as Megatron's (1.0 when balanced, for any K); transformers'
+    # load_balancing_loss_func is K times it, so Mixtral's router_aux_loss_coef c is K * c here (import/export
+    # convert). expert_choice has no Switch loss: any other value than this default or 0 is refused there.
     aux_loss_weight: float = 0.01
     router_z_loss_weight: float = 0.001
     capacity_factor: float | None = None  # None = dropless
-    drop_policy: str = "drop"  # "drop" lowest-probability | "overflow" to next-best expert with room
+    drop_policy: str = "drop"  # "drop" lowest-probability | "overflow" to next-best expert with room; not expert_choice
     cv_loss_weight: float = 0.0  # squared coefficient of variation of expert importance (GShard/Shazeer)
     router_entropy_loss_weight: float = 0.0  # penalty on per-token routing entropy (decisive routing)
-    balance_stats: str = "micro_batch"  # Switch-loss counts: "micro_batch" (this rank) | "global_batch" (all ranks)
-    expert_dropout: float = 0.0  # training only: drop each non-first expert assignment with this probability
+    # Switch-loss counts: "micro_batch" (this rank) | "global_batch" (all ranks); not expert_choice (no Switch loss)
+    balance_stats: str = "micro_batch"
+    expert_dropout: float = 0.0  # training only: drop each assignment but a token's first kept one, with this chance
     num_expert_groups: int = 1  # group-limited routing: experts in this many groups of consecutive ids ...
     top_groups: int | None = None  # ... and a token uses at most this many groups (None = all: off)
     expert_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3's gamma, e.g. 0.001); 0 = off
@@ -502,16 +512,31 @@ def _set_all(cfg: Any, items: list[tuple[str, Any]], cfg_cls: type, source: str)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as it is saved (checkpoints, RUN/config.json, RUN/config.yaml). ``moe.normalize_top_k``'s
+    auto (null) is written as what it resolves to: the record says what ran, and a resume, which compares
+    the saved config field by field, finds true where checkpoints from before auto existed hold the old
+    default true."""
+    out = dataclasses.asdict(cfg)
+    moe = getattr(cfg, "moe", None)
+    if isinstance(moe, MoEConfig):
+        out["moe"]["normalize_top_k"] = normalizes_top_k(moe)
+    return out
 
 
 def config_from_dict(data: dict[str, Any], cfg_cls: type = Config) -> Any:
     cfg = cfg_cls()
     for key, value in _flatten(data, cfg_cls):
         _set(cfg, key, value, cfg_cls)
-    # A stored config (e.g. a checkpoint's) names paths of the machine that wrote it: check values only.
-    validate(cfg, check_paths=False)
+    # A stored config (e.g. a checkpoint's) names paths of the machine that wrote it: check values only. It
+    # describes a model that exists: what older versions accepted still loads (``validate``'s ``stored``).
+    validate(cfg, check_paths=False, stored=True)
     return cfg
+
+
+def normalizes_top_k(moe: MoEConfig) -> bool:
+    """``moe.normalize_top_k`` resolved: null (auto) renormalises for K >= 2 (Mixtral) and not for K = 1
+    (Switch Transformer: the weight is the router probability, so the router gets a gradient)."""
+    return moe.normalize_top_k if moe.normalize_top_k is not None else moe.num_experts_per_token >= 2
 
 
 def data_sources(d: DataConfig) -> list[DataSource]:
@@ -534,6 +559,30 @@ def moe_layer_indices(model: ModelConfig, moe: MoEConfig) -> list[int]:
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ValueError(f"{name} = {value!r} is invalid: {fix}")
+
+
+def _check_expert_choice_ignored(e: MoEConfig) -> None:
+    """Fields expert choice has no use for, refused at any value but the one users keep (the default, or
+    0 for a loss weight), so that no run trains believing they act. normalize_top_k true passes: it was
+    the default until null (auto) came, and every saved expert-choice config holds it."""
+    ignored = "has no effect with moe.router_type = 'expert_choice'"
+    default = MoEConfig.num_experts_per_token
+    _check(e.num_experts_per_token == default, "moe.num_experts_per_token", e.num_experts_per_token,
+           f"{ignored}: each expert takes its ceil(tokens x moe.capacity_factor / moe.num_experts) best tokens, so a "
+           f"token gets moe.capacity_factor experts on average; remove it (default {default}) and set "
+           "moe.capacity_factor")
+    _check(e.normalize_top_k is not False, "moe.normalize_top_k", e.normalize_top_k,
+           f"{ignored}: its combine weights are the raw router probabilities anyway; remove it (null)")
+    _check(e.drop_policy == MoEConfig.drop_policy, "moe.drop_policy", e.drop_policy,
+           f"{ignored}: each expert takes exactly its capacity, nothing overflows; remove it "
+           f"(default {MoEConfig.drop_policy!r})")
+    balanced = "it has no Switch loss (balanced by construction)"
+    _check(e.balance_stats == MoEConfig.balance_stats, "moe.balance_stats", e.balance_stats,
+           f"{ignored}: it sets the counts of the Switch loss, and {balanced}; remove it "
+           f"(default {MoEConfig.balance_stats!r})")
+    _check(e.aux_loss_weight in (MoEConfig.aux_loss_weight, 0), "moe.aux_loss_weight", e.aux_loss_weight,
+           f"{ignored}: {balanced} (no Switch loss to weigh); remove it (default {MoEConfig.aux_loss_weight}) "
+           "or set 0")
 
 
 def check_ep_layout(ep_size: int, num_experts: int | None = None, world_size: int | None = None) -> None:
@@ -678,9 +727,13 @@ def require_data(cfg: Any) -> None:
                          "a weighted mixture as --data_sources '0.7 DIR_A 0.3 DIR_B'")
 
 
-def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = True) -> None:
+def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = True, stored: bool = False) -> None:
     """All checks, in one place, run before any process group exists. ``world_size`` adds the checks
-    that need it; ``check_paths=False`` skips the file-system checks (for a config stored elsewhere)."""
+    that need it; ``check_paths=False`` skips the file-system checks (for a config stored elsewhere).
+    ``stored``: the config of a model that exists (a checkpoint's saved config, a Hugging Face config.json);
+    the settings refused only because training with them would not do what they say, which older versions
+    accepted (normalize_top_k true with K = 1, the fields expert choice ignores), are then kept, so the
+    model still loads and computes what it was trained to. A run (new or resumed) validates without it."""
     _check_finite(cfg)
     if world_size is not None:
         _check(world_size >= 1, "world size", world_size,
@@ -731,6 +784,13 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
         _check(e.top_groups is None and e.expert_dropout == 0 and e.expert_bias_update_rate == 0, "moe.router_type",
                e.router_type, "expert_choice does not combine with moe.top_groups, moe.expert_dropout or "
                "moe.expert_bias_update_rate (it is balanced by construction); unset them")
+        if not stored:
+            _check_expert_choice_ignored(e)
+    elif e.num_experts > 1 and not stored:
+        _check(not (e.normalize_top_k and e.num_experts_per_token == 1), "moe.normalize_top_k", e.normalize_top_k,
+               "with moe.num_experts_per_token = 1 the renormalised weight is p / p = 1 for every token, so the "
+               "router would learn nothing from the language-model loss; leave it unset (null: the expert output "
+               "is weighed by the router probability, as in Switch Transformer) or set it false")
     _check(e.router_jitter_noise >= 0 and e.router_jitter_noise < 1, "moe.router_jitter_noise",
            e.router_jitter_noise, "must be in [0, 1), e.g. 0.01")
     _check(e.router_init_std > 0, "moe.router_init_std", e.router_init_std, "must be positive (0.01 is typical)")

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from ep_train.config import Config, read_json_object, validate
+from ep_train.config import Config, normalizes_top_k, read_json_object, validate
 from ep_train.model.transformer import Transformer
 
 
@@ -25,6 +25,25 @@ from ep_train.model.transformer import Transformer
 # (rope_theta, rms_norm_eps).
 HF_DEFAULTS: dict[str, tuple[float, float]] = {"mixtral": (1e6, 1e-5), "llama": (10000.0, 1e-6),
                                                "mistral": (10000.0, 1e-6)}
+MIXTRAL_AUX_COEF = 0.001  # MixtralConfig's router_aux_loss_coef, for a config.json that leaves it out
+
+
+def aux_weight_from_hf(coef: float, top_k: int) -> float:
+    """ep-train's ``moe.aux_loss_weight`` for Mixtral's ``router_aux_loss_coef``. transformers 5.12.1's
+    ``load_balancing_loss_func`` takes the routed share per expert as the mean over tokens of a [K, E] one-hot
+    summed over the K choices (a share of T, not of T * K), so its loss is K times ep-train's Megatron-normalised
+    one (1.0 when balanced, any K): the same balance pressure needs K times the coefficient."""
+    return coef * top_k
+
+
+def aux_coef_to_hf(weight: float, top_k: int, base: dict[str, Any] | None = None) -> float:
+    """``router_aux_loss_coef`` for ``moe.aux_loss_weight`` (inverse of ``aux_weight_from_hf``). ``base``: the
+    config.json the run started from; its coefficient when it imports as this weight, so from-hf then to-hf
+    writes it back bit for bit (w / K need not give back c from c * K when K is not a power of two)."""
+    c = (base or {}).get("router_aux_loss_coef")
+    if isinstance(c, (int, float)) and not isinstance(c, bool) and aux_weight_from_hf(float(c), top_k) == weight:
+        return c
+    return weight / top_k
 
 
 def _needer(hf: dict[str, Any], kind: str) -> Any:
@@ -83,10 +102,17 @@ def config_from_hf(hf: dict[str, Any]) -> Config:
     e = c.moe
     need = _needer(hf, "mixtral")
     e.num_experts, e.num_experts_per_token = need("num_local_experts"), need("num_experts_per_tok")
-    e.aux_loss_weight = float(hf.get("router_aux_loss_coef", e.aux_loss_weight))
+    # Mixtral always renormalises its top-k weights (MixtralConfig has no norm_topk_prob, unlike the Qwen-MoE
+    # configs, which ep-train does not import): said explicitly, so a top-1 Mixtral imports as it computes
+    # (every weight 1). That model is exact for inference; run_config_for refuses to train it.
+    e.normalize_top_k = True
+    coef = hf.get("router_aux_loss_coef", MIXTRAL_AUX_COEF)
+    e.aux_loss_weight = aux_weight_from_hf(float(coef), e.num_experts_per_token)
+    # Kept as the value, with ep-train's meaning: Mixtral jitters the MoE block's input (router and experts),
+    # ep-train the router's input only. Training-only noise either way; inference is the same.
     e.router_jitter_noise = float(hf.get("router_jitter_noise", 0.0))
     e.moe_layers = list(range(c.model.num_layers))
-    validate(c)
+    validate(c, stored=True)  # the checkpoint's model as it is; a run from it validates as any run
     return c
 
 
@@ -99,6 +125,8 @@ def check_matches_hf(cfg: Config, hf: Config, path: str | Path) -> None:
     fields += [("moe", f) for f in ("num_experts", "num_experts_per_token", "num_shared_experts")]
     diff = [f"{sec}.{f}: run {getattr(getattr(cfg, sec), f)!r} vs checkpoint {getattr(getattr(hf, sec), f)!r}"
             for sec, f in fields if getattr(getattr(cfg, sec), f) != getattr(getattr(hf, sec), f)]
+    if normalizes_top_k(cfg.moe) != normalizes_top_k(hf.moe):  # null (auto) may mean the checkpoint's true
+        diff.append(f"moe.normalize_top_k: run {normalizes_top_k(cfg.moe)} vs checkpoint {normalizes_top_k(hf.moe)}")
     head_dims = [c.model.head_dim or c.model.hidden_size // c.model.num_heads for c in (cfg, hf)]
     if head_dims[0] != head_dims[1]:  # unset means hidden_size / num_heads, what config.json often spells out
         diff.append(f"model.head_dim: run {cfg.model.head_dim!r} (= {head_dims[0]}) vs checkpoint {head_dims[1]}")
@@ -260,6 +288,14 @@ def run_config_for(model: Config, base: str | Path | None, overrides: list[tuple
 
     from ep_train.config import _set, load_config
 
+    # A run from a checkpoint is a Mixtral (MIXTRAL_MOE: renormalised top-k weights); with K = 1 that weight
+    # is 1 for every token, and ep-train's own top-1 weight (the probability) would be another model.
+    if model.moe.num_experts_per_token == 1:
+        raise ValueError(f"{what} routes each token to one expert (num_experts_per_tok 1) with Mixtral's renormalised "
+                         "weight, which is 1 for every token: trained so, its router would learn nothing from the "
+                         "language-model loss, and ep-train's top-1 weight (the router probability, as in Switch "
+                         "Transformer) would make it another model; use 2 or more experts per token (upcycle "
+                         "--experts-per-token), or use such a checkpoint for inference only (ep-train generate)")
     cfg = load_config(base) if base is not None else Config()
     cfg.model = copy.deepcopy(model.model)
     for f in moe_fields:
@@ -269,8 +305,12 @@ def run_config_for(model: Config, base: str | Path | None, overrides: list[tuple
     cfg.data.seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
     for key, value in overrides:
         _set(cfg, key, value, Config)
+
+    def value(c: Config, sec: str, f: str) -> Any:  # normalize_top_k null (auto) may mean the model's true
+        return normalizes_top_k(c.moe) if (sec, f) == ("moe", "normalize_top_k") else getattr(getattr(c, sec), f)
+
     diff = [f"{sec}.{f} = {getattr(getattr(cfg, sec), f)!r} but {what} has {getattr(getattr(model, sec), f)!r}"
-            for sec, f in SHAPE_FIELDS if getattr(getattr(cfg, sec), f) != getattr(getattr(model, sec), f)]
+            for sec, f in SHAPE_FIELDS if value(cfg, sec, f) != value(model, sec, f)]
     if diff:
         raise ValueError(f"the requested config does not describe {what}: {'; '.join(diff)}; drop those "
                          "overrides (the model's shape comes from its weights)")

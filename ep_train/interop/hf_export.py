@@ -19,8 +19,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ep_train.config import Config, moe_layer_indices
+from ep_train.config import Config, moe_layer_indices, normalizes_top_k
 from ep_train.data.verify import run_manifest
+from ep_train.interop.hf import aux_coef_to_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Source = Callable[[str, tuple[int, ...], "list[int] | None"], torch.Tensor]  # a ValueSource
@@ -50,8 +51,10 @@ def check_exportable(cfg: Config, allow_dropless: bool = False) -> None:
     elif e.expert_bias_update_rate > 0:
         why = ("moe.expert_bias_update_rate > 0: the learned expert bias steers the selection and Mixtral has "
                "no place for it")
-    elif not e.normalize_top_k:
-        why = "moe.normalize_top_k = false: Mixtral always renormalises the top-k router weights"
+    elif not normalizes_top_k(e):
+        why = (f"moe.normalize_top_k = {e.normalize_top_k} with moe.num_experts_per_token = {e.num_experts_per_token}"
+               ": ep-train weighs each expert by its router probability, and Mixtral always renormalises the top-k "
+               "router weights (with one expert per token, to 1)")
     elif e.capacity_factor is not None and not allow_dropless:
         why = (f"moe.capacity_factor = {e.capacity_factor}: Mixtral is dropless, ep-train drops over-capacity "
                "assignments also at inference; pass --allow-dropless to export the same weights as a dropless "
@@ -80,7 +83,10 @@ def hf_config(cfg: Config, dtype: str, base: dict[str, Any] | None = None,
         "rope_parameters": {"rope_theta": m.rope_theta, "rope_type": "default"},
         "tie_word_embeddings": m.tie_embeddings, "initializer_range": m.init_std,
         "num_local_experts": e.num_experts, "num_experts_per_tok": e.num_experts_per_token,
-        "router_aux_loss_coef": e.aux_loss_weight, "router_jitter_noise": e.router_jitter_noise,
+        # transformers' balance loss is K times ep-train's (hf.aux_weight_from_hf). The jitter keeps its value;
+        # Mixtral applies it to the experts' input too (training only).
+        "router_aux_loss_coef": aux_coef_to_hf(e.aux_loss_weight, e.num_experts_per_token, base),
+        "router_jitter_noise": e.router_jitter_noise,
         "sliding_window": None,
     })
     return dict(sorted(out.items()))

@@ -46,7 +46,7 @@ class RouterStats(NamedTuple):
 
 class MoELayer(nn.Module):
     def __init__(self, dim: int, expert_hidden: int, num_experts: int, top_k: int, *, router_type: str = "topk",
-                 normalize_top_k: bool = True, jitter_noise: float = 0.0, router_init_std: float = 0.01,
+                 normalize_top_k: bool | None = None, jitter_noise: float = 0.0, router_init_std: float = 0.01,
                  capacity_factor: float | None = None, drop_policy: str = "drop", num_shared_experts: int = 0,
                  shared_hidden: int | None = None, expert_dropout: float = 0.0, num_groups: int = 1,
                  top_groups: int | None = None, bias_update_rate: float = 0.0) -> None:
@@ -120,7 +120,8 @@ def inference_routing(model: nn.Module, experts_per_token: int | None = None) ->
     Dropless (``capacity_factor`` off): which experts a token uses then depends on that token only, not
     on the other prompts in the batch or on how many tokens one step feeds (a KV-cached step routes one
     token per sequence, a full recompute all of them). ``experts_per_token``: route each token to this
-    many experts instead of the trained K (Mixtral-style renormalised top-K weights over the new K).
+    many experts instead of the trained K, combined as in training (a model that renormalises renormalises
+    over the new K; a top-1 model trained with raw probability weights keeps them).
     The config and the layers' K after the block are the training ones.
     """
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]

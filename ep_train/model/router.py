@@ -18,6 +18,7 @@ global-batch balance of Qwen's "global-batch load balancing".
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Callable, NamedTuple
 
 import torch
@@ -78,7 +79,7 @@ def expert_choice_keep(probs: torch.Tensor, capacity_factor: float,
     t, e = probs.shape
     scores, first = gather(probs.detach()) if gather is not None else (probs.detach(), 0)
     t_all = scores.shape[0]
-    cap = min(t_all, math.ceil(t_all * capacity_factor / e))
+    cap = min(t_all, expert_capacity(t_all, e, 1, capacity_factor))
     chosen = torch.topk(scores, cap, dim=0, sorted=False).indices  # [C, E] token rows per expert
     keep_all = torch.zeros(t_all, e, dtype=torch.bool, device=probs.device).scatter_(0, chosen, True)
     return keep_all[first: first + t]
@@ -86,11 +87,15 @@ def expert_choice_keep(probs: torch.Tensor, capacity_factor: float,
 
 def drop_experts(weights: torch.Tensor, keep: torch.Tensor, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert dropout: each kept assignment is dropped with probability ``rate`` (never a token's first
-    choice, so no token loses every expert to it), the remaining weights rescaled to the sum they had.
+    kept one, so no token loses every expert to it), the remaining weights rescaled to the sum they had.
     Training only. Random: under activation checkpointing the recompute replays the same draws
     (``torch.utils.checkpoint`` restores the RNG state)."""
     drop = torch.rand(keep.shape, device=keep.device) < rate
-    drop[:, 0] = False  # never leave a token with no expert
+    # The first *kept* slot, not slot 0: capacity may have dropped the token's first choice already, and
+    # then slot 0 protects nothing. argmax returns the first maximum; a token with no kept slot gets 0,
+    # which is not kept and so changes nothing.
+    first_kept = keep.long().argmax(dim=-1, keepdim=True)  # [T, 1]
+    drop.scatter_(1, first_kept, False)
     new_keep = keep & ~drop
     kept_w = torch.where(new_keep, weights, torch.zeros_like(weights))
     scale = weights.sum(-1, keepdim=True) / kept_w.sum(-1, keepdim=True).clamp_min(1e-20)
@@ -132,7 +137,11 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    return math.ceil(num_tokens / num_experts * capacity_factor * top_k)
+    """Assignments an expert takes: ``ceil(num_tokens * top_k * capacity_factor / num_experts)``, exactly,
+    with the capacity factor as the decimal written (1.1 = 11/10). In floats, 100 / 2 * 1.1 is
+    55.000000000000007, and its ceiling 56: the noise of the binary 1.1 rounded up into one more slot."""
+    factor = Fraction(repr(float(capacity_factor)))  # repr: the shortest decimal that reads back as this float
+    return math.ceil(num_tokens * top_k * factor / num_experts)
 
 
 def _rank_within_expert(expert: torch.Tensor, score: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -213,10 +222,10 @@ def apply_capacity(expert_ids: torch.Tensor, weights: torch.Tensor, probs: torch
 
 
 class Router(nn.Module):
-    """Top-K softmax router (Mixtral-exact by default), optional learned noise and input jitter."""
+    """Top-K softmax router (Mixtral-exact by default for K >= 2), optional learned noise and input jitter."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, router_type: str = "topk",
-                 normalize_top_k: bool = True, jitter_noise: float = 0.0, init_std: float = 0.01,
+                 normalize_top_k: bool | None = None, jitter_noise: float = 0.0, init_std: float = 0.01,
                  capacity_factor: float | None = None, drop_policy: str = "drop", expert_dropout: float = 0.0,
                  num_groups: int = 1, top_groups: int | None = None, bias_update_rate: float = 0.0) -> None:
         super().__init__()
@@ -233,7 +242,12 @@ class Router(nn.Module):
         # and expert choice over the EP group's tokens (gathers their scores).
         self.count_reducer: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.score_gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None
-        self.normalize_top_k, self.jitter_noise = normalize_top_k, jitter_noise
+        # None = auto (moe.normalize_top_k): renormalise the top-K weights for K >= 2 (Mixtral); for K = 1 that
+        # weight is p / p = 1, which leaves the router no gradient from the LM loss, so top-1 weighs the expert
+        # by the probability itself (Switch Transformer). Fixed from the training K here: inference_routing's
+        # other K keeps the combine rule the model was trained with.
+        self.normalize_top_k = normalize_top_k if normalize_top_k is not None else top_k >= 2
+        self.jitter_noise = jitter_noise
         self.capacity_factor, self.drop_policy = capacity_factor, drop_policy
         self.init_std = init_std
         # Parameters owned directly (no nn.Linear child): ZeRO-3 gathers a module's own parameters
@@ -251,7 +265,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:  # x: [T, D]
         x = x.float()
         if self.training and self.jitter_noise > 0:
-            # Switch-style jitter on the router input only; the experts see the clean tokens.
+            # Switch-style jitter on the router input only; the experts see the clean tokens (transformers'
+            # Mixtral jitters the block's input, so its experts see the jittered tokens too).
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         logits = F.linear(x, self.weight.float())  # [T, E]
         if self.noise_weight is not None and self.training:
@@ -291,7 +306,8 @@ class Router(nn.Module):
 
     def _expert_choice(self, logits: torch.Tensor, probs: torch.Tensor) -> Routing:
         """E slots per token (slot e = expert e), kept where expert e chose the token; its weight is the
-        token's softmax probability of e. Balanced by construction: the Switch loss is 0 here."""
+        token's softmax probability of e. Balanced by construction: the Switch loss is 0 here. The top-K
+        settings (top_k, normalize_top_k, drop_policy) play no part; config validation refuses them set."""
         assert self.capacity_factor is not None  # refused by config validation
         t, e = probs.shape
         keep = expert_choice_keep(probs, self.capacity_factor, self.score_gather)

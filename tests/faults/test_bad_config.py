@@ -65,6 +65,15 @@ CASES = [
     Case("min-lr-ratio", "train:\n  min_lr_ratio: 1.5\n", ("train.min_lr_ratio = 1.5", "[0, 1]", "e.g. 0.1")),
     Case("warmup-beyond-max-steps", "train:\n  warmup_steps: 50\n  max_steps: 10\n",
          ("train.warmup_steps = 50", "train.max_steps (10)", "lower train.warmup_steps")),
+    # --- routing settings that would train something other than what they say
+    Case("top1-renormalised", "moe:\n  num_experts_per_token: 1\n  normalize_top_k: true\n",
+         ("moe.normalize_top_k = True", "num_experts_per_token = 1", "learn nothing from the language-model loss",
+          "leave it unset (null")),
+    Case("expert-choice-overflow", "moe:\n  router_type: expert_choice\n  capacity_factor: 2.0\n"
+         "  drop_policy: overflow\n", ("moe.drop_policy = 'overflow'", "no effect with moe.router_type = "
+                                      "'expert_choice'", "remove it")),
+    Case("expert-choice-aux-weight", "moe:\n  router_type: expert_choice\n  capacity_factor: 2.0\n"
+         "  aux_loss_weight: 0.1\n", ("moe.aux_loss_weight = 0.1", "no Switch loss", "set 0")),
     # --- intervals and counts
     Case("save-interval-negative", "train:\n  save_interval: -1\n",
          ("train.save_interval = -1", ">= 0", "0 saves only at the end")),

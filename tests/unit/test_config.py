@@ -95,3 +95,43 @@ def test_a_non_string_key_and_an_empty_moe_layer_list_are_refused(tmp_path) -> N
     with pytest.raises(ValueError, match=r"moe.moe_layers = \[\] is invalid: lists no layer while moe.num_experts"):
         load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
                     parse_overrides(["--moe.moe_layers", "[]"]))
+
+
+def test_normalize_top_k_auto_and_top1_renormalising_refused(tmp_path) -> None:
+    """moe.normalize_top_k null (the default) renormalises for K >= 2 (Mixtral) and weighs by the raw
+    probability at K = 1 (Switch); an explicit true at K = 1 makes every weight p / p = 1 and is refused,
+    naming the field, the value, why and the fix."""
+    from ep_train.config import normalizes_top_k
+
+    cfg = load_config(None, parse_overrides(["--top_k", "1"]))
+    assert cfg.moe.normalize_top_k is None and not normalizes_top_k(cfg.moe)
+    assert normalizes_top_k(load_config(None).moe)
+    assert not normalizes_top_k(load_config(None, parse_overrides(["--normalize_top_k", "false"])).moe)
+    p = _write(tmp_path, {"moe": {"num_experts_per_token": 1, "normalize_top_k": True}})
+    with pytest.raises(ValueError, match=r"moe\.normalize_top_k = True is invalid: .*num_experts_per_token = 1") as e:
+        load_config(p)
+    assert "learn nothing from the language-model loss" in str(e.value) and "null" in str(e.value)
+
+
+def test_saved_configs_record_what_ran_and_old_ones_still_load() -> None:
+    """A saved config (checkpoint, RUN/config.json) holds normalize_top_k resolved, so it says what ran and
+    equals what ep-train wrote before auto existed (true at K >= 2: a resume compares them field by field).
+    An old top-1 config holding true still loads (config_from_dict: export, analysis) and computes what it
+    trained, weight 1; only a new start with it is refused."""
+    import torch
+
+    from ep_train.config import Config, config_from_dict, config_to_dict
+    from ep_train.model.router import Router
+
+    assert config_to_dict(Config())["moe"]["normalize_top_k"] is True  # the value every old checkpoint holds
+    top1 = load_config(None, parse_overrides(["--top_k", "1"]))
+    saved = config_to_dict(top1)
+    assert saved["moe"]["normalize_top_k"] is False
+    assert config_from_dict(saved).moe.normalize_top_k is False
+    saved["moe"]["normalize_top_k"] = True  # written by an older ep-train, whose default was true
+    old = config_from_dict(saved)
+    assert old.moe.normalize_top_k is True and config_to_dict(old) == saved
+    with pytest.raises(ValueError, match=r"moe\.normalize_top_k = True"):
+        validate(old, check_paths=False)
+    r = Router(8, 4, 1, normalize_top_k=old.moe.normalize_top_k)
+    assert torch.equal(r(torch.randn(5, 8)).weights, torch.ones(5, 1))

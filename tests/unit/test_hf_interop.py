@@ -190,3 +190,69 @@ def test_run_config_matches_a_checkpoint_that_spells_out_head_dim() -> None:
     run.model.head_dim = 8
     with pytest.raises(ValueError, match=r"model.head_dim: run 8 \(= 8\) vs checkpoint 4"):
         check_matches_hf(run, ckpt, "ckpt")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_imported_aux_loss_weight_gives_transformers_balance_pressure(k) -> None:
+    """transformers' load_balancing_loss_func sums the routed share over the K choices: its loss is K times
+    ep-train's (1.0 when balanced, any K). After import, coef_hf * loss_hf == weight_ep * loss_ep on the same
+    router logits; the export writes the coefficient back as it was."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from ep_train.interop.hf import config_from_hf
+    from ep_train.interop.hf_export import hf_config
+    from ep_train.model.router import load_balancing_loss
+
+    e = 6
+    hf = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=e,
+                                    num_experts_per_tok=k, router_aux_loss_coef=0.02).to_dict()
+    cfg = config_from_hf(hf)
+    logits = torch.randn(50, e, generator=torch.Generator().manual_seed(k)) * 2
+    loss_hf = load_balancing_loss_func((logits,), e, k)
+    probs = torch.softmax(logits, -1)
+    loss_ep = load_balancing_loss(probs, torch.topk(probs, k, -1).indices, e)
+    assert loss_hf.item() == pytest.approx(k * loss_ep.item(), rel=1e-5)  # the factor itself
+    assert 0.02 * loss_hf.item() == pytest.approx(cfg.moe.aux_loss_weight * loss_ep.item(), rel=1e-5)
+    assert hf_config(cfg, "float32")["router_aux_loss_coef"] == pytest.approx(0.02, rel=1e-15)
+    assert hf_config(cfg, "float32", base=hf)["router_aux_loss_coef"] == 0.02  # from-hf then to-hf: exact
+    del hf["router_aux_loss_coef"]  # left out: MixtralConfig's default, 0.001
+    assert config_from_hf(hf).moe.aux_loss_weight == pytest.approx(0.001 * k)
+
+
+def test_top1_mixtral_imports_as_it_computes_but_is_not_trained_or_exported_switch_style(tmp_path) -> None:
+    """A top-1 Mixtral renormalises its one weight to 1: imported, it computes exactly that (inference,
+    test_logits_equal_hugging_face), but a training run from it is refused (its router would learn
+    nothing from the LM loss), and an ep-train top-1 model (raw probability weights) cannot be exported."""
+    from ep_train.config import Config
+    from ep_train.interop.hf import config_from_hf, from_hf
+    from ep_train.interop.hf_export import check_exportable
+
+    hf_cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=1)
+    assert config_from_hf(hf_cfg.to_dict()).moe.normalize_top_k is True
+    transformers.MixtralForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"routes each token to one expert .* learn nothing from the language-model"):
+        from_hf(tmp_path / "hf", tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    c = Config()
+    c.moe.num_experts_per_token = 1  # normalize_top_k auto: the router probability (Switch)
+    with pytest.raises(ValueError, match=r"moe\.normalize_top_k = None .*renormalises"):
+        check_exportable(c)
+    c.moe.normalize_top_k = True  # an old top-1 run that renormalised: what Mixtral computes
+    check_exportable(c)
+
+
+def test_init_from_refuses_a_run_that_combines_experts_otherwise() -> None:
+    from ep_train.interop.hf import check_matches_hf, config_from_hf
+
+    hf_cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    ckpt = config_from_hf(hf_cfg.to_dict())
+    run = config_from_hf(hf_cfg.to_dict())
+    run.moe.normalize_top_k = None  # auto at K = 2: renormalises, as Mixtral
+    check_matches_hf(run, ckpt, "ckpt")
+    run.moe.normalize_top_k = False
+    with pytest.raises(ValueError, match=r"moe.normalize_top_k: run False vs checkpoint True"):
+        check_matches_hf(run, ckpt, "ckpt")

@@ -26,12 +26,13 @@ def test_routing_matches_naive(k: int, cf: float | None, policy: str) -> None:
     x = torch.randn(T, D)
     out = r(x)
     logits = x @ r.weight.T
-    probs, ids, weights, norms = naive_route(logits, k)
+    # moe.normalize_top_k auto: renormalised for K >= 2 (Mixtral), the raw probability for K = 1 (Switch)
+    probs, ids, weights, norms = naive_route(logits, k, normalize=k >= 2)
     assert torch.allclose(out.logits, logits, atol=1e-6)
     assert torch.allclose(out.aux_loss, naive_aux_loss(probs, ids, E), atol=1e-6)
     assert out.z_loss.item() == pytest.approx(naive_z_loss(logits), rel=1e-5)
     if cf is not None:
-        cap = expert_capacity(T, E, k, cf)
+        cap = exact_capacity(T, E, k, str(cf))
         ids, weights, keep = naive_capacity(probs, ids, weights, norms, E, cap, policy)
         assert not all(all(row) for row in keep) or policy == "overflow", "test should force drops"
     else:
@@ -41,7 +42,26 @@ def test_routing_matches_naive(k: int, cf: float | None, policy: str) -> None:
     assert torch.allclose(out.weights, torch.tensor([[float(torch.as_tensor(w).detach()) for w in row] for row in weights]), atol=1e-6)
     if cf is not None:
         counts = torch.bincount(out.expert_ids[out.keep], minlength=E)
-        assert int(counts.max()) <= expert_capacity(T, E, k, cf)
+        assert int(counts.max()) <= exact_capacity(T, E, k, str(cf))
+
+
+def exact_capacity(tokens: int, experts: int, k: int, factor: str) -> int:
+    """ceil(tokens * k * factor / experts) in integers, ``factor`` as the decimal written ("1.1" = 11/10):
+    the reference for ``expert_capacity``, which must not round binary float noise up."""
+    whole, _, frac = factor.partition(".")
+    num, den = int(whole + frac), 10 ** len(frac)
+    return -(-(tokens * k * num) // (experts * den))
+
+
+def test_expert_capacity_is_exact() -> None:
+    """A sweep against integer arithmetic: ceil of the float product gave 56 for 100 tokens / 2 experts
+    x 1.1 (100 / 2 * 1.1 = 55.000000000000007), and many more such cases."""
+    assert expert_capacity(100, 2, 1, 1.1) == 55
+    factors = ["0.1", "0.3", "0.7", "1.0", "1.1", "1.2", "1.25", "1.3", "1.4", "1.5", "1.7", "2.2", "3.3"]
+    wrong = [(t, e, k, f, expert_capacity(t, e, k, float(f)), exact_capacity(t, e, k, f))
+             for t in range(1, 257) for e in (1, 2, 3, 4, 6, 8) for k in (1, 2, 3) for f in factors
+             if expert_capacity(t, e, k, float(f)) != exact_capacity(t, e, k, f)]
+    assert not wrong, wrong[:10]
 
 
 def test_overflow_reroutes_instead_of_dropping() -> None:
@@ -80,10 +100,11 @@ def test_noise_and_jitter_only_in_training() -> None:
     assert r.noise_weight.grad is not None and r.noise_weight.grad.abs().sum() > 0  # noise scale is learned
 
 
-def _layer(k: int, cf: float | None, policy: str, shared: int) -> MoELayer:
+def _layer(k: int, cf: float | None, policy: str, shared: int, normalize: bool | None = True) -> MoELayer:
     torch.manual_seed(1)
+    # normalize True by default: naive_moe renormalises the top-K weights (Mixtral) for every K
     layer = MoELayer(D, 24, E, k, capacity_factor=cf, drop_policy=policy, num_shared_experts=shared,
-                     router_init_std=0.5)
+                     router_init_std=0.5, normalize_top_k=normalize)
     for w in (layer.experts.w1, layer.experts.w2, layer.experts.w3):
         torch.nn.init.normal_(w, std=0.2)
     return layer
@@ -105,7 +126,7 @@ def test_moe_layer_matches_naive_loop(k: int, cf: float | None, policy: str, sha
         def shared_fn(v: torch.Tensor) -> torch.Tensor:
             return naive_swiglu(v, params["shared_experts.w1.weight"], params["shared_experts.w3.weight"],
                                 params["shared_experts.w2.weight"])
-    cap = expert_capacity(T, E, k, cf) if cf is not None else None
+    cap = exact_capacity(T, E, k, str(cf)) if cf is not None else None
     y2 = naive_moe(x2, params["router.weight"], params["experts.w1"], params["experts.w3"],
                    params["experts.w2"], k, cap, policy, shared_fn)
     logits = x2 @ params["router.weight"].T
@@ -123,6 +144,55 @@ def test_moe_layer_matches_naive_loop(k: int, cf: float | None, policy: str, sha
 def naive_z_loss_t(logits: torch.Tensor) -> torch.Tensor:
     # differentiable version of the definition for the gradient check
     return torch.stack([torch.log(torch.exp(row).sum()) ** 2 for row in logits]).mean()
+
+
+def test_top1_router_learns_from_the_lm_loss_like_a_naive_switch_loop() -> None:
+    """K = 1 with moe.normalize_top_k auto: y_t = p_te * FFN_e(x_t) (Switch Transformer), so a loss on the
+    output alone (the LM loss; no aux or z-loss here) reaches the router. Renormalising would make every
+    weight p / p = 1 and that gradient ~1e-7. Output and gradients equal a per-token loop's."""
+    layer = _layer(1, None, "drop", 0, normalize=None)
+    x = torch.randn(T, D, requires_grad=True)
+    g = torch.randn(T, D)
+    y, _ = layer(x.view(2, T // 2, D))
+    (y.view(T, D) * g).sum().backward()
+
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in layer.named_parameters()}
+    x2 = x.detach().clone().requires_grad_(True)
+    rows = []
+    for t in range(T):
+        p = torch.softmax(params["router.weight"] @ x2[t], dim=-1)
+        e = max(range(E), key=lambda j: (p[j].item(), -j))
+        rows.append(p[e] * naive_swiglu(x2[t], params["experts.w1"][e], params["experts.w3"][e],
+                                        params["experts.w2"][e]))
+    y2 = torch.stack(rows)
+    (y2 * g).sum().backward()
+
+    assert torch.allclose(y.view(T, D), y2, atol=1e-5)
+    router_grad = layer.router.weight.grad
+    assert router_grad.norm().item() > 1e-2  # ~1e-7 when the top-1 weight was renormalised to 1
+    assert torch.allclose(router_grad, params["router.weight"].grad, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
+def test_top1_model_router_gets_a_gradient_from_the_lm_loss_alone() -> None:
+    """The whole model with the config's defaults at K = 1 and every router loss off: lm_loss alone moves
+    every router, by about as much as at K = 2."""
+    from ep_train.config import Config, validate
+    from ep_train.model import build_model
+
+    norms = {}
+    for k in (1, 2):
+        c = Config()
+        c.model.vocab_size, c.model.hidden_size, c.model.intermediate_size = 64, 32, 48
+        c.model.num_layers, c.model.num_heads, c.model.num_kv_heads = 2, 4, 2
+        c.moe.num_experts, c.moe.num_experts_per_token = 4, k
+        c.moe.aux_loss_weight = c.moe.router_z_loss_weight = 0.0
+        validate(c, check_paths=False)
+        model = build_model(c.model, c.moe, seed=3)
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(ids, ids.roll(-1, 1)).lm_loss.backward()
+        norms[k] = [m.router.weight.grad.norm().item() for m in model.modules() if isinstance(m, MoELayer)]
+    assert len(norms[1]) == 2 and all(n > 0.05 * min(norms[2]) for n in norms[1]), norms
 
 
 def test_empty_input_still_touches_every_expert_weight() -> None:

@@ -101,6 +101,24 @@ def test_expert_dropout_is_training_only_and_renormalises() -> None:
     assert bool((tr.weights[~tr.keep] == 0).all())
 
 
+def test_expert_dropout_never_takes_a_tokens_last_kept_expert_under_capacity() -> None:
+    """Capacity may drop a token's first choice; dropout then protects its first *kept* slot, so every
+    token capacity left with an expert keeps one, and its weights keep their sum."""
+    torch.manual_seed(0)
+    r = Router(16, 4, 2, capacity_factor=0.5, expert_dropout=0.9, init_std=0.5)
+    x = torch.randn(300, 16)
+    r.eval()
+    ev = r(x)  # capacity applies at eval too; dropout does not
+    only_second = ev.keep[:, 1] & ~ev.keep[:, 0]
+    assert int(only_second.sum()) >= 10  # the case at stake: capacity dropped the first choice
+    r.train()
+    tr = r(x)
+    assert torch.equal(tr.keep.any(-1), ev.keep.any(-1))
+    assert bool((tr.keep <= ev.keep).all())  # dropout only removes
+    assert int((ev.keep & ~tr.keep).sum()) > 0  # and it did remove some
+    assert torch.allclose(tr.weights.sum(-1), ev.weights.sum(-1), atol=1e-6)
+
+
 def test_group_limited_routing_stays_inside_the_chosen_groups() -> None:
     torch.manual_seed(0)
     e, g, m, k = 8, 4, 2, 3
@@ -199,6 +217,41 @@ def test_expert_choice_equals_a_naive_per_expert_loop() -> None:
     assert torch.allclose(x.grad, x2.grad, atol=1e-5)
     for n, p in layer.named_parameters():
         assert torch.allclose(p.grad, params[n].grad, atol=1e-5), n
+
+
+def test_expert_choice_capacity_is_exact() -> None:
+    """C = ceil(T * capacity_factor / E) with the factor as written: 100 tokens x 1.1 / 2 experts is 55
+    (the float product 55.000000000000007 rounded up to 56)."""
+    from ep_train.model.router import expert_choice_keep
+
+    probs = _probs(100, 2)
+    assert expert_choice_keep(probs, 1.1).sum(0).tolist() == [55, 55]
+    assert expert_choice_keep(_probs(30, 4), 0.7).sum(0).tolist() == [6, 6, 6, 6]  # 30 x 0.7 / 4 = 5.25
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("num_experts_per_token", 1, "a token gets moe.capacity_factor experts on average"),
+    ("normalize_top_k", False, "raw router probabilities"),
+    ("drop_policy", "overflow", "takes exactly its capacity"),
+    ("balance_stats", "global_batch", "no Switch loss"),
+    ("aux_loss_weight", 0.05, "no Switch loss"),
+])
+def test_expert_choice_refuses_settings_it_ignores(field: str, value: object, words: str) -> None:
+    """Settings expert choice has no use for are refused, naming field, value and fix, when set to
+    anything but what users keep; a saved config (a checkpoint's, from before the check) still loads."""
+    from ep_train.config import config_from_dict, config_to_dict
+
+    ec = dict(router_type="expert_choice", capacity_factor=2.0)
+    with pytest.raises(ValueError, match=rf"moe\.{field} = {value!r} is invalid: has no effect with") as e:
+        _cfg(**ec, **{field: value})
+    assert words in str(e.value) and "remove it" in str(e.value)
+    c = _cfg(**ec)  # the defaults, and the values that ask for nothing, are fine
+    assert (c.moe.num_experts_per_token, c.moe.normalize_top_k, c.moe.drop_policy) == (2, None, "drop")
+    _cfg(**ec, aux_loss_weight=0.0)
+    _cfg(**ec, normalize_top_k=True)  # the old default: every saved expert-choice config holds it
+    saved = config_to_dict(c)
+    saved["moe"][field] = value
+    assert getattr(config_from_dict(saved).moe, field) == value
 
 
 def test_expert_choice_needs_a_capacity_factor() -> None:
