@@ -20,6 +20,7 @@ import torch
 from ep_train.config import Config
 from ep_train.data.verify import run_manifest
 from ep_train.generation import generate
+from ep_train.interop.hf import hf_folder_config
 from ep_train.model.init import ValueSource
 from ep_train.model.moe import set_expert_biases
 from ep_train.model.transformer import Transformer, build_model
@@ -42,24 +43,12 @@ class Loaded(NamedTuple):
     expert_bias: dict[str, list[float]] | None = None
 
 
-def _hf_config(folder: Path) -> dict | None:
-    """The Hugging Face config.json of ``folder`` (it names a model_type), else None."""
-    f = folder / "config.json"
-    if not f.is_file():
-        return None
-    try:
-        data = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) and "model_type" in data else None
-
-
 def _run_config(folder: Path) -> Config | None:
     from ep_train.config import _read_config_file, config_from_dict
 
     for name in RUN_CONFIGS:
         f = folder / name
-        if f.is_file() and not (name == "config.json" and _hf_config(folder) is not None):
+        if f.is_file() and not (name == "config.json" and hf_folder_config(folder) is not None):
             data = _read_config_file(f)
             if not isinstance(data, dict):
                 raise ValueError(f"{str(f)!r} must hold a mapping of config sections; it is not an ep-train run config")
@@ -112,7 +101,7 @@ def resolve(path: str | Path) -> tuple[Config, ValueSource, Path, list[Path]]:
     Mixtral folder (config.json with model_type); a run dir without checkpoints whose config names
     ``train.init_from`` (what ``ep-train convert`` writes): its Hugging Face weights.
     """
-    from ep_train.interop.hf import HFMixtralSource
+    from ep_train.interop.hf import HFMixtralSource, init_folder
 
     p = Path(path)
     if not p.exists():
@@ -126,14 +115,12 @@ def resolve(path: str | Path) -> tuple[Config, ValueSource, Path, list[Path]]:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's converter talks; stdout is for completions
             universal = to_universal(step)
         return cfg, UniversalSource(universal), step, _tokenizer_candidates(cfg, step, step.parent.parent)
-    if _hf_config(p) is not None:
+    if hf_folder_config(p) is not None:
         src = HFMixtralSource(p)
         return src.cfg, src, p, _tokenizer_candidates(src.cfg, p)
     cfg = _run_config(p) if p.is_dir() else None
     if cfg is not None and cfg.train.init_from:
-        init = Path(cfg.train.init_from)
-        if not init.is_absolute() and not init.exists() and (p / init).exists():
-            init = p / init  # a path relative to the run dir
+        init = init_folder(p, cfg.train.init_from)  # as written, relative to the run, or RUN/init (moved)
         src = HFMixtralSource(init, cfg)  # checks that the run config describes these weights
         return cfg, src, init, _tokenizer_candidates(cfg, p, init)
     what = "a run config without train.init_from" if cfg is not None else "no checkpoint and no config"

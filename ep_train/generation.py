@@ -83,6 +83,17 @@ def check_lengths(lengths: list[int], max_new_tokens: int, max_seq_len: int, nam
                              f"max_new_tokens to {max_seq_len - n} or shorten the prompt")
 
 
+def check_prompt_ids(prompts: list[list[int]], vocab_size: int) -> None:
+    """Refuse token ids the model has no embedding for: indexing the embedding with them raises a bare
+    IndexError on the CPU and a device-side assert on CUDA (which also breaks the process's CUDA context)."""
+    for i, p in enumerate(prompts):
+        for pos, t in enumerate(p):
+            if not 0 <= t < vocab_size:
+                raise ValueError(f"prompt {i} has token id {t} at position {pos}, outside the model's vocabulary "
+                                 f"[0, {vocab_size}) (model.vocab_size = {vocab_size}); pass ids of the tokenizer "
+                                 "the model was trained with")
+
+
 @torch.inference_mode()
 def _generate_batch(model: Transformer, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
                     top_k: int, generator: torch.Generator | None, eos_id: int | None,
@@ -121,6 +132,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     """
     check_sampling(max_new_tokens, temperature, top_p, top_k)
     check_lengths([len(p) for p in prompts], max_new_tokens, model.cfg.max_seq_len)
+    check_prompt_ids(prompts, model.cfg.vocab_size)
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     groups: dict[int, list[int]] = {}  # token length -> prompt indices (one batch each, no padding)
@@ -153,8 +165,6 @@ def _snippet(text: str, n: int = 40) -> str:
 def generate_text(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts: list[str] | str,
                   max_new_tokens: int, *, add_bos: bool = False, **kwargs: object) -> tuple[list[str], Generated]:
     """``generate`` that also returns the token-level result (counts, timing)."""
-    from ep_train.data.tokenizer import safe_decode
-
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if add_bos and tokenizer.bos_id() < 0:
         raise ValueError("add_bos: the tokenizer has no BOS piece; leave it off")
@@ -167,7 +177,28 @@ def generate_text(model: Transformer, tokenizer: spm.SentencePieceProcessor, pro
     check_lengths([len(p) for p in ids], max_new_tokens, model.cfg.max_seq_len, names)
     kwargs.setdefault("eos_id", tokenizer.eos_id() if tokenizer.eos_id() >= 0 else None)
     gen = generate_tokens(model, ids, max_new_tokens, **kwargs)  # type: ignore[arg-type]
-    return [safe_decode(tokenizer, toks)[0] for toks in gen.tokens], gen
+    return [decode_continuation(tokenizer, p, toks) for p, toks in zip(ids, gen.tokens)], gen
+
+
+def decode_continuation(tokenizer: spm.SentencePieceProcessor, prompt: list[int], new: list[int]) -> str:
+    """The text ``new`` adds after ``prompt``, so that ``prompt text + result`` reads as the whole sequence.
+
+    Decoded alone, the new ids lose what only their context gives: sentencepiece drops the leading space
+    ('\u2581') of the first piece when the tokenizer adds a dummy prefix (Mixtral's and Llama's do), so
+    'hello' + 'world' would run together. So the whole sequence is decoded and the decoded prompt cut off.
+    """
+    from ep_train.data.tokenizer import safe_decode
+
+    head = safe_decode(tokenizer, prompt)[0]
+    whole = safe_decode(tokenizer, [*prompt, *new])[0]
+    if whole.startswith(head):
+        return whole[len(head):]
+    # The prompt's decoding changed with what follows it (byte-fallback pieces completing a character across
+    # the boundary): keep what differs from the common start, the closest to the new text there is.
+    n = 0
+    while n < min(len(head), len(whole)) and head[n] == whole[n]:
+        n += 1
+    return whole[n:]
 
 
 def generate(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts: list[str] | str,

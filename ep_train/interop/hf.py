@@ -10,6 +10,7 @@ Never unpickles anything: safetensors only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from ep_train.config import Config, normalizes_top_k, read_json_object, validate
+from ep_train.config import Config, MoEConfig, normalizes_top_k, read_json_object, validate
 from ep_train.model.transformer import Transformer
 
 
@@ -116,6 +117,26 @@ def config_from_hf(hf: dict[str, Any]) -> Config:
     return c
 
 
+def routing_changes(moe: MoEConfig) -> list[str]:
+    """The settings of ``moe`` that route otherwise than Mixtral (softmax, then the top-k of all experts) from
+    the first step, each with its fix: a run with them would not start from the function a Mixtral checkpoint
+    computes (its logits differ at step 0) and ``to-hf`` refuses it later. Not here, as training choices that
+    leave the checkpoint's function alone: capacity_factor (as in check_exportable and upcycle: the weights
+    are the same, generation routes dropless, to-hf --allow-dropless), expert_bias_update_rate (the bias
+    starts at 0; to-hf refuses the run once it has moved), router_jitter_noise and expert_dropout (noise)."""
+    out: list[str] = []
+    if moe.router_type == "expert_choice":
+        out.append("moe.router_type = 'expert_choice' (each expert picks its tokens; Mixtral routes each token to "
+                   "its own top-k experts): set moe.router_type to topk")
+    elif moe.router_type != "topk":
+        out.append(f"moe.router_type = {moe.router_type!r} (a learned noise scale the checkpoint does not have, and "
+                   "noise of std ln 2 on every router logit from the first step): set moe.router_type to topk")
+    if moe.top_groups is not None and moe.top_groups < moe.num_expert_groups:
+        out.append(f"moe.top_groups = {moe.top_groups} of moe.num_expert_groups = {moe.num_expert_groups} "
+                   "(group-limited routing; Mixtral picks the top-k of all experts): set moe.top_groups to null")
+    return out
+
+
 def check_matches_hf(cfg: Config, hf: Config, path: str | Path) -> None:
     """The run's model must be the checkpoint's: every field that shapes or computes the model."""
     from ep_train.config import moe_layer_indices
@@ -138,6 +159,38 @@ def check_matches_hf(cfg: Config, hf: Config, path: str | Path) -> None:
     if diff:
         raise ValueError(f"train.init_from {str(path)!r} is another model than the run config: {'; '.join(diff)}; "
                          "make the run config match the checkpoint's config.json")
+    routing = routing_changes(cfg.moe)
+    if routing:
+        raise ValueError(f"train.init_from {str(path)!r} is a Mixtral checkpoint and the run config routes "
+                         f"otherwise from the first step: {'; '.join(routing)} (a run from a checkpoint starts "
+                         "from the function it computes)")
+
+
+def hf_folder_config(folder: Path) -> dict[str, Any] | None:
+    """The config.json of a Hugging Face model folder (it names a model_type), else None: no such file, or an
+    ep-train run's config.json (the trainer writes one too, without model_type)."""
+    f = folder / "config.json"
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "model_type" in data else None
+
+
+def init_folder(run: Path, init_from: str) -> Path:
+    """The folder a run directory's ``train.init_from`` names: as written (the trainer reads it so), else
+    relative to the run directory, else the run's own ``init/``. from-hf and upcycle write ``RUN/init``'s
+    absolute path, so a run folder moved or copied elsewhere still finds its weights (``ep_train.load`` and
+    ``to-hf`` share this)."""
+    init = Path(init_from)
+    for folder in (init, run / init, run / "init"):  # run / an absolute path is that path
+        if folder.is_dir():
+            return folder
+    raise ValueError(f"train.init_from = {init_from!r} (the run config of {str(run)!r}) is not a folder, and "
+                     f"{str(run / 'init')!r} is not either (a run moved without its init/?); point "
+                     "train.init_from at the Hugging Face folder the run starts from")
 
 
 def read_hf_json(path: Path) -> dict[str, Any]:
@@ -314,6 +367,11 @@ def run_config_for(model: Config, base: str | Path | None, overrides: list[tuple
     if diff:
         raise ValueError(f"the requested config does not describe {what}: {'; '.join(diff)}; drop those "
                          "overrides (the model's shape comes from its weights)")
+    routing = routing_changes(cfg.moe)
+    if routing:  # what check_matches_hf would refuse at the first training step: refused before writing the run
+        raise ValueError(f"the requested config (--config and overrides) routes otherwise than {what} from the "
+                         f"first step: {'; '.join(routing)} (a run from a checkpoint starts from the function "
+                         "it computes)")
     validate(cfg)
     return cfg
 

@@ -266,16 +266,18 @@ def to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "auto", max_s
     ``from-hf``/``upcycle`` made). ``dtype``: float32, bfloat16, float16 or auto (the source's: fp32 master
     weights of a checkpoint, the init folder's dtype). Peak memory: one shard (``max_shard_size``).
     """
-    from ep_train.interop.hf import HFMixtralSource, read_hf_json
+    from ep_train.interop.hf import HFMixtralSource, hf_folder_config, init_folder, read_hf_json
     from ep_train.interop.universal import UniversalSource, find_checkpoint, run_config, to_universal
 
     src, out = Path(checkpoint), Path(output)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--output {str(out)!r} is not empty; pass a new folder")
+    hf = hf_folder_config(src)
+    if hf is not None:  # its config.json is not a run config: parsed as one, it failed on "architectures"
+        raise ValueError(f"--checkpoint {str(src)!r} is already a Hugging Face folder (config.json with model_type "
+                         f"{hf['model_type']!r}); pass a run directory or RUN/checkpoints/step_N")
     cfg = run_dir_config(src)
-    init = Path(cfg.train.init_from) if cfg is not None and cfg.train.init_from else None
-    if init is not None and not init.is_dir() and (src / "init").is_dir():
-        init = src / "init"  # the run folder was moved: its own copy (what from-hf/upcycle made)
+    init = init_folder(src, cfg.train.init_from) if cfg is not None and cfg.train.init_from else None
     if cfg is not None and init is None:
         raise ValueError(f"{str(src)!r} has no checkpoint yet and starts from the seeded initialisation "
                          "(no train.init_from): nothing to export; train it first")
@@ -297,7 +299,10 @@ def to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "auto", max_s
             log(f"note: {str(step)!r} is read-only; converting into {str(tmp)!r} (removed afterwards)")
             universal = to_universal(step, tmp / "universal")
         source = UniversalSource(universal)
-        init = Path(cfg.train.init_from) if cfg.train.init_from else None
+        try:  # only for config.json's passthrough fields and the tokenizer files: optional
+            init = init_folder(step.parent.parent, cfg.train.init_from) if cfg.train.init_from else None
+        except ValueError:
+            init = None
         base = read_hf_json(init / "config.json") if init and (init / "config.json").is_file() else None
         auto = "float32"  # the checkpoint's fp32 master weights
     try:

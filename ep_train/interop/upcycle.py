@@ -12,6 +12,7 @@ layer computes exactly the dense FFN. The result is written once, in the Hugging
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,13 +43,16 @@ class HFDenseSource:
                              "save the model with save_pretrained")
         from ep_train.model.transformer import build_model
 
+        # Tied, the model names its one matrix once (embed.weight). Untied, lm_head.weight must be there: a file
+        # without it is damaged, and reading the embedding instead would upcycle another model (as HFMixtralSource).
+        self.tied = cfg.model.tie_embeddings
         wanted = {self.hf_name(n) for n, _ in build_model(cfg.model, cfg.moe, device="meta").named_parameters()}
-        if cfg.model.tie_embeddings or "lm_head.weight" not in self.where:
-            wanted.discard("lm_head.weight")
         missing = sorted(wanted - set(self.where))
         if missing:
+            head = (" (config.json tie_word_embeddings is false: the output layer is a matrix of its own; fetch "
+                    "the checkpoint again)" if "lm_head.weight" in missing else "")
             raise ValueError(f"{str(path)!r} does not match its config.json as a dense Llama/Mistral checkpoint: "
-                             f"missing {missing[:5]}")
+                             f"missing {missing[:5]}{head}")
 
     @staticmethod
     def hf_name(name: str) -> str:
@@ -64,8 +68,8 @@ class HFDenseSource:
 
     def __call__(self, name: str, shape: tuple[int, ...], expert_ids: list[int] | None) -> torch.Tensor:
         key = self.hf_name(name)
-        if key == "lm_head.weight" and key not in self.where:
-            key = "model.embed_tokens.weight"  # tied
+        if key == "lm_head.weight" and self.tied:
+            key = "model.embed_tokens.weight"  # one matrix, stored as the embedding (an lm_head copy is ignored)
         with safe_open(str(self.path / self.where[key]), "pt") as f:
             return f.get_tensor(key).float()
 
@@ -148,15 +152,17 @@ def upcycle(dense: str | Path, output: str | Path, num_experts: int, experts_per
     cfg = run_config_for(moe, config, overrides or [], f"the dense model {str(src)!r} upcycled",
                          ("num_experts", "num_experts_per_token", "moe_layers"))
     source = UpcycledSource(values, noise, router_init, cfg.moe.router_init_std, seed)
-    # RUN/init is a Hugging Face Mixtral folder: refuse what it cannot hold before writing anything. The
-    # capacity factor is a training choice (the weights are the same): it does not stop the upcycle.
+    # RUN/init is a Hugging Face Mixtral folder: refuse what it cannot hold before writing anything. Training
+    # choices that leave the weights and the step-0 function alone do not stop the upcycle, as with from-hf and
+    # train.init_from: the capacity factor, and the aux-loss-free expert bias (it starts at 0).
+    weights_cfg = copy.deepcopy(cfg)
+    weights_cfg.moe.expert_bias_update_rate = 0.0
     try:
-        check_exportable(cfg, allow_dropless=True)
+        check_exportable(weights_cfg, allow_dropless=True)
     except ValueError as e:
         raise ValueError(f"cannot upcycle with this run config: RUN/init is written as a Hugging Face Mixtral "
                          f"folder, and {str(e).removeprefix('this model cannot be exported as Hugging Face Mixtral: ')}"
-                         "; change that setting in --config (it can be set again for training in RUN/config.yaml)"
-                         ) from None
+                         "; change that setting in --config") from None
     if dtype not in DTYPES:
         raise ValueError(f"{str(src)!r} config.json dtype = {dtype!r}: upcycle writes {sorted(DTYPES)}; set "
                          "\"dtype\" in that config.json to one of them")
@@ -165,7 +171,7 @@ def upcycle(dense: str | Path, output: str | Path, num_experts: int, experts_per
     with building(init) as tmp:
         if hf is not None:
             copy_tokenizer_files(src, tmp)
-        write_hf(tmp, cfg, source, dtype, "2GB", base=hf, tokenizer=tokenizer, allow_dropless=True)
+        write_hf(tmp, weights_cfg, source, dtype, "2GB", base=hf, tokenizer=tokenizer, allow_dropless=True)
     cfg.train.init_from = str(init.resolve())
     dense_data = data_sources(dense_cfg.data)
     if hf is None and not data_sources(cfg.data) and dense_data and all(Path(s.path).is_dir() for s in dense_data):

@@ -107,3 +107,12 @@ def test_ffn_shape_that_does_not_match_is_refused(tmp_path, capsys) -> None:
     err = run(capsys, "upcycle", "--dense", str(tmp_path / "llama"), "--output", str(tmp_path / "a"),
               "--num-experts", "1")
     assert "--num-experts = 1" in err
+
+
+def test_to_hf_of_a_hugging_face_folder_says_so(tmp_path, capsys) -> None:
+    """Its config.json is not a run config: read as one, it failed with "unknown config key 'architectures'"."""
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(**SMALL, num_local_experts=4)).save_pretrained(
+        tmp_path / "mixtral")
+    err = run(capsys, "to-hf", "--checkpoint", str(tmp_path / "mixtral"), "--output", str(tmp_path / "o"))
+    assert "mixtral' is already a Hugging Face folder (config.json with model_type 'mixtral')" in err
+    assert "pass a run directory or RUN/checkpoints/step_N" in err and not (tmp_path / "o").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +162,68 @@ def test_import_ep_train_stays_light() -> None:
             "assert ep_train.upcycle is upcycle.upcycle and ep_train.analyze_experts is a.analyze")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused() -> None:
+    """An id the embedding has no row for raised a bare IndexError (a device-side assert on CUDA)."""
+    model = tiny()  # vocab 64
+    with pytest.raises(ValueError, match=r"prompt 1 has token id 64 at position 2, outside the model's vocabulary "
+                                         r"\[0, 64\) \(model.vocab_size = 64\)"):
+        generate_tokens(model, [[1, 2, 3], [4, 5, 64]], 1)
+    with pytest.raises(ValueError, match=r"prompt 0 has token id -1 at position 1"):
+        generate_tokens(model, [[7, -1]], 1)
+    assert len(generate_tokens(model, [[0, 63]], 1).tokens[0]) == 1  # both ends of the range are ids
+
+
+# ---- decoding the new text ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prefix_tokenizer(tmp_path_factory) -> Path:
+    """A sentencepiece model that adds a dummy prefix space, as Mixtral's and Llama's tokenizers do (ep-train's
+    own default does not): decoded alone, a sequence loses its first piece's leading space."""
+    from ep_train.data.tokenizer import train_tokenizer
+    from tests.conftest import STDLIB
+
+    out = tmp_path_factory.mktemp("tok_prefix")
+    return train_tokenizer([str(STDLIB / "textwrap.py"), str(STDLIB / "this.py")], 400, str(out / "sp"),
+                           add_dummy_prefix=True)
+
+
+def forced(vocab: int, token: int) -> Transformer:
+    """A tiny model whose next token is always ``token`` (its logit raised far above the others)."""
+    c = Config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = vocab, 32, 48, 1
+    m.num_heads, m.num_kv_heads, m.max_seq_len = 4, 2, 48
+    c.moe.num_experts, c.moe.num_experts_per_token = 4, 2
+    model = build_model(c.model, c.moe, seed=0).eval()
+    model.lm_head.register_forward_hook(lambda _m, _i, out: out.index_fill(-1, torch.tensor([token]), 1e4))
+    return model
+
+
+def test_the_continuation_keeps_its_leading_space(prefix_tokenizer, monkeypatch, capsys) -> None:
+    """prompt + completion reads as the whole sequence decodes: 'hello' + ' the', not 'hello' + 'the'
+    (the new ids decoded alone lost their first word's space), in the API and in `ep-train generate`."""
+    import sentencepiece as spm
+
+    from ep_train import generation
+    from ep_train.api import Loaded
+
+    sp = spm.SentencePieceProcessor(model_file=str(prefix_tokenizer))
+    word = sp.piece_to_id("\u2581the")
+    assert sp.id_to_piece(word) == "\u2581the" and sp.decode([word]) == "the"  # the space a word start loses alone
+    model = forced(sp.get_piece_size(), word)
+    prompts = ["hello", "the text"]
+    for add_bos in (False, True):
+        texts = generation.generate(model, sp, prompts, max_new_tokens=2, add_bos=add_bos)
+        assert texts == [" the the", " the the"]
+        for prompt, text in zip(prompts, texts):  # the reference: sentencepiece decoding the whole sequence
+            assert prompt + text == sp.decode([*sp.encode(prompt), word, word])
+    cfg = Config()
+    cfg.model.vocab_size = sp.get_piece_size()
+    monkeypatch.setattr("ep_train.api.load", lambda *a, **k: Loaded(model, sp, cfg, Path("ckpt")))
+    capsys.readouterr()
+    assert generation.main(["--checkpoint", "ckpt", "--prompt", "hello", "--max-new-tokens", "1"]) == 0
+    assert capsys.readouterr().out.startswith("=== 'hello'\nhello the\n")
 
 
 # ---- Hugging Face Mixtral --------------------------------------------------------------------------

@@ -270,3 +270,70 @@ def test_exported_tokenizer_adds_bos_as_the_training_data_did(tokenizer, tmp_pat
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     text = "def f(x):\n    return x"
     assert tok(text)["input_ids"] == sp.encode(text, add_bos=add_bos)
+
+
+def test_a_base_config_that_routes_otherwise_is_refused_and_training_choices_pass(tmp_path) -> None:
+    """from-hf and upcycle take the training recipe from --config; group-limited routing there changes the
+    checkpoint's routing at step 0 (from-hf wrote the run anyway, and to-hf refused it later). The capacity
+    factor and the expert bias (0 at the start) are training choices: the run is written (upcycle refused
+    the bias; from-hf took it)."""
+    import yaml
+
+    src = _mixtral(tmp_path)
+    _, llama = _llama(tmp_path, False)
+    base = tmp_path / "base.yaml"
+    base.write_text("moe:\n  num_expert_groups: 2\n  top_groups: 1\n")
+    says = (r"routes otherwise than .* from the first step: moe.top_groups = 1 of moe.num_expert_groups = 2 "
+            r"\(group-limited routing; .*set moe.top_groups to null")
+    with pytest.raises(ValueError, match=says):
+        from_hf(src, tmp_path / "a", config=base)
+    with pytest.raises(ValueError, match=says):
+        upcycle(llama, tmp_path / "b", num_experts=4, config=base)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    base.write_text("moe:\n  num_expert_groups: 2\n  capacity_factor: 1.25\n  expert_bias_update_rate: 0.001\n")
+    for cfg_file in (from_hf(src, tmp_path / "a", config=base),
+                     upcycle(llama, tmp_path / "b", num_experts=4, config=base)):
+        moe = yaml.safe_load(cfg_file.read_text())["moe"]
+        assert (moe["num_expert_groups"], moe["top_groups"], moe["capacity_factor"],
+                moe["expert_bias_update_rate"]) == (2, None, 1.25, 0.001)
+
+
+def test_upcycling_an_untied_llama_without_lm_head_is_refused_not_tied(tmp_path) -> None:
+    """tie_word_embeddings false and no lm_head.weight: a damaged checkpoint, refused as the Mixtral loader
+    refuses it; upcycle tied the output layer to the embedding without a word."""
+    from safetensors.torch import load_file, save_file
+
+    _, src = _llama(tmp_path, False)
+    weights = load_file(str(src / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\] \(config.json tie_word_embeddings is false"):
+        upcycle(src, tmp_path / "up", num_experts=4)
+    assert not (tmp_path / "up").exists()
+
+
+def test_a_moved_run_loads_and_exports_from_its_own_init(tmp_path) -> None:
+    """from-hf writes train.init_from absolute: ep_train.load of the run moved elsewhere read the old path
+    (to-hf fell back to RUN/init); both now share that fallback, and name train.init_from when it fails."""
+    import shutil
+
+    import ep_train
+
+    src = _mixtral(tmp_path)
+    from_hf(src, tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "run", moved)
+    loaded = ep_train.load(moved)
+    assert loaded.weights == moved / "init"
+    ref = transformers.MixtralForCausalLM.from_pretrained(src).eval()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert (loaded.model(ids).logits - ref(ids).logits).abs().max().item() < 1e-5
+    to_hf(moved, tmp_path / "hf")
+    assert tensors(tmp_path / "hf").keys() == hub_names(tensors(src)).keys()
+    shutil.rmtree(moved / "init")
+    says = r"train.init_from = '.*/run/init' \(the run config of '.*moved'\) is not a folder"
+    with pytest.raises(ValueError, match=says):
+        ep_train.load(moved)
+    with pytest.raises(ValueError, match=says):
+        to_hf(moved, tmp_path / "hf2")

@@ -256,3 +256,53 @@ def test_init_from_refuses_a_run_that_combines_experts_otherwise() -> None:
     run.moe.normalize_top_k = False
     with pytest.raises(ValueError, match=r"moe.normalize_top_k: run False vs checkpoint True"):
         check_matches_hf(run, ckpt, "ckpt")
+
+
+@pytest.mark.parametrize("moe,says", [
+    (dict(router_type="expert_choice", capacity_factor=2.0), r"moe.router_type = 'expert_choice' .*set moe.router_type "
+                                                             "to topk"),
+    (dict(router_type="noisy_topk"), r"moe.router_type = 'noisy_topk' .*set moe.router_type to topk"),
+    (dict(num_expert_groups=2, top_groups=1), r"moe.top_groups = 1 of moe.num_expert_groups = 2 .*set "
+                                              "moe.top_groups to null"),
+])
+def test_init_from_refuses_routing_that_is_not_mixtrals_from_the_first_step(tmp_path, moe, says) -> None:
+    """Expert choice and group-limited routing give other logits than the checkpoint at step 0 (to-hf refused
+    the run later); noisy top-k needs a noise weight the checkpoint does not have (it failed an assert)."""
+    import copy
+
+    from ep_train.interop.hf import config_from_hf
+
+    hf_cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    transformers.MixtralForCausalLM(hf_cfg).save_pretrained(tmp_path)
+    run = copy.deepcopy(config_from_hf(hf_cfg.to_dict()))
+    for k, v in moe.items():
+        setattr(run.moe, k, v)
+    with pytest.raises(ValueError, match=rf"train.init_from '.*' is a Mixtral checkpoint and the run config routes "
+                                         rf"otherwise from the first step: {says}"):
+        HFMixtralSource(tmp_path, run)
+
+
+@pytest.mark.parametrize("moe", [dict(expert_bias_update_rate=0.001), dict(num_expert_groups=2),
+                                 dict(num_expert_groups=2, top_groups=2)])
+def test_init_from_keeps_training_choices_that_compute_mixtral_at_the_start(tmp_path, moe) -> None:
+    """The aux-loss-free expert bias starts at 0 and groups without a limit (top_groups null or all of them)
+    select from every expert: the run's model at step 0 is the checkpoint's (transformers' logits)."""
+    from ep_train.interop.hf import config_from_hf
+    from ep_train.model.transformer import build_model
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.MixtralConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    hf = transformers.MixtralForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # decisive routing, so another selection shows in the logits
+        for layer in hf.model.layers:
+            layer.mlp.gate.weight.normal_(std=0.5)
+    hf.save_pretrained(tmp_path)
+    run = config_from_hf(hf_cfg.to_dict())
+    for k, v in moe.items():
+        setattr(run.moe, k, v)
+    model = build_model(run.model, run.moe, source=HFMixtralSource(tmp_path, run)).eval()
+    ids = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
