@@ -33,7 +33,7 @@ def _plan(argv: list[str]) -> int:
 
     from ep_train.sizes import format_size, model_size, plan_memory
 
-    cfg = load_config(args.config, parse_overrides(rest))
+    cfg = load_config(args.config, parse_overrides(rest, refuse_repeated=True))
     world = args.nodes * args.gpus_per_node
     validate(cfg, world_size=world, check_paths=False)  # a plan needs no data, tokenizer or checkpoint here
     plan = plan_memory(cfg, world, args.device, zero_stage=args.zero_stage, offload=False if args.no_offload else None)
@@ -65,12 +65,23 @@ def _check(argv: list[str]) -> int:
     ap.add_argument("--world-size", type=int, default=None, help="also check divisibility by this many processes")
     ap.add_argument("--run-dir", "--run_dir", dest="run_dir", default=None, help=argparse.SUPPRESS)  # trainer's
     args, rest = ap.parse_known_args(argv)
-    cfg = load_config(args.config, parse_overrides(rest))
+    cfg = load_config(args.config, parse_overrides(rest, refuse_repeated=True))
     validate(cfg, world_size=args.world_size)
     if args.run_dir is not None:  # a training launch (the launch scripts pass the trainer's arguments): as main()
         require_data(cfg)
     print(f"config ok: {args.config or '(defaults)'}")
     return 0
+
+
+def _refuse_repeated_fields(argv: list[str]) -> None:
+    """``ep-train train``: the overrides as the trainer reads them (past its own options), a field given twice
+    refused as ``check`` does (``python -m ep_train.train`` itself keeps the last: see parse_overrides)."""
+    if "-h" in argv or "--help" in argv:
+        return
+    ap = argparse.ArgumentParser(prog="ep-train train", add_help=False)
+    for names in (("--config",), ("--run-dir", "--run_dir"), ("--local_rank", "--local-rank")):
+        ap.add_argument(*names)
+    parse_overrides(ap.parse_known_args(argv)[1], refuse_repeated=True)
 
 
 LAZY_COMMANDS = {"generate": "ep_train.generation", "convert": "ep_train.interop.convert",
@@ -85,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         commands[name] = lambda args, m=module: importlib.import_module(m).main(args)
     try:
         from ep_train.train import main as train_main
-        commands["train"] = train_main
+
+        def _train(args: list[str]) -> int:
+            _refuse_repeated_fields(args)
+            return train_main(args)
+
+        commands["train"] = _train
     except ImportError:
         pass
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:

@@ -287,8 +287,9 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        # a string: a command-line value (parse_overrides) or a quoted one in a file; on/off as YAML 1.1 reads them
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
         raise ValueError(f"{where} = {value!r} is invalid: expected true/false")
     if typ is int:
         if isinstance(value, bool):
@@ -449,29 +450,69 @@ def _read_config_file(path: Path) -> Any:
 BOOLEAN_WORDS: dict[str, dict[bool, str]] = {"train.verify_checkpoint": {False: "off"}}
 
 
-def parse_overrides(argv: list[str]) -> list[tuple[str, Any]]:
-    """['--moe.top_k', '2', '--seed=3'] -> [('moe.top_k', 2), ('seed', 3)] (values parsed as YAML scalars)."""
+# What sets an optional field (``str | None``, ``int | None``, ...) to null on the command line: ``--tokenizer
+# null`` (also none, ~ or an empty value, in any case). A folder really named so is written ./null.
+NULL_WORDS = ("", "null", "none", "~")
+
+
+def _override_value(raw: str, typ: Any, where: str) -> Any:
+    """One command-line value for a field of type ``typ``. Text fields (paths, names, the flat
+    ``data.sources`` form) take the text as it is: read as YAML, ``/data/set #2`` lost its ``#2`` (a
+    comment), ``0.7 web #1 0.3 code`` a source, and ``null``, ``yes``, ``2024`` or ``a: b`` changed type.
+    Booleans take the text to :func:`_coerce` (YAML made ``1`` an int, which a boolean refuses). Numbers
+    and lists are read as YAML scalars (``1e-4``, ``.inf``, ``[1, 3]``)."""
+    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    optional = type(None) in args
+    base = [a for a in args if a is not type(None)]
+    if optional and raw.strip().lower() in NULL_WORDS:
+        return None
+    kind = base[0] if len(base) == 1 else None
+    if kind in (str, bool):
+        return raw
+    if typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]) \
+            and not raw.lstrip().startswith(("[", "{")):
+        return raw  # the flat 'WEIGHT FOLDER ...' form; a YAML list of mappings starts with '[' or '{'
+    try:
+        return yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        why = " ".join(str(e).split())[:160]
+        raise ValueError(f"{where} {raw!r} is not a valid YAML value ({why}); fix it: a number, true/false, or "
+                         "a list such as [1, 3] or 1,3") from None
+
+
+def parse_overrides(argv: list[str], cfg_cls: type = Config, *, refuse_repeated: bool = False
+                    ) -> list[tuple[str, Any]]:
+    """['--moe.top_k', '2', '--seed=3'] -> [('moe.top_k', 2), ('seed', 3)]: each value read for its field's
+    type (:func:`_override_value`). ``refuse_repeated``: a field given twice, under one name or two (``--lr``
+    and ``--train.learning_rate``), is refused as in a config file, where the last would win without a word
+    (under SLURM a user's ``--resume`` replaced the script's ``--resume auto`` on every requeue). The ``ep-train``
+    commands and so the launch scripts (which run ``ep-train check`` first) refuse; False keeps the last, for
+    ``python -m ep_train.train`` as started by hand, whose tests (tests/distributed) give defaults first and
+    then the values a test changes."""
     out: list[tuple[str, Any]] = []
+    given: dict[tuple[str, str], tuple[str, str]] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}; overrides look like --section.key value")
         if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
+            flag, raw = arg.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(argv):
                 raise ValueError(f"override {arg} has no value; write {arg} VALUE")
-            key, raw = arg[2:], argv[i + 1]
+            flag, raw = arg, argv[i + 1]
             i += 2
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as e:
-            why = " ".join(str(e).split())[:160]
-            raise ValueError(f"override --{key} {raw!r} is not a valid YAML value ({why}); fix it, or quote it "
-                             f"as a string (--{key} \"'{raw}'\")") from None
-        out.append((key.replace("-", "_"), value))
+        key = flag[2:].replace("-", "_")
+        target = _resolve_key(key, cfg_cls)
+        if target in given and refuse_repeated:
+            first, first_raw = given[target]
+            raise ValueError(f"override {flag} {raw!r} sets {target[0]}.{target[1]} again (already {first} "
+                             f"{first_raw!r}); give the field once (the last would win silently)")
+        given[target] = (flag, raw)
+        typ = _field_types(_sections(cfg_cls)[target[0]])[target[1]]
+        out.append((key, _override_value(raw, typ, f"override {flag}")))
     return out
 
 

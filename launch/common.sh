@@ -10,10 +10,24 @@ ep_python() {
   else command -v python3; fi
 }
 
-# Processes per node: the GPUs when there are any, else 2 CPU processes (gloo).
+# Processes per node: one per GPU this node's workers may use, else 2 CPU processes (gloo). GPUs are the
+# `nvidia-smi -L` lines "GPU N: ..." only (without a GPU it prints "No devices were found"; MIG devices are
+# indented lines). CUDA_VISIBLE_DEVICES, when set, leaves its entries up to the first invalid one, as CUDA
+# reads it: "" or -1 = none (then CPU processes). nvidia-smi itself ignores it and lists every GPU.
 default_nproc() {
-  local n=0
-  if command -v nvidia-smi >/dev/null 2>&1; then n=$(nvidia-smi -L 2>/dev/null | wc -l); fi
+  local n=0 visible=0 entry entries=()
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    n=$(nvidia-smi -L 2>/dev/null | grep -cE '^GPU [0-9]+:' || true)
+  fi
+  if [ "$n" -gt 0 ] && [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    IFS=, read -ra entries <<< "$CUDA_VISIBLE_DEVICES"
+    for entry in "${entries[@]}"; do
+      entry="${entry// /}"
+      case "$entry" in ""|-*) break ;; esac
+      visible=$((visible + 1))
+    done
+    [ "$visible" -ge "$n" ] || n=$visible
+  fi
   if [ "$n" -gt 0 ]; then echo "$n"; else echo 2; fi
 }
 
@@ -28,6 +42,43 @@ check_inputs() {  # config, data dir, resume target: fail before any process sta
   if [ -n "$resume" ] && [ "$resume" != "auto" ]; then
     [ -d "$resume" ] || die "checkpoint folder '$resume' not found (use --resume auto or a checkpoints/step_* folder)"
   fi
+}
+
+# The user's trainer overrides (after --) must not set what the launcher passes itself: the trainer's
+# argparse keeps the last --config or --run-dir (or an abbreviation such as --run-d), so the run would use
+# another config, or write where this script does not look for the stop marker; a field given twice
+# (--resume, --data_dir) is refused by the trainer, whose message cannot say that the launcher gave one.
+# $1..$4 = the fix for a --config, --run-dir, data.data_dir and train.resume override ("" = this launcher
+# does not pass that field), then the overrides.
+check_overrides() {
+  local fix_config="$1" fix_run="$2" fix_data="$3" fix_resume="$4" arg key name shown i
+  shift 4
+  local args=("$@")
+  for ((i = 0; i < ${#args[@]}; i++)); do  # argparse reads its options anywhere, also in a value's place
+    arg="${args[i]}" key="${args[i]%%=*}" shown="${args[i]}"
+    [ "${#key}" -ge 3 ] && [ "${key:0:2}" = "--" ] || continue
+    [ "$key" != "$arg" ] || [ $((i + 1)) -ge ${#args[@]} ] || shown="$arg ${args[i + 1]}"
+    if [[ "--config" == "$key"* ]]; then
+      die "trainer override '$shown' would replace the config this script passes (the trainer takes the last); \
+$fix_config"
+    fi
+    if [[ "--run-dir" == "$key"* || "--run_dir" == "$key"* ]]; then
+      die "trainer override '$shown' would move the trainer out of the run folder this script passes and \
+watches (stop marker); $fix_run"
+    fi
+  done
+  while [ $# -gt 0 ]; do  # KEY VALUE or KEY=VALUE pairs, as ep_train.config.parse_overrides reads them
+    arg="$1" key="${1%%=*}" shown="$1"
+    [ "$key" != "$arg" ] || [ $# -lt 2 ] || shown="$1 $2"
+    name="${key#--}"
+    case "${name//-/_}" in
+      data_dir|data.data_dir) [ -z "$fix_data" ] || die "trainer override '$shown' sets data.data_dir, which this \
+script passes itself; $fix_data" ;;
+      resume|train.resume) [ -z "$fix_resume" ] || die "trainer override '$shown' sets train.resume, which this \
+script passes itself; $fix_resume" ;;
+    esac
+    if [ "$key" = "$arg" ] && [ $# -ge 2 ]; then shift 2; else shift; fi
+  done
 }
 
 print_cmd() { printf 'running:'; printf ' %q' "$@"; printf '\n'; }

@@ -9,6 +9,36 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/common.sh"
+# DeepSpeed's runner reads this hostfile when none is given (runner.py DLTS_HOSTFILE)
+DLTS_HOSTFILE=/job/hostfile
+
+# How many hosts DeepSpeed reaches by ssh/pdsh: those of the hostfile (or of --include, or --num_nodes of
+# them); 0 or 1 = a local launch (its runner starts one host's processes itself, with a list of arguments).
+# --exclude is not counted: a host it removes would at worst make the checks below refuse a launch.
+remote_hosts() {
+  local file="${hostfile:-$DLTS_HOSTFILE}" n=0 line entries=()
+  if [ "$no_ssh" = 1 ] || [ ! -f "$file" ]; then echo 0; return; fi
+  while read -r line _; do
+    case "$line" in ""|"#"*) ;; *) n=$((n + 1)) ;; esac
+  done < "$file"
+  if [ -n "$include" ]; then IFS=@ read -ra entries <<< "$include"; n=${#entries[@]}; fi
+  if [[ "$num_nodes" =~ ^[0-9]+$ ]] && [ "$num_nodes" -ge 1 ] && [ "$num_nodes" -lt "$n" ]; then n=$num_nodes; fi
+  echo "$n"
+}
+
+# In ssh/pdsh mode DeepSpeed's runner (multinode_runner.py, PDSHRunner) joins the remote command into one
+# shell string: an argument with a space goes in "..." (where $, ` and \ still act), any other as it is, and
+# `cd FOLDER;` and the Python unquoted; pdsh also replaces %n, %h, ... So ( ) $ ; ` * ? ~ & | < > ' " \ %
+# in a path would run or break on every node. $1 = the mode, $2 = what, $3 = the text, $4 = 1 if DeepSpeed
+# quotes it when it has a space.
+ssh_safe() {
+  local allowed='^[A-Za-z0-9_./:=,+@-]*$' spaces=""
+  [ "$4" = 0 ] || { allowed='^[A-Za-z0-9_./:=,+@ -]*$'; spaces=" and spaces"; }
+  [[ "$3" =~ $allowed ]] || die "$2 '$3' has characters that DeepSpeed's $1 passes unquoted to each node's \
+shell, where they would run or break; use only letters, digits, _./:=,+@-$spaces there, or start this script on \
+each node yourself with --no_ssh --node_rank R (e.g. under srun)"
+}
+
 config="" data="" run_dir="runs/default" resume="" hostfile="" include="" exclude="" num_gpus="" num_nodes=""
 master_port=29500 master_addr="" no_ssh=0 node_rank=""
 while [ $# -gt 0 ]; do
@@ -32,6 +62,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 check_inputs "$config" "$data" "$resume"
+check_overrides "give it once, as --config" "give it once, as --run-dir" "${data:+give it once, as --data}" \
+  "${resume:+give it once, as --resume}" "$@"
 if [ -n "$hostfile" ]; then [ -f "$hostfile" ] || die "hostfile '$hostfile' not found (see launch/hostfile.example)"; fi
 py="$(ep_python "$root")"
 cmd=("$py" -m deepspeed.launcher.runner --master_port "$master_port")
@@ -50,6 +82,15 @@ every node)"
 fi
 trainer_args "$config" "$data" "$resume" "$@"
 cmd+=(--module ep_train.train --run-dir "$run_dir" "${TRAINER_ARGS[@]}")
+ssh_hosts="$(remote_hosts)"
+if [ "$ssh_hosts" -gt 1 ]; then
+  where="ssh/pdsh mode ($ssh_hosts hosts of ${hostfile:-$DLTS_HOSTFILE})"
+  ssh_safe "$where" "the working folder" "$(pwd -P)" 0
+  ssh_safe "$where" "the Python" "$py" 0
+  ssh_safe "$where" "--master_addr" "$master_addr" 0
+  ssh_safe "$where" "--master_port" "$master_port" 0
+  for arg in --run-dir "$run_dir" "${TRAINER_ARGS[@]}"; do ssh_safe "$where" "the argument" "$arg" 1; done
+fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 check_config "$py" "" --run-dir "$run_dir" "${TRAINER_ARGS[@]}"
 print_cmd "${cmd[@]}"

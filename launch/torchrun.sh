@@ -10,6 +10,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/launch/common.sh"
 config="" data="" run_dir="runs/default" resume="" nproc="" nnodes=1 node_rank=0
 master_addr=127.0.0.1 master_port=29500 rdzv="" rdzv_id="ep-train" max_restarts=0 addr_given=0
+rank_given=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) config="$2"; shift 2 ;;
@@ -18,7 +19,7 @@ while [ $# -gt 0 ]; do
     --resume) resume="$2"; shift 2 ;;
     --nproc|--nproc-per-node) nproc="$2"; shift 2 ;;
     --nnodes) nnodes="$2"; shift 2 ;;
-    --node-rank) node_rank="$2"; shift 2 ;;
+    --node-rank) node_rank="$2"; rank_given=1; shift 2 ;;
     --master-addr) master_addr="$2"; addr_given=1; shift 2 ;;
     --master-port) master_port="$2"; shift 2 ;;
     --rdzv) rdzv="$2"; shift 2 ;;
@@ -30,9 +31,19 @@ while [ $# -gt 0 ]; do
   esac
 done
 check_inputs "$config" "$data" "$resume"
+check_overrides "give it once, as --config" "give it once, as --run-dir" "${data:+give it once, as --data}" \
+  "${resume:+give it once, as --resume}" "$@"
 if [ "$nnodes" != 1 ] && [ -z "$rdzv" ] && [ "$addr_given" = 0 ]; then
   # every node would wait for a master at its own 127.0.0.1 until the rendezvous timed out
   die "--nnodes $nnodes needs --master-addr (the address of the node with --node-rank 0) or --rdzv HOST:PORT"
+fi
+if [ -z "$rdzv" ] && [ "$max_restarts" = 0 ] && [[ "$nnodes" =~ ^[0-9]+$ ]] && [ "$nnodes" -gt 1 ]; then
+  # Static ranks: a node without --node-rank would be rank 0 as well, and both would wait for the others forever.
+  # (With --rdzv or --max-restarts the c10d rendezvous numbers the nodes itself.)
+  [ "$rank_given" = 1 ] || die "--nnodes $nnodes needs --node-rank R on each node, its own from 0 (the \
+--master-addr node) to $((nnodes - 1)), or --rdzv HOST:PORT on every node"
+  [[ "$node_rank" =~ ^[0-9]+$ ]] && [ "$node_rank" -lt "$nnodes" ] || die "--node-rank $node_rank is invalid with \
+--nnodes $nnodes: give each node its own rank from 0 (the --master-addr node) to $((nnodes - 1))"
 fi
 [ -n "$nproc" ] || nproc="$(default_nproc)"
 py="$(ep_python "$root")"

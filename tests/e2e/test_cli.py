@@ -55,6 +55,19 @@ def test_check_command_validates_like_the_trainer(built, tmp_path) -> None:
     assert p.returncode == 2 and "ep-train check: error: parallel.ep_size = 2" in p.stderr, p.stderr
 
 
+def test_commands_refuse_a_field_given_twice(tmp_path) -> None:
+    """check (which the launch scripts run first), plan and train kept the last of two values for one field,
+    also under two names; a config file already refused that."""
+    run = tmp_path / "run"
+    for command in (["check"], ["plan", "--device", "cpu"], ["train", "--run-dir", str(run)]):
+        p = ep_train(*command, "--config", "configs/tiny.yaml", "--lr", "0.1", "--seed", "3",
+                     "--train.learning_rate=2e-4")
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (command, p.stderr)
+        assert f"ep-train {command[0]}: error: override --train.learning_rate '2e-4' sets train.learning_rate again " \
+               "(already --lr '0.1'); give the field once" in p.stderr, (command, p.stderr)
+    assert not run.exists()
+
+
 def test_torch_extensions_dir_is_per_environment(tmp_path) -> None:
     """DeepSpeed's JIT ops (CPU Adam, shm_comm) build under the environment's own prefix unless the user
     chose a folder: torch's JIT build folder (what DeepSpeed's op builders load) follows it."""

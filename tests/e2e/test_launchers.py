@@ -160,7 +160,8 @@ def test_usr1_to_launch_script_checkpoints_and_exits_75(tmp_path, built, launche
     decoy, hit = start_decoy(tmp_path)
     run, log = tmp_path / "run", tmp_path / "tr.log"
     common = ["--config", str(CONFIG), "--data", str(built), "--run-dir", str(run)]
-    trainer = ["--", *OVERRIDES, "--ep_size", "2", "--max_steps", "200"]
+    # OVERRIDES with max_steps 200 instead (a field given twice is refused)
+    trainer = ["--", "--seq_len", "32", "--warmup_steps", "3", "--ep_size", "2", "--max_steps", "200"]
     if launcher == "deepspeed":
         (tmp_path / "hostfile").write_text("localhost slots=2\n")
         p = _start("deepspeed.sh", *common, "--hostfile", str(tmp_path / "hostfile"), "--master_addr", "127.0.0.1",
@@ -229,3 +230,67 @@ def test_scripts_fail_early_with_clear_messages(tmp_path, built) -> None:
     p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--config", str(weird)], capture_output=True,
                        text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and f"'{weird}' not found" in p.stderr
+
+
+def test_launchers_refuse_what_would_misrun_before_starting(tmp_path) -> None:
+    """Refused with one error line and exit 2 before anything starts: trainer overrides that replace what the
+    launcher passes itself (the trainer's argparse keeps the last --config/--run-dir, even abbreviated); static
+    multi-node torchrun without --node-rank (a second rank 0: a hang); in DeepSpeed's ssh/pdsh mode, a path or
+    value that the remote shell, which gets them unquoted, would run or break. The config refuses an infinite
+    learning rate, so a launch passing the launcher's checks stops at `ep-train check`, never starts a worker."""
+    bad = tmp_path / "bad.yaml"
+    odd = tmp_path / "c(1).yaml"  # fine locally, a syntax error for the remote shell
+    for config in (bad, odd):
+        config.write_text("train:\n  learning_rate: .inf\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    (tmp_path / "two").write_text("a.invalid slots=1\nb.invalid slots=1\n")
+    (tmp_path / "one").write_text("localhost slots=2\n")
+    (tmp_path / "w;x").mkdir()
+    static = ["--nnodes", "2", "--master-addr", "127.0.0.1"]
+    ssh = ["deepspeed.sh", "--config", str(bad), "--data", str(data), "--hostfile", str(tmp_path / "two")]
+    cases = [  # (arguments, working folder, what the error says); None = passes to ep-train check
+        (["torchrun.sh", "--config", str(bad), "--data", str(data), *static], ROOT, "needs --node-rank R on each"),
+        (["torchrun.sh", "--config", str(bad), "--data", str(data), *static, "--node-rank", "2"], ROOT,
+         "--node-rank 2 is invalid with --nnodes 2"),
+        (["torchrun.sh", "--config", str(bad), "--data", str(data), *static, "--node-rank", "1"], ROOT, None),
+        (["torchrun.sh", "--config", str(bad), "--data", str(data), "--", "--run-dir", "x"], ROOT,
+         "'--run-dir x' would move the trainer out of the run folder"),
+        (["torchrun.sh", "--config", str(bad), "--", "--seed", "1", "--conf=x.yaml"], ROOT,
+         "'--conf=x.yaml' would replace the config"),
+        (["torchrun.sh", "--config", str(bad), "--data", str(data), "--", "--data-dir", "x"], ROOT,
+         "'--data-dir x' sets data.data_dir, which this script passes itself; give it once, as --data"),
+        (["torchrun.sh", "--config", str(bad), "--", "--data-dir", str(data), "--resume", "auto"], ROOT, None),
+        (["deepspeed.sh", "--config", str(bad), "--resume", "auto", "--", "--train.resume=auto"], ROOT,
+         "'--train.resume=auto' sets train.resume"),
+        ([*ssh[:2], str(odd), *ssh[3:]], ROOT, f"the argument '{odd}' has characters"),
+        ([*ssh, "--", "--tokenizer", "t$(id).model"], ROOT, "the argument 't$(id).model' has characters"),
+        (ssh, tmp_path / "w;x", f"the working folder '{tmp_path / 'w;x'}' has characters"),
+        ([*ssh, "--", "--data_path", "0.5 a 0.5 b"], ROOT, None),  # quoted by DeepSpeed: a space is safe
+        ([*ssh[:2], str(odd), *ssh[3:], "--no_ssh", "--node_rank", "0", "--master_addr", "127.0.0.1"], ROOT, None),
+        ([*ssh[:2], str(odd), *ssh[3:6], str(tmp_path / "one")], tmp_path / "w;x", None),  # one host: local
+    ]
+    for args, cwd, msg in cases:
+        p = subprocess.run(["bash", str(ROOT / "launch" / args[0]), *args[1:]], capture_output=True, text=True,
+                           cwd=cwd, timeout=60, env={"PATH": "/usr/bin:/bin"})
+        want = msg or "train.learning_rate = inf"
+        assert p.returncode == 2 and p.stderr.count("error:") == 1 and want in p.stderr, (args, cwd, p.stderr)
+        assert "running:" not in p.stdout, (args, p.stdout)
+
+
+def test_default_nproc_counts_the_gpus_this_node_may_use(tmp_path) -> None:
+    """launch/common.sh default_nproc: only `nvidia-smi -L`'s "GPU N:" lines (without a GPU it prints "No devices
+    were found", which counted as 1 process), narrowed to CUDA_VISIBLE_DEVICES when set (8 listed, 2 visible
+    gave 8): "" or -1 = none, so 2 CPU processes; CUDA ignores the entries from the first invalid one on."""
+    smi = tmp_path / "nvidia-smi"
+    eight = "".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i}a)\n" for i in range(8))
+    for listing, visible, want in (("No devices were found\n", None, "2"), (eight, None, "8"), (eight, "0,1,2", "3"),
+                                   (eight, "", "2"), (eight, "-1", "2"), (eight, "5,6,7,-1,0", "3"),
+                                   (eight, ",".join(map(str, range(10))), "8")):
+        smi.write_text(f"#!/bin/sh\ncat <<'EOF'\n{listing}EOF\n")
+        smi.chmod(0o755)
+        env = {"PATH": f"{tmp_path}:/usr/bin:/bin", **({} if visible is None else {"CUDA_VISIBLE_DEVICES": visible})}
+        p = subprocess.run(["bash", "-c", 'source "$1" && default_nproc', "-", str(ROOT / "launch" / "common.sh")],
+                           capture_output=True, text=True, env=env, timeout=30)
+        assert (p.returncode, p.stdout.strip()) == (0, want), (listing[:30], visible, p.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -99,6 +100,24 @@ def _preempt_and_finish(slurm: SlurmCluster, built: Path, tmp_path: Path, straig
     for step in range(1, 17):  # same numbers as the uninterrupted job
         assert abs(got[step] - straight[step]) <= 1e-5 * abs(straight[step]), (step, got[step], straight[step])
     assert not (run / "stopped_on_signal.json").exists()
+
+
+def test_train_sbatch_refuses_overrides_it_passes_itself(tmp_path) -> None:
+    """No cluster needed: the script checks before it asks Slurm anything. A user's --resume DIR replaced the
+    script's --resume auto, so every requeue restarted from DIR; --run-dir moved the trainer away from the
+    folder the script watches for the stop marker; --config and --data_dir replaced the script's own."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    for extra, want in ((["--resume", str(tmp_path / "step_100")], "needs its --resume auto to continue from RUN_DIR"),
+                        (["--run_dir=elsewhere"], "would move the trainer out of the run folder"),
+                        (["--config", "other.yaml"], "give it once, as CONFIG (the first argument)"),
+                        (["--data.data_dir", str(data)], "give it once, as DATA_DIR (the third argument)")):
+        p = subprocess.run(["bash", str(ROOT / "launch/slurm/train.sbatch"), str(ROOT / "configs/tiny.yaml"), str(run),
+                            str(data), "--lr", "0.001", *extra], capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", "EP_TRAIN_ROOT": str(ROOT)})
+        assert p.returncode == 2 and p.stderr.count("error:") == 1 and want in p.stderr, (extra, p.stderr)
+    assert not run.exists()  # refused before the script made anything
 
 
 def test_data_prep_array_job_and_merge(slurm, tokenizer, tmp_path) -> None:

@@ -36,6 +36,13 @@ CASES = [
          ("sets train.learning_rate twice", "'lr'", "'train.learning_rate'", "keep one")),
     Case("dup-json-key", '{"train": {"seed": 1,\n  "seed": 2}}\n',
          ("c.json:2", "'seed' appears twice", "first on line 1", "delete one"), name="c.json"),
+    # ... and so did the command line (under SLURM a user's --resume replaced the script's --resume auto)
+    Case("dup-override-alias", "", ("override --train.learning_rate '0.2' sets train.learning_rate again",
+                                    "already --lr '0.1'", "give the field once"),
+         overrides=["--lr", "0.1", "--train.learning_rate", "0.2"]),
+    Case("dup-override-same-name", "", ("override --resume 'auto' sets train.resume again",
+                                        "already --resume 'runs/x/checkpoints/step_100'"),
+         overrides=["--resume", "runs/x/checkpoints/step_100", "--resume=auto"]),
     # --- syntax errors say which file and line
     Case("yaml-bad-indent", "model:\n  hidden_size: 64\n bad: 3\n", ("c.yaml:3", "invalid YAML", "fix the syntax")),
     Case("yaml-unclosed-bracket", "train:\n  inject_nonfinite_steps: [1, 2\n",
@@ -113,7 +120,7 @@ def test_bad_config_is_refused_with_field_value_and_fix(tmp_path: Path, case: Ca
         else:
             path.write_text(text)
     with pytest.raises(ValueError) as err:
-        cfg = load_config(path, parse_overrides(case.overrides))
+        cfg = load_config(path, parse_overrides(case.overrides, refuse_repeated=True))  # as the ep-train commands
         validate(cfg, world_size=case.world_size)
     msg = str(err.value)
     for want in case.expect:

@@ -135,3 +135,32 @@ def test_saved_configs_record_what_ran_and_old_ones_still_load() -> None:
         validate(old, check_paths=False)
     r = Router(8, 4, 1, normalize_top_k=old.moe.normalize_top_k)
     assert torch.equal(r(torch.randn(5, 8)).weights, torch.ones(5, 1))
+
+
+def test_text_overrides_keep_the_command_line_text(tmp_path) -> None:
+    """Override values were read as YAML: '/data/set #2' lost '#2' (a comment), a flat data_sources string
+    lost the sources after a '#', and yes, 2024, null or 'a: b' changed type. Text fields (paths, names, the
+    flat data_sources form) take the text as given; null, none, ~ or nothing set an optional field to null."""
+    folders = [tmp_path / name for name in ("set #2", "web", "code")]
+    for folder in folders:
+        folder.mkdir()
+        (folder / "manifest.json").write_text("{}")
+    assert load_config(None, parse_overrides(["--data_dir", str(folders[0])])).data.data_dir == str(folders[0])
+    got = dict(parse_overrides(["--tokenizer", "yes", "--init_from", "2024", "--nvme_path", "a: b", "--ds_config",
+                                "null", "--resume", "None", "--router_type", "~", "--data.data-dir=null"]))
+    assert got == {"tokenizer": "yes", "init_from": "2024", "nvme_path": "a: b", "ds_config": "null",
+                   "resume": None, "router_type": "~", "data.data_dir": None}
+    flat = f"0.7 {folders[1]} #1 0.3 {folders[2]}"  # YAML kept '0.7 .../web': one source, silently
+    assert parse_overrides(["--data_sources", flat]) == [("data_sources", flat)]
+    with pytest.raises(ValueError, match=r"data\.sources = .*#1.* is invalid: expected pairs 'WEIGHT FOLDER"):
+        load_config(None, parse_overrides(["--data_sources", flat]))
+
+
+def test_boolean_overrides_take_the_words_coerce_documents() -> None:
+    """`--shuffle 1` was refused: YAML made 1 an int before the boolean check, which reads "1"/"0"."""
+    for text, want in (("1", True), ("0", False), ("yes", True), ("OFF", False), ("on", True), ("False", False)):
+        assert load_config(None, parse_overrides(["--shuffle", text])).data.shuffle is want, text
+    assert load_config(None, parse_overrides(["--normalize_top_k", "0"])).moe.normalize_top_k is False
+    assert load_config(None, parse_overrides(["--normalize_top_k", "null"])).moe.normalize_top_k is None
+    with pytest.raises(ValueError, match=r"data\.shuffle = '2' is invalid: expected true/false"):
+        load_config(None, parse_overrides(["--shuffle", "2"]))
