@@ -87,13 +87,20 @@ class MetricsLogger:
         self.jsonl = open(self.path, "a")
         return len(gone)
 
-    def log(self, rec: dict[str, Any], expert_counts: dict[int, list[int]], layer_stats: dict[int, dict]) -> None:
+    def log(self, rec: dict[str, Any], counts: dict[int, list[int]], layer_stats: dict[int, dict],
+            per_expert: bool = True) -> None:
+        """One logged step. ``per_expert`` (train.log_expert_stats): the per-expert figures (console lines,
+        TensorBoard scalars and image, metrics.jsonl's expert_counts); the collapse watch and each layer's
+        entropy and dropped fraction do not depend on it."""
         if not self.enabled:
             return
+        collapse_warnings = self.collapse.update(counts)  # not gated: a safety warning, not a statistic
+        expert_counts = counts if per_expert else {}
         step, tokens = rec["step"], rec["tokens"]
         summary = {i: expert_summary(np.asarray(c, dtype=np.float64), self.ep_size) for i, c in expert_counts.items()}
+        grad = f"{rec['grad_norm']:.3f}" if rec.get("grad_norm") is not None else "n/a"
         line = (f"step {step}/{self.max_steps} | loss {rec['loss']:.4f} | aux {rec['aux_loss']:.4f} | "
-                f"z {rec['z_loss']:.4f} | lr {rec['lr']:.2e} | grad {rec['grad_norm']:.3f} | "
+                f"z {rec['z_loss']:.4f} | lr {rec['lr']:.2e} | grad {grad} | "
                 f"tok/s {rec['tokens_per_sec']:.0f}")
         if summary:
             line += f" | expert cv {float(np.mean([s['cv'] for s in summary.values()])):.3f}"
@@ -103,7 +110,7 @@ class MetricsLogger:
         if rec.get("skipped_steps"):
             line += f" | skipped {rec['skipped_steps']}"
         print(line, flush=True)
-        for warning in self.collapse.update(expert_counts):
+        for warning in collapse_warnings:
             print(warning, flush=True)
         for i, counts in expert_counts.items():
             share = np.asarray(counts, dtype=np.float64) / max(sum(counts), 1)
@@ -122,8 +129,9 @@ class MetricsLogger:
             self.tb.add_scalar(f"moe/layer_{i}/max_over_mean", s["max_over_mean"], step)
             if self.ep_size > 1:
                 self.tb.add_scalar(f"moe/layer_{i}/ep_rank_max_over_mean", s["ep_rank_max_over_mean"], step)
-            self.tb.add_scalar(f"moe/layer_{i}/entropy", layer_stats[i]["entropy"], step)
-            self.tb.add_scalar(f"moe/layer_{i}/dropped_frac", layer_stats[i]["dropped_frac"], step)
+        for i, stats in layer_stats.items():
+            self.tb.add_scalar(f"moe/layer_{i}/entropy", stats["entropy"], step)
+            self.tb.add_scalar(f"moe/layer_{i}/dropped_frac", stats["dropped_frac"], step)
         for name, n in rec.get("tokens_by_source", {}).items():
             self.tb.add_scalar(f"data/tokens/{name}", n, step)
         if expert_counts:

@@ -12,10 +12,13 @@ from ep_train.config import Config, TrainConfig
 
 
 def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``max_steps``."""
+    """The factor of step index ``step`` (0-based): linear warmup reaching 1 at the last warmup step, then cosine
+    down to ``min_ratio`` at the last step (index ``max_steps - 1``). Counting the cosine from the step after
+    the peak: from ``step - warmup`` the first step after warmup repeated the peak and the last one stopped
+    short of ``min_ratio`` (0.1098 for 0.1 over 15 decay steps)."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    progress = min(1.0, (step + 1 - warmup) / max(1, max_steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

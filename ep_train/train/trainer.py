@@ -482,27 +482,31 @@ class Trainer:
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 vals, counts, stats = self._gather_metrics(res)
                 elapsed = time.monotonic() - t_log
+                norm = self.engine.get_global_grad_norm()  # None where DeepSpeed computes none (logged as such)
                 rec = {"step": self.step, "tokens": self.step * tokens_per_step, **vals,
-                       "lr": res["lr"], "grad_norm": float(self.engine.get_global_grad_norm()
-                                                                              or 0.0),
+                       "lr": res["lr"], "grad_norm": float(norm) if norm is not None else None,
                        "tokens_per_sec": (self.step - last_log) * tokens_per_step / max(elapsed, 1e-9),
                        "skipped_steps": self.skipped, "nonfinite": res["nonfinite"],
                        "max_rss_mb": self._max_rss_mb()}
                 if len(self.sources) > 1:
                     seen = self.blend.samples_per_source(self.batches.consumed_samples)
                     rec["tokens_by_source"] = {src.label: n * self.cfg.data.seq_len for src, n in zip(self.sources, seen)}
-                self.metrics.log(rec, counts if t.log_expert_stats else {}, stats)
+                self.metrics.log(rec, counts, stats, per_expert=t.log_expert_stats)
                 last_log, t_log = self.step, time.monotonic()
             if t.eval_interval and self.step % t.eval_interval == 0:
+                paused = time.monotonic()
                 val = self.evaluate()
                 if val is not None:
                     self.metrics.log_eval(self.step, self.step * tokens_per_step, val,
                                           {src.label: src.weight for src in self.sources})
+                t_log += time.monotonic() - paused  # tokens/s is training's rate: evaluation left out
             if self.step >= t.max_steps:  # at the last step a stop notice changes nothing: saved below, exit 0
                 continue
             stop, saved = self._stop_requested(), None
             if not stop and t.save_interval and self.step % t.save_interval == 0:
+                paused = time.monotonic()
                 saved = self.save()
+                t_log += time.monotonic() - paused  # so are checkpoint saves (minutes with offload at scale)
                 stop = self._stop_requested()  # a notice during the save: stop on the checkpoint just written
             if stop:
                 path = saved if saved is not None else self.save()

@@ -42,7 +42,8 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
     def factor(s: int) -> float:  # written out again, independently of ep_train.train.lr_factor
         if s < t.warmup_steps:
             return (s + 1) / t.warmup_steps
-        prog = min(1.0, (s - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        decay_steps = t.max_steps - t.warmup_steps  # the cosine's steps; the last of them ends at the minimum
+        prog = min(1.0, (s - t.warmup_steps + 1) / max(1, decay_steps))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)

@@ -207,6 +207,49 @@ def test_collapse_watch_names_layer_and_expert_once_after_n_intervals() -> None:
     assert CollapseWatch(0.0, 1).update(starving) == []  # off
 
 
+def test_without_per_expert_stats_the_collapse_watch_and_layer_scalars_stay(tmp_path, capsys) -> None:
+    """train.log_expert_stats false drops the per-expert figures only: the collapse warning (a safety check) and
+    each layer's entropy and dropped fraction stay; a grad norm DeepSpeed did not compute shows as n/a, not 0."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ep_train.train.metrics import CollapseWatch, MetricsLogger
+
+    rec = {"step": 1, "tokens": 900, "loss": 5.0, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": None,
+           "tokens_per_sec": 100.0}
+    log = MetricsLogger(tmp_path / "run", True, 10, collapse=CollapseWatch(threshold=0.1, intervals=1))
+    log.log(rec, {1: [500, 490, 5, 5]}, {1: {"entropy": 0.7, "dropped_frac": 0.25}}, per_expert=False)
+    out = capsys.readouterr().out
+    assert "routing collapse? layer 1 expert 2" in out and "tokens/expert" not in out and "| grad n/a |" in out
+    log.tb.flush()
+    tags = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload().Tags()
+    assert {"moe/layer_1/entropy", "moe/layer_1/dropped_frac"} <= set(tags["scalars"]), tags
+    assert "moe/layer_1/tokens_per_expert_cv" not in tags["scalars"] and "moe/expert_load" not in tags["images"]
+    assert "train/grad_norm" not in tags["scalars"]
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line["grad_norm"] is None and line["expert_counts"] == {} and line["moe"]["1"]["entropy"] == 0.7
+
+
+def test_lr_schedule_peaks_once_and_ends_at_the_minimum() -> None:
+    """Against torch's own CosineAnnealingLR over the decay steps: the step after warmup is its first step, the
+    last step (index max_steps - 1) ends at min_lr_ratio; warmup is linear to 1 at its last step."""
+    import torch
+
+    from ep_train.train.optim import lr_factor
+
+    warmup, max_steps, ratio = 5, 20, 0.1
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_steps - warmup, eta_min=ratio)
+    for step in range(warmup, max_steps):
+        opt.step()
+        ref.step()
+        assert abs(lr_factor(step, warmup, max_steps, ratio) - opt.param_groups[0]["lr"]) < 1e-12, step
+    factors = [lr_factor(s, warmup, max_steps, ratio) for s in range(max_steps)]
+    assert factors[:warmup] == [0.2, 0.4, 0.6, 0.8, 1.0] and factors.count(1.0) == 1
+    assert abs(factors[-1] - ratio) < 1e-12 and lr_factor(max_steps + 3, warmup, max_steps, ratio) == factors[-1]
+
+
 def test_expert_load_logs_the_busiest_ep_rank(tmp_path, capsys) -> None:
     """Per layer, the rows of the EP rank whose experts get the most over the mean rank's (EP rank r holds
     experts [r E/ep, (r + 1) E/ep)), on the console and in TensorBoard; absent without EP."""
