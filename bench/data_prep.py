@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_section, machine, stats, timed  # noqa: E402
-from bench.targets import describe  # noqa: E402
+from bench.targets import describe, figure  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 
 _sp = None
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         append_section("Data preparation", f"""
 `python bench/data_prep.py --workers {args.workers} --repeat {args.repeat} --write` on {machine()}.
 Corpus: {len(texts)} documents, every `.py` file of the Python standard library; sentencepiece BPE, {vocab} pieces;
-{args.workers} processes for every tool. Target (bench/targets.py): ep-train's tokens/s {describe('data_prep_share')} of the limit's: **{verdict}** ({share:.0%}).
+{args.workers} processes for every tool. Target (bench/targets.py): ep-train's tokens/s {describe('data_prep_share')} of the limit's: **{verdict}** ({figure('data_prep_share', share, 0)}).
 
 {table}
 

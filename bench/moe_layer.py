@@ -38,7 +38,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_section, free_port, machine, stats  # noqa: E402
-from bench.targets import TARGETS, describe, verdict  # noqa: E402
+from bench.targets import TARGETS, describe, figure, verdict  # noqa: E402
 
 E, K = 8, 2
 ZIPF_S = 1.2
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
               ("layer_vs_limit", ratios["skewed"]["limit"], "skewed")]
     verdicts = {f"{n} ({c})": verdict(n, v) for n, v, c in checks}
     lines = [f"- {TARGETS[n].what}{'' if 'routing' in TARGETS[n].what else f', {c} routing'}: {describe(n)} "
-             f"({TARGETS[n].source}): **{verdict(n, v)}** ({v:.2f}x)" for n, v, c in checks]
+             f"({TARGETS[n].source}): **{verdict(n, v)}** ({figure(n, v, 2)})" for n, v, c in checks]
     facts = " ".join(
         f"{c.capitalize()}: DeepSpeed AutoEP's layer takes {ratios[c]['autoep']:.2f}x ep-train's time; DeepSpeed's MoE "
         f"layer runs at {ratios[c]['ds_limit']:.2f}x the limit and ep-train at {ratios[c]['limit']:.2f}x; of the limit, "

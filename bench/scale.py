@@ -553,8 +553,12 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
     verdicts = []
     bf = best.get("bf16")
     goal = f"Largest MoE trained in bf16 with CPU offload at world 2 {describe('scale_bf16_params')} parameters"
+    tried_bf = [r for r in largest if r["precision"] == "bf16" and not r.get("skipped")]
+    # the largest that trained is the memory limit only if a larger size was tried and failed
+    bound = ("a larger one failed" if any(r["params"] > bf["params"] for r in tried_bf) else
+             "the largest size tried; none failed, so the limit is above it") if bf else ""
     verdicts.append(f"{goal}: **{target_verdict('scale_bf16_params', bf['params'])}** (largest that trained: "
-                    f"{bf['params'] / 1e9:.3f}B)" if bf else f"{goal}: **MISSED** (no bf16 run trained)")
+                    f"{bf['params'] / 1e9:.3f}B, {bound})" if bf else f"{goal}: **MISSED** (no bf16 run trained)")
     fp = next((r for r in largest if r["precision"] == "fp32" and r["name"] == "largest_8l" and r.get("finite")), None)
     if fp:
         bpp = sum(fp["train_peak"]) / fp["params"]

@@ -70,7 +70,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import append_section, machine  # noqa: E402
 from bench.scale import (LEAN_DS, LEAN_ENV, MODEL_583M, MODEL_SMALL, STEPS, _overrides, plan_host,  # noqa: E402
                          prepare_data, run_trainer)
-from bench.targets import TARGETS, describe, verdict  # noqa: E402
+from bench.targets import TARGETS, describe, figure, verdict  # noqa: E402
 
 CATEGORIES = ("expert matmuls", "dense matmuls", "all-to-all", "ZeRO gathers", "ZeRO reduce-scatters",
               "other all-reduces", "optimizer", "other")
@@ -300,7 +300,7 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
     name = "step_non_matmul_share"
     result = verdict(name, mean_share)
     goal = (f"Goal (bench/targets.py `{name}`, {TARGETS[name].source}): everything other than matmuls and the "
-            f"all-to-all {describe(name)} of the step: **{result}** (mean {mean_share:.1%}; "
+            f"all-to-all {describe(name)} of the step: **{result}** (mean {figure(name, mean_share, 1)}; "
             + ", ".join(f"rank {r} {shares[r]:.1%}" for r in ranks) + ").")
     facts = ("Per rank: " + "; ".join(
         f"rank {r}: matmuls {mm[r] / per_rank[r]['step']:.1%} (expert "
@@ -326,7 +326,8 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
                   f"ranks arrived {early:,.0f} ms before the last one, and the last one had {late_mm:,.0f} ms more "
                   "matmul time in the work before those calls (with dropless routing each rank's experts get a "
                   "different number of rows in each layer). Without the waits the share outside the "
-                  f"matmuls and the all-to-all would be {sum(level.values()) / len(level):.1%} (mean of ranks), "
+                  f"matmuls and the all-to-all would be {figure(name, sum(level.values()) / len(level), 1)} (mean "
+                  "of ranks), "
                   f"**{verdict(name, sum(level.values()) / len(level))}** on that measure; the goal's own measure "
                   "counts the waits at all-to-alls as all-to-all time and those at the other collectives (gathers, "
                   "reduce-scatters, all-reduces) as outside it, "

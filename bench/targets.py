@@ -100,6 +100,18 @@ def verdict(name: str, measured: float) -> str:
     return "met" if ok else "MISSED"
 
 
+def figure(name: str, measured: float, places: int) -> str:
+    """``measured`` in its target's unit ("x", "%") with ``places`` decimals, and more where that would print
+    the target's own figure for a value on the other side of it: 1.104 shown as "1.10x" next to "at most
+    1.1x: MISSED", 0.8496 as "85%" next to "at least 85%: MISSED" (up to 4 more decimals)."""
+    t = TARGETS[name]
+    scale, suffix = (100.0, "%") if t.unit == "%" else (1.0, "x" if t.unit == "x" else "")
+    p = places
+    while p < places + 4 and measured != t.value and round(measured * scale, p) == round(t.value * scale, p):
+        p += 1
+    return f"{measured * scale:.{p}f}{suffix}"
+
+
 def describe(name: str) -> str:
     """The target in words: 'at least 1.2x'."""
     return TARGETS[name].words()

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import append_section, busiest_rank_load, free_port, machine, stdlib_data  # noqa: E402
-from bench.targets import TARGETS, describe  # noqa: E402
+from bench.targets import TARGETS, describe, figure  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 
 
@@ -40,6 +40,24 @@ MATCHED = "zero3, AutoEP's initial weights, no router losses"
 MATCHED_OFF = "zero3_offload, AutoEP's initial weights, no router losses"
 EP_SIZE = 2  # every run: 2 processes, EP 2 (configs/demo.yaml)
 
+
+
+def _span(r: dict) -> str:
+    return f"{min(r['tok_s']):,.0f}-{max(r['tok_s']):,.0f}"
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    """Whether two runs' per-step tokens/s ranges overlap (then one run of each does not settle a small ratio)."""
+    return min(a["tok_s"]) <= max(b["tok_s"]) and min(b["tok_s"]) <= max(a["tok_s"])
+
+
+def _offload_sentence(ratio: float) -> str:
+    """ZeRO-3 + offload's tokens/s against ZeRO-3's, worded by the sign of the difference (on a CPU-only machine
+    offload moves nothing off a GPU, and either may come out ahead)."""
+    if round(ratio, 2) == 1.0:
+        return f"ZeRO-3 + offload runs at {ratio:.3f}x the tokens/s of ZeRO-3 (no difference at this precision)."
+    how = "costs" if ratio < 1 else "gains"
+    return f"Offload {how}: ZeRO-3 + offload runs at {ratio:.2f}x the tokens/s of ZeRO-3."
 
 
 def _top(table: str, rows: int = 12) -> str:
@@ -208,17 +226,18 @@ def main(argv: list[str] | None = None) -> dict:
     verdict = (f"Targets (bench/targets.py, {TARGETS['e2e_vs_autoep'].source}): ep-train ZeRO-3 + EP "
                f"{describe('e2e_vs_autoep')} DeepSpeed AutoEP's tokens/s under ZeRO-3, with and without offload, "
                f"judged on the rows that train AutoEP's function from AutoEP's initial weights: "
-               f"**{target_verdict('e2e_vs_autoep', min(vs_aep, vs_aep_off))}** ({vs_aep:.2f}x without offload, "
-               f"{vs_aep_off:.2f}x with offload; their per-step losses differ from AutoEP's by at most "
+               f"**{target_verdict('e2e_vs_autoep', min(vs_aep, vs_aep_off))}** ({figure('e2e_vs_autoep', vs_aep, 2)} "
+               f"without offload, {figure('e2e_vs_autoep', vs_aep_off, 2)} with offload; their per-step losses differ from AutoEP's by at most "
                f"{drift[MATCHED]:.1e} and {drift[MATCHED_OFF]:.1e} relative over the {steps} steps, in every pair)."
                f"{pairs_note} ep-train's "
                f"default rows (its own initial weights and router losses) run at {med['zero3'] / med[AUTOEP]:.2f}x "
                f"and {med['zero3_offload'] / med[AUTOEP_OFF]:.2f}x AutoEP's tokens/s. "
                f"ep-train ZeRO-3 {describe('e2e_vs_ds_moe')} DeepSpeed-MoE under ZeRO-2: "
-               f"**{target_verdict('e2e_vs_ds_moe', vs_ds)}** (ZeRO-3 {vs_ds:.2f}x, ZeRO-3 + offload "
+               f"**{target_verdict('e2e_vs_ds_moe', vs_ds)}** (ZeRO-3 {figure('e2e_vs_ds_moe', vs_ds, 2)}, ZeRO-3 + offload "
                f"{med['zero3_offload'] / med[DS_MOE]:.2f}x the peer; on the peer's own ZeRO stage ep-train is "
-               f"{med['zero2'] / med[DS_MOE]:.2f}x). Offload's cost: ZeRO-3 + offload runs at "
-               f"{med['zero3_offload'] / med['zero3']:.2f}x the tokens/s of ZeRO-3. With `train.recompute_comm: "
+               f"{med['zero2'] / med[DS_MOE]:.2f}x; judged on one run of each, not paired: tokens/s per step "
+               f"{_span(results['zero3'])} for ZeRO-3 and {_span(results[DS_MOE])} for the peer"
+               f"{', ranges that overlap' if _overlap(results['zero3'], results[DS_MOE]) else ''}). {_offload_sentence(med['zero3_offload'] / med['zero3'])} With `train.recompute_comm: "
                f"false` (not the default: the recompute reuses the forward's all-to-all results and keeps them), "
                f"ZeRO-3 + offload runs at {med[REUSE] / med['zero3_offload']:.2f}x its default's tokens/s, "
                f"{med[REUSE] / med[AUTOEP_OFF]:.2f}x AutoEP's with offload and {med[REUSE] / med[DS_MOE]:.2f}x "
@@ -326,7 +345,7 @@ def main_583m(args: argparse.Namespace) -> dict:
     verdict = (f"Target (bench/targets.py, {TARGETS['e2e_vs_autoep'].source}): ep-train {describe('e2e_vs_autoep')} "
                f"DeepSpeed AutoEP's tokens/s under ZeRO-3 + offload at this size, judged on the row that trains "
                f"AutoEP's function from AutoEP's initial weights: **{target_verdict('e2e_vs_autoep', ratio)}** "
-               f"({ratio:.2f}x; its per-step losses differ from AutoEP's by at most {drift:.1e} relative). ep-train's "
+               f"({figure('e2e_vs_autoep', ratio, 2)}; its per-step losses differ from AutoEP's by at most {drift:.1e} relative). ep-train's "
                f"default row (its own initial weights and router losses) runs at {med[mine] / med[AUTOEP_OFF]:.2f}x.")
     print(table + "\n" + verdict)
     if args.write:

@@ -61,3 +61,16 @@ def test_targets_table() -> None:
     assert describe("e2e_vs_autoep") == "at least 1.2x" and verdict("e2e_vs_autoep", 1.19) == "MISSED"
     assert verdict("layer_vs_limit", 1.1) == "met" and verdict("layer_vs_limit", 1.11) == "MISSED"
     assert describe("step_non_matmul_share") == "at most 30%"
+
+
+def test_a_figure_next_to_its_verdict_never_prints_the_target_itself() -> None:
+    """Rounded to the usual places, 1.104x would read "1.10x" beside "at most 1.1x: MISSED"; ``figure`` adds
+    the places that tell a value from the target (none where they differ anyway, or the value is the target)."""
+    from bench.targets import TARGETS, figure, verdict
+
+    assert TARGETS["layer_vs_limit"].value == 1.1 and TARGETS["data_prep_share"].value == 0.85
+    assert (figure("layer_vs_limit", 1.104, 2), verdict("layer_vs_limit", 1.104)) == ("1.104x", "MISSED")
+    assert figure("layer_vs_limit", 1.0961, 2) == "1.096x"  # within the target, but "1.10x" would look like it
+    assert figure("layer_vs_limit", 1.2345, 2) == "1.23x" and figure("layer_vs_limit", 1.1, 2) == "1.10x"
+    assert (figure("data_prep_share", 0.8496, 0), verdict("data_prep_share", 0.8496)) == ("84.96%", "MISSED")
+    assert figure("data_prep_share", 0.912, 0) == "91%"
