@@ -63,7 +63,9 @@ def test_world2_ep2_export_matches_hugging_face(tmp_path, built) -> None:
     (logged,) = val_records(run)
     hf_val = trainer_eval_loss(hf, cfg, built)
     assert abs(hf_val - logged["val_loss"]) < 1e-4, (hf_val, logged)
-    assert abs(hf_val - trainer_eval_loss(build_model(cfg.model, cfg.moe, seed=1).eval(), cfg, built)) > 1e-3
+    # and the trained weights, not the initial ones: apart by more than twice the matching tolerance above (3 steps
+    # of a cosine that ends at min_lr_ratio on the last step move the loss by ~8e-4 here)
+    assert abs(hf_val - trainer_eval_loss(build_model(cfg.model, cfg.moe, seed=1).eval(), cfg, built)) > 2e-4
 
     # Back in: a run made by from-hf starts from these weights (a learning rate of 1e-30 leaves them as
     # they are, so the trainer's validation loss after one step is the exported model's).
