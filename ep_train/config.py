@@ -467,6 +467,14 @@ def _override_value(raw: str, typ: Any, where: str) -> Any:
     if optional and raw.strip().lower() in NULL_WORDS:
         return None
     kind = base[0] if len(base) == 1 else None
+    if kind is str and len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        # YAML-quoted, as the old parser needed for such text (and its errors advised): one level unquoted
+        try:
+            unquoted = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            unquoted = None
+        if isinstance(unquoted, str):
+            return unquoted
     if kind in (str, bool):
         return raw
     if typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]) \

@@ -150,6 +150,9 @@ def test_text_overrides_keep_the_command_line_text(tmp_path) -> None:
                                 "null", "--resume", "None", "--router_type", "~", "--data.data-dir=null"]))
     assert got == {"tokenizer": "yes", "init_from": "2024", "nvme_path": "a: b", "ds_config": "null",
                    "resume": None, "router_type": "~", "data.data_dir": None}
+    # text quoted for YAML, as the old parser needed (and its errors advised), loses one level of quotes
+    assert dict(parse_overrides(["--tokenizer", "'a #b.model'", "--verify_checkpoint", '"off"'])) == \
+        {"tokenizer": "a #b.model", "verify_checkpoint": "off"}
     flat = f"0.7 {folders[1]} #1 0.3 {folders[2]}"  # YAML kept '0.7 .../web': one source, silently
     assert parse_overrides(["--data_sources", flat]) == [("data_sources", flat)]
     with pytest.raises(ValueError, match=r"data\.sources = .*#1.* is invalid: expected pairs 'WEIGHT FOLDER"):
