@@ -203,7 +203,6 @@ ALIASES: dict[str, tuple[str, str]] = {
     "load_balance_alpha": ("moe", "aux_loss_weight"),
     "n_group": ("moe", "num_expert_groups"),
     "topk_group": ("moe", "top_groups"),
-    "router_aux_loss_coef": ("moe", "aux_loss_weight"),
     "moe_intermediate_size": ("moe", "expert_intermediate_size"),
     "shared_expert": ("moe", "num_shared_experts"),
     "shared_expert_enabled": ("moe", "num_shared_experts"),
@@ -229,6 +228,14 @@ def _field_types(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
+# Names other stacks use for a setting whose scale differs here: refused with the conversion, never mapped 1:1.
+NOT_ALIASES: dict[str, str] = {
+    "router_aux_loss_coef": "transformers' Mixtral coefficient c weighs a balance loss K times ep-train's (K = "
+                            "moe.num_experts_per_token), so it is moe.aux_loss_weight = K * c here (from-hf converts "
+                            "it); pass --aux_loss_weight with that value",
+}
+
+
 def _resolve_key(key: str, cfg_cls: type = Config) -> tuple[str, str]:
     """Map 'section.field', 'field' or an alias onto (section, field); raise on unknown keys."""
     if not isinstance(key, str):  # YAML reads `2: 3` or `true: x` as a number or boolean key
@@ -246,6 +253,8 @@ def _resolve_key(key: str, cfg_cls: type = Config) -> tuple[str, str]:
         return section, name
     if key in ALIASES:
         return ALIASES[key]
+    if key in NOT_ALIASES:
+        raise ValueError(f"config key '{key}' is not ep-train's: {NOT_ALIASES[key]}")
     owners = [s for s, cls in sections.items() if key in _field_types(cls)]
     if len(owners) == 1:
         return owners[0], key
@@ -467,18 +476,18 @@ def _override_value(raw: str, typ: Any, where: str) -> Any:
     if optional and raw.strip().lower() in NULL_WORDS:
         return None
     kind = base[0] if len(base) == 1 else None
-    if kind is str and len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+    flat = typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0])
+    if (kind in (str, bool) or flat) and len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         # YAML-quoted, as the old parser needed for such text (and its errors advised): one level unquoted
         try:
             unquoted = yaml.safe_load(raw)
         except yaml.YAMLError:
             unquoted = None
         if isinstance(unquoted, str):
-            return unquoted
+            raw = unquoted
     if kind in (str, bool):
         return raw
-    if typing.get_origin(kind) is list and dataclasses.is_dataclass(typing.get_args(kind)[0]) \
-            and not raw.lstrip().startswith(("[", "{")):
+    if flat and not raw.lstrip().startswith(("[", "{")):
         return raw  # the flat 'WEIGHT FOLDER ...' form; a YAML list of mappings starts with '[' or '{'
     try:
         return yaml.safe_load(raw) if raw != "" else None
@@ -608,6 +617,20 @@ def moe_layer_indices(model: ModelConfig, moe: MoEConfig) -> list[int]:
 def _check(ok: bool, name: str, value: Any, fix: str) -> None:
     if not ok:
         raise ValueError(f"{name} = {value!r} is invalid: {fix}")
+
+
+def check_new_run(e: MoEConfig) -> None:
+    """Settings refused for a model that starts training now because it would not learn what they say (the
+    fields expert choice ignores; K = 1 with renormalised weights, whose router gets no gradient from the LM
+    loss). Not for a stored model, nor for a resume, which continues the checkpoint's model as it was trained
+    (its saved config must match the run's): the trainer runs this when a resume finds no checkpoint."""
+    if e.router_type == "expert_choice":
+        _check_expert_choice_ignored(e)
+    elif e.num_experts > 1:
+        _check(not (e.normalize_top_k and e.num_experts_per_token == 1), "moe.normalize_top_k", e.normalize_top_k,
+               "with moe.num_experts_per_token = 1 the renormalised weight is p / p = 1 for every token, so the "
+               "router would learn nothing from the language-model loss; leave it unset (null: the expert output "
+               "is weighed by the router probability, as in Switch Transformer) or set it false")
 
 
 def _check_expert_choice_ignored(e: MoEConfig) -> None:
@@ -763,7 +786,7 @@ def _check_paths(cfg: Any) -> None:
     if t is not None and t.resume not in (None, "auto"):
         _check(Path(t.resume).is_dir(), "train.resume", t.resume,
                "no such checkpoint folder; pass a run's checkpoints/step_* folder, or auto for the latest one")
-    if t is not None and t.init_from:
+    if t is not None and t.init_from and t.resume is None:  # a resume reads its weights from the checkpoint
         _check((Path(t.init_from) / "config.json").is_file(), "train.init_from", t.init_from,
                "has no config.json; pass a Hugging Face Mixtral folder (save_pretrained, or ep-train convert "
                "from-hf / upcycle, which write RUN/init)")
@@ -833,13 +856,9 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
         _check(e.top_groups is None and e.expert_dropout == 0 and e.expert_bias_update_rate == 0, "moe.router_type",
                e.router_type, "expert_choice does not combine with moe.top_groups, moe.expert_dropout or "
                "moe.expert_bias_update_rate (it is balanced by construction); unset them")
-        if not stored:
-            _check_expert_choice_ignored(e)
-    elif e.num_experts > 1 and not stored:
-        _check(not (e.normalize_top_k and e.num_experts_per_token == 1), "moe.normalize_top_k", e.normalize_top_k,
-               "with moe.num_experts_per_token = 1 the renormalised weight is p / p = 1 for every token, so the "
-               "router would learn nothing from the language-model loss; leave it unset (null: the expert output "
-               "is weighed by the router probability, as in Switch Transformer) or set it false")
+    resuming = getattr(getattr(cfg, "train", None), "resume", None) is not None
+    if not stored and not resuming:  # a resume checks them when it finds no checkpoint (check_new_run)
+        check_new_run(e)
     _check(e.router_jitter_noise >= 0 and e.router_jitter_noise < 1, "moe.router_jitter_noise",
            e.router_jitter_noise, "must be in [0, 1), e.g. 0.01")
     _check(e.router_init_std > 0, "moe.router_init_std", e.router_init_std, "must be positive (0.01 is typical)")

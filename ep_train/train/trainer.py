@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ep_train.config import (Config, DataConfig, config_from_dict, config_to_dict, data_sources, load_config,
-                             parse_overrides, require_data, validate)
+from ep_train.config import (Config, DataConfig, check_new_run, config_from_dict, config_to_dict, data_sources,
+                             load_config, parse_overrides, require_data, validate)
 from ep_train.data.loader import DistributedBatches, TokenWindows
 from ep_train.data.mixture import Blend, data_fingerprint, mixture_key
 from ep_train.data.verify import has_split, load_manifest, verify_for_training
@@ -102,6 +102,8 @@ class Trainer:
                                        log=lambda m: print(m, flush=True))
         if self.resume_plan is not None and self.resume_plan.universal is not None:
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+        if self.resume_plan is None:  # a model that starts training now (validate left these to here on a resume)
+            check_new_run(cfg.moe)
         torch.manual_seed(t.seed + self.rank)  # per-rank streams (router noise); the model init is shared
 
         self.sources = data_sources(cfg.data)
@@ -200,7 +202,7 @@ class Trainer:
         """Initial values: the seeded initialisation, or a Hugging Face checkpoint streamed tensor by tensor."""
         from ep_train.model.init import SeededInit
 
-        if self.cfg.train.init_from:
+        if self.cfg.train.init_from and self.resume_plan is None:  # a resume's values come from its checkpoint
             from ep_train.interop.hf import HFMixtralSource
 
             return HFMixtralSource(self.cfg.train.init_from, self.cfg)  # checks the run config matches it

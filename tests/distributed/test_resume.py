@@ -218,3 +218,13 @@ def test_init_from_hugging_face_streams_each_ranks_share(tmp_path, built) -> Non
     out = train(tmp_path / "bad", built, 2, "--ep_size", "2", "--max_steps", "1", "--warmup_steps", "1",
                 "--init_from", str(tmp_path / "hf"), "--hidden_size", "32", expect_rc=1)
     assert "is another model than the run config: model.hidden_size: run 32 vs checkpoint 64" in out
+
+    # Resumed, the run reads its weights from its checkpoint alone: with the Hugging Face folder gone (moved),
+    # step 2 equals that of a run that went straight on from the folder.
+    straight = tmp_path / "straight"
+    train(straight, built, 2, "--ep_size", "2", "--max_steps", "2", "--warmup_steps", "1", "--init_from",
+          str(tmp_path / "hf"))
+    (tmp_path / "hf").rename(tmp_path / "hf_moved")
+    train(run, built, 2, "--ep_size", "2", "--max_steps", "2", "--warmup_steps", "1", "--init_from",
+          str(tmp_path / "hf"), "--resume", "auto")
+    assert losses(run)[2] == losses(straight)[2], (losses(run), losses(straight))

@@ -150,9 +150,11 @@ def test_text_overrides_keep_the_command_line_text(tmp_path) -> None:
                                 "null", "--resume", "None", "--router_type", "~", "--data.data-dir=null"]))
     assert got == {"tokenizer": "yes", "init_from": "2024", "nvme_path": "a: b", "ds_config": "null",
                    "resume": None, "router_type": "~", "data.data_dir": None}
-    # text quoted for YAML, as the old parser needed (and its errors advised), loses one level of quotes
-    assert dict(parse_overrides(["--tokenizer", "'a #b.model'", "--verify_checkpoint", '"off"'])) == \
-        {"tokenizer": "a #b.model", "verify_checkpoint": "off"}
+    # text quoted for YAML, as the old parser needed (and its errors advised), loses one level of quotes: text,
+    # booleans and the flat data_sources form alike
+    assert dict(parse_overrides(["--tokenizer", "'a #b.model'", "--verify_checkpoint", '"off"', "--shuffle",
+                                 "'false'", "--data_path", "'0.7 web 0.3 code'"])) == \
+        {"tokenizer": "a #b.model", "verify_checkpoint": "off", "shuffle": "false", "data_path": "0.7 web 0.3 code"}
     flat = f"0.7 {folders[1]} #1 0.3 {folders[2]}"  # YAML kept '0.7 .../web': one source, silently
     assert parse_overrides(["--data_sources", flat]) == [("data_sources", flat)]
     with pytest.raises(ValueError, match=r"data\.sources = .*#1.* is invalid: expected pairs 'WEIGHT FOLDER"):
@@ -167,3 +169,33 @@ def test_boolean_overrides_take_the_words_coerce_documents() -> None:
     assert load_config(None, parse_overrides(["--normalize_top_k", "null"])).moe.normalize_top_k is None
     with pytest.raises(ValueError, match=r"data\.shuffle = '2' is invalid: expected true/false"):
         load_config(None, parse_overrides(["--shuffle", "2"]))
+
+
+def test_transformers_aux_coefficient_is_refused_with_its_conversion_not_mapped() -> None:
+    """router_aux_loss_coef weighs a loss K times ep-train's: taken 1:1 it would halve Mixtral's balance pressure
+    at K = 2 (from-hf converts it; a hand-written override must too)."""
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef' is not ep-train's: .*aux_loss_weight = K \* c"):
+        parse_overrides(["--router_aux_loss_coef", "0.02"])
+
+
+def test_a_resume_continues_the_checkpoints_model_as_it_was_trained(tmp_path) -> None:
+    """The refusals for a model that starts training now (top-1 renormalised, expert-choice settings it
+    ignores) wait for a resume to find no checkpoint (the trainer calls check_new_run then), so a run saved
+    before them still resumes; a missing train.init_from folder is not needed by a resume either."""
+    from ep_train.config import check_new_run
+
+    top1 = ["--top_k", "1", "--normalize_top_k", "true"]
+    with pytest.raises(ValueError, match="moe.normalize_top_k = True is invalid"):
+        load_config(None, parse_overrides(top1))
+    resumed = load_config(None, parse_overrides([*top1, "--resume", "auto"]))
+    assert resumed.moe.normalize_top_k is True
+    with pytest.raises(ValueError, match="moe.normalize_top_k = True is invalid"):
+        check_new_run(resumed.moe)  # what the trainer runs when the resume finds nothing
+    ec = ["--router_type", "expert_choice", "--capacity_factor", "2.0", "--drop_policy", "overflow"]
+    with pytest.raises(ValueError, match="moe.drop_policy = 'overflow' is invalid"):
+        load_config(None, parse_overrides(ec))
+    load_config(None, parse_overrides([*ec, "--resume", "auto"]))
+    gone = str(tmp_path / "moved" / "init")
+    with pytest.raises(ValueError, match="train.init_from"):
+        load_config(None, parse_overrides(["--init_from", gone]))
+    assert load_config(None, parse_overrides(["--init_from", gone, "--resume", "auto"])).train.init_from == gone
