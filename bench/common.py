@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -62,6 +63,16 @@ def machine() -> str:
     cpu = platform.processor() or platform.machine()
     return (f"{datetime.date.today().isoformat()}, {platform.system()} {cpu}, {os.cpu_count()} cores, "
             f"Python {platform.python_version()}, " + ", ".join(versions))
+
+
+def publish(title: str, text: str, write: bool, scratch: Path | None) -> None:
+    """A bench's end: print its report, make it docs/benchmarks.md's section ``title`` with --write, and remove
+    its scratch folder (None: the user's --out, kept)."""
+    print(text)
+    if write:
+        append_section(title, text)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def append_section(title: str, body: str) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, machine  # noqa: E402
+from bench.common import machine, publish  # noqa: E402
 from bench.targets import describe  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 from bench.scale import (GIB, LEAN_DS, LEAN_ENV, MIB, MODEL_583M, MODEL_SMALL, RESERVE, _mem_available,  # noqa: E402
@@ -228,11 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     result = {"rows": rows, "growth": _growth(rows), "analyses": analyses, "analysis_growth": _growth(analyses, 4)}
     result["text"] = _report(result, args)
-    print(result["text"])
-    if args.write:
-        append_section("Offline tools at scale", result["text"])
-    if not args.out:
-        shutil.rmtree(out, ignore_errors=True)
+    publish("Offline tools at scale", result["text"], args.write, None if args.out else out)
     return result
 
 

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -67,7 +66,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, machine  # noqa: E402
+from bench.common import machine, publish  # noqa: E402
 from bench.scale import (LEAN_DS, LEAN_ENV, MODEL_583M, MODEL_SMALL, STEPS, _overrides, plan_host,  # noqa: E402
                          prepare_data, run_trainer)
 from bench.targets import TARGETS, describe, figure, verdict  # noqa: E402
@@ -397,11 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not res.ok:
             raise RuntimeError(f"the profiled run failed:\n{res.error}")
     result = report(breakdown(run_dir), args, params, seq)
-    print(result["text"])
-    if args.write:
-        append_section("Where a step goes", result["text"])
-    if not args.out:
-        shutil.rmtree(out, ignore_errors=True)
+    publish("Where a step goes", result["text"], args.write, None if args.out else out)
     return result
 
 

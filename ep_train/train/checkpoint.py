@@ -159,9 +159,8 @@ def bytes_needed(root: Path, estimate: int) -> int:
     complete = complete_checkpoints(root)
     if complete:
         try:
-            man = json.loads((complete[-1] / MANIFEST).read_text())
-            return sum(f["bytes"] for f in man["files"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged manifest: resume refuses it
+            return sum(f["bytes"] for f in _manifest_files(complete[-1] / MANIFEST).values())
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged manifest: resume refuses it
             pass
     return estimate
 

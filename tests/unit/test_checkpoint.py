@@ -123,16 +123,22 @@ def test_a_wrong_resume_path_is_named_as_wrong_not_as_an_unfinished_save(tmp_pat
     assert "has no manifest.json: it is incomplete" in ck.verify(_ckpt(tmp_path / "checkpoints", 20, complete=False))
 
 
-def test_save_engine_flushes_each_file_and_records_a_failed_write(tmp_path, monkeypatch) -> None:
-    """The checkpoint engine given to DeepSpeed fsyncs what it writes, and a failing write (a full disk) is
-    recorded, not raised, so that DeepSpeed's own collectives after it still meet on every rank."""
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on (through to the real fsync), in order."""
     import os
 
+    paths: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (paths.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    return paths
+
+
+def test_save_engine_flushes_each_file_and_records_a_failed_write(tmp_path, synced) -> None:
+    """The checkpoint engine given to DeepSpeed fsyncs what it writes, and a failing write (a full disk) is
+    recorded, not raised, so that DeepSpeed's own collectives after it still meet on every rank."""
     import torch
 
-    synced: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
     eng = ck.safe_checkpoint_engine()
     eng.save({"w": torch.ones(3)}, str(tmp_path / "a.pt"))
     assert synced == [str(tmp_path / "a.pt")] and eng.failed == ""
@@ -144,14 +150,9 @@ def test_save_engine_flushes_each_file_and_records_a_failed_write(tmp_path, monk
     assert not (tmp_path / "c.pt").exists() and "b.pt" in eng.failed
 
 
-def test_files_written_atomically_are_flushed_with_their_folder(tmp_path, monkeypatch) -> None:
-    import os
-
+def test_files_written_atomically_are_flushed_with_their_folder(tmp_path, synced) -> None:
     from ep_train.files import atomic_write_text
 
-    synced: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
     atomic_write_text(tmp_path / "latest", "step_00000010")
     assert synced == [str(tmp_path / "latest.tmp"), str(tmp_path)]
 
