@@ -430,13 +430,16 @@ class Trainer:
             return None
         loader = DistributedBatches(val, n, t.micro_batch_size, self.rank, self.world, seed=0, shuffle=False)
         self.engine.eval()
-        total = torch.zeros(1, dtype=torch.float64)
-        batches = loader.next()
+        # [summed token losses, counted targets]: the mean over every counted target of the held-out windows,
+        # so a micro-batch with fewer counted targets (EOS masking) weighs less and one with none not at all
+        total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for x, y in batches:
-                total += self._forward(x, y).lm_loss.item()
-        total = self._all_reduce(total).cpu() / (self.world * len(batches))
-        return float(total.item())
+            for x, y in loader.next():
+                counted = int(((eod_masked_targets(x, y, self.eos_id) if self.cfg.data.eod_mask_loss else y)
+                               != -100).sum())
+                total += torch.tensor([self._forward(x, y).lm_loss.item() * counted, counted], dtype=torch.float64)
+        loss, counted = self._all_reduce(total).cpu().tolist()
+        return loss / counted if counted else None
 
     def _log_data_position(self, before: int) -> None:
         """A line when a source starts another pass over its data (reshuffled): the run repeats it."""

@@ -19,9 +19,12 @@ from ep_train.model.transformer import document_ids, document_positions
 
 
 def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
-                     biases: dict[int, dict[str, list[float]]] | None = None) -> list[float]:
+                     biases: dict[int, dict[str, list[float]]] | None = None,
+                     val_windows: int = 0, val: list[float] | None = None) -> list[float]:
     """Per-step mean loss; steps in ``skip`` (1-based) consume their batch but change nothing.
-    ``biases``, when given, receives the routers' expert biases after every step (step -> layer -> values)."""
+    ``biases``, when given, receives the routers' expert biases after every step (step -> layer -> values).
+    ``val``, when given, receives the trained model's validation loss over the first ``val_windows`` windows of
+    the first source's val split: the mean over every counted target (``_val_loss``)."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.moe, seed=t.seed)
@@ -97,4 +100,24 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
             if biases is not None:
                 biases[step] = {str(i): model.layers[i].ffn.router.expert_bias.tolist() for i in sorted(counts)}
         losses.append(total / len(micro))
+    if val is not None:
+        model.eval()
+        val.append(_val_loss(model, TokenWindows(sources[0].path, "val", cfg.data.seq_len), val_windows, eos, cfg))
     return losses
+
+
+@torch.no_grad()
+def _val_loss(model: torch.nn.Module, windows: TokenWindows, n: int, eos: int | None, cfg: Config) -> float:
+    """Cross-entropy summed over the counted targets of windows 0..n-1 (without EOS inputs' targets under
+    eod_mask_loss), one window at a time, over their number."""
+    total, counted = 0.0, 0
+    for i in range(n):
+        w = torch.from_numpy(windows.window(i))
+        x, y = w[None, :-1], w[1:]
+        doc = document_ids(x, eos) if cfg.data.document_mask else None
+        pos = document_positions(doc) if doc is not None and cfg.data.reset_positions else None
+        keep = x[0] != eos if cfg.data.eod_mask_loss else torch.ones_like(y, dtype=torch.bool)
+        logits = model(x, None, doc, pos).logits[0].float()
+        total += float(F.cross_entropy(logits[keep], y[keep], reduction="sum"))
+        counted += int(keep.sum())
+    return total / counted
