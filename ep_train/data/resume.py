@@ -24,7 +24,10 @@ from typing import Any
 
 from ep_train.files import atomic_write_text
 
-KEY_VERSION = 2  # 2: validation written as valseg_* segments, joined at the end
+# 2: validation written as valseg_* segments, joined at the end; 3: JSON arrays read row by row (a row whose
+# text is not a string costs that row, not the array), odd JSON rows (huge integers, deep nesting) cost one
+# row: the same inputs can give other tokens, so a build of version 2 is neither resumed nor taken as done
+KEY_VERSION = 3
 # How ``build --num-tasks N`` splits the sorted inputs: task i takes the contiguous block [i*n//N, (i+1)*n//N).
 # In the build key of --num-tasks parts only (single builds keep their key); parts made before it took every
 # Nth file and lack it, so they are refused by name instead of being resumed or merged with these.
