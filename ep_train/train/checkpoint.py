@@ -250,10 +250,11 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
     if msg[0]:
         raise CheckpointError(msg[0])
     # 1. every rank writes its files. The engine records a failed write and goes on, so DeepSpeed's own
-    # collectives inside save_checkpoint (gathers, its final barrier) still meet on every rank. (Not covered:
-    # DeepSpeed's copies outside the engine, the recovery scripts and NVMe swap files, which raise out of
-    # save_checkpoint before its barrier: a rank failing there alone still leaves the others waiting.)
+    # collectives inside save_checkpoint (gathers, its final barrier) still meet on every rank; so does rank 0's
+    # copy of DeepSpeed's recovery scripts (_record_script_copies). (Not covered: the NVMe swap-file copy, which
+    # raises out of save_checkpoint before its barrier: a rank failing there alone still leaves the others waiting.)
     writer = _checkpoint_engine(engine)
+    _record_script_copies(engine)
     writer.failed = ""
     err = ""
     try:
@@ -508,6 +509,28 @@ def _safe_engine_class() -> type:
             return safe_load(path, map_location=map_location)
 
     return SafeCheckpointEngine
+
+
+def _record_script_copies(engine: Any) -> None:
+    """DeepSpeed copies its recovery scripts (zero_to_fp32.py, zero_to_torch.py) into a ZeRO checkpoint on rank 0
+    with shutil, outside the checkpoint engine: a failed copy (a full disk) raised out of save_checkpoint on rank 0
+    alone while the other ranks waited in its final barrier. Wrapped on this engine, a failed copy is recorded
+    like a failed write (``SafeCheckpointEngine.failed``) and the save goes on to the barrier."""
+    if getattr(engine, "_ep_train_script_copies", False):
+        return
+    copy = engine._copy_recovery_script  # bound to this engine
+
+    def recorded(save_path: str) -> None:
+        writer = engine.checkpoint_engine
+        if getattr(writer, "failed", ""):
+            return
+        try:
+            copy(save_path)
+        except OSError as e:
+            writer.failed = _failure(e)
+
+    engine._copy_recovery_script = recorded
+    engine._ep_train_script_copies = True
 
 
 def safe_checkpoint_engine(config_params: Any = None) -> Any:

@@ -161,6 +161,28 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built
     assert (run / "checkpoints" / "latest").read_text() == "step_00000013"
 
 
+def test_a_failed_recovery_script_copy_on_rank_0_stops_every_rank(runs, built) -> None:
+    """DeepSpeed copies zero_to_fp32.py into the checkpoint on rank 0 with shutil, outside its checkpoint engine; a
+    full disk there raised on rank 0 alone while rank 1 waited in DeepSpeed's barrier (a hang until the process
+    group's timeout). Now the failure is agreed like a failed write: both ranks stop, step 13 stays latest."""
+    run = _copy(runs, "script_copy")
+    shutil.rmtree(run / "checkpoints" / "step_00000024")
+    (run / "checkpoints" / "latest").write_text("step_00000013")
+    proc = launch(run, built, 2, *ARGS, "--resume", "auto", "--max_steps", "15", fsize_limit="copyfile",
+                  limited_rank=0)
+    try:
+        rc = proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise
+    out = (run.parent / f"{run.name}.log").read_text()
+    assert rc != 0, out[-3000:]
+    assert "rank 0: " in out and "zero_to_fp32.py" in out and "No space left" in out, out[-3000:]
+    assert "step_00000013 is intact and still latest" in out
+    assert not (run / "checkpoints" / "step_00000015").exists()
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000013"
+
+
 def test_two_single_process_runs_at_once_do_not_meet_on_a_port(tmp_path, built) -> None:
     """No launcher, no MASTER_PORT: each picks a free port (a fixed default made the second one hang)."""
     import os

@@ -34,7 +34,7 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def launch(run_dir: Path, data: Path, nproc: int, *extra: str, fsize_limit: int | None = None,
+def launch(run_dir: Path, data: Path, nproc: int, *extra: str, fsize_limit: int | str | None = None,
            limited_rank: int = 0) -> subprocess.Popen:
     """``fsize_limit``: a file-size limit on rank ``limited_rank`` only, standing in for a full disk on its node
     (the trainer turns SIGXFSZ into EFBIG)."""
