@@ -139,15 +139,13 @@ def test_a_finished_run_started_again_writes_nothing(runs, built) -> None:
     assert {f.name: f.stat().st_mtime_ns for f in step24.rglob("*") if f.is_file()} == before
 
 
-def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built) -> None:
-    """A file-size limit smaller than the optimizer files on rank 1 alone (a full disk on one node): every rank
-    stops with one message naming the folder, the failing rank and the bytes (before, rank 0 waited in
-    DeepSpeed's barrier for a rank that had left the save: a hang); the partial folder is gone and `latest`
-    still names step 13."""
-    run = _copy(runs, "full_disk")
+def _save_at_15_with_a_fault(runs, built, name: str, fault: int | str, rank: int) -> str:
+    """Resume the saved run from step 13 (latest) to 15 with ``fault`` on ``rank`` (tests.distributed.limited_rank);
+    the save at step 15 must stop every rank (within 300 s: before, some hung) and leave step 13 latest."""
+    run = _copy(runs, name)
     shutil.rmtree(run / "checkpoints" / "step_00000024")
     (run / "checkpoints" / "latest").write_text("step_00000013")
-    proc = launch(run, built, 2, *ARGS, "--resume", "auto", "--max_steps", "15", fsize_limit=1 << 20, limited_rank=1)
+    proc = launch(run, built, 2, *ARGS, "--resume", "auto", "--max_steps", "15", fsize_limit=fault, limited_rank=rank)
     try:
         rc = proc.wait(timeout=300)
     except subprocess.TimeoutExpired:
@@ -155,32 +153,27 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built
         raise
     out = (run.parent / f"{run.name}.log").read_text()
     assert rc != 0, out[-3000:]
-    assert "saving checkpoint" in out and "rank 1: " in out and "rank 0: " not in out and "bytes needed" in out
     assert "step_00000013 is intact and still latest" in out
     assert not (run / "checkpoints" / "step_00000015").exists()
     assert (run / "checkpoints" / "latest").read_text() == "step_00000013"
+    return out
+
+
+def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(runs, built) -> None:
+    """A file-size limit smaller than the optimizer files on rank 1 alone (a full disk on one node): every rank
+    stops with one message naming the folder, the failing rank and the bytes (before, rank 0 waited in
+    DeepSpeed's barrier for a rank that had left the save: a hang); the partial folder is gone and `latest`
+    still names step 13."""
+    out = _save_at_15_with_a_fault(runs, built, "full_disk", 1 << 20, 1)
+    assert "saving checkpoint" in out and "rank 1: " in out and "rank 0: " not in out and "bytes needed" in out
 
 
 def test_a_failed_recovery_script_copy_on_rank_0_stops_every_rank(runs, built) -> None:
     """DeepSpeed copies zero_to_fp32.py into the checkpoint on rank 0 with shutil, outside its checkpoint engine; a
     full disk there raised on rank 0 alone while rank 1 waited in DeepSpeed's barrier (a hang until the process
     group's timeout). Now the failure is agreed like a failed write: both ranks stop, step 13 stays latest."""
-    run = _copy(runs, "script_copy")
-    shutil.rmtree(run / "checkpoints" / "step_00000024")
-    (run / "checkpoints" / "latest").write_text("step_00000013")
-    proc = launch(run, built, 2, *ARGS, "--resume", "auto", "--max_steps", "15", fsize_limit="copyfile",
-                  limited_rank=0)
-    try:
-        rc = proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        raise
-    out = (run.parent / f"{run.name}.log").read_text()
-    assert rc != 0, out[-3000:]
+    out = _save_at_15_with_a_fault(runs, built, "script_copy", "copyfile", 0)
     assert "rank 0: " in out and "zero_to_fp32.py" in out and "No space left" in out, out[-3000:]
-    assert "step_00000013 is intact and still latest" in out
-    assert not (run / "checkpoints" / "step_00000015").exists()
-    assert (run / "checkpoints" / "latest").read_text() == "step_00000013"
 
 
 def test_two_single_process_runs_at_once_do_not_meet_on_a_port(tmp_path, built) -> None:
