@@ -250,15 +250,16 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
     if msg[0]:
         raise CheckpointError(msg[0])
     # 1. every rank writes its files. The engine records a failed write and goes on, so DeepSpeed's own
-    # collectives inside save_checkpoint (gathers, its final barrier) still meet on every rank; so does rank 0's
-    # copy of DeepSpeed's recovery scripts (_record_script_copies). (Not covered: the NVMe swap-file copy, which
-    # raises out of save_checkpoint before its barrier: a rank failing there alone still leaves the others waiting.)
+    # collectives inside save_checkpoint (gathers, its final barrier) still meet on every rank; so do DeepSpeed's
+    # copies outside the engine: rank 0's recovery scripts (_record_script_copies) and each rank's NVMe swap files
+    # (_record_swap_copies).
     writer = _checkpoint_engine(engine)
     _record_script_copies(engine)
     writer.failed = ""
     err = ""
     try:
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # collective
+        with _record_swap_copies(writer) if nvme_optimizer(engine) else contextlib.nullcontext():
+            engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # collective
         err = writer.failed
         if not err:
             torch.save(rng_state(), path / f"rng_rank{rank}.pt")
@@ -531,6 +532,31 @@ def _record_script_copies(engine: Any) -> None:
 
     engine._copy_recovery_script = recorded
     engine._ep_train_script_copies = True
+
+
+@contextlib.contextmanager
+def _record_swap_copies(writer: Any) -> Iterator[None]:
+    """With the optimizer on NVMe, DeepSpeed's save_checkpoint copies each rank's swap files into the checkpoint
+    with ``shutil.copytree`` (imported from shutil at that point of every save), outside the checkpoint engine:
+    the largest files of the checkpoint, so the likeliest to meet a full disk, which raised out of save_checkpoint
+    on that rank alone while the others waited in its final barrier. For the length of the save, a failed tree
+    copy is recorded like a failed write (``SafeCheckpointEngine.failed``) and the save goes on to the barrier."""
+    own = shutil.copytree
+
+    def copytree(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
+        if writer.failed:
+            return dst
+        try:
+            return own(src, dst, *args, **kwargs)
+        except OSError as e:  # shutil.Error (the errors of several files) is an OSError too
+            writer.failed = _failure(e)
+            return dst
+
+    shutil.copytree = copytree  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        shutil.copytree = own  # type: ignore[assignment]
 
 
 def safe_checkpoint_engine(config_params: Any = None) -> Any:

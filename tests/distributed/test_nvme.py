@@ -12,6 +12,7 @@ it when it can); without it the training test skips with that reason.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,44 @@ def _fit(rank: int, world: int, argv: list[str], run_dir: str) -> dict[str, Any]
     rc = trainer.fit()
     zero = trainer.engine.optimizer
     return {"rc": rc, "swapped": [zero._swappable_optimizer_subgroup(i) for i in range(len(zero.fp16_groups))]}
+
+
+def _fit_with_a_full_disk_on_rank_1(rank: int, world: int, argv: list[str], run_dir: str) -> str:
+    """``trainer.fit`` where, on rank 1 only, copying a folder tree fails as on a full disk (ENOSPC): DeepSpeed
+    copies the NVMe swap files into each checkpoint with shutil.copytree. Returns the save's error."""
+    import errno
+    import shutil
+
+    from ep_train.train.checkpoint import CheckpointError
+    from ep_train.train.trainer import Trainer
+
+    if rank == 1:
+        def copytree(src: str, dst: str, *args: Any, **kwargs: Any) -> str:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+
+        shutil.copytree = copytree  # type: ignore[assignment]
+    trainer = Trainer(load_config(CONFIG, parse_overrides(argv)), Path(run_dir))
+    try:
+        trainer.fit()
+    except CheckpointError as e:
+        return str(e)
+    return "saved"
+
+
+@pytest.mark.skipif(AIO_MISSING is not None, reason=str(AIO_MISSING))
+def test_a_failed_swap_file_copy_on_one_rank_stops_every_rank(tmp_path, built) -> None:
+    """The swap-file copy raised out of DeepSpeed's save_checkpoint on the failing rank alone while the other
+    waited in its final barrier (a hang: this test's 300 s ran out). Now every rank stops with the agreed error
+    naming rank 1, and no partial step folder is left."""
+    reason = o_direct_unsupported(tmp_path / "swap")
+    if reason:
+        pytest.skip(reason)
+    argv = ["--data_dir", str(built), "--seq_len", "32", "--ep_size", "2", "--ds_config", "zero3_offload",
+            "--nvme_offload_optimizer", "true", "--nvme_path", str(tmp_path / "swap"), "--warmup_steps", "1",
+            "--max_steps", "2", "--save_interval", "2"]
+    errors = run_distributed(_fit_with_a_full_disk_on_rank_1, 2, argv, str(tmp_path / "run"), timeout=300)
+    assert len(set(errors)) == 1 and "rank 1: " in errors[0] and "No space left" in errors[0], errors
+    assert not (tmp_path / "run" / "checkpoints" / "step_00000002").exists()
 
 
 def _params_on_nvme_json(folder: Path) -> str:
