@@ -160,7 +160,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the static-shape parts of each block (the guides' --compile_model)
     recompute: str = "full"  # with activation_checkpointing: "full" block | "attention" only | "experts" (MoE layers)
     # with activation_checkpointing: false = the recompute reuses the forward's all-to-all results instead of
-    # exchanging again (fewer collectives; keeps the exchanged rows, ~2 K D per token per MoE layer)
+    # exchanging again (fewer collectives; keeps the exchanged rows, ~2 K D per token per MoE layer); true sends
+    # the tokens again but still reuses the routing counts (a few integers per expert: no host sync)
     recompute_comm: bool = True
     log_interval: int = 10
     log_expert_stats: bool = True

@@ -10,12 +10,12 @@ the planner and the tests use that to check every rank's shapes of a Mixtral-8x7
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.checkpoint import noop_context_fn
 
 from ep_train.config import Config, check_ep_layout
 from ep_train.model.dispatch import LocalDispatcher
@@ -73,7 +73,7 @@ def _sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out)  # communication: E counts summed over every data-parallel rank (the world)
         return out
 
-    return exchange(run)  # in a checkpointed block's recompute: the forward's sum (comm_replay)
+    return exchange(run, small=True)  # in a checkpointed block's recompute: the forward's sum (comm_replay)
 
 
 def _global_balance_counts(model: nn.Module) -> None:
@@ -101,6 +101,7 @@ class _ScoreGather:
 
 
 _CHECKPOINTED: dict[type, type] = {}
+_small_tape_contexts = functools.partial(tape_contexts, "small")
 
 
 def _checkpointed_class(cls: type) -> type:
@@ -127,8 +128,9 @@ def _checkpointed_class(cls: type) -> type:
                     return y, (st.as_tensor() if st is not None else None)
                 return out
 
-            # train.recompute_comm false: the recompute reuses the forward's exchanges (comm_replay)
-            contexts = tape_contexts if getattr(self, "replay_comm", False) else noop_context_fn
+            # the recompute reuses the forward's exchanges: all of them with train.recompute_comm false, else
+            # the small ones (routing counts; comm_replay)
+            contexts = tape_contexts if getattr(self, "replay_comm", False) else _small_tape_contexts
             out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, context_fn=contexts)
             if isinstance(out, tuple):
                 y, packed = out

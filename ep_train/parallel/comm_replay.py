@@ -1,4 +1,5 @@
-"""Reuse a checkpointed forward's exchanges in its recompute (``train.recompute_comm: false``).
+"""Reuse a checkpointed forward's exchanges in its recompute: all of them (``train.recompute_comm: false``), or
+the small ones only (the default, ``train.recompute_comm: true``).
 
 Under activation checkpointing the backward runs a block's forward again, and every exchange in it (the
 MoE layers' count and token all-to-alls, the global-batch balance all-reduce, expert choice's score
@@ -15,6 +16,13 @@ ranks' recomputes must pair up; torch.utils.checkpoint also compares the recompu
 and dtypes with the forward's, which catches most divergence but not all). A recompute that stops early
 (checkpoint's early stop) leaves the rest unused. Since no rank communicates in its recompute, ranks
 cannot disagree on which recomputes exchange.
+
+Small exchanges (``exchange(..., small=True)``): the routing counts each MoE layer exchanges before its tokens
+(a few integers per expert, and the layer's one host sync) and the global-batch balance counts (E values). A
+recompute that sends the tokens again (``train.recompute_comm: true``) still replays these: they cost no memory
+worth counting, and the recompute then has neither their collectives nor the host sync (on a GPU a sync stalls
+the launch queue). The n-th small exchange of the recompute is the n-th small one of the forward, for the reason
+above; the token exchanges between them run, and pair up across ranks as every rank recomputes alike.
 
 Memory: a block's recorded results live from its forward to the end of its backward: per MoE layer the
 received rows (with their fp32 weights and membership bytes) and the returned rows, about K D values per
@@ -41,34 +49,37 @@ class _Tape:
 
 
 class _Mode:
-    """Sets this thread's tape and mode ("record" or "replay") for the duration of a forward."""
+    """Sets this thread's tape, mode ("record" or "replay") and scope ("all" exchanges or the "small" ones) for
+    the duration of a forward."""
 
-    def __init__(self, tape: _Tape, mode: str) -> None:
-        self.tape, self.mode = tape, mode
-        self.prev: tuple[_Tape | None, str | None] = (None, None)
+    def __init__(self, tape: _Tape, mode: str, scope: str) -> None:
+        self.tape, self.mode, self.scope = tape, mode, scope
+        self.prev: tuple[_Tape | None, str | None, str | None] = (None, None, None)
 
     def __enter__(self) -> None:
-        self.prev = (getattr(_state, "tape", None), getattr(_state, "mode", None))
-        _state.tape, _state.mode = self.tape, self.mode
+        self.prev = (getattr(_state, "tape", None), getattr(_state, "mode", None), getattr(_state, "scope", None))
+        _state.tape, _state.mode, _state.scope = self.tape, self.mode, self.scope
         if self.mode == "replay":
             self.tape.cursor = 0  # a second backward over a retained graph replays from the start
 
     def __exit__(self, *exc: object) -> None:
-        _state.tape, _state.mode = self.prev
+        _state.tape, _state.mode, _state.scope = self.prev
 
 
-def tape_contexts() -> tuple[_Mode, _Mode]:
-    """``context_fn`` for ``torch.utils.checkpoint``: (forward context that records, recompute context that
-    replays), sharing one fresh tape per checkpointed call."""
+def tape_contexts(scope: str = "all") -> tuple[_Mode, _Mode]:
+    """``context_fn`` for ``torch.utils.checkpoint`` (``functools.partial`` it for the small scope): (forward
+    context that records, recompute context that replays), sharing one fresh tape per checkpointed call."""
+    assert scope in ("all", "small"), scope
     tape = _Tape()
-    return _Mode(tape, "record"), _Mode(tape, "replay")
+    return _Mode(tape, "record", scope), _Mode(tape, "replay", scope)
 
 
-def exchange(run: Callable[[], T]) -> T:
+def exchange(run: Callable[[], T], small: bool = False) -> T:
     """``run()``, a forward communication: run, recorded by the enclosing checkpointed forward, or (in its
-    recompute) the recorded result, in call order. Outside a checkpointed call it just runs."""
+    recompute) the recorded result, in call order. Outside a checkpointed call it just runs; under a tape of the
+    small scope only ``small`` exchanges are recorded and replayed, the others run every time."""
     tape, mode = getattr(_state, "tape", None), getattr(_state, "mode", None)
-    if tape is None:
+    if tape is None or (getattr(_state, "scope", "all") == "small" and not small):
         return run()
     if mode == "record":
         out = run()

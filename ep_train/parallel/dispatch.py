@@ -159,7 +159,7 @@ class AllToAllDispatcher:
                 dist.all_to_all_single(recv_counts, counts, group=self.group)  # communication: counts exchange
             return torch.cat([counts, recv_counts]).tolist()  # the one host sync of the layer
 
-        both = exchange(count_exchange)  # a recompute that replays exchanges has no host sync here
+        both = exchange(count_exchange, small=True)  # a recompute replays it: no collective, no host sync here
         send_splits = [row[el] for row in both[:ep]]
         recv_splits = [row[el] for row in both[ep:]]
         local_counts = [sum(row[j] for row in both[ep:]) for j in range(el)]  # [E_l] rows per local expert
