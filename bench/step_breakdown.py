@@ -1,13 +1,16 @@
 """Where one training step goes: expert matmuls, dense matmuls, all-to-all, ZeRO gathers and
 reduce-scatters, other all-reduces, the optimizer step, other.
 
-    python bench/step_breakdown.py [--small] [--write] [--out DIR] [--lean-env]
+    python bench/step_breakdown.py [--small] [--write] [--out DIR] [--lean-env] [--repeats N]
 
 Runs ``ep_train.train`` under torchrun as bench/scale.py runs its 583M model (hidden 1024, 8 layers,
 8 experts of width 2816, vocab 4096; world 2, EP 2, fp32, ZeRO-3 + CPU offload with scale.py's lean
 DeepSpeed JSON, activation checkpointing, seq_len 128, micro batch 1), 3 steps, the last under
 torch.profiler (``train.profile_step``): the trainer writes ``run_dir/profile/rank{r}_step3.json``
-(Chrome trace) per rank, and this script classifies it. The processes run with glibc's default malloc
+(Chrome trace) per rank, and this script classifies it. It makes ``--repeats`` such runs one after another
+(3 by default): one profiled step varies from run to run by a few points of share (where the ranks wait moves),
+so the table and the verdict are those of the median run (the lower middle one for an even N), and every
+run's figure is listed beside it. The processes run with glibc's default malloc
 settings, as a user's run does; ``--lean-env`` uses scale.py's ``LEAN_ENV`` instead (a 1 MiB mmap
 threshold, chosen there so RSS follows the live tensors: every larger tensor is then a fresh mapping whose
 pages are faulted in, which costs time that shows up as "other").
@@ -283,10 +286,19 @@ def breakdown(run_dir: Path) -> dict[int, dict[str, Any]]:
     return per_rank
 
 
-def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, params: int, seq: int) -> dict[str, Any]:
+def mean_share(per_rank: dict[int, dict[str, Any]]) -> float:
+    """The goal's measure for one run: the share of the step outside the matmuls and the all-to-all, mean of ranks."""
+    return sum(sum(v[c] for c in NON_MATMUL) / v["step"] for v in per_rank.values()) / len(per_rank)
+
+
+def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, params: int, seq: int,
+           run_shares: list[float] | None = None) -> dict[str, Any]:
+    """The section for one profiled run (``per_rank``); ``run_shares``: the goal's measure in every run made
+    (this one is their median), or None for a single run."""
     ranks = sorted(per_rank)
     shares = {r: sum(per_rank[r][c] for c in NON_MATMUL) / per_rank[r]["step"] for r in ranks}
     mean_share = sum(shares.values()) / len(shares)
+    runs = run_shares or [mean_share]
     head = "| category | " + " | ".join(f"rank {r}, ms" for r in ranks) + " | share of the step (mean of ranks) |"
     rows = [head, "|---" * (len(ranks) + 2) + "|"]
     for c in CATEGORIES + ("step",):
@@ -298,9 +310,19 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
     a2a = {r: per_rank[r]["all-to-all"] for r in ranks}
     name = "step_non_matmul_share"
     result = verdict(name, mean_share)
-    goal = (f"Goal (bench/targets.py `{name}`, {TARGETS[name].source}): everything other than matmuls and the "
-            f"all-to-all {describe(name)} of the step: **{result}** (mean {figure(name, mean_share, 1)}; "
-            + ", ".join(f"rank {r} {shares[r]:.1%}" for r in ranks) + ").")
+    per_rank_words = ", ".join(f"rank {r} {shares[r]:.1%}" for r in ranks)
+    if len(runs) > 1:
+        spread = all(verdict(name, v) == result for v in runs)
+        goal = (f"Goal (bench/targets.py `{name}`, {TARGETS[name].source}): everything other than matmuls and the "
+                f"all-to-all {describe(name)} of the step: **{result}** (the median of {len(runs)} independent runs' "
+                f"mean shares, {figure(name, mean_share, 1)}: the run in the table, {per_rank_words}; all runs: "
+                + ", ".join(figure(name, v, 1) for v in runs) + "; "
+                + ("every run on the same side of the goal)." if spread else
+                   "the runs fall on both sides of the goal: not met or missed with a margin)."))
+    else:
+        goal = (f"Goal (bench/targets.py `{name}`, {TARGETS[name].source}): everything other than matmuls and the "
+                f"all-to-all {describe(name)} of the step: **{result}** (mean {figure(name, mean_share, 1)}; "
+                + per_rank_words + ").")
     facts = ("Per rank: " + "; ".join(
         f"rank {r}: matmuls {mm[r] / per_rank[r]['step']:.1%} (expert "
         f"{per_rank[r]['expert matmuls'] / per_rank[r]['step']:.1%}), all-to-all {a2a[r] / per_rank[r]['step']:.1%}, "
@@ -345,11 +367,14 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
     env_words = (f"scale.py's environment {' '.join(f'{k}={v}' for k, v in LEAN_ENV.items())}" if args.lean_env
                  else "glibc's default malloc settings, as a user's run")
     sums = ", ".join(f"rank {r} {summed[r]:,.0f} of {per_rank[r]['step']:,.0f} ms" for r in ranks)
-    text = f"""`python bench/step_breakdown.py{' --small' if args.small else ''} --write` on {machine()}.
+    runs_words = (f" in each of {len(runs)} independent runs (the table: the run with the median share outside "
+                  "the matmuls and the all-to-all)" if len(runs) > 1 else "")
+    cmd = f"python bench/step_breakdown.py{' --small' if args.small else ''}{f' --repeats {len(runs)}' if len(runs) > 1 else ''}"
+    text = f"""`{cmd} --write` on {machine()}.
 The {params / 1e6:.1f}M-parameter MoE of bench/scale.py (hidden {model['hidden_size']}, {model['num_layers']} layers,
 {model['num_experts']} experts of width {model['intermediate_size']}, vocab {model['vocab_size']}), world 2, EP 2, fp32,
 ZeRO-3 + CPU offload (scale.py's lean DeepSpeed JSON; {env_words}), activation checkpointing,
-seq_len {seq}, micro batch 1; step {STEPS} of {STEPS} under torch.profiler, each rank's main thread
+seq_len {seq}, micro batch 1; step {STEPS} of {STEPS} under torch.profiler{runs_words}, each rank's main thread
 classified by self time (innermost event wins; the method is in the script's docstring), so the
 categories sum to the step's wall time (sums: {sums}).
 
@@ -365,8 +390,7 @@ Collectives on gloo include the time a rank waits for the other to arrive (load 
 bookkeeping), ZeRO-3's hooks and bucket copies, autograd overhead and Python between ops.
 """
     return {"per_rank": per_rank, "shares": shares, "other_top": biggest, "mean_share": mean_share, "verdict": result,
-            "text": text,
-            "table": table}
+            "run_shares": runs, "text": text, "table": table}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -379,23 +403,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lean-env", action="store_true",
                     help="bench/scale.py's LEAN_ENV (a 1 MiB mmap threshold: every larger tensor is a fresh mapping "
                          "faulted in; lower RSS, slower step) instead of glibc's defaults")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="independent profiled runs; the table and the verdict are the median run's (default: 3, "
+                         "1 with --small)")
     args = ap.parse_args(argv)
+    repeats = args.repeats or (1 if args.small else 3)
+    if repeats < 1:
+        ap.error(f"--repeats {repeats}: at least 1")
     model = MODEL_SMALL if args.small else MODEL_583M
     seq = 32 if args.small else args.seq_len
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_step_"))
     out.mkdir(parents=True, exist_ok=True)
-    run_dir = out / "run"
     lean = out / "ds_lean.json"
     lean.write_text(json.dumps(LEAN_DS, indent=1))
     env = LEAN_ENV if args.lean_env else {}
     params = plan_host(model, 2, 2, seq, "fp32", str(lean), env)["params"]
-    if not args.reuse:
+    run_dirs = [out / ("run" if i == 0 else f"run{i}") for i in range(repeats)]
+    if args.reuse:  # the runs already in --out
+        run_dirs = sorted(d for d in out.glob("run*") if (d / "profile").is_dir())
+    else:
         data, _ = prepare_data(out)
-        res = run_trainer(run_dir, data, 2, _overrides(model, 2, 2, seq, "fp32") + ["--profile_step", str(STEPS)],
-                          str(lean), env=env)
-        if not res.ok:
-            raise RuntimeError(f"the profiled run failed:\n{res.error}")
-    result = report(breakdown(run_dir), args, params, seq)
+        for run_dir in run_dirs:  # one after another: independent runs of the same command
+            res = run_trainer(run_dir, data, 2, _overrides(model, 2, 2, seq, "fp32") + ["--profile_step", str(STEPS)],
+                              str(lean), env=env)
+            if not res.ok:
+                raise RuntimeError(f"the profiled run failed:\n{res.error}")
+    runs = [breakdown(d) for d in run_dirs]
+    shares = [mean_share(r) for r in runs]
+    median = sorted(range(len(runs)), key=lambda i: shares[i])[(len(runs) - 1) // 2]  # a run's own value
+    result = report(runs[median], args, params, seq, shares if len(runs) > 1 else None)
     publish("Where a step goes", result["text"], args.write, None if args.out else out)
     return result
 
