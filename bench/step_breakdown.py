@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="independent profiled runs; the table and the verdict are the median run's (default: 3, "
                          "1 with --small)")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (1 if args.small else 3)
+    repeats = args.repeats if args.repeats is not None else (1 if args.small else 3)
     if repeats < 1:
         ap.error(f"--repeats {repeats}: at least 1")
     model = MODEL_SMALL if args.small else MODEL_583M
@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_dirs = [out / ("run" if i == 0 else f"run{i}") for i in range(repeats)]
     if args.reuse:  # the runs already in --out
         run_dirs = sorted(d for d in out.glob("run*") if (d / "profile").is_dir())
+        if not run_dirs:
+            ap.error(f"--reuse: no run*/profile folder in {str(out)!r} (run once without --reuse, with --out there)")
     else:
         data, _ = prepare_data(out)
         for run_dir in run_dirs:  # one after another: independent runs of the same command

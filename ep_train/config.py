@@ -161,7 +161,8 @@ class TrainConfig:
     recompute: str = "full"  # with activation_checkpointing: "full" block | "attention" only | "experts" (MoE layers)
     # with activation_checkpointing: false = the recompute reuses the forward's all-to-all results instead of
     # exchanging again (fewer collectives; keeps the exchanged rows, ~2 K D per token per MoE layer); true sends
-    # the tokens again but still reuses the routing counts (a few integers per expert: no host sync)
+    # the tokens again but still reuses the routing counts (a few integers per expert: no count exchange or its
+    # host sync in the recompute)
     recompute_comm: bool = True
     log_interval: int = 10
     log_expert_stats: bool = True

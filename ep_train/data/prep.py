@@ -831,6 +831,11 @@ def _check_parts(output: str, parts: list[Path], manifests: list[dict]) -> None:
     if any(not isinstance(k, dict) or "options" not in k for k in keys):
         raise ValueError(f"{output!r}: a part's manifest.json has no build key (made by an older data_prep_tool); "
                          "rebuild every task with this one")
+    versions = sorted({str(key.get("version")) for key in keys})
+    if len(versions) > 1:
+        raise ValueError(f"{output!r}: the part_* folders were made by different data_prep_tool versions (build keys "
+                         f"{', '.join(versions)}), which can read the same inputs differently; rebuild the older "
+                         "parts with --overwrite")
     opts = [{k: v for k, v in key["options"].items() if k != "task_id"} for key in keys]
     rest = [{k: v for k, v in key.items() if k not in ("options", "inputs_sha256", "num_inputs")} for key in keys]
     if any("corpus_sha256" not in o for o in opts):

@@ -89,14 +89,14 @@ def differences(old_key: dict[str, Any], new_key: dict[str, Any], old_inputs: li
                 new_inputs: list[dict[str, Any]], old_tokenizer_path: str, new_tokenizer_path: str) -> list[str]:
     """Human-readable list of what differs between two build keys (empty: the same build)."""
     out: list[str] = []
-    if old_key.get("version") != new_key["version"]:
-        return [f"it was made by another data_prep_tool version (build key {old_key.get('version')}, "
-                f"now {new_key['version']})"]
     if "task_split" in new_key["options"] and "task_split" not in old_key["options"]:
         return [f"it is part {old_key['options'].get('task_id')} of a --num-tasks build made by an older "
                 "data_prep_tool, which gave each task every Nth input file (tasks now take contiguous blocks of "
                 "files, so that the merged data keeps the single build's order): its files are not this task's. "
                 "Rebuild every task of that build with --overwrite"]
+    if old_key.get("version") != new_key["version"]:
+        return [f"it was made by another data_prep_tool version (build key {old_key.get('version')}, "
+                f"now {new_key['version']})"]
     if old_key["tokenizer_sha256"] != new_key["tokenizer_sha256"]:
         out.append(f"it was made with another tokenizer ({old_tokenizer_path}, sha256 "
                    f"{old_key['tokenizer_sha256'][:12]}...) than --tokenizer {new_tokenizer_path} (sha256 "

@@ -153,13 +153,18 @@ class AllToAllDispatcher:
         need = routed.any(-1)  # [T, ep] token t crosses to rank r (once)
         counts = torch.cat([routed.sum(0), need.sum(0)[:, None]], 1)  # [ep, E_l + 1]: per expert, rows
 
-        def count_exchange() -> list[list[int]]:
+        def count_exchange() -> tuple[list[list[int]], torch.Tensor]:
             recv_counts = torch.empty_like(counts)
             with torch.profiler.record_function(A2A_SCOPE):
                 dist.all_to_all_single(recv_counts, counts, group=self.group)  # communication: counts exchange
-            return torch.cat([counts, recv_counts]).tolist()  # the one host sync of the layer
+            return torch.cat([counts, recv_counts]).tolist(), counts  # the one host sync of the layer
 
-        both = exchange(count_exchange, small=True)  # a recompute replays it: no collective, no host sync here
+        # A recompute replays it: no collective, no host sync here. Its sizes then come from the forward, so a
+        # recompute that routed otherwise would not change a shape; its own counts are checked against the
+        # forward's on the device instead (no host sync on a GPU; a failure there is reported asynchronously).
+        both, forward_counts = exchange(count_exchange, small=True)
+        if forward_counts is not counts:
+            torch._assert_async((forward_counts == counts).all(), "the recompute routed otherwise than the forward")
         send_splits = [row[el] for row in both[:ep]]
         recv_splits = [row[el] for row in both[ep:]]
         local_counts = [sum(row[j] for row in both[ep:]) for j in range(el)]  # [E_l] rows per local expert

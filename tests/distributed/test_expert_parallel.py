@@ -233,3 +233,31 @@ def test_recompute_under_random_routing_gives_the_gradients_of_no_recompute(vari
     belongs to its own micro-batch: gradients equal, bitwise, to those without activation checkpointing."""
     for rank, diffs in enumerate(run_distributed(_recompute_worker, 2, variant, timeout=180)):
         assert diffs == {"replay": 0.0, "exchange": 0.0}, (rank, diffs)
+
+
+def _changed_router_worker(rank: int, world: int) -> str:
+    """Routers zeroed between the forward and the backward (every token then ties: the recompute routes otherwise)."""
+    ep_group, edp_group = new_ep_groups(2)
+    c = _cfg(2, 4, None, {})
+    c.train.activation_checkpointing, c.train.recompute = True, "full"  # recompute_comm true: counts replayed
+    model = parallelize(build_model(c.model, c.moe, seed=3), c, ParallelLayout(world, rank, 2, ep_group, edp_group),
+                        deepspeed=False)
+    toks = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(rank))
+    loss = model(toks[:, :-1], toks[:, 1:]).loss
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoELayer):
+                m.router.weight.zero_()
+    try:
+        loss.backward()
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_recompute_that_routes_otherwise_is_caught() -> None:
+    """The recompute takes the forward's routing counts from the tape, so its sizes cannot disagree with the
+    forward's; its own counts are compared with them instead: a recompute that routes otherwise raises rather than
+    computing gradients from mismatched rows."""
+    for rank, msg in enumerate(run_distributed(_changed_router_worker, 2, timeout=120)):
+        assert "the recompute routed otherwise than the forward" in msg, (rank, msg)

@@ -29,7 +29,8 @@ def val_records(run: Path) -> list[dict]:
 
 
 def trainer_eval_loss(model: torch.nn.Module, cfg, data: Path) -> float:
-    """Trainer.evaluate's number (same windows, same per-rank micro-batches, same averaging) from ``model``."""
+    """Trainer.evaluate's number (same windows, same per-rank micro-batches) from ``model``: the mean over every
+    counted target, written out (this run masks no target, so each micro-batch counts all of its targets)."""
     t = cfg.train
     val = TokenWindows(data, "val", cfg.data.seq_len)
     n = min(t.micro_batch_size * t.eval_batches * WORLD,
@@ -40,8 +41,8 @@ def trainer_eval_loss(model: torch.nn.Module, cfg, data: Path) -> float:
             for x, y in DistributedBatches(val, n, t.micro_batch_size, rank, WORLD, seed=0, shuffle=False).next():
                 logits = model(x).logits
                 total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                         ignore_index=-100).item()
-                count += 1
+                                         ignore_index=-100, reduction="sum").item()
+                count += int((y != -100).sum())
     return total / count
 
 

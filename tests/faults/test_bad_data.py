@@ -509,6 +509,11 @@ def test_an_interrupted_task_resumes_and_a_part_of_the_old_split_is_refused(toke
         merge(str(out))
     with pytest.raises(ValueError, match=r"finished build.*every Nth input file"):
         build(files, str(tokenizer), str(out), task_id=1, **common)
+    # a finished part of an older data_prep_tool version (same split) among new ones: merge names the versions
+    man = json.loads((ref / "part_00001" / "manifest.json").read_text())
+    (part / "manifest.json").write_text(json.dumps({**man, "build_key": {**man["build_key"], "version": 2}}))
+    with pytest.raises(ValueError, match=r"different data_prep_tool versions \(build keys 2, 3\).*--overwrite"):
+        merge(str(out))
 
 
 def test_a_task_without_documents_writes_an_empty_part(tokenizer, tmp_path) -> None:
