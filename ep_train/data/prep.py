@@ -40,7 +40,7 @@ from ep_train.data.tokenizer import load_tokenizer, splits_at_newlines
 from ep_train.data.verify import inspect, load_manifest  # noqa: F401  (re-exported: cli, older callers)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".md", ".py", ".rst")
-JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+JSON_SUFFIXES = resume.JSON_SUFFIXES
 TABLE_SUFFIXES = (".parquet", ".arrow")
 BATCH_DOCS = 64  # a batch closes at this many documents or BATCH_CHARS characters, whichever comes first
 BATCH_CHARS = 1 << 18
@@ -831,13 +831,17 @@ def _check_parts(output: str, parts: list[Path], manifests: list[dict]) -> None:
     if any(not isinstance(k, dict) or "options" not in k for k in keys):
         raise ValueError(f"{output!r}: a part's manifest.json has no build key (made by an older data_prep_tool); "
                          "rebuild every task with this one")
-    versions = sorted({str(key.get("version")) for key in keys})
-    if len(versions) > 1:
+    # parts of one older version agree with each other; mixed with newer ones, those holding JSON inputs do not
+    versions = ", ".join(sorted({str(key.get("version")) for key in keys}))
+    stale = [p.name for p, m, key in zip(parts, manifests, keys)
+             if not resume.reads_alike(key.get("version"), resume.KEY_VERSION, m.get("sources") or [])]
+    if "," in versions and stale:
         raise ValueError(f"{output!r}: the part_* folders were made by different data_prep_tool versions (build keys "
-                         f"{', '.join(versions)}), which can read the same inputs differently; rebuild the older "
-                         "parts with --overwrite")
+                         f"{versions}), and {', '.join(stale)} hold(s) JSON inputs, which version "
+                         f"{resume.KEY_VERSION} reads differently; rebuild those parts with --overwrite")
     opts = [{k: v for k, v in key["options"].items() if k != "task_id"} for key in keys]
-    rest = [{k: v for k, v in key.items() if k not in ("options", "inputs_sha256", "num_inputs")} for key in keys]
+    rest = [{k: v for k, v in key.items() if k not in ("options", "inputs_sha256", "num_inputs", "version")}
+            for key in keys]
     if any("corpus_sha256" not in o for o in opts):
         raise ValueError(f"{output!r}: a part's build key does not say which corpus it is a part of (made by an "
                          "older data_prep_tool); rebuild every task with this one")

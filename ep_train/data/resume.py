@@ -26,8 +26,11 @@ from ep_train.files import atomic_write_text
 
 # 2: validation written as valseg_* segments, joined at the end; 3: JSON arrays read row by row (a row whose
 # text is not a string costs that row, not the array), odd JSON rows (huge integers, deep nesting) cost one
-# row: the same inputs can give other tokens, so a build of version 2 is neither resumed nor taken as done
+# row: the same JSON inputs can give other tokens, so a version-2 build of any .json/.jsonl(.gz) input is neither
+# resumed nor taken as done. Other inputs (text, parquet, arrow) read alike in both: their version-2 builds stay
+# valid (``reads_alike``), so a finished corpus of them is not rebuilt for nothing.
 KEY_VERSION = 3
+JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")  # the JSON inputs (prep reads them from here)
 # How ``build --num-tasks N`` splits the sorted inputs: task i takes the contiguous block [i*n//N, (i+1)*n//N).
 # In the build key of --num-tasks parts only (single builds keep their key); parts made before it took every
 # Nth file and lack it, so they are refused by name instead of being resumed or merged with these.
@@ -85,6 +88,12 @@ def _input_differences(old: list[dict[str, Any]] | None, new: list[dict[str, Any
     return out
 
 
+def reads_alike(old: Any, new: int, inputs: list[dict[str, Any]]) -> bool:
+    """Whether a build key of version ``old`` and one of ``new`` tokenize ``inputs`` (``input_records``) alike:
+    versions 2 and 3 differ only in how JSON files are read."""
+    return old == new or ({old, new} == {2, 3} and not any(r["path"].endswith(JSON_SUFFIXES) for r in inputs))
+
+
 def differences(old_key: dict[str, Any], new_key: dict[str, Any], old_inputs: list[dict[str, Any]] | None,
                 new_inputs: list[dict[str, Any]], old_tokenizer_path: str, new_tokenizer_path: str) -> list[str]:
     """Human-readable list of what differs between two build keys (empty: the same build)."""
@@ -94,9 +103,9 @@ def differences(old_key: dict[str, Any], new_key: dict[str, Any], old_inputs: li
                 "data_prep_tool, which gave each task every Nth input file (tasks now take contiguous blocks of "
                 "files, so that the merged data keeps the single build's order): its files are not this task's. "
                 "Rebuild every task of that build with --overwrite"]
-    if old_key.get("version") != new_key["version"]:
+    if not reads_alike(old_key.get("version"), new_key["version"], new_inputs):
         return [f"it was made by another data_prep_tool version (build key {old_key.get('version')}, "
-                f"now {new_key['version']})"]
+                f"now {new_key['version']}), which reads some of these inputs differently"]
     if old_key["tokenizer_sha256"] != new_key["tokenizer_sha256"]:
         out.append(f"it was made with another tokenizer ({old_tokenizer_path}, sha256 "
                    f"{old_key['tokenizer_sha256'][:12]}...) than --tokenizer {new_tokenizer_path} (sha256 "

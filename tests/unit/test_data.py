@@ -307,6 +307,25 @@ def test_resume_continues_only_the_same_build(tokenizer, tmp_path) -> None:
     assert again["already_built"] is True and _shard_files(out) == _shard_files(tmp_path / "ref")
 
 
+def test_a_version_2_build_is_kept_unless_it_read_json(tokenizer, tmp_path) -> None:
+    """Build key 3 changed only how JSON inputs are read: a finished version-2 build of text files is still done
+    (a corpus is not rebuilt for nothing); one of JSON lines is refused by version."""
+    text = tmp_path / "a.txt"
+    text.write_text("".join(f"line {i}: x = {i}\n" for i in range(200)))
+    lines = _jsonl(tmp_path / "b.jsonl", [json.dumps({"text": f"row {i}"}) for i in range(50)])
+    for src, kept in ((text, True), (lines, False)):
+        out = tmp_path / f"out_{src.suffix[1:]}"
+        build([str(src)], str(tokenizer), str(out), progress=False)
+        man = json.loads((out / "manifest.json").read_text())
+        (out / "manifest.json").write_text(json.dumps({**man, "build_key": {**man["build_key"], "version": 2}}))
+        if kept:
+            assert build([str(src)], str(tokenizer), str(out), progress=False)["already_built"] is True
+        else:
+            with pytest.raises(ValueError, match=r"another data_prep_tool version \(build key 2, now 3\), which "
+                                                 r"reads some of these inputs differently"):
+                build([str(src)], str(tokenizer), str(out), progress=False)
+
+
 def test_overwrite_removes_only_the_tools_files(tokenizer, tmp_path) -> None:
     a = _jsonl(tmp_path / "a.jsonl", [json.dumps({"text": f"a {i}"}) for i in range(5)])
     b = _jsonl(tmp_path / "b.jsonl", [json.dumps({"text": f"b {i}"}) for i in range(7)])
