@@ -326,6 +326,34 @@ def test_a_version_2_build_is_kept_unless_it_read_json(tokenizer, tmp_path) -> N
                 build([str(src)], str(tokenizer), str(out), progress=False)
 
 
+def test_parts_of_two_versions_merge_when_they_read_alike(tokenizer, tmp_path) -> None:
+    """A --num-tasks build whose older part (build key 2) holds only text files merges with a newer part like an
+    all-new build; with JSON inputs in the older part the merge is refused by version."""
+    from ep_train.data.prep import merge
+
+    files = []
+    for i, suffix in enumerate((".txt", ".txt", ".jsonl")):
+        f = tmp_path / f"f{i}{suffix}"
+        rows = [f"file {i} line {j}: y = {j}" for j in range(120)]
+        f.write_text("\n".join(json.dumps({"text": r}) for r in rows) + "\n" if suffix == ".jsonl" else
+                     "\n".join(rows) + "\n")
+        files.append(str(f))
+    out = tmp_path / "out"
+    for task in range(2):  # task 0: f0 (text); task 1: f1 (text), f2 (JSON lines)
+        build(files, str(tokenizer), str(out), num_tasks=2, task_id=task, progress=False)
+    want = merge(str(out))
+    for part, refused in (("part_00000", False), ("part_00001", True)):
+        man_path = out / part / "manifest.json"
+        man = json.loads(man_path.read_text())
+        man_path.write_text(json.dumps({**man, "build_key": {**man["build_key"], "version": 2}}))
+        if refused:
+            with pytest.raises(ValueError, match=r"different data_prep_tool versions \(build keys 2, 3\).*part_00001"):
+                merge(str(out))
+        else:
+            assert merge(str(out))["splits"] == want["splits"]
+        man_path.write_text(json.dumps(man))
+
+
 def test_overwrite_removes_only_the_tools_files(tokenizer, tmp_path) -> None:
     a = _jsonl(tmp_path / "a.jsonl", [json.dumps({"text": f"a {i}"}) for i in range(5)])
     b = _jsonl(tmp_path / "b.jsonl", [json.dumps({"text": f"b {i}"}) for i in range(7)])
