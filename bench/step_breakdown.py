@@ -286,9 +286,15 @@ def breakdown(run_dir: Path) -> dict[int, dict[str, Any]]:
     return per_rank
 
 
+def rank_shares(per_rank: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """Each rank's share of its step outside the matmuls and the all-to-all."""
+    return {r: sum(v[c] for c in NON_MATMUL) / v["step"] for r, v in per_rank.items()}
+
+
 def mean_share(per_rank: dict[int, dict[str, Any]]) -> float:
-    """The goal's measure for one run: the share of the step outside the matmuls and the all-to-all, mean of ranks."""
-    return sum(sum(v[c] for c in NON_MATMUL) / v["step"] for v in per_rank.values()) / len(per_rank)
+    """The goal's measure for one run: ``rank_shares``, mean of ranks."""
+    shares = rank_shares(per_rank)
+    return sum(shares.values()) / len(shares)
 
 
 def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, params: int, seq: int,
@@ -296,9 +302,9 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
     """The section for one profiled run (``per_rank``); ``run_shares``: the goal's measure in every run made
     (this one is their median), or None for a single run."""
     ranks = sorted(per_rank)
-    shares = {r: sum(per_rank[r][c] for c in NON_MATMUL) / per_rank[r]["step"] for r in ranks}
-    mean_share = sum(shares.values()) / len(shares)
-    runs = run_shares or [mean_share]
+    shares = rank_shares(per_rank)
+    goal_share = mean_share(per_rank)
+    runs = run_shares or [goal_share]
     head = "| category | " + " | ".join(f"rank {r}, ms" for r in ranks) + " | share of the step (mean of ranks) |"
     rows = [head, "|---" * (len(ranks) + 2) + "|"]
     for c in CATEGORIES + ("step",):
@@ -309,19 +315,19 @@ def report(per_rank: dict[int, dict[str, float]], args: argparse.Namespace, para
     mm = {r: per_rank[r]["expert matmuls"] + per_rank[r]["dense matmuls"] for r in ranks}
     a2a = {r: per_rank[r]["all-to-all"] for r in ranks}
     name = "step_non_matmul_share"
-    result = verdict(name, mean_share)
+    result = verdict(name, goal_share)
     per_rank_words = ", ".join(f"rank {r} {shares[r]:.1%}" for r in ranks)
     if len(runs) > 1:
         spread = all(verdict(name, v) == result for v in runs)
         goal = (f"Goal (bench/targets.py `{name}`, {TARGETS[name].source}): everything other than matmuls and the "
                 f"all-to-all {describe(name)} of the step: **{result}** (the median of {len(runs)} independent runs' "
-                f"mean shares, {figure(name, mean_share, 1)}: the run in the table, {per_rank_words}; all runs: "
+                f"mean shares, {figure(name, goal_share, 1)}: the run in the table, {per_rank_words}; all runs: "
                 + ", ".join(figure(name, v, 1) for v in runs) + "; "
                 + ("every run on the same side of the goal)." if spread else
                    "the runs fall on both sides of the goal: not met or missed with a margin)."))
     else:
         goal = (f"Goal (bench/targets.py `{name}`, {TARGETS[name].source}): everything other than matmuls and the "
-                f"all-to-all {describe(name)} of the step: **{result}** (mean {figure(name, mean_share, 1)}; "
+                f"all-to-all {describe(name)} of the step: **{result}** (mean {figure(name, goal_share, 1)}; "
                 + per_rank_words + ").")
     facts = ("Per rank: " + "; ".join(
         f"rank {r}: matmuls {mm[r] / per_rank[r]['step']:.1%} (expert "
@@ -389,7 +395,7 @@ Collectives on gloo include the time a rank waits for the other to arrive (load 
 "Other" holds the element-wise work (SwiGLU's activation, norms, softmax, routing, dispatch
 bookkeeping), ZeRO-3's hooks and bucket copies, autograd overhead and Python between ops.
 """
-    return {"per_rank": per_rank, "shares": shares, "other_top": biggest, "mean_share": mean_share, "verdict": result,
+    return {"per_rank": per_rank, "shares": shares, "other_top": biggest, "mean_share": goal_share, "verdict": result,
             "run_shares": runs, "text": text, "table": table}
 
 

@@ -832,12 +832,12 @@ def _check_parts(output: str, parts: list[Path], manifests: list[dict]) -> None:
         raise ValueError(f"{output!r}: a part's manifest.json has no build key (made by an older data_prep_tool); "
                          "rebuild every task with this one")
     # parts of one older version agree with each other; mixed with newer ones, those holding JSON inputs do not
-    versions = ", ".join(sorted({str(key.get("version")) for key in keys}))
+    versions = sorted({str(key.get("version")) for key in keys})
     stale = [p.name for p, m, key in zip(parts, manifests, keys)
              if not resume.reads_alike(key.get("version"), resume.KEY_VERSION, m.get("sources") or [])]
-    if "," in versions and stale:
+    if len(versions) > 1 and stale:
         raise ValueError(f"{output!r}: the part_* folders were made by different data_prep_tool versions (build keys "
-                         f"{versions}), and {', '.join(stale)} hold(s) JSON inputs, which version "
+                         f"{', '.join(versions)}), and {', '.join(stale)} hold(s) JSON inputs, which version "
                          f"{resume.KEY_VERSION} reads differently; rebuild those parts with --overwrite")
     opts = [{k: v for k, v in key["options"].items() if k != "task_id"} for key in keys]
     rest = [{k: v for k, v in key.items() if k not in ("options", "inputs_sha256", "num_inputs", "version")}

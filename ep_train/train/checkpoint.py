@@ -251,14 +251,12 @@ def save(engine: Any, root: Path, step: int, run_state: dict[str, Any], keep_las
         raise CheckpointError(msg[0])
     # 1. every rank writes its files. The engine records a failed write and goes on, so DeepSpeed's own
     # collectives inside save_checkpoint (gathers, its final barrier) still meet on every rank; so do DeepSpeed's
-    # copies outside the engine: rank 0's recovery scripts (_record_script_copies) and each rank's NVMe swap files
-    # (_record_swap_copies).
+    # copies outside the engine (_record_copies).
     writer = _checkpoint_engine(engine)
-    _record_script_copies(engine)
     writer.failed = ""
     err = ""
     try:
-        with _record_swap_copies(writer) if nvme_optimizer(engine) else contextlib.nullcontext():
+        with _record_copies(engine, writer):
             engine.save_checkpoint(str(root), tag=tag, save_latest=False)  # collective
         err = writer.failed
         if not err:
@@ -512,51 +510,34 @@ def _safe_engine_class() -> type:
     return SafeCheckpointEngine
 
 
-def _record_script_copies(engine: Any) -> None:
-    """DeepSpeed copies its recovery scripts (zero_to_fp32.py, zero_to_torch.py) into a ZeRO checkpoint on rank 0
-    with shutil, outside the checkpoint engine: a failed copy (a full disk) raised out of save_checkpoint on rank 0
-    alone while the other ranks waited in its final barrier. Wrapped on this engine, a failed copy is recorded
-    like a failed write (``SafeCheckpointEngine.failed``) and the save goes on to the barrier."""
-    if getattr(engine, "_ep_train_script_copies", False):
-        return
-    copy = engine._copy_recovery_script  # bound to this engine
-
-    def recorded(save_path: str) -> None:
-        writer = engine.checkpoint_engine
-        if getattr(writer, "failed", ""):
-            return
-        try:
-            copy(save_path)
-        except OSError as e:
-            writer.failed = _failure(e)
-
-    engine._copy_recovery_script = recorded
-    engine._ep_train_script_copies = True
-
-
 @contextlib.contextmanager
-def _record_swap_copies(writer: Any) -> Iterator[None]:
-    """With the optimizer on NVMe, DeepSpeed's save_checkpoint copies each rank's swap files into the checkpoint
-    with ``shutil.copytree`` (imported from shutil at that point of every save), outside the checkpoint engine:
-    the largest files of the checkpoint, so the likeliest to meet a full disk, which raised out of save_checkpoint
-    on that rank alone while the others waited in its final barrier. For the length of the save, a failed tree
-    copy is recorded like a failed write (``SafeCheckpointEngine.failed``) and the save goes on to the barrier."""
-    own = shutil.copytree
+def _record_copies(engine: Any, writer: Any) -> Iterator[None]:
+    """DeepSpeed's save_checkpoint copies files outside its checkpoint engine: rank 0's recovery scripts
+    (zero_to_fp32.py, zero_to_torch.py: ``engine._copy_recovery_script``, with the shutil.copyfile it imported) and,
+    with the optimizer on NVMe, each rank's swap files (``shutil.copytree``, looked up in shutil at that point of
+    every save; the checkpoint's largest files, so the likeliest to meet a full disk). A failed copy raised out of
+    save_checkpoint on that rank alone while the others waited in its final barrier. For the length of the save
+    both are wrapped: a failed copy is recorded like a failed write (``SafeCheckpointEngine.failed``), later copies
+    are skipped, and the save goes on to the barrier."""
+    def recorded(copy: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if writer.failed:
+                return None
+            try:
+                return copy(*args, **kwargs)
+            except OSError as e:  # shutil.Error (the errors of several files) is an OSError too
+                writer.failed = _failure(e)
+                return None
+        return run
 
-    def copytree(src: Any, dst: Any, *args: Any, **kwargs: Any) -> Any:
-        if writer.failed:
-            return dst
-        try:
-            return own(src, dst, *args, **kwargs)
-        except OSError as e:  # shutil.Error (the errors of several files) is an OSError too
-            writer.failed = _failure(e)
-            return dst
-
-    shutil.copytree = copytree  # type: ignore[assignment]
+    own_tree = shutil.copytree
+    engine._copy_recovery_script = recorded(engine._copy_recovery_script)  # an instance attribute over the method
+    shutil.copytree = recorded(own_tree)  # type: ignore[assignment]
     try:
         yield
     finally:
-        shutil.copytree = own  # type: ignore[assignment]
+        shutil.copytree = own_tree  # type: ignore[assignment]
+        del engine._copy_recovery_script  # the class's method again
 
 
 def safe_checkpoint_engine(config_params: Any = None) -> Any:

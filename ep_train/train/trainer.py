@@ -161,10 +161,13 @@ class Trainer:
                                      CollapseWatch(t.collapse_threshold, t.collapse_intervals), cfg.parallel.ep_size)
         self.stop = stop or StopFlag()
 
+    def _loss_targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The targets the loss counts: -100 where the input is EOS under data.eod_mask_loss."""
+        return eod_masked_targets(x, y, self.eos_id) if self.cfg.data.eod_mask_loss else y
+
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> Any:
         x, y = x.to(self.device), y.to(self.device)
-        if self.cfg.data.eod_mask_loss:
-            y = eod_masked_targets(x, y, self.eos_id)
+        y = self._loss_targets(x, y)
         if not self.cfg.data.document_mask:
             return self.engine(x, y)
         doc = document_ids(x, self.eos_id)
@@ -435,8 +438,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for x, y in loader.next():
-                counted = int(((eod_masked_targets(x, y, self.eos_id) if self.cfg.data.eod_mask_loss else y)
-                               != -100).sum())
+                counted = int((self._loss_targets(x, y) != -100).sum())
                 total += torch.tensor([self._forward(x, y).lm_loss.item() * counted, counted], dtype=torch.float64)
         loss, counted = self._all_reduce(total).cpu().tolist()
         return loss / counted if counted else None

@@ -24,7 +24,7 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
     """Per-step mean loss; steps in ``skip`` (1-based) consume their batch but change nothing.
     ``biases``, when given, receives the routers' expert biases after every step (step -> layer -> values).
     ``val``, when given, receives the trained model's validation loss over the first ``val_windows`` windows of
-    the first source's val split: the mean over every counted target (``_val_loss``)."""
+    the first source's val split: the mean over every counted target (``val_loss``)."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.moe, seed=t.seed)
@@ -102,12 +102,12 @@ def reference_losses(cfg: Config, steps: int, skip: set[int] = frozenset(),
         losses.append(total / len(micro))
     if val is not None:
         model.eval()
-        val.append(_val_loss(model, TokenWindows(sources[0].path, "val", cfg.data.seq_len), val_windows, eos, cfg))
+        val.append(val_loss(model, TokenWindows(sources[0].path, "val", cfg.data.seq_len), val_windows, eos, cfg))
     return losses
 
 
 @torch.no_grad()
-def _val_loss(model: torch.nn.Module, windows: TokenWindows, n: int, eos: int | None, cfg: Config) -> float:
+def val_loss(model: torch.nn.Module, windows: TokenWindows, n: int, eos: int | None, cfg: Config) -> float:
     """Cross-entropy summed over the counted targets of windows 0..n-1 (without EOS inputs' targets under
     eod_mask_loss), one window at a time, over their number."""
     total, counted = 0.0, 0

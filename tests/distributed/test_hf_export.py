@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
 from ep_train.config import load_config  # noqa: E402
-from ep_train.data.loader import DistributedBatches, TokenWindows  # noqa: E402
+from ep_train.data.loader import TokenWindows  # noqa: E402
 from ep_train.interop.hf import from_hf  # noqa: E402
 from ep_train.interop.hf_export import to_hf  # noqa: E402
 from ep_train.interop.universal import UniversalSource, find_checkpoint, run_config, to_universal  # noqa: E402
 from ep_train.model.transformer import build_model  # noqa: E402
+from tests.distributed.reference_train import val_loss  # noqa: E402
 from tests.distributed.test_trainer import CONFIG, train  # noqa: E402
 
 WORLD = 2
@@ -29,21 +29,13 @@ def val_records(run: Path) -> list[dict]:
 
 
 def trainer_eval_loss(model: torch.nn.Module, cfg, data: Path) -> float:
-    """Trainer.evaluate's number (same windows, same per-rank micro-batches) from ``model``: the mean over every
-    counted target, written out (this run masks no target, so each micro-batch counts all of its targets)."""
+    """Trainer.evaluate's number from ``model``: the same held-out windows (the first eval_batches micro-batches
+    of every rank), the mean over every counted target, written out by the single-process reference."""
     t = cfg.train
     val = TokenWindows(data, "val", cfg.data.seq_len)
     n = min(t.micro_batch_size * t.eval_batches * WORLD,
             (val.num_windows // (t.micro_batch_size * WORLD)) * t.micro_batch_size * WORLD)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for rank in range(WORLD):
-            for x, y in DistributedBatches(val, n, t.micro_batch_size, rank, WORLD, seed=0, shuffle=False).next():
-                logits = model(x).logits
-                total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                         ignore_index=-100, reduction="sum").item()
-                count += int((y != -100).sum())
-    return total / count
+    return val_loss(model, val, n, None, cfg)
 
 
 def test_world2_ep2_export_matches_hugging_face(tmp_path, built) -> None:
