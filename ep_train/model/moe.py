@@ -72,14 +72,15 @@ class MoELayer(nn.Module):
         y = self.dispatcher.combine(yg, meta)  # [T, D]; may communicate
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
+        # the statistics count the routing (r.routed), not what expert dropout left of it (r.keep)
         if self.router.router_type == "expert_choice":  # unrouted tokens pass through the residual only
-            dropped, assignments = (~r.keep.any(-1)).sum(), float(x.shape[0])
+            dropped, assignments = (~r.routed.any(-1)).sum(), float(x.shape[0])
         else:
-            dropped, assignments = (~r.keep).sum(), float(r.keep.numel())
+            dropped, assignments = (~r.routed).sum(), float(r.routed.numel())
         stats = RouterStats(
             aux_loss=r.aux_loss, z_loss=r.z_loss,
             # no boolean indexing or bincount here: both are host syncs on CUDA
-            tokens_per_expert=count_ids(r.expert_ids.masked_fill(~r.keep, self.num_experts),
+            tokens_per_expert=count_ids(r.expert_ids.masked_fill(~r.routed, self.num_experts),
                                         self.num_experts + 1)[: self.num_experts],
             # torch.full, not torch.tensor(..., device=...): a host-to-GPU copy would wait for the layer's queued work
             dropped=dropped.detach(), assignments=torch.full((), assignments, device=x.device),

@@ -36,6 +36,10 @@ class Routing(NamedTuple):  # a NamedTuple, not a dataclass: ZeRO-3 hooks only s
     z_loss: torch.Tensor  # scalar, mean(logsumexp(logits)^2)
     cv_loss: torch.Tensor  # scalar, squared coefficient of variation of expert importance (0 = balanced)
     entropy: torch.Tensor  # scalar, mean per-token routing entropy (nats); differentiable
+    # [T, K] bool: kept by capacity, before expert dropout (``keep`` after it): what the load statistics, the
+    # dropped fraction and the aux-loss-free bias count, so that dropout neither reads as capacity drops nor
+    # moves the bias toward experts mostly picked second
+    routed: torch.Tensor
 
 
 def importance_cv_squared(probs: torch.Tensor) -> torch.Tensor:
@@ -173,6 +177,8 @@ def apply_capacity(expert_ids: torch.Tensor, weights: torch.Tensor, probs: torch
     flat_p = probs.detach().gather(1, expert_ids).reshape(-1)
     rank = _rank_within_expert(flat_ids, flat_p, e)
     keep = rank < capacity
+    # host sync (overflow only: "drop" short-circuits before it): whether anything overflowed; the rounds below
+    # sync too (boolean indexing sizes its output on the host)
     if policy == "drop" or bool(keep.all()):
         keep = keep.view(t, k)
         return expert_ids, torch.where(keep, weights, torch.zeros_like(weights)), keep
@@ -290,10 +296,11 @@ class Router(nn.Module):
         if self.capacity_factor is not None:
             cap = expert_capacity(x.shape[0], self.num_experts, self.top_k, self.capacity_factor)
             expert_ids, weights, keep = apply_capacity(expert_ids, weights, probs, cap, self.drop_policy, norm)
+        routed = keep
         if self.training and self.expert_dropout > 0:  # after capacity: a dropped-out slot frees no room
             weights, keep = drop_experts(weights, keep, self.expert_dropout)
         return Routing(expert_ids, weights, keep, logits, probs, aux, zl, importance_cv_squared(probs),
-                       routing_entropy(probs))
+                       routing_entropy(probs), routed)
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor) -> None:
@@ -314,4 +321,4 @@ class Router(nn.Module):
         expert_ids = torch.arange(e, device=probs.device).expand(t, e)
         weights = torch.where(keep, probs, torch.zeros_like(probs))
         return Routing(expert_ids, weights, keep, logits, probs, probs.sum() * 0, z_loss(logits),
-                       importance_cv_squared(probs), routing_entropy(probs))
+                       importance_cv_squared(probs), routing_entropy(probs), keep)  # no expert dropout here

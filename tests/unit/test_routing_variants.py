@@ -119,6 +119,21 @@ def test_expert_dropout_never_takes_a_tokens_last_kept_expert_under_capacity() -
     assert torch.allclose(tr.weights.sum(-1), ev.weights.sum(-1), atol=1e-6)
 
 
+def test_expert_dropout_leaves_the_load_statistics_to_the_routing() -> None:
+    """Expert dropout skips computation, not routing: the layer's tokens per expert (which drive the
+    aux-loss-free bias) and its capacity-dropped count are those of the routing without dropout (before:
+    a dropless layer reported about a third of its assignments dropped, and the counts lost them)."""
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 8, 2, expert_dropout=0.5).train()
+    x = torch.randn(2, 32, 16)
+    _, stats = layer(x)
+    r = layer.router(x.reshape(-1, 16))
+    assert int((~r.keep).sum()) > 10 and bool(r.routed.all())  # dropout removed slots; the routing kept all
+    naive = [sum(int(e) == i for e in r.expert_ids.reshape(-1)) for i in range(8)]
+    assert stats.tokens_per_expert.tolist() == naive and sum(naive) == 2 * 32 * 2
+    assert int(stats.dropped) == 0
+
+
 def test_group_limited_routing_stays_inside_the_chosen_groups() -> None:
     torch.manual_seed(0)
     e, g, m, k = 8, 4, 2, 3
