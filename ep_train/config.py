@@ -954,6 +954,9 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
                f"must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
         _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", t.max_consecutive_skips, "must be >= 1")
         _check(t.profile_step >= 0, "train.profile_step", t.profile_step, "must be >= 0 (0 = no profiling)")
+        _check(t.profile_step <= t.max_steps, "train.profile_step", t.profile_step,
+               f"must not exceed train.max_steps ({t.max_steps}), or no step is profiled; pick a step after the "
+               "first few (set-up and allocator warm-up)")
         if world_size is not None:
             _check(t.batch_size % (t.micro_batch_size * world_size) == 0, "train.batch_size", t.batch_size,
                    f"must be a multiple of micro_batch_size x world size ({t.micro_batch_size} x {world_size})")

@@ -9,6 +9,11 @@
   position is exact because ``consumed_samples`` counts the global batch, which cannot change (above):
   ``DistributedBatches`` cuts the same global batches at any world size; only the micro-batch split
   (gradient accumulation) differs.
+- Refused: the ZeRO stage (DeepSpeed's files differ by stage). Loaded through the universal form: a change
+  of the optimizer's offload between none and cpu (torch's AdamW and DeepSpeed's CPU Adam keep different
+  parameter-group keys and step counts; a direct load crashed in the first step). The checkpoint's
+  ``ep_train_state.json`` says which it was written with (``zero``); for one that predates that field, its
+  config's ``parallel.ds_config`` as it reads now.
 - Applied and logged: optimizer hyperparameters (learning rate, router multiplier, betas, eps, weight
   decay), which DeepSpeed would otherwise silently restore from the checkpoint, and the schedule and
   clipping fields, which the run's own config already drives.
@@ -23,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from ep_train.config import Config, config_to_dict
+from ep_train.config import DS_CONFIG_DIR, Config, config_to_dict, read_ds_json, resolve_ds_config
 from ep_train.parallel.ds_nvme import checkpoint_refusal, swapped_checkpoint
 from ep_train.train import checkpoint
 from ep_train.train.optim import base_lr, schedule_factor
@@ -72,6 +77,40 @@ def check_resumable(state: dict[str, Any], cfg: Config, world: int, path: Any) -
     return shape_changes(state, cfg, world)
 
 
+def zero_layout(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The ZeRO stage and optimizer offload device a DeepSpeed config trains with (saved with each checkpoint)."""
+    z = ds_config.get("zero_optimization", {})
+    return {"stage": int(z.get("stage", 0)), "offload_optimizer": (z.get("offload_optimizer") or {}).get("device")
+            or "none"}
+
+
+def saved_zero_layout(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's ``zero_layout``; for a checkpoint that predates the field, its config's ds_config as that
+    reads now (None when it no longer resolves: nothing to compare)."""
+    if "zero" in state:
+        return state["zero"]
+    try:
+        return zero_layout(read_ds_json(resolve_ds_config(with_defaults(state["config"])["parallel"]["ds_config"])))
+    except (ValueError, OSError):
+        return None
+
+
+def _offload_change(then: dict[str, Any] | None, now: dict[str, Any], path: Path) -> str | None:
+    """Refuse a ZeRO stage change; describe an optimizer offload change between none and cpu (None if none)."""
+    if then is None:
+        return None
+    if then["stage"] != now["stage"]:
+        shipped = [f.stem for f in sorted(DS_CONFIG_DIR.glob("*.json")) if zero_layout(read_ds_json(f))["stage"]
+                   == then["stage"]]
+        raise ValueError(f"cannot resume {str(path)!r} (written under ZeRO stage {then['stage']}) with "
+                         f"parallel.ds_config of stage {now['stage']}: DeepSpeed's checkpoint files differ by stage; "
+                         f"resume with a parallel.ds_config of stage {then['stage']} (shipped: {', '.join(shipped)})")
+    devices = (then["offload_optimizer"], now["offload_optimizer"])
+    if devices[0] == devices[1] or "nvme" in devices:  # NVMe swap files: ep_train.parallel.ds_nvme decides
+        return None
+    return f"optimizer offload: {devices[0]} -> {devices[1]}"
+
+
 @dataclass
 class ResumePlan:
     path: Path  # the chosen checkpoint folder (step_N)
@@ -102,7 +141,8 @@ def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, An
     # Optimizer states swapped to NVMe and this run keeps them in RAM: DeepSpeed would read the ZeRO shards,
     # which lack them; the universal form is converted with them filled in (ds_nvme.py), at any shape.
     from_swap = swapped_checkpoint(path) and not nvme
-    if not reshard and not from_swap:
+    offload_change = _offload_change(saved_zero_layout(state), zero_layout(ds_config), path)
+    if not reshard and not from_swap and offload_change is None:
         return ResumePlan(path, state, [], None)
     if nvme:
         # DeepSpeed 0.19.8's load_checkpoint skips the ZeRO (and so the universal) load when the optimizer
@@ -116,7 +156,8 @@ def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, An
 
     if rank == 0:
         why = (f"was written at another shape ({'; '.join(reshard)}); resharding" if reshard else
-               "keeps optimizer states in NVMe swap files and this run keeps them in RAM; loading")
+               "keeps optimizer states in NVMe swap files and this run keeps them in RAM; loading" if from_swap else
+               f"was written with another {offload_change} (the optimizers keep different states); loading")
         log(f"resume: checkpoint {path.name} {why} through DeepSpeed's universal form in {path / 'universal'}")
     return ResumePlan(path, state, reshard, to_universal_everywhere(path))
 
@@ -150,7 +191,7 @@ def group_tags(optimizer: Any) -> list[dict[str, Any]]:
     return [{k: g[k] for k in GROUP_TAGS if k in g} for g in optimizer.param_groups]
 
 
-def tensor_steps(optimizer: Any) -> None:
+def separate_steps(optimizer: Any) -> None:
     """DeepSpeed 0.19.8's universal loader sets every sub-group's Adam ``step`` to one object, the checkpoint's
     value as saved (``stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``): a Python int when CPU Adam
     wrote it (optimizer offload), else torch's 0-d tensor. torch's Adam/AdamW keep ``step`` as a tensor and
@@ -158,14 +199,15 @@ def tensor_steps(optimizer: Any) -> None:
     would use the first resumed step's bias correction) and the foreach path fails; with one shared tensor it
     advances once per sub-group and step (measured: a resharded no-offload run off by 2e-3 in its second step).
     Each sub-group gets its own tensor, as torch's ``load_state_dict`` would give (``Adam.__setstate__``).
-    DeepSpeed's CPU Adam counts with ints: left alone."""
+    DeepSpeed's CPU Adam counts with ints (``state["step"] += 1``): from a checkpoint torch's AdamW wrote (the
+    optimizer offload switched on), the shared tensor would advance once per sub-group and step there too
+    (measured: 3e-4 relative off in the second step after the resume); each gets an int."""
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    if isinstance(optimizer, DeepSpeedCPUAdam):
-        return
+    ints = isinstance(optimizer, DeepSpeedCPUAdam)
     for state in optimizer.state.values():
         if "step" in state:
-            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            state["step"] = int(state["step"]) if ints else torch.tensor(float(state["step"]), dtype=torch.float32)
 
 
 def restore_group_tags(optimizer: Any, tags: list[dict[str, Any]]) -> None:

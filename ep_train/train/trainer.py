@@ -214,7 +214,8 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self) -> Path:
         state = {"step": self.step, "consumed_samples": self.batches.consumed_samples, "skipped_steps": self.skipped,
-                 "world_size": self.world, "config": config_to_dict(self.cfg), "data": self.data_fingerprint}
+                 "world_size": self.world, "config": config_to_dict(self.cfg), "data": self.data_fingerprint,
+                 "zero": resume.zero_layout(self.ds_config), "consecutive_skips": self.consecutive_skips}
         biases = expert_biases(self.model)
         if biases:  # in the JSON, not DeepSpeed's files: exact (float32 -> float64 -> float32)
             state["expert_bias"] = biases
@@ -237,8 +238,10 @@ class Trainer:
         state = checkpoint.load(self.engine, plan.path, plan.universal)
         if plan.universal is not None:
             resume.restore_group_tags(optimizer, tags)  # DeepSpeed's universal load overwrote them
-            resume.tensor_steps(optimizer)  # ... and left one shared (or int) step count for torch's Adam
+            resume.separate_steps(optimizer)  # ... and left one step count shared by every sub-group
         self.step, self.skipped = state["step"], state["skipped_steps"]
+        # train.max_consecutive_skips counts across the stop (absent in checkpoints that predate it: 0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
         self.batches.consumed_samples = state["consumed_samples"]
         if plan.path.parent.resolve() == self.ckpt_root.resolve():
             self.saved_step = self.step  # this state is on disk already: a run resumed at its end saves nothing
@@ -419,18 +422,20 @@ class Trainer:
                 out[src.label] = loss
         return out or None
 
-    def _evaluate_folder(self, data_dir: str) -> float | None:
+    def _val_windows(self, data_dir: str) -> TokenWindows | None:
+        """The held-out windows of a source, None without a split or with fewer than one micro-batch per rank."""
         if not has_split(data_dir, "val"):  # no held-out text here; a damaged one was refused at start
             return None
         val = TokenWindows(data_dir, "val", self.cfg.data.seq_len)
-        if val.num_windows == 0:
+        return val if val.num_windows >= self.cfg.train.micro_batch_size * self.world else None
+
+    def _evaluate_folder(self, data_dir: str) -> float | None:
+        val = self._val_windows(data_dir)
+        if val is None:
             return None
         t = self.cfg.train
-        per_rank = t.micro_batch_size * t.eval_batches
-        n = min(per_rank * self.world, (val.num_windows // (t.micro_batch_size * self.world)) *
-                t.micro_batch_size * self.world)
-        if n == 0:
-            return None
+        n = min(t.micro_batch_size * t.eval_batches * self.world,
+                (val.num_windows // (t.micro_batch_size * self.world)) * t.micro_batch_size * self.world)
         loader = DistributedBatches(val, n, t.micro_batch_size, self.rank, self.world, seed=0, shuffle=False)
         self.engine.eval()
         # [summed token losses, counted targets]: the mean over every counted target of the held-out windows,
@@ -466,6 +471,15 @@ class Trainer:
             print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
                   f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
                   f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
+            unevaluated = [src.path for src in self.sources if self._val_windows(src.path) is None]
+            if t.eval_interval > 0 and unevaluated:  # said now, not discovered at the end as a missing val_loss
+                every = len(unevaluated) == len(self.sources)
+                print(f"WARNING: train.eval_interval = {t.eval_interval} but "
+                      f"{'no data source has' if every else 'these data sources have no'} validation split of at "
+                      f"least one micro-batch per rank ({t.micro_batch_size} x {self.world} windows of data.seq_len "
+                      f"{self.cfg.data.seq_len}): {', '.join(unevaluated)}; no val_loss for "
+                      f"{'the run' if every else 'them'}. Build the data with --val-fraction > 0 (data_prep_tool) "
+                      "or set train.eval_interval 0", flush=True)
             if len(self.sources) > 1:  # what the weights mean for this run, before it starts
                 planned = self.blend.samples_per_source(t.max_steps * t.batch_size)
                 shares = [share for _, share in mixture_key(self.sources)]

@@ -62,11 +62,15 @@ def resumed(straight, built) -> dict[str, Path]:
     # The last two train without optimizer offload (torch's AdamW instead of CPU Adam): the universal loader
     # leaves CPU Adam's int step counts, which torch's Adam must get as tensors, and from a checkpoint torch's
     # AdamW wrote it gives every sub-group one shared step tensor, which AdamW would advance once per
-    # sub-group and step (resume.tensor_steps).
+    # sub-group and step (resume.separate_steps).
     shapes = {"w2ep2_to_w1ep1": ("w2ep2", 1, "1", []), "w2ep2_to_w2ep1": ("w2ep2", 2, "1", []),
               "w1ep1_to_w2ep2": ("w1ep1", 2, "2", []),
               "w2ep2_to_w1ep1_no_offload": ("w2ep2", 1, "1", ["--ds_config", "zero3"]),
-              "w2ep2_no_offload_to_w1ep1": ("w2ep2_no_offload", 1, "1", ["--ds_config", "zero3"])}
+              "w2ep2_no_offload_to_w1ep1": ("w2ep2_no_offload", 1, "1", ["--ds_config", "zero3"]),
+              # at the same shape, the optimizer offload switched on and off: loaded through the universal form
+              # (before: switched on, the first step failed in CPU Adam, KeyError 'bias_correction')
+              "w2ep2_no_offload_to_w2ep2_offload": ("w2ep2_no_offload", 2, "2", []),
+              "w2ep2_to_w2ep2_no_offload": ("w2ep2", 2, "2", ["--ds_config", "zero3"])}
     procs, runs = {}, {}
     for name, (src, nproc, ep, extra) in shapes.items():
         ckpt = _copy_step4(straight[src], root / f"{name}_ckpt")
@@ -95,6 +99,36 @@ def test_resume_at_another_shape_continues_the_run(resumed, straight, name, ref)
     _assert_matches(losses(resumed[name]), losses(straight[ref]))
     log = (resumed[name].parent / f"{name}.log").read_text()
     assert "resumed from" in log and "at step 4 (32 samples), resharded (" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("name, ref, change", [("w2ep2_no_offload_to_w2ep2_offload", "w2ep2_no_offload", "none -> cpu"),
+                                               ("w2ep2_to_w2ep2_no_offload", "w2ep2", "cpu -> none")])
+def test_an_optimizer_offload_change_continues_the_run(resumed, straight, name, ref, change) -> None:
+    """Torch's AdamW (no offload) and DeepSpeed's CPU Adam keep different group keys and step counts; the
+    resume loads through the universal form, and the run continues the straight run's losses."""
+    _assert_matches(losses(resumed[name]), losses(straight[ref]))
+    log = (resumed[name].parent / f"{name}.log").read_text()
+    assert f"was written with another optimizer offload: {change}" in log, log[-3000:]
+    assert "at step 4 (32 samples)" in log and "resharded" not in log.split("resumed from")[1].split("\n")[0]
+
+
+def test_a_zero_stage_change_is_refused(straight, built, tmp_path) -> None:
+    """ZeRO-2's files are not ZeRO-3's: refused by name before DeepSpeed reads them (before: an AssertionError
+    deep in DeepSpeed's loader). A checkpoint that predates the recorded layout is judged by its config."""
+    ckpt = _copy_step4(straight["w2ep2"], tmp_path / "stage")
+    out = train(tmp_path / "zero2_run", built, 1, *ARGS, "--ep_size", "1", "--ds_config", "zero2", "--resume",
+                str(ckpt), expect_rc=1)
+    assert "(written under ZeRO stage 3) with parallel.ds_config of stage 2" in out, out[-3000:]
+    assert "zero3_offload" in out and not (ckpt / "universal").exists()
+
+    import json
+
+    from ep_train.train.resume import saved_zero_layout
+
+    state = json.loads((ckpt / "ep_train_state.json").read_text())
+    assert state["zero"] == {"stage": 3, "offload_optimizer": "cpu"}
+    del state["zero"]  # as written before the field existed: the config's ds_config (zero3_offload) says it
+    assert saved_zero_layout(state) == {"stage": 3, "offload_optimizer": "cpu"}
 
 
 def test_the_offline_conversion_is_reused(resumed) -> None:

@@ -250,6 +250,21 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, built) -> None:
     assert "3 consecutive steps had a non-finite loss" in out
     assert (run / "checkpoints" / "latest").read_text() == "step_00000005"
 
+    # A stop in the middle of the streak (after step 4) and a resume: the count goes on (before: it restarted at 0
+    # and the resumed run trained past the limit). Its data has no validation split: said before step 1.
+    data = tmp_path / "no_val"
+    shutil.copytree(built, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"] = []
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    run = tmp_path / "streak"
+    streak = ["--ep_size", "2", "--inject_nonfinite_steps", "3,4,5", "--max_consecutive_skips", "3",
+              "--eval_interval", "2"]
+    out = train(run, data, 2, *streak, "--max_steps", "4")
+    assert "WARNING: train.eval_interval = 2 but no data source has validation split" in out, out[-3000:]
+    out = train(run, data, 2, *streak, "--resume", "auto", expect_rc=1)
+    assert "3 consecutive steps had a non-finite loss (step 5)" in out, out[-3000:]
+
 
 def test_memory_marks_in_metrics(tmp_path, built) -> None:
     """The set-up peak (engine built, before step 1) and the final peak (after the last save) are logged.

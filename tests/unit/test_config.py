@@ -60,6 +60,7 @@ BAD = [
     ({"model.hidden_sise": 64}, "hidden_sise"),  # unknown key (typo)
     ({"optimizer.lr": 1.0}, "optimizer"),  # unknown section
     ({"train.profile_step": -1}, "train.profile_step"),
+    ({"train.profile_step": 10**9}, "train.profile_step"),  # past train.max_steps: nothing would be profiled
 ]
 
 
