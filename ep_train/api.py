@@ -141,6 +141,22 @@ def _check_tokenizer_digest(path: Path, manifest: dict | None) -> None:
                          "retrained; pass the original with --tokenizer")
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as torch reads it; a ValueError naming it when torch cannot parse it or this machine lacks it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device = {str(device)!r} is invalid ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device = {str(device)!r}: this machine has no CUDA device torch can use; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device = {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device = {str(device)!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          tokenizer: str | Path | None = None, lazy: bool = False) -> Loaded:
     """Load a model for inference from a run directory, a ``checkpoints/step_N`` folder or a Hugging
@@ -161,8 +177,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     biases = json.loads(state_file.read_text()).get("expert_bias", {}) if state_file.is_file() else {}
     if lazy:
         model = build_model(cfg.model, cfg.moe, device="meta").eval()
-    else:  # each parameter made in dtype as it is read (the buffers follow in .to)
-        model = build_model(cfg.model, cfg.moe, device=device, source=source, dtype=dtype).to(dtype).eval()
+    else:  # each parameter made in dtype as it is read; buffers (the aux-loss-free expert bias) stay fp32, as
+        # under DeepSpeed's mixed precision in training: a bf16 bias would round and could select other experts
+        model = build_model(cfg.model, cfg.moe, device=check_device(device), source=source, dtype=dtype).eval()
         set_expert_biases(model, biases)
     tok_path = Path(tokenizer) if tokenizer is not None else next((c for c in candidates if c.is_file()), None)
     if tokenizer is None and tok_path is not None:

@@ -13,6 +13,7 @@ experts never depend on its batch.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     and to the smallest set whose probability reaches ``top_p`` (nucleus)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # shifted by the row's maximum first: every value <= 0, so a tiny temperature gives -inf (probability 0)
+    # and 0 at the maximum, never inf - inf = NaN in the softmax
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -61,7 +65,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
     for name, value, ok, fix in (
             ("max_new_tokens", max_new_tokens, max_new_tokens >= 1, "ask for at least 1 token"),
-            ("temperature", temperature, temperature >= 0, "use 0 for greedy or a positive value"),
+            ("temperature", temperature, math.isfinite(temperature) and temperature >= 0,
+             "use 0 for greedy or a positive finite value (1 samples from the model's distribution)"),
             ("top_p", top_p, 0 < top_p <= 1, "use a value in (0, 1]; 1 keeps every token"),
             ("top_k", top_k, top_k >= 0, "use 0 to keep every token or a positive count")):
         if not ok:
@@ -77,10 +82,12 @@ def check_lengths(lengths: list[int], max_new_tokens: int, max_seq_len: int, nam
         if n > max_seq_len:
             raise ValueError(f"{what} is {n} tokens long, longer than the model's context "
                              f"(model.max_seq_len = {max_seq_len}); shorten it to at most {max_seq_len} tokens")
-        if n + max_new_tokens > max_seq_len:
+        # the last new token is returned, never fed back: the model reads n + max_new_tokens - 1 positions
+        if n + max_new_tokens - 1 > max_seq_len:
             raise ValueError(f"{what} ({n} tokens) + max_new_tokens ({max_new_tokens}) = {n + max_new_tokens} "
-                             f"exceeds the model's context (model.max_seq_len = {max_seq_len}); lower "
-                             f"max_new_tokens to {max_seq_len - n} or shorten the prompt")
+                             f"tokens, of which the model reads all but the last: more than its context "
+                             f"(model.max_seq_len = {max_seq_len}); lower max_new_tokens to {max_seq_len - n + 1} "
+                             "or shorten the prompt")
 
 
 def check_prompt_ids(prompts: list[list[int]], vocab_size: int) -> None:

@@ -208,6 +208,10 @@ def weight_map(index: Path) -> dict[str, str]:
         if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
             raise ValueError(f"{str(index)!r}: weight_map[{name!r}] = {shard!r} is not a file name in that folder; "
                              "shard names must be plain file names (as save_pretrained writes them)")
+    missing = sorted({shard for shard in where.values() if not (index.parent / shard).is_file()})
+    if missing:  # a partial download: said before any tensor is read, not as a FileNotFoundError halfway
+        raise ValueError(f"{str(index)!r} names {len(missing)} shard file(s) missing from {str(index.parent)!r}: "
+                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; fetch them again")
     return dict(where)
 
 
@@ -313,8 +317,8 @@ def from_hf_mixtral(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     """
     from ep_train.model.transformer import build_model
 
-    source = HFMixtralSource(path)
-    return build_model(source.cfg.model, source.cfg.moe, source=source).to(dtype), source.cfg
+    source = HFMixtralSource(path)  # each parameter made in dtype as it is read (no fp32 copy of the model)
+    return build_model(source.cfg.model, source.cfg.moe, source=source, dtype=dtype), source.cfg
 
 
 # The MoE fields a Mixtral checkpoint (or an upcycled model) fixes; the other moe fields (z-loss weight,

@@ -272,6 +272,7 @@ def to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "auto", max_s
     src, out = Path(checkpoint), Path(output)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--output {str(out)!r} is not empty; pass a new folder")
+    parse_size(max_shard_size)  # a bad size refused now, not after the conversion and with the tokenizer written
     hf = hf_folder_config(src)
     if hf is not None:  # its config.json is not a run config: parsed as one, it failed on "architectures"
         raise ValueError(f"--checkpoint {str(src)!r} is already a Hugging Face folder (config.json with model_type "

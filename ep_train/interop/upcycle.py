@@ -12,6 +12,7 @@ layer computes exactly the dense FFN. The result is written once, in the Hugging
 
 from __future__ import annotations
 
+import math
 import copy
 from pathlib import Path
 from typing import Any, Callable
@@ -137,8 +138,8 @@ def upcycle(dense: str | Path, output: str | Path, num_experts: int, experts_per
     src, out = Path(dense), Path(output)
     if router_init not in ("zeros", "normal"):
         raise ValueError(f"--router-init = {router_init!r} is invalid: use zeros or normal")
-    if not noise >= 0:
-        raise ValueError(f"--noise = {noise} is invalid: must be >= 0 (a standard deviation, e.g. 0.01)")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"--noise = {noise} is invalid: must be a finite value >= 0 (a standard deviation, e.g. 0.01)")
     if num_experts < 2:
         raise ValueError(f"--num-experts = {num_experts} is invalid: an MoE needs at least 2 experts")
     if (out / "config.yaml").exists() or (out / "init").exists() or (out / "checkpoints").exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,9 +125,12 @@ def test_prompts_past_the_context_are_refused() -> None:
     model = tiny(max_seq_len=16)
     with pytest.raises(ValueError, match=r"prompt 1 is 17 tokens long.*model.max_seq_len = 16"):
         generate_tokens(model, prompts([3, 17]), 1)
-    with pytest.raises(ValueError, match=r"\(10 tokens\) \+ max_new_tokens \(7\) = 17.*lower max_new_tokens to 6"):
-        generate_tokens(model, prompts([10]), 7)
-    assert len(generate_tokens(model, prompts([10]), 6).tokens[0]) == 6  # exactly fills the context
+    with pytest.raises(ValueError, match=r"\(10 tokens\) \+ max_new_tokens \(8\) = 18.*lower max_new_tokens to 7"):
+        generate_tokens(model, prompts([10]), 8)
+    # the 7th new token is sampled from position 16's logits and never fed back: 16 positions, the context
+    got = generate_tokens(model, prompts([10]), 7, use_kv_cache=False).tokens
+    assert len(got[0]) == 7 and got == generate_tokens(model, prompts([10]), 7).tokens  # with the KV cache too
+    assert len(generate_tokens(model, prompts([16]), 1).tokens[0]) == 1  # a prompt that fills it gets one token
     with pytest.raises(ValueError, match="empty"):
         generate_tokens(model, [[]], 1)
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -148,7 +152,11 @@ def test_sampling_options() -> None:
     assert draws == {1, 2, 3}  # p = .64, .24, .09, .03: .64 + .24 < 0.9, so the nucleus needs token 1 too
     draws = {sample_next(logits, 5.0, top_k=2, generator=torch.Generator().manual_seed(i)).item() for i in range(200)}
     assert draws == {2, 3}
-    for kw, field in ((dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k")):
+    # a tiny temperature is greedy (before: inf - inf in the softmax, NaN probabilities, multinomial raised)
+    assert generate_tokens(model, p, 8, temperature=1e-45, seed=6).tokens == greedy
+    assert sample_next(logits, 1e-45, generator=torch.Generator().manual_seed(0)).item() == 3
+    for kw, field in ((dict(temperature=-1.0), "temperature"), (dict(temperature=float("inf")), "temperature"),
+                      (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k")):
         with pytest.raises(ValueError, match=field):
             generate_tokens(model, p, 2, **kw)
 
@@ -277,6 +285,20 @@ def test_load_resolves_paths(tmp_path) -> None:
     run = ep_train.load(tmp_path / "run", dtype=torch.bfloat16)
     assert run.weights == tmp_path / "run" / "init" and run.model.embed.weight.dtype == torch.bfloat16
     assert torch.equal(run.model.embed.weight.float(), ref.model.embed.weight.bfloat16().float())
+    with pytest.raises(ValueError, match=r"--device = 'gpu' is invalid"):
+        load(tmp_path / "run", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            load(tmp_path / "run", device="cuda")
+    # a learned aux-loss-free bias stays fp32 in a bf16 model, as in training (a bf16 one rounds: other experts)
+    bias = [0.0123456789, -0.5, 0.25, 1.0009765625]  # the last is between two bf16 values
+    (tmp_path / "run" / "init" / "ep_train_state.json").write_text(json.dumps({"expert_bias": {"0": bias}}))
+    run_cfg["moe"]["expert_bias_update_rate"] = 0.001
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    got = ep_train.load(tmp_path / "run", dtype=torch.bfloat16).model.layers[0].ffn.router.expert_bias
+    assert got.dtype == torch.float32 and torch.equal(got, torch.tensor(bias))
+    del run_cfg["moe"]["expert_bias_update_rate"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run_cfg))
     with pytest.raises(ValueError, match="does not exist"):
         load(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()

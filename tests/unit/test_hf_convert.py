@@ -220,6 +220,45 @@ def test_an_index_cannot_name_files_outside_its_folder(tmp_path) -> None:
     assert not (tmp_path / "run").exists() and not (tmp_path / "payload.safetensors").exists()
 
 
+def test_a_missing_shard_file_is_named_before_anything_is_read_or_written(tmp_path) -> None:
+    """A partial download (a shard the index names is gone): a ValueError naming the file, before from-hf
+    writes anything (before: a FileNotFoundError halfway through the tensors)."""
+    src = _mixtral(tmp_path)
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    shards[1].unlink()
+    with pytest.raises(ValueError, match=rf"names 1 shard file\(s\) missing .*{shards[1].name}; fetch them again"):
+        from_hf(src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_refuses_a_bad_shard_size_before_writing(tmp_path) -> None:
+    """--max-shard-size is read first: a typo left the tokenizer in --output, and the retry was refused as
+    'not empty'."""
+    run, src = tmp_path / "run", _mixtral(tmp_path)
+    (src / "tokenizer_config.json").write_text("{}")  # copied into --output before the weights are written
+    from_hf(src, run)
+    with pytest.raises(ValueError, match="5XB"):
+        to_hf(run, tmp_path / "out", max_shard_size="5XB")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert (to_hf(run, tmp_path / "out", max_shard_size="100KB") / "config.json").is_file()
+
+
+def test_from_hf_mixtral_makes_each_parameter_in_the_dtype(tmp_path) -> None:
+    model, _ = from_hf_mixtral(_mixtral(tmp_path), dtype=torch.bfloat16)
+    fp32, _ = from_hf_mixtral(tmp_path / "mixtral")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for (name, a), (_, b) in zip(model.named_parameters(), fp32.named_parameters()):
+        assert torch.equal(a, b.bfloat16()), name
+
+
+def test_upcycle_refuses_infinite_noise(tmp_path) -> None:
+    _, src = _llama(tmp_path, False)
+    with pytest.raises(ValueError, match="--noise = inf is invalid"):
+        upcycle(src, tmp_path / "up", num_experts=4, noise=float("inf"))
+    assert not (tmp_path / "up").exists()
+
+
 def test_an_untied_model_without_lm_head_is_refused_not_tied(tmp_path) -> None:
     """tie_word_embeddings false and no lm_head.weight: a damaged checkpoint, named; it was silently loaded
     with the embedding as the output layer."""
