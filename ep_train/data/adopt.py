@@ -63,6 +63,18 @@ def _documents_without_eos(shard: IndexedShard, eos: int) -> tuple[int, int]:
     return len(doc_idx) - 1, int((last != eos).sum() + (~present).sum())
 
 
+def _documents_starting_with(shard: IndexedShard, token: int) -> tuple[int, int]:
+    """(non-empty documents, those whose first token is ``token``): Megatron's tokenizers put BOS first
+    by default, and the manifest's ``append_bos`` tells generation and export to do the same."""
+    doc_idx = shard.doc_idx
+    firsts = doc_idx[:-1][doc_idx[1:] > doc_idx[:-1]]  # the first sequence of each non-empty document
+    firsts = firsts[shard.lengths[firsts] > 0]
+    if len(firsts) == 0 or token < 0:
+        return len(firsts), 0
+    first = np.asarray(shard.tokens[shard.offsets[firsts] // shard.dtype.itemsize])
+    return len(firsts), int((first == token).sum())
+
+
 def adopt(folder: str | Path, tokenizer: str | Path, val_patterns: list[str] | None = None,
           log: Any = print) -> dict[str, Any]:
     """Check the shards under ``folder`` against ``tokenizer`` and write ``folder/manifest.json``."""
@@ -94,8 +106,7 @@ def adopt(folder: str | Path, tokenizer: str | Path, val_patterns: list[str] | N
     dtype: np.dtype | None = None
     first_prefix = ""
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
-    without_eos = 0
-    documents_total = 0
+    without_eos = documents_total = documents_nonempty = with_bos = 0
     for idx in idx_files:
         prefix = idx.with_suffix("")
         rel = str(prefix.relative_to(root))
@@ -125,6 +136,9 @@ def adopt(folder: str | Path, tokenizer: str | Path, val_patterns: list[str] | N
         docs, no_eos = _documents_without_eos(shard, eos)
         documents_total += docs
         without_eos += no_eos
+        nonempty, bos_first = _documents_starting_with(shard, sp.bos_id())
+        documents_nonempty += nonempty
+        with_bos += bos_first
         is_val = any(fnmatch.fnmatch(rel, pat) for pat in val_patterns or [])
         bin_path = Path(f"{prefix}.bin")
         # "documents" is what ep-train's index calls one entry (a sequence); Megatron's own document count is
@@ -146,9 +160,17 @@ def adopt(folder: str | Path, tokenizer: str | Path, val_patterns: list[str] | N
         log(f"warning: {without_eos:,} of {documents_total:,} documents do not end with EOS (id {eos}); packed "
             "windows will run them into the next document without a separator (Megatron's preprocess_data.py "
             "adds EOS only with --append-eod)")
+    # every document starting with BOS: made with BOS (Megatron's default); prompts and exports add it too
+    append_bos = documents_nonempty > 0 and with_bos == documents_nonempty
+    if 0 < with_bos < documents_nonempty:
+        log(f"warning: {with_bos:,} of {documents_nonempty:,} documents start with BOS (id {sp.bos_id()}), not all: "
+            "recorded as made without BOS (append_bos false); prompts will not start with BOS")
+    elif append_bos:
+        log(f"every document starts with BOS (id {sp.bos_id()}): recorded as append_bos true (prompts and "
+            "exports start with BOS, as the training documents did)")
     assert dtype is not None
     manifest = {
-        "format": "megatron-mmidx-v1", "dtype": dtype.name, "append_bos": False,
+        "format": "megatron-mmidx-v1", "dtype": dtype.name, "append_bos": append_bos,
         "tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": sha256_file(tokenizer), "vocab_size": vocab,
                       "eos_id": eos, "bos_id": sp.bos_id()},
         "adopted": {"tool": ADOPTED, "documents_without_eos": without_eos, "documents": documents_total},

@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -29,7 +30,7 @@ import zlib
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -55,6 +56,7 @@ LARGE_TEXT_BYTES = 16 << 20
 # sentencepiece encodes short inputs faster (measured on stdlib text: 2.6M tokens/s at 16 K characters, 1.8M
 # at 256 K), and a piece of 16 K is the size of a typical document here
 PART_CHARS = 1 << 14
+LONG_LINE_CHARS = 1 << 22  # a piece (one line) longer than this is said: its tokenization is not bounded
 READ_BYTES = 1 << 16  # read size while streaming a large file (see _decoded_blocks)
 IN_FLIGHT = 4  # batches per worker read ahead of the workers (bounds the main process's memory)
 # Local files only: without these, every load_dataset call asks the Hub (a network round trip per file).
@@ -216,11 +218,18 @@ def _documents_of(path: Path, text_key: str) -> Iterator[tuple[str, Any, str]]:
                     yield "replaced_characters", _replaced, where
                 yield from _json_row(line, text_key, where)
         return
-    from datasets import load_dataset  # imported here: slow import, only needed for these formats
+    if name.endswith(".parquet"):
+        # pyarrow's reader, batch by batch: datasets' streaming parquet reader sized its batches by row group 0
+        # and failed on a file whose first group is empty (every row lost, the file reported corrupt)
+        import pyarrow.parquet as pq
 
-    builder = "parquet" if name.endswith(".parquet") else "arrow"
-    ds = load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
-    for i, row in enumerate(ds):
+        rows: Iterable[dict[str, Any]] = (row for batch in pq.ParquetFile(path).iter_batches(batch_size=1024)
+                                          for row in batch.to_pylist())
+    else:
+        from datasets import load_dataset  # imported here: slow import, only needed for this format
+
+        rows = load_dataset("arrow", data_files=[str(path)], split="train", streaming=True)
+    for i, row in enumerate(rows):
         where = f"{path}:row {i}"
         if (problem := _not_text(row, text_key)) is not None:
             yield "missing_text_key", None, f"{where}: {problem}"
@@ -469,7 +478,7 @@ def _text_parts(path: Path) -> Iterator[tuple[str, Any, str]]:
         return
     unit = _unit_of(digest.digest())
     pending: str | None = None  # a piece is sent once the next one exists: only then is it known not last
-    buf, index, again = "", 0, hashlib.sha1()
+    buf, index, again, longest = "", 0, hashlib.sha1(), 0
     try:
         open_line = False  # buf holds no newline at all (a line longer than a piece): look in new text only
         for text in _decoded_blocks(path):
@@ -487,6 +496,7 @@ def _text_parts(path: Path) -> Iterator[tuple[str, Any, str]]:
                     yield "part", Part(pending, index == 0, False, unit), f"{path} (piece {index})"
                     index += 1
                 pending, buf = buf[:cut], buf[cut:]
+                longest = max(longest, cut)
     except (OSError, EOFError, zlib.error) as e:  # it read to the end a moment ago: changed while building
         raise BadInput(f"{path}: could not be read a second time ({type(e).__name__}: {e}); it changed during "
                        "the build: leave inputs alone while building, then rerun") from e
@@ -494,9 +504,14 @@ def _text_parts(path: Path) -> Iterator[tuple[str, Any, str]]:
         raise BadInput(f"{path}: changed while the build read it (its text differs between two reads); leave "
                        "inputs alone while building, then rerun")
     pieces = [t for t in (pending, buf) if t]
+    longest = max([longest, *map(len, pieces)])
     for i, piece in enumerate(pieces):
         yield "part", Part(piece, index == 0, i == len(pieces) - 1, unit), f"{path} (piece {index})"
         index += 1
+    if longest > LONG_LINE_CHARS:  # the bounded memory of pieces holds only where the text has newlines
+        print(f"warning: {path}: a line of {longest:,} characters (no newline to cut at) was tokenized as one piece; "
+              "sentencepiece needs tens of bytes per character of it (about 0.9 GB for 20 M measured): split such "
+              "text into lines", file=sys.stderr, flush=True)
 
 
 # ---- worker side -------------------------------------------------------------------------------
@@ -613,8 +628,8 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction = {val_fraction} is invalid: use a number in [0, 1), e.g. 0.01")
-    if shard_size_mb <= 0:
-        raise ValueError(f"--shard-size-mb = {shard_size_mb} is invalid: use a positive size, e.g. 256")
+    if not (math.isfinite(shard_size_mb) and shard_size_mb > 0):  # nan/inf: no shard would ever roll over
+        raise ValueError(f"--shard-size-mb = {shard_size_mb} is invalid: use a positive finite size, e.g. 256")
     if num_tasks < 1 or not 0 <= task_id < num_tasks:
         raise ValueError(f"--task-id = {task_id} is invalid: use 0 <= task-id < --num-tasks ({num_tasks})")
     if workers < 1:
@@ -644,6 +659,11 @@ def build(inputs: list[str], tokenizer: str, output: str, workers: int = 1, text
         raise ValueError(f"--append-bos: tokenizer {tokenizer!r} has no BOS piece; drop --append-bos")
     tok_sha = sha256_file(tokenizer)
     out = Path(output) if num_tasks == 1 else Path(output) / f"part_{task_id:05d}"
+    for folder in (Path(output), out):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--output {output!r}: {str(folder)!r} is a file, not a folder; pass a folder path")
+    if num_tasks > 1:
+        _refuse_other_root_build(Path(output))
     out.mkdir(parents=True, exist_ok=True)
     state_path, manifest_path = out / resume.PROGRESS, out / resume.MANIFEST
     every_record = resume.input_records(every)  # one stat per file, for the task's list and the corpus digest
@@ -863,9 +883,20 @@ def _check_parts(output: str, parts: list[Path], manifests: list[dict]) -> None:
                             if missing else f"stray part(s) {extra} (remove them)") + "; nothing was merged")
 
 
+def _refuse_other_root_build(root: Path) -> None:
+    """``build --num-tasks`` parts and their merge own the root's manifest.json: refuse a root holding a
+    single build's or an adopted one (a merge would replace it and leave its shards orphaned)."""
+    manifest = root / resume.MANIFEST
+    if manifest.is_file() and "merged_from" not in json.loads(manifest.read_text()):
+        raise ValueError(f"{str(root)!r} holds another build's manifest.json (a single build or adopted shards): "
+                         "merging --num-tasks parts there would replace it and orphan its shards; build the "
+                         "tasks into a new folder")
+
+
 def merge(output: str) -> dict:
     """Write one manifest over ``part_*`` folders made by ``build --num-tasks``."""
     root = Path(output)
+    _refuse_other_root_build(root)
     parts = sorted(p for p in root.glob("part_*") if p.is_dir())
     if not parts:
         raise ValueError(f"{output!r} has no part_* folders; run build with --num-tasks/--task-id first")

@@ -80,11 +80,15 @@ def _train(source: dict[str, Any], output_prefix: str, vocab_size: int, opts: di
         spm.SentencePieceTrainer.train(**source, model_prefix=output_prefix, **opts)
     except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars", "too high"
         msg = str(e).split("]")[-1].strip()
+        if "sentences_.empty()" in str(e):  # sentencepiece's failed check, with no text after it
+            raise ValueError(f"--input {source.get('input', '')} holds no text sentencepiece can train on (empty "
+                             "files, or only blank lines); pass the corpus") from None
         need = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         if need:  # sentencepiece suggests its own --character_coverage flag, which this tool does not have
             raise ValueError(f"--vocab-size {vocab_size} is too small for this text: its characters alone need "
                              f"{need.group(2)} pieces; use --vocab-size {int(need.group(2)) + 1} or more") from None
-        raise ValueError(f"sentencepiece refused --vocab-size {vocab_size} for this text: {msg}") from None
+        raise ValueError(f"sentencepiece refused --vocab-size {vocab_size} for this text: {msg or str(e).strip()}"
+                         ) from None
 
 
 def check_tokenizer_path(path: str | Path) -> Path:

@@ -100,6 +100,24 @@ def test_adopted_shards_are_read_inspected_and_trained_on(foreign, tokenizer, tm
 
     # adopt again (same folder): its own manifest is replaced, not refused
     run("adopt", str(folder), "--tokenizer", str(tokenizer), "--val", "*valid*")
+    assert man["append_bos"] is False  # no document starts with BOS here
+
+
+def test_adopt_records_bos_when_every_document_starts_with_it(tokenizer, tmp_path) -> None:
+    """Megatron's Llama tokenizer puts BOS before every document by default: the manifest says so, so prompts
+    and exports add it too (it was always recorded false); BOS on only some documents is named, not assumed."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    docs, _ = _documents(sp, sorted((STDLIB / "json").glob("*.py")), 2)
+    with_bos = [[[sp.bos_id()] + doc[0], *doc[1:]] for doc in docs]
+    (tmp_path / "all").mkdir()
+    write_megatron(tmp_path / "all" / "text_document", with_bos, np.int32)
+    run("adopt", str(tmp_path / "all"), "--tokenizer", str(tokenizer))
+    assert json.loads((tmp_path / "all" / "manifest.json").read_text())["append_bos"] is True
+    (tmp_path / "some").mkdir()
+    write_megatron(tmp_path / "some" / "text_document", with_bos[:2] + docs[2:], np.int32)
+    p = run("adopt", str(tmp_path / "some"), "--tokenizer", str(tokenizer))
+    assert f"warning: 2 of {len(docs)} documents start with BOS" in p.stdout, p.stdout
+    assert json.loads((tmp_path / "some" / "manifest.json").read_text())["append_bos"] is False
 
 
 def test_adopt_refuses_bad_shards_by_name_and_position(tokenizer, built, tmp_path) -> None:

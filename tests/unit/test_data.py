@@ -177,6 +177,48 @@ def test_parquet_arrow_and_json_array_inputs(tokenizer, tmp_path) -> None:
 
 
 
+def test_parquet_with_empty_row_groups_is_read_whole(tokenizer, tmp_path) -> None:
+    """A valid parquet whose first row group is empty (common after filtering) gave every row up as a corrupt
+    file (datasets sized its batches by row group 0); a parquet of 0 rows is empty, not unreadable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [p.read_text() for p in sorted((CORPUS[0]).glob("*.py"))][:3]
+    schema = pa.schema([("text", pa.string())])
+    with pq.ParquetWriter(tmp_path / "a.parquet", schema) as w:
+        w.write_table(pa.table({"text": pa.array([], pa.string())}))  # row group 0: no rows
+        w.write_table(pa.table({"text": texts}))
+    assert pq.ParquetFile(tmp_path / "a.parquet").metadata.row_group(0).num_rows == 0
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "b.parquet")
+    man = build([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], str(tokenizer), str(tmp_path / "out"),
+                progress=False, strict=True)
+    assert man["report"]["unreadable_files"] == 0
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    docs = read_megatron(tmp_path / "out" / man["splits"]["train"]["shards"][0]["prefix"])
+    assert [sp.decode(d[:-1].tolist()) for d in docs] == texts
+
+
+def test_bad_build_options_and_outputs_are_refused(tokenizer, tmp_path) -> None:
+    from ep_train.data.prep import merge
+
+    f = _jsonl(tmp_path / "a.jsonl", [json.dumps({"text": f"a {i}"}) for i in range(5)])
+    for size in (float("nan"), float("inf")):  # no shard would roll over, and nan never equals itself on resume
+        with pytest.raises(ValueError, match=f"--shard-size-mb = {size} is invalid"):
+            build([str(f)], str(tokenizer), str(tmp_path / "o"), shard_size_mb=size, progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        build([str(f)], str(tokenizer), str(tmp_path / "afile"), progress=False)
+    # --num-tasks parts (and their merge) into a folder holding a single build: its manifest would be replaced
+    g = _jsonl(tmp_path / "b.jsonl", [json.dumps({"text": f"b {i}"}) for i in range(5)])
+    single = build([str(f), str(g)], str(tokenizer), str(tmp_path / "mx"), progress=False)
+    with pytest.raises(ValueError, match="holds another build's manifest.json"):
+        build([str(f), str(g)], str(tokenizer), str(tmp_path / "mx"), num_tasks=2, task_id=0, progress=False)
+    (tmp_path / "mx" / "part_00000").mkdir()  # parts made before the root build, say
+    with pytest.raises(ValueError, match="holds another build's manifest.json"):
+        merge(str(tmp_path / "mx"))
+    assert json.loads((tmp_path / "mx" / "manifest.json").read_text())["splits"] == single["splits"]
+
+
 def test_json_array_rows_are_checked_one_by_one_and_keep_their_text(tokenizer, tmp_path, monkeypatch) -> None:
     """One non-string text in a JSON array made HF datasets turn the whole column into JSON-encoded strings
     (every document tokenized with its quotes and escapes, nothing reported). Now each element is a row checked
