@@ -87,7 +87,9 @@ def dedup_enabled(ds: dict[str, Any]) -> bool:
     """The JSON's switch (default on) and whether it can apply: ZeRO-3 with the optimizer offloaded to CPU."""
     z = ds.get("zero_optimization", {})
     wanted = ep_train_switch(ds, "dedup_offload_buffers")
-    return wanted and z.get("stage") == 3 and z.get("offload_optimizer", {}).get("device") == "cpu"
+    offload = z.get("offload_optimizer") or {}
+    # SuperOffload (DeepSpeed's own Stage-3 subclass) steps CPU Adam inside its partition_grads: not patched
+    return wanted and z.get("stage") == 3 and offload.get("device") == "cpu" and not offload.get("super_offload")
 
 
 def unsupported_reason() -> str | None:
@@ -182,6 +184,9 @@ def lean_offload_buffers(ds: dict[str, Any]) -> Iterator[None]:
 
     def create_fp32_partitions(self: Any) -> None:
         orig["_create_fp32_partitions"](self)
+        if type(self) is not Stage3:  # a subclass (SuperOffload) may depend on its own buffers and methods
+            log.info("ep_train: %s is not DeepSpeed's plain ZeRO-3 optimizer; buffers not shared", type(self).__name__)
+            return
         missing = [a for a in _MASTER_ATTRS if not hasattr(self, a)]
         if missing:
             log.warning("ep_train: DeepSpeed optimizer lacks %s; fp32 masters not shared", missing)
@@ -192,6 +197,8 @@ def lean_offload_buffers(ds: dict[str, Any]) -> Iterator[None]:
         # Called once, by __init__ right after _setup_for_real_optimizer (which made the accumulation buffer):
         # the first point where both the buffer and grad_position exist.
         orig["set_grad_positions"](self)
+        if type(self) is not Stage3:  # its partition_grads may do more than Stage3's (SuperOffload steps Adam there)
+            return
         missing = [a for a in _STATE_ATTRS if not hasattr(self, a)]
         if missing:
             log.warning("ep_train: DeepSpeed optimizer lacks %s; gradients not shared", missing)

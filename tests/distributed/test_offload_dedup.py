@@ -242,3 +242,49 @@ def test_dedup_releases_host_memory(tmp_path, built, monkeypatch) -> None:
     assert sum(saved) > 0.75 * sum(expected), (saved, expected)
     for s, e in zip(saved, expected):
         assert s > 0.5 * e, (saved, expected)
+
+
+SUPER_OFFLOAD = r'''
+import os, sys, types
+import torch
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+import deepspeed
+import deepspeed.runtime.superoffload.superoffload_stage3 as so
+from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import DeepSpeedCPUAdam
+import ep_train.parallel.ds_memory as m
+
+so._validate_superoffload_accelerator = lambda: None  # its CUDA check; construction runs on the CPU
+acc = get_accelerator()
+stream = acc.current_stream
+acc.current_stream = lambda *a, **k: stream(*a, **k) or types.SimpleNamespace(synchronize=lambda: None)
+deepspeed.init_distributed(dist_backend="gloo")
+ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+      "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True},
+                            "stage3_param_persistence_threshold": 0}}
+assert not m.dedup_enabled(ds)  # the JSON's super_offload switches the sharing off
+m.dedup_enabled = lambda ds: True  # and were it on, the subclass itself is left alone
+model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+with m.lean_offload_buffers(ds):
+    engine, *_ = deepspeed.initialize(model=model, optimizer=DeepSpeedCPUAdam(model.parameters(), lr=1e-2), config=ds)
+opt = engine.optimizer
+assert type(opt).__name__ == "SuperOffloadOptimizer_Stage3", type(opt)
+assert "partition_grads" not in vars(opt) and m.shared_summary(opt) == {"master_elements": 0, "grad_elements": 0}
+print("OK")
+'''
+
+
+def test_superoffload_keeps_its_own_optimizer_step(tmp_path) -> None:
+    """DeepSpeed's SuperOffload (a ZeRO-3 subclass) steps CPU Adam inside its own partition_grads; the sharing
+    replaced that method with the base class's, and the offloaded weights never changed (grad_clip 0; review).
+    Now neither its JSON switch nor its class is patched."""
+    import subprocess
+    import sys
+
+    from tests.distributed.harness import free_port
+
+    script = tmp_path / "so.py"
+    script.write_text(SUPER_OFFLOAD)
+    p = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0 and "OK" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
