@@ -357,10 +357,11 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     items.append(("parameters", "nvme" if par_nvme else where(off_par), (lp - in_cpu) * pb,
                   f"{precision} parameters: the ZeRO-3 partition (offload_param: DeepSpeed's flat host buffer)"
                   if stage >= 3 else f"{precision} parameters: full copy under ZeRO-{stage}"))
-    # stage3._create_fp32_partitions reuses an fp32 partition without offload; with offload ds_memory shares it
-    # when the partition is on the host too (offload_param, or a CPU run; NVMe-swapped partitions have no host
-    # copy to share).
-    shared_master = stage >= 3 and pb == 4 and (not off_opt or (dedup and not par_nvme and (off_par or cpu)))
+    # With offload ds_memory shares the fp32 master with the parameter partition when that is on the host too
+    # (offload_param, or a CPU run; NVMe-swapped partitions have no host copy to share). Without offload
+    # stage3._create_fp32_partitions means to reuse an fp32 partition, but its test compares a torch.device with
+    # a string (False in torch 2.13), so DeepSpeed 0.19.8 always makes the copy (measured: a separate tensor).
+    shared_master = stage >= 3 and pb == 4 and off_opt and dedup and not par_nvme and (off_par or cpu)
     items.append(("fp32 master", "nvme" if opt_nvme else where(off_opt), 0 if shared_master else p * 4,
                   "fp32 master partition (none in fp32: it is the parameter partition)" if shared_master else
                   "fp32 master partition"))
@@ -399,7 +400,10 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
                   f"contiguous_gradients bucket: reduce_bucket_size {bucket:.0e} elements, resident as filled"))
     prefetch = int(float(z.get("stage3_prefetch_bucket_size", 5e7))) if stage >= 3 else 0
     max_live = int(float(z.get("stage3_max_live_parameters", 1e9)))
-    gathered = min(max_live, s.block_gathered + min(prefetch, s.block_gathered)) if stage >= 3 else 0
+    # a one-rank partition group (experts at EP = world) needs no all-gather, but with parameters offloaded to
+    # the host DeepSpeed's NoGatherHandle still copies the partition to the device (ds_tensor.to(device))
+    block = s.block_full if off_par and not cpu else s.block_gathered
+    gathered = min(max_live, block + min(prefetch, block)) if stage >= 3 else 0
     items.append(("gathered parameters", where(False), gathered * pb,
                   "ZeRO-3 all-gathers of the largest block plus the prefetch bucket, capped by "
                   "stage3_max_live_parameters"))
@@ -407,9 +411,14 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
                   "full gradients of one block before the reduce-scatter partitions them"))
     items.append(("reduce temporaries", where(False), min(bucket, s.block_full) * gb,
                   "averaged/scattered copy of one bucket's gradients during the reduce"))
-    if not off_opt and pb != 4:
+    if not off_opt:  # stage3._prepare_fp32_grad_for_sub_group flattens a sub-group's gradients: a copy in fp32 too
         items.append(("fp32 gradient copy", where(False), s.largest_subgroup * 4,
                       "fp32 copy of the largest optimizer sub-group's gradients at the step"))
+        # torch's AdamW steps each sub-group's flat partition: on the CPU its single-tensor path makes
+        # (exp_avg_sq.sqrt() / c), two partition-sized temporaries at once; on CUDA its foreach path one
+        temps = 1 if device == "cuda" else 2
+        items.append(("AdamW temporaries", where(False), s.largest_subgroup * 4 * temps,
+                      f"torch AdamW's denominator: {temps} temporary copies of the largest sub-group at the step"))
     # --- activations ----------------------------------------------------------------------------
     act = activation_bytes(cfg, cfg.train.activation_checkpointing, pb)
     how = "no recompute"

@@ -111,7 +111,7 @@ def _cpu_subgroup(opt: Any, i: int) -> bool:
 
 
 def _share_masters(opt: Any) -> None:
-    """fp32 master = the fp32 parameter partition itself (what DeepSpeed does without offload)."""
+    """fp32 master = the fp32 parameter partition itself (what DeepSpeed means to do without offload; see sizes.py)."""
     shared = 0
     for i, master in enumerate(opt.fp32_partitioned_groups_flat):
         lp = opt.fp16_partitioned_groups_flat[i] if _cpu_subgroup(opt, i) else None  # None: swapped to NVMe

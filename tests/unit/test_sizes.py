@@ -104,10 +104,15 @@ def test_plan_model_states_follow_deepspeed_semantics() -> None:
     off = {**json.loads(resolve_ds_config("zero3_offload").read_text()), "ep_train": {"dedup_offload_buffers": False}}
     assert sum(_bytes(plan_memory(_moe_cfg(), 2, "cpu", ds=off), n) for n in states) == 24 * fp32["partition_elements"]
     assert sum(_bytes(plan_memory(_moe_cfg(), 2, "cuda", ds=off), n) for n in states) == 20 * bf16["partition_elements"]
-    # without optimizer offload in fp32, DeepSpeed's master is the parameter buffer itself (no copy)
+    # without optimizer offload, DeepSpeed 0.19.8 means to reuse an fp32 parameter partition as the master, but
+    # its device test compares a torch.device with a string, never equal in torch 2.13: it copies
+    import torch
+
+    assert torch.device("cpu") != "cpu"  # the comparison stage3._create_fp32_partitions makes (review, measured)
     ds = {"zero_optimization": {"stage": 3}}
     plain = plan_memory(_moe_cfg(), 2, "cpu", ds=ds)
-    assert _bytes(plain, "fp32 master") == 0
+    assert _bytes(plain, "fp32 master") == 4 * plain["partition_elements"]
+    assert _bytes(plain, "fp32 gradient copy") > 0 and _bytes(plain, "AdamW temporaries") > 0
     # the partition shrinks with the world: dense over all ranks, experts over their EDP group
     assert plan_memory(_moe_cfg(), 4, "cpu")["partition_elements"] < fp32["partition_elements"]
     assert plan_memory(_moe_cfg(), 4, "cpu")["host_peak_bytes"] < fp32["host_peak_bytes"]
