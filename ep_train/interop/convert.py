@@ -4,6 +4,7 @@ and ``reshard`` (the offline form of resuming at another world/EP size)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from ep_train.config import parse_overrides
 
@@ -59,6 +60,10 @@ def main(argv: list[str]) -> int:
         from ep_train.interop.universal import find_checkpoint, to_universal
 
         step = find_checkpoint(args.checkpoint)
+        if not (step / "universal" / "zero").is_dir() and not os.access(step, os.W_OK):
+            raise ValueError(f"--checkpoint {str(step)!r} is read-only: reshard writes its conversion into the step "
+                             "folder (where the resume looks for it); copy the checkpoint somewhere writable and "
+                             "reshard (or resume from) the copy")
         out = to_universal(step)
         print(f"wrote {out}: every parameter whole, experts by global id; `ep-train train ... --resume {step}` "
               "now resumes at any world size and parallel.ep_size that divides the experts, without converting")

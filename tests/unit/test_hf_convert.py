@@ -376,3 +376,18 @@ def test_a_moved_run_loads_and_exports_from_its_own_init(tmp_path) -> None:
         ep_train.load(moved)
     with pytest.raises(ValueError, match=says):
         to_hf(moved, tmp_path / "hf2")
+
+
+def test_reshard_of_a_read_only_checkpoint_says_so(tmp_path, monkeypatch) -> None:
+    """reshard writes into the step folder: a read-only one is named before the conversion starts (root
+    ignores permissions, so the check is driven through os.access here)."""
+    import ep_train.interop.convert as convert
+    import ep_train.interop.universal as universal
+
+    step = tmp_path / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    monkeypatch.setattr(universal, "find_checkpoint", lambda path: step)
+    monkeypatch.setattr(universal, "to_universal", lambda s: pytest.fail("converted a read-only checkpoint"))
+    monkeypatch.setattr(convert.os, "access", lambda path, mode: Path(path) != step)
+    with pytest.raises(ValueError, match="is read-only: reshard writes its conversion into the step folder"):
+        convert.main(["reshard", "--checkpoint", str(step)])
