@@ -33,9 +33,10 @@ def _plan(argv: list[str]) -> int:
 
     from ep_train.sizes import format_size, model_size, plan_memory
 
-    cfg = load_config(args.config, parse_overrides(rest, refuse_repeated=True))
+    # a plan needs no data, tokenizer or checkpoint here (a cluster's config planned on a laptop)
+    cfg = load_config(args.config, parse_overrides(rest, refuse_repeated=True), check_paths=False)
     world = args.nodes * args.gpus_per_node
-    validate(cfg, world_size=world, check_paths=False)  # a plan needs no data, tokenizer or checkpoint here
+    validate(cfg, world_size=world, check_paths=False)
     plan = plan_memory(cfg, world, args.device, zero_stage=args.zero_stage, offload=False if args.no_offload else None)
     if args.json:
         size = model_size(cfg)

@@ -287,7 +287,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             value = inner.parse_flat(value, where)
         elif isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-            value = [yaml.safe_load(v) for v in value]
+            value = [yaml.load(v, Loader=_StrictSafeLoader) for v in value]  # noqa: S506 - safe subclass
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # "--moe_layers 3" means [3]
         if not isinstance(value, (list, tuple)):
@@ -396,6 +396,33 @@ class _StrictSafeLoader(yaml.SafeLoader):
             seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        _refuse_yaml11_number(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _refuse_yaml11_number(node)
+        return super().construct_yaml_float(node)
+
+
+# YAML 1.1 (PyYAML) reads a leading zero as octal (0100 -> 64) and colons as base 60 (2:00 -> 120): numbers no
+# one means in a run config; refused by name instead of read so (YAML 1.2 and JSON have neither)
+_YAML11_NUMBER = re.compile(r"[-+]?0[0-7_]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")
+
+
+def _refuse_yaml11_number(node: yaml.ScalarNode) -> None:
+    if _YAML11_NUMBER.fullmatch(node.value):
+        fix = ("the decimal number without colons" if ":" in node.value else
+               f"{node.value[0] if node.value[0] in '+-' else ''}{node.value.lstrip('+-').lstrip('0_') or '0'} "
+               "without the leading zero")
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{node.value!r} is read by YAML 1.1 as a base-8 or base-60 number, not as written; write "
+            f"{fix}, or quote it if it is text", node.start_mark)
+
+
+_StrictSafeLoader.add_constructor("tag:yaml.org,2002:int", _StrictSafeLoader.construct_yaml_int)
+_StrictSafeLoader.add_constructor("tag:yaml.org,2002:float", _StrictSafeLoader.construct_yaml_float)
+
 
 class _DuplicateJSONKey(Exception):
     def __init__(self, key: str) -> None:
@@ -445,7 +472,7 @@ def _read_config_file(path: Path) -> Any:
             raise ValueError(f"config file {where}: the tag {tag} is refused: configs are read with a safe loader "
                              "that builds only mappings, lists, strings and numbers (a python/... tag could run "
                              "code); write the plain value instead") from None
-        if "appears twice" in problem:
+        if "appears twice" in problem or "YAML 1.1" in problem:
             raise ValueError(f"config file {where}: {problem}") from None
         context = ""
         if e.context:  # e.g. "while parsing a flow sequence": say where that began (an unclosed '[' or quote)
@@ -492,7 +519,9 @@ def _override_value(raw: str, typ: Any, where: str) -> Any:
     if flat and not raw.lstrip().startswith(("[", "{")):
         return raw  # the flat 'WEIGHT FOLDER ...' form; a YAML list of mappings starts with '[' or '{'
     try:
-        return yaml.safe_load(raw) if raw != "" else None
+        return yaml.load(raw, Loader=_StrictSafeLoader) if raw != "" else None  # noqa: S506 - safe subclass
+    except yaml.constructor.ConstructorError as e:
+        raise ValueError(f"{where} {raw!r} is invalid: {e.problem}") from None
     except yaml.YAMLError as e:
         why = " ".join(str(e).split())[:160]
         raise ValueError(f"{where} {raw!r} is not a valid YAML value ({why}); fix it: a number, true/false, or "
@@ -536,8 +565,9 @@ def parse_overrides(argv: list[str], cfg_cls: type = Config, *, refuse_repeated:
 
 
 def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]] | None = None,
-                cfg_cls: type = Config) -> Any:
-    """Defaults <- file <- overrides, then :func:`validate`."""
+                cfg_cls: type = Config, *, check_paths: bool = True) -> Any:
+    """Defaults <- file <- overrides, then :func:`validate`; ``check_paths=False`` for a config meant for
+    another machine (``ep-train plan`` on a laptop for a cluster run, the conversion tools' base configs)."""
     cfg = cfg_cls()
     if path is not None:
         path = Path(path)
@@ -554,7 +584,7 @@ def load_config(path: str | Path | None = None, overrides: list[tuple[str, Any]]
         _set_all(cfg, _flatten(data, cfg_cls), cfg_cls, f"config file {path}")
     for key, value in overrides or []:
         _set(cfg, key, value, cfg_cls)
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 
@@ -633,6 +663,19 @@ def check_new_run(e: MoEConfig) -> None:
                "with moe.num_experts_per_token = 1 the renormalised weight is p / p = 1 for every token, so the "
                "router would learn nothing from the language-model loss; leave it unset (null: the expert output "
                "is weighed by the router probability, as in Switch Transformer) or set it false")
+    if e.num_experts > 1:  # set, yet without effect: refused rather than trained believing they act
+        rule = {"moe_layer_frequency": (e.moe_layer_frequency, 1), "moe_layer_start": (e.moe_layer_start, 0),
+                "moe_layer_end": (e.moe_layer_end, None)}
+        for name, (value, default) in rule.items():
+            _check(e.moe_layers is None or value == default, f"moe.{name}", value,
+                   f"has no effect with the explicit moe.moe_layers = {e.moe_layers} (the list wins); remove it "
+                   "(or set moe.moe_layers null to place MoE layers by the rule)")
+        _check(e.shared_expert_intermediate_size is None or e.num_shared_experts > 0,
+               "moe.shared_expert_intermediate_size", e.shared_expert_intermediate_size,
+               "has no effect with moe.num_shared_experts = 0; set num_shared_experts, or remove it")
+        _check(e.drop_policy == "drop" or e.capacity_factor is not None, "moe.drop_policy", e.drop_policy,
+               "has no effect without moe.capacity_factor (dropless routing drops nothing to move); set a capacity "
+               "factor, or remove it")
 
 
 def _check_expert_choice_ignored(e: MoEConfig) -> None:
@@ -916,8 +959,8 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
             default = getattr(TrainConfig, name)
             _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name),
                    f"must be a positive integer; set train.{name} >= 1 (default {default})")
-        _check(t.seed >= 0, "train.seed", t.seed, "must be a non-negative integer (numpy refuses negative seeds), "
-               "e.g. 1234")
+        _check(0 <= t.seed < 2 ** 63, "train.seed", t.seed, "must be an integer in [0, 2**63) (numpy refuses "
+               "negative seeds; each rank seeds torch with seed + rank, which must fit 64 bits), e.g. 1234")
         _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
                "must be a positive number; set train.learning_rate, e.g. 3e-4")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio,

@@ -14,7 +14,7 @@ TRAIN_HINT = "train it with:\n  ep-train train --config {cfg} --run-dir {run}{da
 def _trained_with(cfg_path: str, run: str) -> str:
     from ep_train.config import load_config
 
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, check_paths=False)  # a hint only; the trainer checks the paths
     data = "" if cfg.data.data_dir else " --data_dir DIR   (the output of data_prep_tool build)"
     return TRAIN_HINT.format(cfg=cfg_path, run=run, data=data)
 

@@ -353,7 +353,8 @@ def run_config_for(model: Config, base: str | Path | None, overrides: list[tuple
                          "language-model loss, and ep-train's top-1 weight (the router probability, as in Switch "
                          "Transformer) would make it another model; use 2 or more experts per token (upcycle "
                          "--experts-per-token), or use such a checkpoint for inference only (ep-train generate)")
-    cfg = load_config(base) if base is not None else Config()
+    # the base config's paths are the training machine's: checked when it trains, not here
+    cfg = load_config(base, check_paths=False) if base is not None else Config()
     cfg.model = copy.deepcopy(model.model)
     for f in moe_fields:
         setattr(cfg.moe, f, copy.deepcopy(getattr(model.moe, f)))

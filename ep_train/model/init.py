@@ -108,6 +108,7 @@ class _Under:
         return self.source(f"{self.prefix}.{name}", shape, expert_ids)
 
 
+@torch.no_grad()  # here, not left to callers: with autograd each kept hidden state would hold every block's tensors
 def blockwise(model: nn.Module, source: ValueSource, batches: list[torch.Tensor],
               prepare: Callable[[int, nn.Module], None] | None = None) -> None:
     """The embedding and every block of ``model`` (a ``Transformer`` on ``meta``) over ``batches`` [B, S] of

@@ -68,3 +68,12 @@ def test_plan_reads_precision_and_offload() -> None:
     no_ckpt = plan("--device", "cuda", *_with("--activation_checkpointing", "false"))
     assert {b["name"]: b["bytes"] for b in no_ckpt["breakdown"]}["activations"] > act
     assert gpu["all_to_all_bytes_per_step"] > 0
+
+
+def test_a_plan_needs_no_local_paths(tmp_path) -> None:
+    """A cluster's config planned on a laptop: its data, tokenizer and checkpoint paths need not exist here
+    (the plan refused the config before: load_config checked the paths its own call then skipped)."""
+    missing = str(tmp_path / "cluster")
+    planned = plan("--device", "cuda", *MODEL, "--data_dir", f"{missing}/shards", "--tokenizer", f"{missing}/tok.model",
+                   "--resume", f"{missing}/run/checkpoints/step_00001000")
+    assert planned["parameters"]["total"] >= 100_000_000

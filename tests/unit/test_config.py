@@ -61,6 +61,10 @@ BAD = [
     ({"optimizer.lr": 1.0}, "optimizer"),  # unknown section
     ({"train.profile_step": -1}, "train.profile_step"),
     ({"train.profile_step": 10**9}, "train.profile_step"),  # past train.max_steps: nothing would be profiled
+    ({"train.seed": 2**64}, "train.seed"),  # torch.manual_seed(seed + rank) overflowed at set-up
+    ({"moe.moe_layers": [1], "moe.moe_layer_frequency": 2}, "moe.moe_layer_frequency"),  # the list wins: ignored
+    ({"moe.shared_expert_intermediate_size": 64}, "moe.shared_expert_intermediate_size"),  # no shared experts
+    ({"moe.drop_policy": "overflow"}, "moe.drop_policy"),  # dropless: nothing to move
 ]
 
 
@@ -200,3 +204,21 @@ def test_a_resume_continues_the_checkpoints_model_as_it_was_trained(tmp_path) ->
     with pytest.raises(ValueError, match="train.init_from"):
         load_config(None, parse_overrides(["--init_from", gone]))
     assert load_config(None, parse_overrides(["--init_from", gone, "--resume", "auto"])).train.init_from == gone
+
+
+def test_yaml_1_1_octal_and_base_60_numbers_are_refused(tmp_path) -> None:
+    """PyYAML reads 0100 as 64 and 2:00 as 120 (YAML 1.1): refused by name, in files and overrides, instead of
+    training with a number nobody wrote; plain decimals, floats and exponents read as before."""
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  seed: 0123\n")
+    with pytest.raises(ValueError, match=r"c\.yaml:2:9: '0123' is read by YAML 1\.1 as a base-8 or base-60 number.*"
+                                         "write 123 without the leading zero"):
+        load_config(p)
+    for args, fix in ((["--save_interval", "0100"], "100 without the leading zero"),
+                      (["--max_steps", "2:00"], "the decimal number without colons"),
+                      (["--moe_layers", "[1, 03]"], "3 without the leading zero")):
+        with pytest.raises(ValueError, match=rf"override {args[0]} .*is invalid: .*YAML 1\.1.*{fix}"):
+            parse_overrides(args)
+    p.write_text("train:\n  seed: 0\n  max_steps: 100\n  learning_rate: 3.0e-4\n")
+    cfg = load_config(p, parse_overrides(["--save_interval", "10", "--warmup_steps", "0"]))
+    assert (cfg.train.seed, cfg.train.max_steps, cfg.train.learning_rate, cfg.train.save_interval) == (0, 100, 3e-4, 10)
