@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.targets import TARGETS  # noqa: E402  (the one table of targets)
+from bench.targets import TARGETS, beside  # noqa: E402  (the one table of targets)
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s. First match on the
 # device name wins, so the specific names come before the generic ones.
@@ -679,7 +679,7 @@ def summarize_moe(sec: Section, report: Report, recs: list[dict[str, Any]], size
     path_ok = bool(ours) and all(r.get("grouped_calls", 0) > 0 for r in ours)
 
     def verdict(v: float | None, goal: float, met: bool) -> str:
-        pct = "n/a" if v is None else f"{100 * v:.1f}%"
+        pct = "n/a" if v is None else beside(v, goal, 1, 100.0, "%")  # 0.4996 is not "50.0% (goal >= 50%): MISSED"
         return f"{pct} (goal >= {100 * goal:.0f}%: {'met' if met else 'MISSED'})"
 
     if not ours:
@@ -718,10 +718,11 @@ def summarize_moe(sec: Section, report: Report, recs: list[dict[str, Any]], size
                      md_table(["operator", "ms / iteration", "calls / iteration"],
                               [[o[0], f"{o[1]:.3f}", f"{o[2]:.1f}"] for o in top["ops"]]), "", "</details>"]
     body += ["", f"- goal (expert matmuls >= {100 * MFU_GOAL:.0f}% MFU, ep-train forward+backward, every token count; "
-             f"lowest {fmt(None if low_expert is None else 100 * low_expert, '.1f')}%): "
+             f"lowest {'n/a' if low_expert is None else beside(low_expert, MFU_GOAL, 1, 100.0, '%')}): "
              f"**{'met' if expert_met else 'MISSED'}**",
              f"- goal (whole layer >= {100 * LAYER_MFU_GOAL:.0f}% MFU, the same; lowest "
-             f"{fmt(None if low_layer is None else 100 * low_layer, '.1f')}%): **{'met' if layer_met else 'MISSED'}**"]
+             f"{'n/a' if low_layer is None else beside(low_layer, LAYER_MFU_GOAL, 1, 100.0, '%')}): "
+             f"**{'met' if layer_met else 'MISSED'}**"]
     if errors:
         body += ["", "Errors:", "", md_table(["implementation", "tokens", "error"], errors)]
     if rc != 0:

@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1. One model, world 1..8, the default DeepSpeed JSON and environment.
     scaling = [measure("scale", model, w, seq, "fp32", str(lean), LEAN_ENV, data, out) for w in worlds]
-    ran = [r for r in scaling if r.get("setup_peak")]
+    ran = [r for r in scaling if r.get("setup_peak") and r.get("finite")]  # a failed run's peaks are partial
     setups = [max(r["setup_peak"]) for r in ran]
     shrinks = len(setups) >= 2 and all(b < a for a, b in zip(setups, setups[1:]))
 
@@ -464,8 +464,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for layers in layer_counts:
             m = {**model, "num_layers": layers}
             same = [r for r in scaling if r["world"] == 2 and precision == "fp32" and layers == model["num_layers"]]
-            if same:  # the scaling table's world-2 run is this very run: reuse it
-                row = {**same[0], "name": f"largest_{layers}l"}
+            if same:  # the scaling table's world-2 run is this very run: reuse it (counted once in the plan error)
+                row = {**same[0], "name": f"largest_{layers}l", "reused": True}
             else:
                 row = measure(f"largest_{layers}l", m, 2, seq, precision, str(lean), LEAN_ENV, data, out)
             largest.append(row)
@@ -506,19 +506,21 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
             "training peak, summed | trainer max_rss_mb | plan (host, per rank) | plan / measured | load avg |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in scaling:
-        if r.get("skipped") or not r.get("train_peak"):
-            why = r.get("skipped") or "failed"
+        if r.get("skipped") or not r.get("train_peak") or not r.get("finite"):
+            why = r.get("skipped") or ("failed (peaks of a partial run left out)" if not r.get("ok") else
+                                       "ran, loss not finite")
             rows.append(f"| {r['world']} | {r['ep']} | {why} |  |  |  |  | {_gib(r['plan_host'])} GiB |  |  |")
             continue
         tp = max(r["train_peak"])
         rows.append(f"| {r['world']} | {r['ep']} | {_gib(max(r['setup_peak']))} GiB | {_gib(sum(r['setup_peak']))} GiB "
                     f"| {_gib(tp)} GiB | {_gib(sum(r['train_peak']))} GiB | {_gib(r['trainer_max_rss'])} GiB "
                     f"| {_gib(r['plan_host'])} GiB | {r['plan_host'] / tp:.2f} | {r['busy']} |")
-    ran = [r for r in scaling if r.get("setup_peak")]
+    ran = [r for r in scaling if r.get("setup_peak") and r.get("finite")]
     setups = ", ".join(f"{_gib(max(r['setup_peak']))}" for r in ran)
     shrink = (f"A rank's set-up peak shrinks with the world size: **{'yes' if result['shrinks'] else 'NO'}** "
               f"({setups} GiB at world {', '.join(str(r['world']) for r in ran)}).")
-    measured = ran + [r for r in largest + result["nvme"] if r.get("train_peak") and not r.get("skipped")]
+    measured = ran + [r for r in largest + result["nvme"]
+                      if r.get("train_peak") and r.get("finite") and not r.get("skipped") and not r.get("reused")]
     errors = [abs(r["plan_host"] / max(r["train_peak"]) - 1) for r in measured]
     plan_v = (f"`ep-train plan --device cpu` error against the measured training peak {describe('scale_plan_error')}, "
               "every run (the largest-model runs included): ")
@@ -600,8 +602,9 @@ activation checkpointing, CPU offload. Peaks are VmHWM of each rank process read
 last reading before the ranks exit (every 0.2 s), or the rank's own reading after its last save where that is
 larger (a short run can peak less than one poll before it exits); "trainer max_rss_mb" is the largest rank's
 figure in the step logs.
-"load avg" is the machine's 1-minute load average at the end of the run (2 cores: above ~2 means
-other users' work ran alongside; memory figures are per process and not affected by it).
+"load avg" is the machine's 1-minute load average at the end of the run ({os.cpu_count()} cores; the run's own
+processes, one per rank, count in it, so a world of 8 loads it to about 8 by itself; memory figures are per
+process and not affected by it).
 
 ### One model against the world size
 

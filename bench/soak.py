@@ -145,11 +145,14 @@ def main(argv: list[str] | None = None) -> dict:
     recs = [r for r in recs if "tokens_per_sec" in r]
     per_rank = analyse(samples, args.steps)
     tok_s = [r["tokens_per_sec"] for r in recs if r["step"] >= 0.1 * args.steps]
+    if not per_rank:  # no rank had enough samples after the warm-up: nothing says whether memory grows
+        raise RuntimeError(f"soak: too few RSS samples after the warm-up ({len(samples)} in all) to judge growth; "
+                           "run more steps or sample more often (--sample-interval)")
     grows = any(v["growth_share"] > GROWTH_LIMIT for v in per_rank.values())
     result = {"per_rank": per_rank, "tok_s_median": float(np.median(tok_s)) if tok_s else 0.0,
               "tok_s_first_last": (tok_s[0], tok_s[-1]) if tok_s else (0.0, 0.0), "wall_s": wall,
               "rss_grows": grows, "steps": args.steps, "samples": len(samples), "final_loss": recs[-1]["loss"],
-              "sample_interval": args.sample_interval}
+              "sample_interval": args.sample_interval, "save_interval": args.save_interval}
     if args.write:
         _write(result, samples, recs)
     print(json.dumps(result, indent=1))
@@ -180,8 +183,8 @@ def _write(result: dict, samples: list, recs: list) -> None:
                     f"{v['predicted_growth_mib']:+.1f} MiB | {v['growth_share']:+.2%} |")
     first, last = result["tok_s_first_last"]
     body = (f"`python bench/soak.py --steps {result['steps']} --write` on {machine()}.\n"
-            f"configs/tiny.yaml, world 2, EP 2, ZeRO-3 + CPU offload, a checkpoint every 500 steps; RSS of each "
-            f"trainer sampled every {result['sample_interval']:g} s ({result['samples']} samples), "
+            f"configs/tiny.yaml, world 2, EP 2, ZeRO-3 + CPU offload, a checkpoint every {result['save_interval']} "
+            f"steps; RSS of each trainer sampled every {result['sample_interval']:g} s ({result['samples']} samples), "
             f"wall time {result['wall_s']:.0f} s, "
             f"final loss {result['final_loss']:.3f}.\n\n" + "\n".join(rows) +
             f"\n\ntokens/s after warm-up: median {result['tok_s_median']:,.0f} (first {first:,.0f}, last {last:,.0f}).\n"

@@ -106,8 +106,14 @@ def figure(name: str, measured: float, places: int) -> str:
     1.1x: MISSED", 0.8496 as "85%" next to "at least 85%: MISSED" (up to 4 more decimals)."""
     t = TARGETS[name]
     scale, suffix = (100.0, "%") if t.unit == "%" else (1.0, "x" if t.unit == "x" else "")
+    return beside(measured, t.value, places, scale, suffix)
+
+
+def beside(measured: float, threshold: float, places: int, scale: float = 1.0, suffix: str = "") -> str:
+    """``measured * scale`` with ``places`` decimals, more (up to 4) where it would print the threshold's own
+    figure for a value on the other side of it (for goals that are not in TARGETS)."""
     p = places
-    while p < places + 4 and measured != t.value and round(measured * scale, p) == round(t.value * scale, p):
+    while p < places + 4 and measured != threshold and round(measured * scale, p) == round(threshold * scale, p):
         p += 1
     return f"{measured * scale:.{p}f}{suffix}"
 

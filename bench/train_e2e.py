@@ -51,13 +51,16 @@ def _overlap(a: dict, b: dict) -> bool:
     return min(a["tok_s"]) <= max(b["tok_s"]) and min(b["tok_s"]) <= max(a["tok_s"])
 
 
-def _offload_sentence(ratio: float) -> str:
+def _offload_sentence(ratio: float, overlap: bool) -> str:
     """ZeRO-3 + offload's tokens/s against ZeRO-3's, worded by the sign of the difference (on a CPU-only machine
-    offload moves nothing off a GPU, and either may come out ahead)."""
+    offload moves nothing off a GPU, and either may come out ahead); ``overlap``: the two runs' per-step ranges
+    overlap, so one run of each does not settle the difference."""
+    caveat = (" (one run of each; their per-step tokens/s ranges overlap: not a settled difference)" if overlap
+              else " (one run of each)")
     if round(ratio, 2) == 1.0:
-        return f"ZeRO-3 + offload runs at {ratio:.3f}x the tokens/s of ZeRO-3 (no difference at this precision)."
+        return f"ZeRO-3 + offload runs at {ratio:.2f}x the tokens/s of ZeRO-3{caveat}."
     how = "costs" if ratio < 1 else "gains"
-    return f"Offload {how}: ZeRO-3 + offload runs at {ratio:.2f}x the tokens/s of ZeRO-3."
+    return f"Offload {how}: ZeRO-3 + offload runs at {ratio:.2f}x the tokens/s of ZeRO-3{caveat}."
 
 
 def _top(table: str, rows: int = 12) -> str:
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     med = {k: statistics.median(r["tok_s"]) for k, r in results.items()}
     vs_ds = med["zero3"] / med[DS_MOE]
+    offload_overlap = _overlap(results["zero3_offload"], results["zero3"])
     ratios = {k: [a / b for a, b, _ in results[k]["pairs"]] for k in judged}
     vs_aep, vs_aep_off = statistics.median(ratios[MATCHED]), statistics.median(ratios[MATCHED_OFF])
     drift = {k: max(d for _, _, d in results[k]["pairs"]) for k in judged}
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                f"{med['zero2'] / med[DS_MOE]:.2f}x; judged on one run of each, not paired: tokens/s per step "
                f"{_span(results['zero3'])} for ZeRO-3 and {_span(results[DS_MOE])} for the peer"
                f"{', ranges that overlap' if _overlap(results['zero3'], results[DS_MOE]) else ''}). "
-               f"{_offload_sentence(med['zero3_offload'] / med['zero3'])} With `train.recompute_comm: "
+               f"{_offload_sentence(med['zero3_offload'] / med['zero3'], offload_overlap)} With `train.recompute_comm: "
                f"false` (not the default: the recompute reuses the forward's all-to-all results and keeps them), "
                f"ZeRO-3 + offload runs at {med[REUSE] / med['zero3_offload']:.2f}x its default's tokens/s, "
                f"{med[REUSE] / med[AUTOEP_OFF]:.2f}x AutoEP's with offload and {med[REUSE] / med[DS_MOE]:.2f}x "
@@ -279,7 +283,7 @@ under ZeRO-3 each rank keeps E/ep experts partitioned over its world/ep expert-d
 ZeRO-2 keeps full parameters on every rank (its partitioning covers gradients and optimizer states).
 Model-state bytes follow from the elements: fp32 parameter + gradient + two Adam moments = 16 bytes each.
 
-Offload's cost: on this CPU-only machine "offload" moves nothing off a GPU, so the difference is
+On offload: on this CPU-only machine "offload" moves nothing off a GPU, so the difference is
 DeepSpeed's offload machinery (CPU Adam, host buffers) rather than PCIe traffic.
 The DeepSpeed-MoE row is the same model with `deepspeed.moe.layer.MoE` (top-2, ep_size 2,
 `drop_tokens=False`) in the MoE layers, trained by DeepSpeed under ZeRO-2 (DeepSpeed's MoE layer refuses
