@@ -77,6 +77,9 @@ def test_index_without_weight_map_is_refused_by_name(tmp_path) -> None:
     with pytest.raises(ValueError, match='has no "weight_map" object'):
         weight_map(index)
     index.write_text('{"weight_map": {"lm_head.weight": "a.safetensors"}}')
+    with pytest.raises(ValueError, match="names 1 shard file"):  # the shard it names is not there
+        weight_map(index)
+    (tmp_path / "a.safetensors").write_bytes(b"")
     assert weight_map(index) == {"lm_head.weight": "a.safetensors"}
 
 
