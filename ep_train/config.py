@@ -287,7 +287,10 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             value = inner.parse_flat(value, where)
         elif isinstance(value, str):
             value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
-            value = [yaml.load(v, Loader=_StrictSafeLoader) for v in value]  # noqa: S506 - safe subclass
+            try:
+                value = [yaml.load(v, Loader=_StrictSafeLoader) for v in value]  # noqa: S506 - safe subclass
+            except yaml.YAMLError as e:
+                raise ValueError(f"{where} = {value!r} is invalid: {getattr(e, 'problem', None) or e}") from None
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # "--moe_layers 3" means [3]
         if not isinstance(value, (list, tuple)):
@@ -959,8 +962,9 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
             default = getattr(TrainConfig, name)
             _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name),
                    f"must be a positive integer; set train.{name} >= 1 (default {default})")
-        _check(0 <= t.seed < 2 ** 63, "train.seed", t.seed, "must be an integer in [0, 2**63) (numpy refuses "
-               "negative seeds; each rank seeds torch with seed + rank, which must fit 64 bits), e.g. 1234")
+        top = 2 ** 64 - (world_size or 1)  # each rank seeds torch with seed + rank: at most 2**64 - 1
+        _check(0 <= t.seed <= top, "train.seed", t.seed, f"must be an integer in [0, {top}] (numpy refuses negative "
+               "seeds; each rank seeds torch with seed + rank, which must fit 64 bits), e.g. 1234")
         _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
                "must be a positive number; set train.learning_rate, e.g. 3e-4")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio,
@@ -997,7 +1001,8 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
                f"must be a multiple of train.micro_batch_size ({t.micro_batch_size})")
         _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", t.max_consecutive_skips, "must be >= 1")
         _check(t.profile_step >= 0, "train.profile_step", t.profile_step, "must be >= 0 (0 = no profiling)")
-        _check(t.profile_step <= t.max_steps, "train.profile_step", t.profile_step,
+        # not for a stored config: a checkpoint of a run that never reached its profile_step still loads
+        _check(stored or t.profile_step <= t.max_steps, "train.profile_step", t.profile_step,
                f"must not exceed train.max_steps ({t.max_steps}), or no step is profiled; pick a step after the "
                "first few (set-up and allocator warm-up)")
         if world_size is not None:

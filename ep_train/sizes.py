@@ -332,6 +332,7 @@ def plan_memory(cfg: Config, world: int, device: str = "cuda", ds: dict[str, Any
     # the fp32 master shares an fp32 parameter partition on the host, and the optimizer's gradient is the
     # accumulation buffer when both are fp32.
     dedup = dedup_enabled({**ds, "zero_optimization": {**z, "stage": stage, "offload_optimizer": {
+        **(z.get("offload_optimizer") or {}),  # its other switches (super_offload turns the sharing off)
         "device": "cpu" if off_opt and not opt_nvme else "none"}}})  # (NVMe-swapped sub-groups keep their own)
     # DeepSpeed accumulates gradients in the model dtype unless data_types.grad_accum_dtype says otherwise
     # (engine.get_data_types); build_ds_config makes that fp32 for bf16 when the deduplication applies.

@@ -887,7 +887,14 @@ def _refuse_other_root_build(root: Path) -> None:
     """``build --num-tasks`` parts and their merge own the root's manifest.json: refuse a root holding a
     single build's or an adopted one (a merge would replace it and leave its shards orphaned)."""
     manifest = root / resume.MANIFEST
-    if manifest.is_file() and "merged_from" not in json.loads(manifest.read_text()):
+    if not manifest.is_file():
+        return
+    try:
+        held = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(manifest)!r} is not a readable manifest ({type(e).__name__}: {e}); it is damaged or "
+                         "not this tool's: move it away, or build the tasks into a new folder") from None
+    if not isinstance(held, dict) or "merged_from" not in held:
         raise ValueError(f"{str(root)!r} holds another build's manifest.json (a single build or adopted shards): "
                          "merging --num-tasks parts there would replace it and orphan its shards; build the "
                          "tasks into a new folder")

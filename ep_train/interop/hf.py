@@ -323,8 +323,8 @@ def from_hf_mixtral(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 
 # The MoE fields a Mixtral checkpoint (or an upcycled model) fixes; the other moe fields (z-loss weight,
 # capacity, router_init_std ...) are training choices and come from the base config.
-MIXTRAL_MOE = {"num_shared_experts": 0, "normalize_top_k": True, "router_type": "topk",
-               "expert_intermediate_size": None, "moe_layer_frequency": 1, "moe_layer_start": 0,
+MIXTRAL_MOE = {"num_shared_experts": 0, "shared_expert_intermediate_size": None, "normalize_top_k": True,
+               "router_type": "topk", "expert_intermediate_size": None, "moe_layer_frequency": 1, "moe_layer_start": 0,
                "moe_layer_end": None}
 SHAPE_FIELDS = [("model", f) for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                                        "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_embeddings")]

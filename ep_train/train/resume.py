@@ -99,11 +99,12 @@ def _offload_change(then: dict[str, Any] | None, now: dict[str, Any], path: Path
     """Refuse a ZeRO stage change; describe an optimizer offload change between none and cpu (None if none)."""
     if then is None:
         return None
-    if then["stage"] != now["stage"]:
+    if then["stage"] != now["stage"] and 3 in (then["stage"], now["stage"]):  # stages 1 and 2 share their files
         shipped = [f.stem for f in sorted(DS_CONFIG_DIR.glob("*.json")) if zero_layout(read_ds_json(f))["stage"]
                    == then["stage"]]
         raise ValueError(f"cannot resume {str(path)!r} (written under ZeRO stage {then['stage']}) with "
-                         f"parallel.ds_config of stage {now['stage']}: DeepSpeed's checkpoint files differ by stage; "
+                         f"parallel.ds_config of stage {now['stage']}: DeepSpeed's ZeRO-3 checkpoint files are not "
+                         "those of stages 1-2; "
                          f"resume with a parallel.ds_config of stage {then['stage']} (shipped: {', '.join(shipped)})")
     devices = (then["offload_optimizer"], now["offload_optimizer"])
     if devices[0] == devices[1] or "nvme" in devices:  # NVMe swap files: ep_train.parallel.ds_nvme decides

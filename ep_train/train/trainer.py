@@ -471,8 +471,10 @@ class Trainer:
             print(f"training: world {self.world}, ep_size {self.cfg.parallel.ep_size}, ZeRO-"
                   f"{self.ds_config['zero_optimization']['stage']}, micro {t.micro_batch_size} x accumulation "
                   f"{self.batches.grad_accum_steps} x ranks {self.world} = global batch {t.batch_size}", flush=True)
-            unevaluated = [src.path for src in self.sources if self._val_windows(src.path) is None]
-            if t.eval_interval > 0 and unevaluated:  # said now, not discovered at the end as a missing val_loss
+            # only with evaluation on: its validation shards were verified at start (not opened otherwise)
+            unevaluated = [src.path for src in self.sources if self._val_windows(src.path) is None] \
+                if t.eval_interval > 0 else []
+            if unevaluated:  # said now, not discovered at the end as a missing val_loss
                 every = len(unevaluated) == len(self.sources)
                 print(f"WARNING: train.eval_interval = {t.eval_interval} but "
                       f"{'no data source has' if every else 'these data sources have no'} validation split of at "

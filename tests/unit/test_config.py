@@ -219,6 +219,32 @@ def test_yaml_1_1_octal_and_base_60_numbers_are_refused(tmp_path) -> None:
                       (["--moe_layers", "[1, 03]"], "3 without the leading zero")):
         with pytest.raises(ValueError, match=rf"override {args[0]} .*is invalid: .*YAML 1\.1.*{fix}"):
             parse_overrides(args)
+    with pytest.raises(ValueError, match=r"moe\.moe_layers = .* is invalid: .*YAML 1\.1"):  # the comma form too
+        load_config(None, parse_overrides(["--moe_layers", "01,03"]))
     p.write_text("train:\n  seed: 0\n  max_steps: 100\n  learning_rate: 3.0e-4\n")
     cfg = load_config(p, parse_overrides(["--save_interval", "10", "--warmup_steps", "0"]))
     assert (cfg.train.seed, cfg.train.max_steps, cfg.train.learning_rate, cfg.train.save_interval) == (0, 100, 3e-4, 10)
+
+
+def test_a_stored_config_that_never_reached_its_profile_step_still_loads() -> None:
+    """profile_step past max_steps is refused for a run, not for a checkpoint's saved config (older versions
+    accepted it: generation, export and resume read that config back)."""
+    from ep_train.config import Config, config_from_dict, config_to_dict
+
+    saved = config_to_dict(Config())
+    saved["train"].update(max_steps=50, warmup_steps=5, profile_step=60)
+    assert config_from_dict(saved).train.profile_step == 60
+    with pytest.raises(ValueError, match="train.profile_step = 60"):
+        validate(config_from_dict(saved))
+
+
+def test_a_zero_stage_change_is_refused_only_to_or_from_stage_3(tmp_path) -> None:
+    """Stages 1 and 2 write the same files (and optimizer); ZeRO-3's are other files: refused, named."""
+    from ep_train.train.resume import _offload_change
+
+    layout = {"offload_optimizer": "none"}
+    assert _offload_change({**layout, "stage": 1}, {**layout, "stage": 2}, tmp_path) is None
+    with pytest.raises(ValueError, match=r"written under ZeRO stage 2\) with parallel.ds_config of stage 3"):
+        _offload_change({**layout, "stage": 2}, {**layout, "stage": 3}, tmp_path)
+    assert _offload_change({"stage": 3, "offload_optimizer": "none"}, {"stage": 3, "offload_optimizer": "cpu"},
+                           tmp_path) == "optimizer offload: none -> cpu"

@@ -217,6 +217,9 @@ def test_bad_build_options_and_outputs_are_refused(tokenizer, tmp_path) -> None:
     with pytest.raises(ValueError, match="holds another build's manifest.json"):
         merge(str(tmp_path / "mx"))
     assert json.loads((tmp_path / "mx" / "manifest.json").read_text())["splits"] == single["splits"]
+    (tmp_path / "mx" / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not a readable manifest"):
+        merge(str(tmp_path / "mx"))
 
 
 def test_json_array_rows_are_checked_one_by_one_and_keep_their_text(tokenizer, tmp_path, monkeypatch) -> None:

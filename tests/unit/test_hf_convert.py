@@ -335,6 +335,11 @@ def test_a_base_config_that_routes_otherwise_is_refused_and_training_choices_pas
         moe = yaml.safe_load(cfg_file.read_text())["moe"]
         assert (moe["num_expert_groups"], moe["top_groups"], moe["capacity_factor"],
                 moe["expert_bias_update_rate"]) == (2, None, 1.25, 0.001)
+    # a recipe with shared experts: the Mixtral has none, and their width goes with them (not refused as a
+    # width without shared experts)
+    base.write_text("moe:\n  num_shared_experts: 1\n  shared_expert_intermediate_size: 128\n")
+    moe = yaml.safe_load(from_hf(src, tmp_path / "c", config=base).read_text())["moe"]
+    assert (moe["num_shared_experts"], moe["shared_expert_intermediate_size"]) == (0, None)
 
 
 def test_upcycling_an_untied_llama_without_lm_head_is_refused_not_tied(tmp_path) -> None:

@@ -104,6 +104,10 @@ def test_plan_model_states_follow_deepspeed_semantics() -> None:
     off = {**json.loads(resolve_ds_config("zero3_offload").read_text()), "ep_train": {"dedup_offload_buffers": False}}
     assert sum(_bytes(plan_memory(_moe_cfg(), 2, "cpu", ds=off), n) for n in states) == 24 * fp32["partition_elements"]
     assert sum(_bytes(plan_memory(_moe_cfg(), 2, "cuda", ds=off), n) for n in states) == 20 * bf16["partition_elements"]
+    # DeepSpeed's SuperOffload is never shared (ds_memory leaves its optimizer alone): DeepSpeed's own 24 bytes
+    sup = json.loads(resolve_ds_config("zero3_offload").read_text())
+    sup["zero_optimization"]["offload_optimizer"]["super_offload"] = True
+    assert sum(_bytes(plan_memory(_moe_cfg(), 2, "cpu", ds=sup), n) for n in states) == 24 * fp32["partition_elements"]
     # without optimizer offload, DeepSpeed 0.19.8 means to reuse an fp32 parameter partition as the master, but
     # its device test compares a torch.device with a string, never equal in torch 2.13: it copies
     import torch
