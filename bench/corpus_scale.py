@@ -236,7 +236,7 @@ def _load() -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes-gb", default="0.5,2")
+    ap.add_argument("--sizes-gb", default="0.5,2", help="corpus sizes in GiB of text (2**30 characters each)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--small", action="store_true", help="toy sizes, 5 and 20 MB (the test suite runs this)")
     ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
