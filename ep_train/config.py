@@ -963,8 +963,8 @@ def validate(cfg: Any, world_size: int | None = None, *, check_paths: bool = Tru
             _check(getattr(t, name) > 0, f"train.{name}", getattr(t, name),
                    f"must be a positive integer; set train.{name} >= 1 (default {default})")
         top = 2 ** 64 - (world_size or 1)  # each rank seeds torch with seed + rank: at most 2**64 - 1
-        _check(0 <= t.seed <= top, "train.seed", t.seed, f"must be an integer in [0, {top}] (numpy refuses negative "
-               "seeds; each rank seeds torch with seed + rank, which must fit 64 bits), e.g. 1234")
+        _check(0 <= t.seed <= top, "train.seed", t.seed, f"must be a non-negative integer, at most {top} (numpy refuses "
+               "negative seeds; each rank seeds torch with seed + rank, which must fit 64 bits), e.g. 1234")
         _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate,
                "must be a positive number; set train.learning_rate, e.g. 3e-4")
         _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio,
