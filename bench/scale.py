@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 1. One model, world 1..8, the default DeepSpeed JSON and environment.
     scaling = [measure("scale", model, w, seq, "fp32", str(lean), LEAN_ENV, data, out) for w in worlds]
-    ran = [r for r in scaling if r.get("setup_peak") and r.get("finite")]  # a failed run's peaks are partial
+    ran = _finished(scaling)
     setups = [max(r["setup_peak"]) for r in ran]
     shrinks = len(setups) >= 2 and all(b < a for a, b in zip(setups, setups[1:]))
 
@@ -500,6 +500,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _finished(scaling: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The scaling runs that count: finished with finite losses (a failed run's peaks are partial)."""
+    return [r for r in scaling if r.get("setup_peak") and r.get("finite")]
+
+
 def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Path) -> str:
     scaling, largest = result["scaling"], result["largest"]
     rows = ["| world | EP | set-up peak, largest rank | set-up peak, summed | training peak, largest rank | "
@@ -515,7 +520,7 @@ def _report(result: dict[str, Any], args: argparse.Namespace, seq: int, lean: Pa
         rows.append(f"| {r['world']} | {r['ep']} | {_gib(max(r['setup_peak']))} GiB | {_gib(sum(r['setup_peak']))} GiB "
                     f"| {_gib(tp)} GiB | {_gib(sum(r['train_peak']))} GiB | {_gib(r['trainer_max_rss'])} GiB "
                     f"| {_gib(r['plan_host'])} GiB | {r['plan_host'] / tp:.2f} | {r['busy']} |")
-    ran = [r for r in scaling if r.get("setup_peak") and r.get("finite")]
+    ran = _finished(scaling)
     setups = ", ".join(f"{_gib(max(r['setup_peak']))}" for r in ran)
     shrink = (f"A rank's set-up peak shrinks with the world size: **{'yes' if result['shrinks'] else 'NO'}** "
               f"({setups} GiB at world {', '.join(str(r['world']) for r in ran)}).")

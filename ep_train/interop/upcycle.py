@@ -12,8 +12,8 @@ layer computes exactly the dense FFN. The result is written once, in the Hugging
 
 from __future__ import annotations
 
-import math
 import copy
+import math
 from pathlib import Path
 from typing import Any, Callable
 

@@ -9,11 +9,11 @@
   position is exact because ``consumed_samples`` counts the global batch, which cannot change (above):
   ``DistributedBatches`` cuts the same global batches at any world size; only the micro-batch split
   (gradient accumulation) differs.
-- Refused: the ZeRO stage (DeepSpeed's files differ by stage). Loaded through the universal form: a change
-  of the optimizer's offload between none and cpu (torch's AdamW and DeepSpeed's CPU Adam keep different
-  parameter-group keys and step counts; a direct load crashed in the first step). The checkpoint's
-  ``ep_train_state.json`` says which it was written with (``zero``); for one that predates that field, its
-  config's ``parallel.ds_config`` as it reads now.
+- Refused: a ZeRO stage change to or from stage 3 (its files are not those of stages 1-2). Loaded through
+  the universal form: a change of the optimizer's offload between none and cpu (torch's AdamW and DeepSpeed's
+  CPU Adam keep different parameter-group keys and step counts; a direct load crashed in the first step). The
+  checkpoint's ``ep_train_state.json`` says which it was written with (``zero``); for one that predates that
+  field, its config's ``parallel.ds_config`` as it reads now.
 - Applied and logged: optimizer hyperparameters (learning rate, router multiplier, betas, eps, weight
   decay), which DeepSpeed would otherwise silently restore from the checkpoint, and the schedule and
   clipping fields, which the run's own config already drives.
@@ -95,8 +95,9 @@ def saved_zero_layout(state: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def _offload_change(then: dict[str, Any] | None, now: dict[str, Any], path: Path) -> str | None:
-    """Refuse a ZeRO stage change; describe an optimizer offload change between none and cpu (None if none)."""
+def _zero_change(then: dict[str, Any] | None, now: dict[str, Any], path: Path) -> str | None:
+    """Refuse a ZeRO stage change to or from stage 3; describe an optimizer offload change between none and cpu
+    (None when there is none)."""
     if then is None:
         return None
     if then["stage"] != now["stage"] and 3 in (then["stage"], now["stage"]):  # stages 1 and 2 share their files
@@ -142,7 +143,7 @@ def plan(cfg: Config, root: Path, world: int, rank: int, ds_config: dict[str, An
     # Optimizer states swapped to NVMe and this run keeps them in RAM: DeepSpeed would read the ZeRO shards,
     # which lack them; the universal form is converted with them filled in (ds_nvme.py), at any shape.
     from_swap = swapped_checkpoint(path) and not nvme
-    offload_change = _offload_change(saved_zero_layout(state), zero_layout(ds_config), path)
+    offload_change = _zero_change(saved_zero_layout(state), zero_layout(ds_config), path)
     if not reshard and not from_swap and offload_change is None:
         return ResumePlan(path, state, [], None)
     if nvme:

@@ -240,11 +240,11 @@ def test_a_stored_config_that_never_reached_its_profile_step_still_loads() -> No
 
 def test_a_zero_stage_change_is_refused_only_to_or_from_stage_3(tmp_path) -> None:
     """Stages 1 and 2 write the same files (and optimizer); ZeRO-3's are other files: refused, named."""
-    from ep_train.train.resume import _offload_change
+    from ep_train.train.resume import _zero_change
 
     layout = {"offload_optimizer": "none"}
-    assert _offload_change({**layout, "stage": 1}, {**layout, "stage": 2}, tmp_path) is None
+    assert _zero_change({**layout, "stage": 1}, {**layout, "stage": 2}, tmp_path) is None
     with pytest.raises(ValueError, match=r"written under ZeRO stage 2\) with parallel.ds_config of stage 3"):
-        _offload_change({**layout, "stage": 2}, {**layout, "stage": 3}, tmp_path)
-    assert _offload_change({"stage": 3, "offload_optimizer": "none"}, {"stage": 3, "offload_optimizer": "cpu"},
+        _zero_change({**layout, "stage": 2}, {**layout, "stage": 3}, tmp_path)
+    assert _zero_change({"stage": 3, "offload_optimizer": "none"}, {"stage": 3, "offload_optimizer": "cpu"},
                            tmp_path) == "optimizer offload: none -> cpu"
