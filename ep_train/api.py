@@ -4,7 +4,8 @@
     m = ep_train.load("runs/tiny")                      # run dir, checkpoints/step_N or HF Mixtral folder
     print(ep_train.generate(m.model, m.tokenizer, "def ", max_new_tokens=20))
 
-Everything loads in one process, tensor by tensor (``ValueSource``), on ``device``.
+Everything loads tensor by tensor (``ValueSource``), on ``device``: in one process, or expert parallel over a
+process group (``load(..., ep_group=)``: each rank reads only its own experts).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from ep_train.config import Config
 from ep_train.data.verify import run_manifest
@@ -128,6 +130,35 @@ def resolve(path: str | Path) -> tuple[Config, ValueSource, Path, list[Path]]:
                      "checkpoints/step_N, a checkpoints/step_N folder or a Hugging Face Mixtral folder")
 
 
+def _resolve_on_first_rank(path: str | Path, group: dist.ProcessGroup) -> tuple[Config, ValueSource, Path, list[Path]]:
+    """``resolve`` on the group's first rank, then on the others: an ep-train checkpoint is converted to the
+    universal form once (the others then find it), and an error reaches every rank instead of leaving them
+    waiting for the first."""
+    first = dist.get_global_rank(group, 0)
+    out, err = None, ""
+    if dist.get_rank(group) == 0:
+        try:
+            out = resolve(path)
+        except ValueError as e:
+            err = str(e)
+    msg = [err]
+    dist.broadcast_object_list(msg, src=first, group=group)  # communication: the others wait for the first
+    if msg[0]:
+        raise ValueError(msg[0])
+    return out if out is not None else resolve(path)
+
+
+def _check_generation_layout(cfg: Config, world: int) -> None:
+    from ep_train.config import moe_layer_indices
+
+    e = cfg.moe.num_experts if moe_layer_indices(cfg.model, cfg.moe) else 0
+    if world > 1 and (e < world or e % world):
+        what = f"its {e} experts per MoE layer" if e else "it has no MoE layers (a dense model)"
+        raise ValueError(f"expert-parallel generation over {world} processes splits every MoE layer's experts "
+                         f"evenly between them, but {what}: launch a number of processes that divides "
+                         f"moe.num_experts ({e})" + (" or run one process" if e else "; run one process"))
+
+
 def _check_tokenizer_digest(path: Path, manifest: dict | None) -> None:
     """A tokenizer found for a run must be the one its data was built with (the manifest's sha256): a file
     retrained or replaced in place would decode every token wrong without an error."""
@@ -158,7 +189,8 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-         tokenizer: str | Path | None = None, lazy: bool = False) -> Loaded:
+         tokenizer: str | Path | None = None, lazy: bool = False,
+         ep_group: dist.ProcessGroup | None = None) -> Loaded:
     """Load a model for inference from a run directory, a ``checkpoints/step_N`` folder or a Hugging
     Face Mixtral folder (see :func:`resolve`), in eval mode on ``device`` in ``dtype``. ``lazy``: read no
     weights; the model stays on ``meta`` with ``source`` and ``expert_bias`` to run it block by block
@@ -168,15 +200,33 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     its data manifest's tokenizer, and ``tokenizer.model`` beside the weights; None if none exists.
     Errors (missing path, no weights, a config that does not match the weights) are ``ValueError``s
     that name the path and what to pass instead.
+
+    ``ep_group`` (collective: every rank of the group calls it): expert parallel over that group. This rank
+    reads and holds the dense weights and its 1/n of every MoE layer's experts (global experts
+    [r * E/n, (r + 1) * E/n) on group rank r), never the others: a model whose experts fit only across n
+    processes loads. Generate with ``generate_tokens(..., group=ep_group)``.
     """
     from ep_train.data.tokenizer import load_tokenizer
 
-    cfg, source, weights, candidates = resolve(path)
+    if ep_group is not None:
+        assert not lazy, "lazy loading is for one process"
+        cfg, source, weights, candidates = _resolve_on_first_rank(path, ep_group)
+        _check_generation_layout(cfg, dist.get_world_size(ep_group))
+    else:
+        cfg, source, weights, candidates = resolve(path)
     state_file = weights / "ep_train_state.json"
     # aux-loss-free expert biases live beside DeepSpeed's files (selection only)
     biases = json.loads(state_file.read_text()).get("expert_bias", {}) if state_file.is_file() else {}
     if lazy:
         model = build_model(cfg.model, cfg.moe, device="meta").eval()
+    elif ep_group is not None:
+        from ep_train.model.init import materialize
+        from ep_train.parallel import apply_expert_parallel
+
+        model = build_model(cfg.model, cfg.moe, device="meta")  # shapes only
+        apply_expert_parallel(model, ep_group)  # this rank's experts, all-to-all dispatch; still no memory
+        materialize(model, source, device=check_device(device), dtype=dtype).eval()  # read this rank's share
+        set_expert_biases(model, biases)
     else:  # each parameter made in dtype as it is read; buffers (the aux-loss-free expert bias) stay fp32, as
         # under DeepSpeed's mixed precision in training: a bf16 bias would round and could select other experts
         model = build_model(cfg.model, cfg.moe, device=check_device(device), source=source, dtype=dtype).eval()

@@ -13,13 +13,16 @@ experts never depend on its batch.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from ep_train.model.moe import inference_routing
 from ep_train.model.transformer import KVCache, Transformer
@@ -101,67 +104,132 @@ def check_prompt_ids(prompts: list[list[int]], vocab_size: int) -> None:
                                  "the model was trained with")
 
 
-@torch.inference_mode()
-def _generate_batch(model: Transformer, ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
-                    top_k: int, generator: torch.Generator | None, eos_id: int | None,
-                    use_kv_cache: bool) -> list[list[int]]:
-    """New tokens for a batch of equal-length prompts ids [B, S0]."""
-    b = ids.shape[0]
-    cache = KVCache(len(model.layers)) if use_kv_cache else None
-    seq, feed = ids, ids  # the whole sequence so far; what the next cached step feeds
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = [False] * b
-    for _ in range(max_new_tokens):
-        if cache is not None:
-            logits = model.forward_step(feed, cache)[0][:, -1]  # [B, V]
+def prompt_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The random stream of prompt ``index`` under ``seed``: a prompt's draws depend on these two only, not on
+    the prompts it is batched with nor on which process generates it (expert-parallel generation splits the
+    prompts over the ranks), so every layout samples the same tokens."""
+    digest = hashlib.sha256(f"{seed}/prompt{index}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class _Batch:
+    """Prompts of one token length [B, S0] being continued: each ``step`` feeds the model once and adds one
+    token per prompt still running."""
+
+    def __init__(self, model: Transformer, ids: torch.Tensor, max_new_tokens: int, sampling: tuple[float, float, int],
+                 generators: list[torch.Generator] | None, eos_id: int | None, use_kv_cache: bool) -> None:
+        b = ids.shape[0]
+        self.model, self.sampling, self.generators, self.eos_id = model, sampling, generators, eos_id
+        self.cache = KVCache(len(model.layers)) if use_kv_cache else None
+        self.seq, self.feed = ids, ids  # the whole sequence so far; what the next cached step feeds
+        self.out: list[list[int]] = [[] for _ in range(b)]
+        self.done = [False] * b
+        self.left = max_new_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.left == 0 or all(self.done)
+
+    def step(self) -> None:
+        if self.cache is not None:
+            logits = self.model.forward_step(self.feed, self.cache)[0][:, -1]  # [B, V]
         else:
-            logits = model(seq).logits[:, -1]  # full recompute: the reference the cache must match
-        nxt = sample_next(logits, temperature, top_p, top_k, generator)  # [B]
-        seq, feed = torch.cat([seq, nxt[:, None]], dim=1), nxt[:, None]
+            logits = self.model(self.seq).logits[:, -1]  # full recompute: the reference the cache must match
+        temperature, top_p, top_k = self.sampling
+        if self.generators is None:
+            nxt = sample_next(logits, temperature, top_p, top_k)  # [B]
+        else:  # each prompt from its own stream (prompt_generator)
+            nxt = torch.cat([sample_next(logits[r:r + 1], temperature, top_p, top_k, g)
+                             for r, g in enumerate(self.generators)])
+        self.seq, self.feed = torch.cat([self.seq, nxt[:, None]], dim=1), nxt[:, None]
         for row, t in enumerate(nxt.tolist()):  # host sync per step (the EOS check needs the values)
-            if not done[row]:
-                out[row].append(t)
-                done[row] = t == eos_id
-        if all(done):
-            break
-    return out
+            if not self.done[row]:
+                self.out[row].append(t)
+                self.done[row] = t == self.eos_id
+        self.left -= 1
+
+
+@torch.inference_mode()
+def _run_alone(batches: list[_Batch]) -> None:
+    for batch in batches:
+        while not batch.finished:
+            batch.step()
+
+
+@torch.inference_mode()
+def _run_in_lockstep(model: Transformer, batches: list[_Batch], group: dist.ProcessGroup,
+                     device: torch.device) -> None:
+    """This rank's batches, stepped together with the other ranks': every MoE layer's all-to-all needs every
+    rank of the group in every forward, so a rank with nothing left runs a one-token forward (output unused)
+    until no rank has work."""
+    queue = iter(batches)
+    current = next(queue, None)
+    busy = torch.zeros(1, dtype=torch.int32, device=device)
+    idle_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    while True:
+        while current is not None and current.finished:
+            current = next(queue, None)
+        busy.fill_(int(current is not None))
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)  # communication; .item(): a host sync per step
+        if busy.item() == 0:
+            return
+        if current is not None:
+            current.step()
+        else:
+            model(idle_ids)
 
 
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
                     top_p: float = 1.0, top_k: int = 0, seed: int | None = None, eos_id: int | None = None,
-                    experts_per_token: int | None = None, use_kv_cache: bool = True) -> Generated:
+                    experts_per_token: int | None = None, use_kv_cache: bool = True,
+                    group: dist.ProcessGroup | None = None) -> Generated:
     """Continue each prompt (token ids) by up to ``max_new_tokens`` tokens, stopping a prompt at ``eos_id``.
 
-    Greedy when ``temperature`` is 0; otherwise sampled (``top_p``, ``top_k``) from a generator seeded by
-    ``seed`` (None: not reproducible). ``experts_per_token`` routes with another K for this call only.
-    ``use_kv_cache=False`` recomputes the whole sequence each step (slow; same tokens). Runs where the
-    model's parameters are, in eval mode (restored after). Returns the new tokens and the throughput.
+    Greedy when ``temperature`` is 0; otherwise sampled (``top_p``, ``top_k``), each prompt from its own
+    generator seeded by ``seed`` and its index (``prompt_generator``; None: not reproducible).
+    ``experts_per_token`` routes with another K for this call only. ``use_kv_cache=False`` recomputes the
+    whole sequence each step (slow; same tokens). Runs where the model's parameters are, in eval mode
+    (restored after). Returns the new tokens and the throughput.
+
+    ``group``: expert-parallel generation (a model loaded with ``ep_train.load(..., ep_group=group)``). Every
+    rank of the group passes the same prompts and gets every prompt's tokens back; rank r continues prompts
+    r, r + n, r + 2n, ... of the n ranks, in step with the others (see ``_run_in_lockstep``). ``new_tokens``
+    counts every rank's tokens.
     """
     check_sampling(max_new_tokens, temperature, top_p, top_k)
     check_lengths([len(p) for p in prompts], max_new_tokens, model.cfg.max_seq_len)
     check_prompt_ids(prompts, model.cfg.vocab_size)
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    mine = range(rank, len(prompts), world)
     groups: dict[int, list[int]] = {}  # token length -> prompt indices (one batch each, no padding)
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
-    result: list[list[int]] = [[] for _ in prompts]
+    for i in mine:
+        groups.setdefault(len(prompts[i]), []).append(i)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
     try:
         with inference_routing(model, experts_per_token):
-            for idx in groups.values():
-                ids = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)  # [B, S0]
-                new = _generate_batch(model, ids, max_new_tokens, temperature, top_p, top_k, generator, eos_id,
-                                      use_kv_cache)
-                for i, toks in zip(idx, new):
-                    result[i] = toks
+            batches = [_Batch(model, torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device),
+                              max_new_tokens, (temperature, top_p, top_k),
+                              None if seed is None or temperature == 0 else
+                              [prompt_generator(seed, i, device) for i in idx], eos_id, use_kv_cache)
+                       for idx in groups.values()]
+            if group is None:
+                _run_alone(batches)
+            else:
+                _run_in_lockstep(model, batches, group, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
+    done = {i: toks for idx, batch in zip(groups.values(), batches) for i, toks in zip(idx, batch.out)}
+    if group is not None:
+        every: list[dict[int, list[int]] | None] = [None] * world
+        dist.all_gather_object(every, done, group=group)  # communication: each rank's tokens to every rank
+        done = {i: toks for part in every for i, toks in (part or {}).items()}
+    result = [done[i] for i in range(len(prompts))]
     return Generated(result, sum(len(t) for t in result), seconds)
 
 
@@ -211,7 +279,8 @@ def decode_continuation(tokenizer: spm.SentencePieceProcessor, prompt: list[int]
 def generate(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts: list[str] | str,
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int | None = None, experts_per_token: int | None = None, use_kv_cache: bool = True,
-             device: str | torch.device | None = None, add_bos: bool = False) -> list[str]:
+             device: str | torch.device | None = None, add_bos: bool = False,
+             group: dist.ProcessGroup | None = None) -> list[str]:
     """Completions (the new text only) of each prompt, one string per prompt, in order.
 
     ``model`` and ``tokenizer`` as ``ep_train.load(path)`` returns them. Greedy by default; ``temperature``
@@ -219,13 +288,14 @@ def generate(model: Transformer, tokenizer: spm.SentencePieceProcessor, prompts:
     tokenizer's EOS. ``experts_per_token`` overrides the trained K for this call only. ``device``: move the
     model there first (default: where it is). ``add_bos``: start each prompt with BOS, as the training text
     did (``ep_train.load`` tells: ``Loaded.add_bos``). A prompt longer than the model's context, or one that
-    would run past it within ``max_new_tokens``, is refused with a ``ValueError``.
+    would run past it within ``max_new_tokens``, is refused with a ``ValueError``. ``group``: expert parallel
+    (see ``generate_tokens``); every rank passes the same prompts and gets every completion.
     """
     if device is not None:
         model.to(device)
     texts, _ = generate_text(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                              top_k=top_k, seed=seed, experts_per_token=experts_per_token, use_kv_cache=use_kv_cache,
-                             add_bos=add_bos)
+                             add_bos=add_bos, group=group)
     return texts
 
 
@@ -261,20 +331,48 @@ def main(argv: list[str] | None = None) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     from ep_train.api import load
 
-    loaded = load(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype), tokenizer=args.tokenizer)
-    if loaded.tokenizer is None:
-        raise ValueError(f"no tokenizer found for {args.checkpoint!r} (looked for data.tokenizer, the data "
-                         "manifest's tokenizer and tokenizer.model beside the weights); pass --tokenizer FILE")
-    texts, gen = generate_text(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                               experts_per_token=args.experts_per_token, use_kv_cache=not args.no_kv_cache,
-                               add_bos=loaded.add_bos if args.add_bos is None else args.add_bos)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device, group = (args.device, None) if world == 1 else _join_launch(args.device)
+    try:
+        loaded = load(args.checkpoint, device=device, dtype=getattr(torch, args.dtype), tokenizer=args.tokenizer,
+                      ep_group=group)
+        if loaded.tokenizer is None:
+            raise ValueError(f"no tokenizer found for {args.checkpoint!r} (looked for data.tokenizer, the data "
+                             "manifest's tokenizer and tokenizer.model beside the weights); pass --tokenizer FILE")
+        texts, gen = generate_text(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens,
+                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                   experts_per_token=args.experts_per_token, use_kv_cache=not args.no_kv_cache,
+                                   add_bos=loaded.add_bos if args.add_bos is None else args.add_bos, group=group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group()
+    if group is not None and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 prints: every rank holds every completion
     for prompt, text in zip(prompts, texts):
         print(f"=== {prompt!r}\n{prompt}{text}")
     cache = "no KV cache" if args.no_kv_cache else "KV cache"
+    where = args.device if group is None else f"{args.device}, {world} processes, expert parallel"
     print(f"{gen.new_tokens} tokens in {gen.seconds:.2f} s: {gen.tokens_per_sec:.1f} tokens/s "
-          f"({len(prompts)} prompt(s), {cache}, {args.device})")
+          f"({len(prompts)} prompt(s), {cache}, {where})")
     return 0
+
+
+def _join_launch(device_arg: str) -> tuple[torch.device, dist.ProcessGroup]:
+    """Under torchrun (WORLD_SIZE > 1): join the launch's process group (gloo on the CPU, nccl on CUDA) and
+    take this process's device (cuda:LOCAL_RANK). Generation then runs expert parallel over every process:
+    each holds the dense weights and 1/WORLD_SIZE of every MoE layer's experts."""
+    from ep_train.api import check_device
+
+    dev = check_device(device_arg)
+    if dev.type == "cuda":
+        if dev.index is not None:
+            raise ValueError(f"--device = {device_arg!r}: under torchrun each process takes cuda:LOCAL_RANK; "
+                             "pass --device cuda")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # torchrun's env:// rendezvous
+    return dev, dist.group.WORLD
 
 
 if __name__ == "__main__":  # python -m ep_train.generation: as ep-train generate (errors -> exit 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -62,3 +63,24 @@ def test_generate_clear_errors(hf_dir, tmp_path) -> None:
     p = ep_train("generate", "--checkpoint", str(hf_dir), "--prompt", "def ", "--experts-per-token", "9",
                  "--max-new-tokens", "5")
     assert p.returncode == 2 and "experts_per_token = 9" in p.stderr, p.stderr
+
+
+def test_generate_under_torchrun_is_expert_parallel(hf_dir) -> None:
+    """Two processes, each holding half of every layer's experts, print what one process prints."""
+    from tests.distributed.harness import free_port
+
+    args = ["generate", "--checkpoint", str(hf_dir), "--prompt", "def ", "--prompt", "import os",
+            "--prompt", "class ", "--max-new-tokens", "6"]
+    alone = ep_train(*args)
+    assert alone.returncode == 0, alone.stderr
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "-m", "ep_train.cli", *args], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    completions = alone.stdout.rsplit("\n", 2)[0]  # all but the tokens/s line
+    assert p.stdout.startswith(completions + "\n") and p.stdout.count("=== ") == 3, (p.stdout, alone.stdout)
+    assert "18 tokens in" in p.stdout and "(3 prompt(s), KV cache, cpu, 2 processes, expert parallel)" in p.stdout
+    bad = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port",
+                          str(free_port()), "-m", "ep_train.cli", *args], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode != 0 and "launch a number of processes that divides moe.num_experts (4)" in bad.stderr
