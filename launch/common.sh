@@ -2,6 +2,8 @@
 
 die() { echo "error: $*" >&2; exit 2; }
 
+need_value() { [ $# -ge 2 ] || die "$1 needs a value (e.g. $1 VALUE)"; }  # "$@" of an option parser's loop
+
 # The Python that runs ep-train: the repo's .venv if present, else python3 on PATH (EP_TRAIN_PYTHON overrides).
 ep_python() {
   local root="$1"
@@ -99,6 +101,9 @@ trainer_args() {
 check_config() {
   local py="$1" world="$2"; shift 2
   local args=(-m ep_train.cli check)
+  "$py" -c 'import ep_train' 2>/dev/null || die "the Python '$py' cannot import ep_train: run tools/setup_env.sh \
+in the ep-train folder (it makes .venv, which the launch scripts use), or set EP_TRAIN_PYTHON to a Python that has \
+ep-train installed (on a cluster: one the compute nodes can run)"
   [ -z "$world" ] || args+=(--world-size "$world")
   "$py" "${args[@]}" "$@" >/dev/null || exit 2
 }

@@ -43,19 +43,19 @@ config="" data="" run_dir="runs/default" resume="" hostfile="" include="" exclud
 master_port=29500 master_addr="" no_ssh=0 node_rank=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config) config="$2"; shift 2 ;;
-    --data) data="$2"; shift 2 ;;
-    --run-dir) run_dir="$2"; shift 2 ;;
-    --resume) resume="$2"; shift 2 ;;
-    --hostfile) hostfile="$2"; shift 2 ;;
-    --include) include="$2"; shift 2 ;;
-    --exclude) exclude="$2"; shift 2 ;;
-    --num_gpus|--num-gpus) num_gpus="$2"; shift 2 ;;
-    --num_nodes|--num-nodes) num_nodes="$2"; shift 2 ;;
-    --master_port|--master-port) master_port="$2"; shift 2 ;;
-    --master_addr|--master-addr) master_addr="$2"; shift 2 ;;
+    --config) need_value "$@"; config="$2"; shift 2 ;;
+    --data) need_value "$@"; data="$2"; shift 2 ;;
+    --run-dir) need_value "$@"; run_dir="$2"; shift 2 ;;
+    --resume) need_value "$@"; resume="$2"; shift 2 ;;
+    --hostfile) need_value "$@"; hostfile="$2"; shift 2 ;;
+    --include) need_value "$@"; include="$2"; shift 2 ;;
+    --exclude) need_value "$@"; exclude="$2"; shift 2 ;;
+    --num_gpus|--num-gpus) need_value "$@"; num_gpus="$2"; shift 2 ;;
+    --num_nodes|--num-nodes) need_value "$@"; num_nodes="$2"; shift 2 ;;
+    --master_port|--master-port) need_value "$@"; master_port="$2"; shift 2 ;;
+    --master_addr|--master-addr) need_value "$@"; master_addr="$2"; shift 2 ;;
     --no_ssh|--no-ssh) no_ssh=1; shift ;;
-    --node_rank|--node-rank) node_rank="$2"; shift 2 ;;
+    --node_rank|--node-rank) need_value "$@"; node_rank="$2"; shift 2 ;;
     --) shift; break ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) die "unknown option '$1' (trainer overrides go after --)" ;;

@@ -13,18 +13,18 @@ master_addr=127.0.0.1 master_port=29500 rdzv="" rdzv_id="ep-train" max_restarts=
 rank_given=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --config) config="$2"; shift 2 ;;
-    --data) data="$2"; shift 2 ;;
-    --run-dir) run_dir="$2"; shift 2 ;;
-    --resume) resume="$2"; shift 2 ;;
-    --nproc|--nproc-per-node) nproc="$2"; shift 2 ;;
-    --nnodes) nnodes="$2"; shift 2 ;;
-    --node-rank) node_rank="$2"; rank_given=1; shift 2 ;;
-    --master-addr) master_addr="$2"; addr_given=1; shift 2 ;;
-    --master-port) master_port="$2"; shift 2 ;;
-    --rdzv) rdzv="$2"; shift 2 ;;
-    --rdzv-id) rdzv_id="$2"; shift 2 ;;
-    --max-restarts) max_restarts="$2"; shift 2 ;;
+    --config) need_value "$@"; config="$2"; shift 2 ;;
+    --data) need_value "$@"; data="$2"; shift 2 ;;
+    --run-dir) need_value "$@"; run_dir="$2"; shift 2 ;;
+    --resume) need_value "$@"; resume="$2"; shift 2 ;;
+    --nproc|--nproc-per-node) need_value "$@"; nproc="$2"; shift 2 ;;
+    --nnodes) need_value "$@"; nnodes="$2"; shift 2 ;;
+    --node-rank) need_value "$@"; node_rank="$2"; rank_given=1; shift 2 ;;
+    --master-addr) need_value "$@"; master_addr="$2"; addr_given=1; shift 2 ;;
+    --master-port) need_value "$@"; master_port="$2"; shift 2 ;;
+    --rdzv) need_value "$@"; rdzv="$2"; shift 2 ;;
+    --rdzv-id) need_value "$@"; rdzv_id="$2"; shift 2 ;;
+    --max-restarts) need_value "$@"; max_restarts="$2"; shift 2 ;;
     --) shift; break ;;
     -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
     *) die "unknown option '$1' (trainer overrides go after --)" ;;

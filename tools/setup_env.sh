@@ -7,13 +7,25 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then
+stamp=.venv/.ep_train_installed
+version='import sys; print("%d.%d" % sys.version_info[:2])'
+have="$(.venv/bin/python -c "$version" 2>/dev/null || true)"
+# A .venv whose Python no longer runs (its interpreter was removed or upgraded away), or one of another version
+# than an explicit PYTHON asks for, is made again from scratch: venv keeps a dangling python link otherwise.
+if [ -e .venv ] && { [ -z "$have" ] || { [ -n "${PYTHON:-}" ] && [ "$have" != "$("$py" -c "$version")" ]; }; }; then
+  echo "[setup] .venv's Python ${have:-does not run}; making .venv again with $("$py" --version)"
+  "$py" -m venv --clear .venv
+  rm -f "$stamp"
+elif [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $("$py" --version)"
   "$py" -m venv .venv
 fi
-stamp=.venv/.ep_train_installed
-# Re-install when the package's metadata or this script (its pins) changed since the last install.
-if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt tools/setup_env.sh ]; then
+installed='import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ("ep_train", "torch", "deepspeed")))'
+# Re-install when the package's metadata or this script (its pins) changed since the last install, or when
+# what it installed is gone.
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt tools/setup_env.sh ] \
+    && .venv/bin/python -c "$installed" 2>/dev/null; then
   exit 0
 fi
 echo "[setup] installing torch==2.13.0, then ep-train[test] into .venv"
@@ -23,7 +35,16 @@ echo "[setup] installing torch==2.13.0, then ep-train[test] into .venv"
 # DeepSpeed JIT-builds CPU Adam on first use; ep_train keeps such builds in .venv/torch_extensions (one
 # folder per environment, see ep_train/__init__.py). Build it now, once, so the first training run
 # and the first test that trains do not spend the minute (on 2 cores) inside their time limits.
-echo "[setup] building DeepSpeed's CPU Adam into .venv/torch_extensions (once, about a minute)"
-.venv/bin/python -c "import ep_train; from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
-  >/dev/null 2>&1 || echo "[setup] note: CPU Adam did not build now; the first training run will build it"
+cxx="${CXX:-c++}"
+if ! command -v "$cxx" >/dev/null 2>&1; then
+  echo "[setup] WARNING: no C++ compiler ('$cxx' not found): DeepSpeed cannot build CPU Adam, which optimizer" \
+    "offload (ds_config zero3_offload, the main job's) needs. Install one (Debian/Ubuntu: apt-get install g++;" \
+    "or set CXX) and run tools/setup_env.sh again." >&2
+else
+  echo "[setup] building DeepSpeed's CPU Adam into .venv/torch_extensions (once, about a minute)"
+  log=.venv/cpu_adam_build.log
+  .venv/bin/python -c "import ep_train; from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
+    >"$log" 2>&1 || { echo "[setup] note: CPU Adam did not build now (the first training run tries again); the" \
+    "build's last lines ($log):" >&2; tail -n 15 "$log" >&2; }
+fi
 touch "$stamp"

@@ -11,7 +11,8 @@ shift
 [ -f "$1" ] || die "tokenizer '$1' not found"
 mkdir -p logs
 # The jobs find the repository through EP_TRAIN_ROOT (SLURM_SUBMIT_DIR is wherever this was run from).
-array_id="$(sbatch --parsable --export=ALL,EP_TRAIN_ROOT="$root" --array="0-$((tasks - 1))" \
+array_id="$(sbatch --parsable --export=ALL,EP_TRAIN_ROOT="$root",EP_TRAIN_DATA_TASKS="$tasks" \
+  --array="0-$((tasks - 1))" \
   "$root/launch/slurm/data_prep.sbatch" "$@")"
 merge_id="$(sbatch --parsable --export=ALL,EP_TRAIN_ROOT="$root" --dependency="afterok:${array_id}" \
   "$root/launch/slurm/data_prep_merge.sbatch" "$2")"

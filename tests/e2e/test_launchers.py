@@ -220,11 +220,23 @@ def test_scripts_fail_early_with_clear_messages(tmp_path, built) -> None:
         (["torchrun.sh", "--config", str(CONFIG), "--data", str(built), "--nnodes", "2"], "needs --master-addr"),
         (["deepspeed.sh", "--config", str(CONFIG), "--data", str(built), "--no_ssh", "--node_rank", "0"],
          "--no_ssh needs --master_addr"),  # DeepSpeed would ssh to the first host for its address
+        (["torchrun.sh", "--data", str(built), "--config"], "--config needs a value"),  # was: $2: unbound variable
+        (["deepspeed.sh", "--config", str(CONFIG), "--hostfile"], "--hostfile needs a value"),
     ]
     for args, msg in cases:
         p = subprocess.run(["bash", str(ROOT / "launch" / args[0]), *args[1:]], capture_output=True, text=True,
                            cwd=ROOT, timeout=60, env={"PATH": "/usr/bin:/bin", "EP_TRAIN_ROOT": str(ROOT)})
         assert p.returncode == 2 and msg in p.stderr, (args, p.stderr)
+    # a Python without ep-train (no .venv on a compute node): the fix is named, not a ModuleNotFoundError
+    p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--config", str(CONFIG), "--data", str(built)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "EP_TRAIN_PYTHON": "/bin/false"})
+    assert p.returncode == 2 and "cannot import ep_train: run tools/setup_env.sh" in p.stderr, p.stderr
+    assert "EP_TRAIN_PYTHON" in p.stderr
+    # an sbatch template submitted from outside the repository, without EP_TRAIN_ROOT
+    p = subprocess.run(["bash", str(ROOT / "launch/slurm/train.sbatch"), "c", "r", "d"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert p.returncode == 2 and "set EP_TRAIN_ROOT=/path/to/ep-train" in p.stderr, p.stderr
     # a value with spaces and glob characters stays one argument (no word splitting, no eval)
     weird = tmp_path / "my config *.yaml"
     p = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "--config", str(weird)], capture_output=True,

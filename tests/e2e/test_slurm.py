@@ -120,6 +120,61 @@ def test_train_sbatch_refuses_overrides_it_passes_itself(tmp_path) -> None:
     assert not run.exists()  # refused before the script made anything
 
 
+def _stub(folder: Path, name: str, body: str) -> None:
+    (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+    (folder / name).chmod(0o755)
+
+
+def test_train_sbatch_takes_data_dir_from_the_config_and_overrides_after_a_double_dash(tmp_path, built) -> None:
+    """No cluster needed (scontrol and srun are stubs that record what they get): DATA_DIR "" leaves the config's
+    own data.data_dir, as launch/torchrun.sh does (the config check was given --data_dir "" and refused the
+    config: 'data.data_dir is not set'), and overrides may follow a "--" as with torchrun.sh (it was passed on)."""
+    bin_dir, run = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    _stub(bin_dir, "scontrol", "echo localhost")
+    _stub(bin_dir, "srun", f'printf "%s\\n" "$@" > "{tmp_path}/srun_args"')
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    cfg.setdefault("data", {})["data_dir"] = str(built)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "EP_TRAIN_ROOT": str(ROOT), "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
+           "SLURM_JOB_NODELIST": "localhost", "EP_TRAIN_NPROC_PER_NODE": "2"}
+    p = subprocess.run(["bash", str(ROOT / "launch/slurm/train.sbatch"), str(config), str(run), "", "--",
+                        "--lr", "0.001"], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args.count("--") == 1 and args[args.index("--") + 1:] == ["--lr", "0.001"], args
+    assert "--data" not in args, args  # DATA_DIR "" passes no --data to torchrun.sh
+
+
+def test_data_prep_sbatch_needs_the_builds_task_count(tmp_path, tokenizer) -> None:
+    """A rerun of one failed task (--array=5) took the array's size (1) as the build's task count; now the count
+    comes from EP_TRAIN_DATA_TASKS (set by submit_data_prep.sh), and an array that is not 0-N without it is
+    refused, as is a task id outside the count."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "python", "echo \"$@\"")
+    base = {"PATH": "/usr/bin:/bin", "EP_TRAIN_ROOT": str(ROOT), "EP_TRAIN_PYTHON": str(bin_dir / "python")}
+    cases = [({"SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "5", "SLURM_ARRAY_TASK_COUNT": "1",
+               "SLURM_ARRAY_TASK_ID": "5"}, "is not 0-N"),
+             ({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "1", "EP_TRAIN_DATA_TASKS": "8"},
+              "array task 9 is outside the build's 8 tasks"),
+             ({"SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_MAX": "5", "SLURM_ARRAY_TASK_COUNT": "1",
+               "SLURM_ARRAY_TASK_ID": "5", "EP_TRAIN_DATA_TASKS": "8"}, None),
+             ({"SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "2", "SLURM_ARRAY_TASK_COUNT": "3",
+               "SLURM_ARRAY_TASK_ID": "1"}, None)]
+    for env, error in cases:
+        p = subprocess.run(["bash", str(ROOT / "launch/slurm/data_prep.sbatch"), str(tokenizer), str(tmp_path / "o"),
+                            str(CORPUS[0])], capture_output=True, text=True, timeout=60, env={**base, **env})
+        if error:
+            assert p.returncode == 2 and error in p.stderr, (env, p.stderr)
+        else:
+            tasks = env.get("EP_TRAIN_DATA_TASKS", env["SLURM_ARRAY_TASK_COUNT"])
+            assert p.returncode == 0 and f"--num-tasks {tasks} --task-id {env['SLURM_ARRAY_TASK_ID']}" in p.stdout, p
+
+
 def test_data_prep_array_job_and_merge(slurm, tokenizer, tmp_path) -> None:
     out = tmp_path / "shards"
     text = slurm.run(str(ROOT / "launch/slurm/submit_data_prep.sh"), "2", str(tokenizer), str(out),
