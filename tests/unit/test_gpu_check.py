@@ -178,7 +178,11 @@ def test_cpu_dry_run_end_to_end(tmp_path: Path) -> None:
     assert [r["default"] for r in ex] == ["grouped_mm"] * 3
     assert "## 3. Expert paths across shapes" in md and "default / faster" in md
     assert "operators by self kernel time" in md
-    assert p.returncode == 1  # the dry run cannot meet the GPU goal: a computed FAIL, not a crash
+    # The exit code follows the computed verdicts (1 when a section fails), not a crash. Which it is depends on
+    # the CPU: the dry run's "MFU" divides by a measured 512^3 bf16 CPU matmul, slow where the CPU lacks bf16
+    # instructions (AMD EPYC without AVX-512: the toy layer then shows over 100%), fast where it has them.
+    summary = md.split("## Summary", 1)[1]
+    assert p.returncode == (1 if "| FAIL" in summary else 0), (p.returncode, summary, p.stderr[-2000:])
 
 
 def test_expert_paths_verdict() -> None:
