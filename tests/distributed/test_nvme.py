@@ -42,12 +42,10 @@ def _cfg(*extra: str) -> Config:
 
 
 # ---- config merging (no processes) -----------------------------------------------------------------
-def test_nvme_path_is_written_into_the_json(tmp_path) -> None:
+def test_nvme_path_is_written_into_the_json(tmp_path, monkeypatch) -> None:
+    """The merge, on any machine: libaio is taken as present (its refusal: the next test)."""
+    monkeypatch.setattr("ep_train.parallel.zero.aio_unavailable_reason", lambda: None)
     cfg = _cfg("--ds_config", "zero3_nvme", "--nvme_path", str(tmp_path / "swap"))
-    if AIO_MISSING:  # the refusal names the fix instead of a compiler error deep in DeepSpeed
-        with pytest.raises(ValueError, match="libaio-dev"):
-            build_ds_config(cfg, 2, False)
-        return
     ds = build_ds_config(cfg, 2, False)
     zero = ds["zero_optimization"]
     assert zero["offload_param"]["device"] == "nvme"
@@ -55,6 +53,20 @@ def test_nvme_path_is_written_into_the_json(tmp_path) -> None:
     assert zero["offload_optimizer"]["device"] == "cpu" and "nvme_path" not in zero["offload_optimizer"]
     assert ds["aio"]["block_size"] == 1048576
     assert is_offloading_optimizer(ds)  # the step runs on the CPU: DeepSpeedCPUAdam
+
+
+def test_nvme_without_libaio_is_refused_naming_the_fix(tmp_path, monkeypatch) -> None:
+    """Without libaio the refusal names the fix instead of a compiler error deep in DeepSpeed."""
+    why = "DeepSpeed's async_io op needs libaio: apt-get install libaio-dev"
+    monkeypatch.setattr("ep_train.parallel.zero.aio_unavailable_reason", lambda: why)
+    cfg = _cfg("--ds_config", "zero3_nvme", "--nvme_path", str(tmp_path / "swap"))
+    with pytest.raises(ValueError, match=r"parallel.ds_config zero3_nvme.json offloads to nvme, but DeepSpeed's "
+                                         r"async_io op needs libaio: apt-get install libaio-dev"):
+        build_ds_config(cfg, 2, False)
+    if AIO_MISSING:  # and the real reason, on a machine without libaio, names the package to install
+        monkeypatch.undo()
+        with pytest.raises(ValueError, match="libaio-dev"):
+            build_ds_config(cfg, 2, False)
 
 
 def test_pipelined_optimizer_swapper_is_refused(tmp_path) -> None:

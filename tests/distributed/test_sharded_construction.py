@@ -39,6 +39,12 @@ def _worker(rank: int, world: int, ep: int) -> dict:
 
     def source(name: str, shape: tuple[int, ...], ids: list[int] | None) -> torch.Tensor:
         largest[0] = max(largest[0], math.prod(shape))  # the most this rank ever makes in full at once
+        # Every parameter made so far is already partitioned (nothing whole is left of it), but those of the
+        # module being made now: only one module's parameters are ever in full together.
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        for other, p in model.named_parameters():
+            if not p.is_meta and other.rsplit(".", 1)[0] != module:
+                assert p.numel() == 0 and hasattr(p, "ds_tensor"), f"{other} is in full while {name} is made"
         return seeded(name, shape, ids)
 
     layout = deepspeed_layout(ep)

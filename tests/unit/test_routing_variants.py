@@ -187,8 +187,27 @@ def test_too_few_groups_for_k_is_refused() -> None:
 
 
 def test_moe_layer_stats_carry_the_new_terms() -> None:
+    """The layer's stats hold the entropy and CV^2 of its router's probabilities (naive formulas here), and
+    keep them through the packing that activation checkpointing needs."""
+    torch.manual_seed(0)
     layer = MoELayer(16, 24, 4, 2)
-    _, st = layer(torch.randn(2, 5, 16))
+    with torch.no_grad():
+        layer.router.weight.normal_(std=0.5)  # decisive, uneven routing: neither term near its balanced value
+    x = torch.randn(2, 5, 16)
+    _, st = layer(x)
+    w = layer.router.weight.detach().tolist()  # [E, D]
+    probs = []
+    for tok in x.reshape(-1, 16).tolist():
+        logits = [sum(a * b for a, b in zip(row, tok)) for row in w]
+        ex = [math.exp(v - max(logits)) for v in logits]
+        probs.append([v / sum(ex) for v in ex])
+    entropy = sum(-sum(p * math.log(p) for p in row) for row in probs) / len(probs)
+    importance = [sum(row[i] for row in probs) for i in range(4)]
+    mean = sum(importance) / 4
+    cv2 = sum((v - mean) ** 2 for v in importance) / 4 / mean ** 2
+    assert cv2 > 0.01 and entropy < 0.9 * math.log(4), (cv2, entropy)  # far from a constant's (0, log E)
+    assert st.entropy.item() == pytest.approx(entropy, rel=1e-4)
+    assert st.cv_loss.item() == pytest.approx(cv2, rel=1e-4)
     packed = st.as_tensor()
     back = type(st).from_tensor(packed)
     for name in st._fields:
