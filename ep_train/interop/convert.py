@@ -29,7 +29,8 @@ def main(argv: list[str]) -> int:
     th.add_argument("--output", required=True, help="new folder for config.json, safetensors and tokenizer")
     th.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto: fp32 for checkpoints (master weights), the source's for init weights")
-    th.add_argument("--max-shard-size", default="2GB", help="safetensors file size cap (and peak memory), e.g. 5GB")
+    th.add_argument("--max-shard-size", default="2GB",
+                    help="safetensors file size cap, e.g. 5GB (files are streamed: memory is one tensor)")
     th.add_argument("--allow-dropless", action="store_true", help="export a model trained with "
                     "moe.capacity_factor as a dropless Mixtral (Hugging Face has no capacity)")
     fh = sub.add_parser("from-hf", help="make a run directory that starts from a Hugging Face Mixtral folder; extra "

@@ -5,17 +5,21 @@ safetensors in the Hub's per-expert layout (``block_sparse_moe.experts.{e}.w1.we
 ``model.safetensors.index.json`` when more than one file, ``generation_config.json``, and the run's
 sentencepiece tokenizer with the files ``AutoTokenizer`` needs. Values come from any ``ValueSource``
 (a universal checkpoint, a Hugging Face init folder, an upcycled model), one tensor (one expert) at a
-time; a shard is written (and dropped from memory) as soon as it reaches ``max_shard_size``.
+time, and each safetensors file is streamed to disk (header first, then each tensor as it is read): the export
+holds one tensor in memory, whatever ``max_shard_size``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -92,33 +96,49 @@ def hf_config(cfg: Config, dtype: str, base: dict[str, Any] | None = None,
     return dict(sorted(out.items()))
 
 
-def hf_tensors(cfg: Config, source: Source, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hub Mixtral name, value) for every tensor, layer by layer, one expert at a time."""
+class TensorSpec(NamedTuple):
+    """One tensor of the export: its Hub name and shape, and how to make its value (nothing is read before)."""
+
+    name: str
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+
+def hf_tensors(cfg: Config, source: Source, dtype: torch.dtype) -> list[TensorSpec]:
+    """Every tensor under its Hub Mixtral name, layer by layer, one expert at a time: shapes from the model on
+    ``meta``, values read from ``source`` (and cast to ``dtype``) only when ``read`` is called."""
     from ep_train.model.transformer import build_model
+
+    def reader(name: str, shape: tuple[int, ...], expert: int | None = None) -> Callable[[], torch.Tensor]:
+        if expert is None:
+            return lambda: source(name, shape, None).to(dtype)
+        return lambda: source(name, (1, *shape[1:]), [expert])[0].to(dtype)
 
     ren = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
            "ffn.router.weight": "block_sparse_moe.gate.weight"}
+    out: list[TensorSpec] = []
     for name, p in build_model(cfg.model, cfg.moe, device="meta").named_parameters():  # tied: named once
         shape = tuple(p.shape)
         if name.endswith("router.noise_weight"):
             continue  # noisy top-k's noise scale: training only, Mixtral routes without it
         if name in ("embed.weight", "norm.weight"):
-            yield "model." + name.replace("embed", "embed_tokens"), source(name, shape, None).to(dtype)
+            out.append(TensorSpec("model." + name.replace("embed", "embed_tokens"), shape, reader(name, shape)))
             continue
         if name == "lm_head.weight":
-            yield name, source(name, shape, None).to(dtype)
+            out.append(TensorSpec(name, shape, reader(name, shape)))
             continue
         _, layer, rest = name.split(".", 2)
         pre = f"model.layers.{layer}."
         if rest.startswith("ffn.experts."):
             w = rest.removeprefix("ffn.experts.")
             for ex in range(shape[0]):  # one expert at a time: [F, D] or [D, F], nn.Linear [out, in] as HF
-                value = source(name, (1, *shape[1:]), [ex])[0]
-                yield f"{pre}block_sparse_moe.experts.{ex}.{w}.weight", value.to(dtype)
+                out.append(TensorSpec(f"{pre}block_sparse_moe.experts.{ex}.{w}.weight", shape[1:],
+                                      reader(name, shape, ex)))
         elif rest.startswith("attn."):
-            yield pre + "self_attn." + rest.removeprefix("attn."), source(name, shape, None).to(dtype)
+            out.append(TensorSpec(pre + "self_attn." + rest.removeprefix("attn."), shape, reader(name, shape)))
         else:
-            yield pre + ren[rest], source(name, shape, None).to(dtype)
+            out.append(TensorSpec(pre + ren[rest], shape, reader(name, shape)))
+    return out
 
 
 def parse_size(text: str | int) -> int:
@@ -132,37 +152,64 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def write_safetensors(out: Path, tensors: Iterator[tuple[str, torch.Tensor]], max_shard_size: int) -> int:
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}  # safetensors' dtype names
+
+
+def _write_shard(path: Path, specs: list[TensorSpec], dtype: torch.dtype) -> None:
+    """One safetensors file, streamed: the header (every name, shape and offset, known from the specs) first,
+    then each tensor's bytes as it is read. At most one tensor of the file is in memory at any time, whatever
+    the shard size (save_file needs the whole file's tensors at once)."""
+    assert sys.byteorder == "little", "safetensors stores little-endian bytes"
+    size = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        n = math.prod(s.shape) * size
+        header[s.name] = {"dtype": ST_DTYPES[dtype], "shape": list(s.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for s in specs:
+            t = s.read()
+            if tuple(t.shape) != s.shape or t.dtype != dtype:
+                raise ValueError(f"{s.name}: the source gives {tuple(t.shape)} {t.dtype}, the export needs "
+                                 f"{s.shape} {dtype}")
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+            del t  # before the next is read
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_safetensors(out: Path, specs: list[TensorSpec], dtype: torch.dtype, max_shard_size: int) -> int:
     """Shards of at most ``max_shard_size`` bytes (a larger single tensor gets its own), named as
-    save_pretrained names them; only the shard being filled is in memory. Returns the parameter count."""
-    from safetensors.torch import save_file
-
-    shards: list[list[str]] = []
-    pending: dict[str, torch.Tensor] = {}
-    size = total_size = total_params = 0
-
-    def flush() -> None:
-        nonlocal pending, size
-        if pending:
-            save_file(pending, str(out / f"shard-{len(shards)}.tmp"), metadata={"format": "pt"})
-            shards.append(list(pending))
-            pending, size = {}, 0
-
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if pending and size + nbytes > max_shard_size:
-            flush()
-        pending[name] = t.contiguous()
-        size += nbytes
-        total_size += nbytes
-        total_params += t.numel()
-    flush()
+    save_pretrained names them, each written a tensor at a time (``_write_shard``): the export's memory is one
+    tensor (one expert), not one shard. Returns the parameter count."""
+    size = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[TensorSpec]] = []
+    current: list[TensorSpec] = []
+    filled = total_size = total_params = 0
+    for spec in specs:
+        numel = math.prod(spec.shape)
+        if current and filled + numel * size > max_shard_size:
+            shards.append(current)
+            current, filled = [], 0
+        current.append(spec)
+        filled += numel * size
+        total_size += numel * size
+        total_params += numel
+    if current:
+        shards.append(current)
+    for i, shard in enumerate(shards):
+        _write_shard(out / f"shard-{i}.tmp", shard, dtype)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for i, name in enumerate(names):
         os.replace(out / f"shard-{i}.tmp", out / name)
     if n > 1:
-        weight_map = {k: names[i] for i, keys in enumerate(shards) for k in keys}
+        weight_map = {spec.name: names[i] for i, shard in enumerate(shards) for spec in shard}
         index = {"metadata": {"total_parameters": total_params, "total_size": total_size},
                  "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -203,7 +250,7 @@ def write_hf(out: Path, cfg: Config, source: Source, dtype: str = "float32", max
     # BOS as the run's training documents had it (build --append-bos)
     add_bos = bool((run_manifest(cfg.data) or {}).get("append_bos", False))
     special = write_tokenizer(tokenizer, out, cfg.model.max_seq_len, add_bos) if tokenizer is not None else None
-    write_safetensors(out, hf_tensors(cfg, source, DTYPES[dtype]), cap)
+    write_safetensors(out, hf_tensors(cfg, source, DTYPES[dtype]), DTYPES[dtype], cap)
     config = hf_config(cfg, dtype, base, special)
     gen = {"_from_model_config": True, "bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
            "output_attentions": False, "output_hidden_states": False,

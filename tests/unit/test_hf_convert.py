@@ -396,3 +396,43 @@ def test_reshard_of_a_read_only_checkpoint_says_so(tmp_path, monkeypatch) -> Non
     monkeypatch.setattr(convert.os, "access", lambda path, mode: Path(path) != step)
     with pytest.raises(ValueError, match="is read-only: reshard writes its conversion into the step folder"):
         convert.main(["reshard", "--checkpoint", str(step)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_safetensors_are_streamed_one_tensor_at_a_time(tmp_path, dtype) -> None:
+    """write_safetensors holds one tensor in memory, whatever the shard size (it held a whole shard, so
+    --max-shard-size 10GB held 10 GB): each value is read only after the previous one is gone, and the files
+    read back (safetensors' own reader) as the values, in the shards and index save_pretrained would write."""
+    import gc
+    import weakref
+
+    from safetensors import safe_open
+
+    from ep_train.interop.hf_export import TensorSpec, write_safetensors
+
+    shapes = [(7, 5), (3,), (4, 4, 2), (11,), (2, 9)]
+    values = [torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype) for i, s in enumerate(shapes)]
+    alive: list[weakref.ref] = []
+
+    def reader(i: int):
+        def read() -> torch.Tensor:
+            gc.collect()
+            assert all(r() is None for r in alive), f"tensor {len(alive)} read while an earlier one is held"
+            t = values[i].clone()
+            alive.append(weakref.ref(t))
+            return t
+        return read
+
+    specs = [TensorSpec(f"t{i}", s, reader(i)) for i, s in enumerate(shapes)]
+    size = values[0].element_size()
+    cap = (32 + 11) * size  # t0 and t1 (35 + 3) fill the first file, t2 + t3 the second, t4 the third
+    assert write_safetensors(tmp_path, specs, dtype, cap) == sum(v.numel() for v in values)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["weight_map"] == {"t0": files[0], "t1": files[0], "t2": files[1], "t3": files[1], "t4": files[2]}
+    assert index["metadata"]["total_size"] == sum(v.numel() for v in values) * size
+    for name, file in index["weight_map"].items():
+        with safe_open(str(tmp_path / file), framework="pt") as f:
+            got = f.get_tensor(name)
+        assert same_bytes(got, values[int(name[1:])]), name
+    assert not list(tmp_path.glob("*.tmp"))
