@@ -116,6 +116,12 @@ def peer_args() -> tuple[object, list[str]]:
     return ap.parse_known_args()
 
 
+def loss_of(rec: dict) -> float:
+    """A metrics.jsonl record's loss: null (a step whose loss was not finite; the record's nonfinite says so)
+    read as NaN, so the figures and checks that follow see a non-finite number, as the run did."""
+    return float("nan") if rec["loss"] is None else float(rec["loss"])
+
+
 def busiest_rank_load(counts: dict[str, list[int]], ep_size: int) -> float:
     """How far one step's expert rows sit from an even split between the EP ranks: the sum over MoE layers of
     the busiest rank's rows over the sum of the mean rank's (1.0 even; ``ep_size`` when one rank gets them all).

@@ -138,7 +138,7 @@ def read_losses(metrics_jsonl: Path) -> list[float]:
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
     rows.sort(key=lambda r: r["step"])
-    return [float(r["loss"]) for r in rows]
+    return [float("nan") if r["loss"] is None else float(r["loss"]) for r in rows]  # null: a non-finite step
 
 
 def median_ms(samples: list[float]) -> tuple[float, float, float]:

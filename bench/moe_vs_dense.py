@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, free_port, machine, stdlib_data  # noqa: E402
+from bench.common import append_section, free_port, loss_of, machine, stdlib_data  # noqa: E402
 
 PNG = ROOT / "docs" / "moe_vs_dense.png"
 
@@ -63,7 +63,7 @@ def run(name: str, extra: list[str], data: Path, tok: Path, out: Path, steps: in
     from ep_train.sizes import model_size
 
     size = model_size(config_from_dict(json.loads((run_dir / "config.json").read_text())))
-    return {"train": [(r["tokens"], r["loss"]) for r in train], "val": [(r["tokens"], r["val_loss"]) for r in val],
+    return {"train": [(r["tokens"], loss_of(r)) for r in train], "val": [(r["tokens"], r["val_loss"]) for r in val],
             "tok_s": statistics.median(r["tokens_per_sec"] for r in train[min(3, len(train) - 1):]),
             "total": size.total, "active": size.active}
 

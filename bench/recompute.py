@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, free_port, machine, stdlib_data  # noqa: E402
+from bench.common import append_section, free_port, loss_of, machine, stdlib_data  # noqa: E402
 
 SETTINGS = {
     "no recompute": ["--activation_checkpointing", "false"],
@@ -63,7 +63,7 @@ def run(name: str, extra: list[str], data: Path, tok: Path, out: Path, steps: in
     first = recs[0]["tokens"] / max(recs[0]["tokens_per_sec"], 1e-9)  # seconds of step 1
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {"tok_s": statistics.median(r["tokens_per_sec"] for r in warm), "rss": recs[-1]["max_rss_mb"],
-            "loss": recs[-1]["loss"], "first_step_s": first, "wall_s": wall}
+            "loss": loss_of(recs[-1]), "first_step_s": first, "wall_s": wall}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import DOC, append_section, free_port, machine  # noqa: E402
+from bench.common import DOC, append_section, free_port, loss_of, machine  # noqa: E402
 from bench.targets import TARGETS, describe  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 
@@ -192,7 +192,7 @@ def run_trainer(run_dir: Path, data: Path, world: int, overrides: list[str], ds_
     if metrics.is_file():
         all_recs = [json.loads(x) for x in metrics.read_text().splitlines()]
         recs = [r for r in all_recs if "loss" in r and "max_rss_mb" in r]
-        res.losses = [r["loss"] for r in recs]
+        res.losses = [loss_of(r) for r in recs]
         if recs:
             res.trainer_max_rss = int(max(r["max_rss_mb"] for r in recs) * MIB)
         final = [r["final_rss_mb_per_rank"] for r in all_recs if "final_rss_mb_per_rank" in r]

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, free_port, machine  # noqa: E402
+from bench.common import append_section, free_port, loss_of, machine  # noqa: E402
 from bench.targets import TARGETS  # noqa: E402
 
 GROWTH_LIMIT = TARGETS["soak_growth"].value  # predicted RSS growth over the run after warm-up, as a share of the mean
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     grows = any(v["growth_share"] > GROWTH_LIMIT for v in per_rank.values())
     result = {"per_rank": per_rank, "tok_s_median": float(np.median(tok_s)) if tok_s else 0.0,
               "tok_s_first_last": (tok_s[0], tok_s[-1]) if tok_s else (0.0, 0.0), "wall_s": wall,
-              "rss_grows": grows, "steps": args.steps, "samples": len(samples), "final_loss": recs[-1]["loss"],
+              "rss_grows": grows, "steps": args.steps, "samples": len(samples), "final_loss": loss_of(recs[-1]),
               "sample_interval": args.sample_interval, "save_interval": args.save_interval}
     if args.write:
         _write(result, samples, recs)

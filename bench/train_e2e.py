@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import append_section, busiest_rank_load, free_port, machine, stdlib_data  # noqa: E402
+from bench.common import append_section, busiest_rank_load, free_port, loss_of, machine, stdlib_data  # noqa: E402
 from bench.targets import TARGETS, describe, figure  # noqa: E402
 from bench.targets import verdict as target_verdict  # noqa: E402
 
@@ -101,8 +101,8 @@ def _per_step(recs: list[dict], warm: list[dict]) -> dict:
             # median over the counted steps of the busiest EP rank's expert rows over the mean rank's
             "rank_load": statistics.median(busiest_rank_load(r["expert_counts"], EP_SIZE) for r in warm),
             "expert_counts": [r["expert_counts"] for r in recs],
-            "losses": [r["loss"] for r in recs],  # per step: the mean over ranks and micro-batches
-            "final_loss": recs[-1]["loss"],
+            "losses": [loss_of(r) for r in recs],  # per step: the mean over ranks and micro-batches
+            "final_loss": loss_of(recs[-1]),
             "lr": [r["lr"] for r in recs]}  # per step: ep-train the dense parameters' rate, a peer one per group
 
 

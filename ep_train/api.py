@@ -14,7 +14,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from ep_train.model.transformer import Transformer, build_model
 if TYPE_CHECKING:
     import sentencepiece as spm
 
+T = TypeVar("T")
 RUN_CONFIGS = ("config.yaml", "config.yml", "config.json")  # convert/upcycle write .yaml, the trainer .json
 
 
@@ -130,22 +131,50 @@ def resolve(path: str | Path) -> tuple[Config, ValueSource, Path, list[Path]]:
                      "checkpoints/step_N, a checkpoints/step_N folder or a Hugging Face Mixtral folder")
 
 
-def _resolve_on_first_rank(path: str | Path, group: dist.ProcessGroup) -> tuple[Config, ValueSource, Path, list[Path]]:
-    """``resolve`` on the group's first rank, then on the others: an ep-train checkpoint is converted to the
-    universal form once (the others then find it), and an error reaches every rank instead of leaving them
-    waiting for the first."""
-    first = dist.get_global_rank(group, 0)
-    out, err = None, ""
+def _on_every_rank(group: dist.ProcessGroup, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank of ``group``; if it raised on any rank, every rank raises a ``ValueError`` (its
+    own failure's message, else the first failed rank's), instead of going on into a collective the failed
+    rank never reaches (and waiting there for the process group's timeout). Collective: one all_gather of the
+    error texts."""
+    try:
+        out, err = fn(), ""
+    except Exception as e:  # whatever it is (a converter's RuntimeError, a damaged file) must reach every rank
+        out, err = None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+    errors: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, err, group=group)  # communication
+    if err:  # this rank's own failure first
+        raise ValueError(err)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        raise ValueError(f"rank {failed[0][0]} of the expert-parallel group: {failed[0][1]}")
+    return out  # type: ignore[return-value]
+
+
+Resolved = tuple[Config, ValueSource, Path, list[Path]]  # what ``resolve`` returns
+
+
+def _resolve_on_first_rank(path: str | Path, group: dist.ProcessGroup) -> Callable[[], Resolved]:
+    """``resolve`` on the group's first rank now (an ep-train checkpoint is converted to the universal form
+    once; a failure stops every rank), and what the other ranks call to resolve afterwards: the checkpoint the
+    first one chose (a run directory's latest may move on while it converts: training saves another), whose
+    conversion they then find, not the run directory again. Collective."""
+    first: Resolved | None = None
     if dist.get_rank(group) == 0:
-        try:
-            out = resolve(path)
-        except ValueError as e:
-            err = str(e)
-    msg = [err]
-    dist.broadcast_object_list(msg, src=first, group=group)  # communication: the others wait for the first
-    if msg[0]:
-        raise ValueError(msg[0])
-    return out if out is not None else resolve(path)
+        first = _on_every_rank(group, lambda: resolve(path))
+        chosen = [str(first[2]) if isinstance(first[1], _universal_source_type()) else None]
+    else:
+        _on_every_rank(group, lambda: None)
+        chosen = [None]
+    dist.broadcast_object_list(chosen, src=dist.get_global_rank(group, 0), group=group)  # communication
+    if first is not None:
+        return lambda: first
+    return lambda: resolve(chosen[0] if chosen[0] is not None else path)
+
+
+def _universal_source_type() -> type:
+    from ep_train.interop.universal import UniversalSource
+
+    return UniversalSource
 
 
 def _check_generation_layout(cfg: Config, world: int) -> None:
@@ -206,14 +235,21 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     [r * E/n, (r + 1) * E/n) on group rank r), never the others: a model whose experts fit only across n
     processes loads. Generate with ``generate_tokens(..., group=ep_group)``.
     """
+    if ep_group is not None:
+        if lazy:
+            raise ValueError("lazy=True reads no weights (a model run block by block in one process); it cannot be "
+                             "combined with ep_group: pass one or the other")
+        resolved = _resolve_on_first_rank(path, ep_group)
+        # every rank reads its own experts: a failure on one (a damaged shard) must stop all of them here
+        return _on_every_rank(ep_group, lambda: _load(resolved(), device, dtype, tokenizer, False, ep_group))
+    return _load(resolve(path), device, dtype, tokenizer, lazy, None)
+
+
+def _load(resolved: Resolved, device: str | torch.device, dtype: torch.dtype,
+          tokenizer: str | Path | None, lazy: bool, ep_group: dist.ProcessGroup | None) -> Loaded:
     from ep_train.data.tokenizer import load_tokenizer
 
-    if ep_group is not None:
-        assert not lazy, "lazy loading is for one process"
-        cfg, source, weights, candidates = _resolve_on_first_rank(path, ep_group)
-        _check_generation_layout(cfg, dist.get_world_size(ep_group))
-    else:
-        cfg, source, weights, candidates = resolve(path)
+    cfg, source, weights, candidates = resolved
     state_file = weights / "ep_train_state.json"
     # aux-loss-free expert biases live beside DeepSpeed's files (selection only)
     biases = json.loads(state_file.read_text()).get("expert_bias", {}) if state_file.is_file() else {}
@@ -223,6 +259,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         from ep_train.model.init import materialize
         from ep_train.parallel import apply_expert_parallel
 
+        _check_generation_layout(cfg, dist.get_world_size(ep_group))
         model = build_model(cfg.model, cfg.moe, device="meta")  # shapes only
         apply_expert_parallel(model, ep_group)  # this rank's experts, all-to-all dispatch; still no memory
         materialize(model, source, device=check_device(device), dtype=dtype).eval()  # read this rank's share

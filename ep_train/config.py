@@ -167,7 +167,7 @@ class TrainConfig:
     log_interval: int = 10
     log_expert_stats: bool = True
     eval_interval: int = 0  # 0 = never
-    eval_batches: int = 4
+    eval_batches: int = 4  # global batches (train.batch_size windows each) per evaluation, as Megatron's eval_iters
     save_interval: int = 0  # 0 = only at the end (and on a stop signal)
     # false: no checkpoint when the run reaches max_steps (a benchmark, a throwaway run; a run started again
     # then trains its last steps again); interval saves and stop-signal saves still happen

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -131,10 +133,16 @@ class _Batch:
         return self.left == 0 or all(self.done)
 
     def step(self) -> None:
+        self.take(self.forward())
+
+    def forward(self) -> torch.Tensor:
+        """The model once (collective under expert parallelism): the last position's logits [B, V]."""
         if self.cache is not None:
-            logits = self.model.forward_step(self.feed, self.cache)[0][:, -1]  # [B, V]
-        else:
-            logits = self.model(self.seq).logits[:, -1]  # full recompute: the reference the cache must match
+            return self.model.forward_step(self.feed, self.cache)[0][:, -1]
+        return self.model(self.seq).logits[:, -1]  # full recompute: the reference the cache must match
+
+    def take(self, logits: torch.Tensor) -> None:
+        """The next token of every prompt from ``logits`` (no communication)."""
         temperature, top_p, top_k = self.sampling
         if self.generators is None:
             nxt = sample_next(logits, temperature, top_p, top_k)  # [B]
@@ -164,19 +172,44 @@ def _run_in_lockstep(model: Transformer, batches: list[_Batch], group: dist.Proc
     until no rank has work."""
     queue = iter(batches)
     current = next(queue, None)
-    busy = torch.zeros(1, dtype=torch.int32, device=device)
+    state = torch.zeros(1, dtype=torch.int32, device=device)  # 0 done, 1 working, 2 failed (the max wins)
     idle_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    failure: Exception | None = None
     while True:
         while current is not None and current.finished:
             current = next(queue, None)
-        busy.fill_(int(current is not None))
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)  # communication; .item(): a host sync per step
-        if busy.item() == 0:
+        state.fill_(2 if failure is not None else int(current is not None))
+        dist.all_reduce(state, op=dist.ReduceOp.MAX, group=group)  # communication; .item(): a host sync per step
+        if state.item() == 2:  # every rank stops together (one left behind would wait in the next all-to-all)
+            if failure is not None:
+                raise failure
+            raise ValueError("generation failed on another rank of the expert-parallel group (its error is in "
+                             "its output)")
+        if state.item() == 0:
             return
-        if current is not None:
-            current.step()
-        else:
+        if current is None:
             model(idle_ids)
+            continue
+        # A failure inside the forward is not caught: this process exits and the launcher stops the others,
+        # which wait in an all-to-all (caught, it would leave them there until the process group's timeout).
+        logits = current.forward()
+        try:
+            current.take(logits)
+        except Exception as e:  # sampling (a NaN probability), no communication: said at the next check
+            failure = e
+
+
+def _check_same_request(group: dist.ProcessGroup, request: list) -> None:
+    """Every rank must continue the same prompts with the same settings (each takes its share by index, and
+    rank 0 prints every prompt's tokens): compared by digest, refused on every rank if any differs."""
+    digest = hashlib.sha256(json.dumps(request, default=int).encode()).hexdigest()  # default: numpy ids
+    every: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, digest, group=group)  # communication
+    differ = [r for r, d in enumerate(every) if d != every[0]]
+    if differ:
+        raise ValueError(f"the ranks of the expert-parallel group asked for different generations (prompts or "
+                         f"settings differ between rank 0 and rank(s) {differ}); pass every rank the same prompts "
+                         "and settings (e.g. one --prompts-file all ranks read)")
 
 
 def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
@@ -196,6 +229,9 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens
     r, r + n, r + 2n, ... of the n ranks, in step with the others (see ``_run_in_lockstep``). ``new_tokens``
     counts every rank's tokens.
     """
+    if group is not None:  # first: then the checks below refuse alike on every rank
+        _check_same_request(group, [prompts, max_new_tokens, temperature, top_p, top_k, seed, eos_id,
+                                    experts_per_token, use_kv_cache])
     check_sampling(max_new_tokens, temperature, top_p, top_k)
     check_lengths([len(p) for p in prompts], max_new_tokens, model.cfg.max_seq_len)
     check_prompt_ids(prompts, model.cfg.vocab_size)
@@ -332,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     from ep_train.api import load
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    joined = world > 1 and not dist.is_initialized()
     device, group = (args.device, None) if world == 1 else _join_launch(args.device)
     try:
         loaded = load(args.checkpoint, device=device, dtype=getattr(torch, args.dtype), tokenizer=args.tokenizer,
@@ -344,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                                    experts_per_token=args.experts_per_token, use_kv_cache=not args.no_kv_cache,
                                    add_bos=loaded.add_bos if args.add_bos is None else args.add_bos, group=group)
     finally:
-        if group is not None:
+        if joined:
             dist.destroy_process_group()
     if group is not None and int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 prints: every rank holds every completion
@@ -371,7 +408,9 @@ def _join_launch(device_arg: str) -> tuple[torch.device, dist.ProcessGroup]:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")  # torchrun's env:// rendezvous
+        # torchrun's env:// rendezvous; 30 minutes (NCCL's default is 10): the other ranks wait in a collective
+        # while rank 0 converts a checkpoint to the universal form (convert it beforehand for a large model)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     return dev, dist.group.WORLD
 
 

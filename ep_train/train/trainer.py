@@ -77,6 +77,14 @@ def shards_eos_id(data_dir: str | Path, data: DataConfig) -> int:
     return eos
 
 
+def eval_windows(eval_batches: int, batch_size: int, available: int, per_round: int) -> int:
+    """How many held-out windows an evaluation reads (the first ones of the split): ``eval_batches`` global
+    batches, as Megatron's eval_iters counts them, so the figure is the same at any world size or micro-batch
+    size (a run resumed at another shape keeps its validation curve); fewer when the split holds fewer, cut to
+    whole rounds of one micro-batch per rank (``per_round``) so every rank runs the same forwards."""
+    return min(eval_batches * batch_size, available // per_round * per_round)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, stop: StopFlag | None = None) -> None:
         import deepspeed
@@ -124,6 +132,7 @@ class Trainer:
         # Sharded construction: shapes on `meta`, this rank's experts only, then values module by module
         # straight into this rank's ZeRO-3 partitions (ep_train.parallel.zero.materialize_partitioned).
         layout = deepspeed_layout(cfg.parallel.ep_size)
+        self.ep_group = layout.ep_group
         model = parallelize(build_model(cfg.model, cfg.moe, device="meta"), cfg, layout)
         materialize_partitioned(model, self._value_source(), self.ds_config, layout,
                                 dtype=torch.bfloat16 if use_bf16 else torch.float32, device=self.device)
@@ -181,7 +190,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 moved, removed = checkpoint.set_aside_newer(self.ckpt_root, step)
-                lines = self.metrics.resume_at(step)
+                lines = self.metrics.resume_at(step, step * self.cfg.train.batch_size * self.cfg.data.seq_len)
             except Exception as e:  # on rank 0 alone: the others must not wait for it at a collective
                 moved, removed, lines = [], [], 0
                 err = (f"could not move what lies past step {step} in {self.run_dir} out of the way "
@@ -367,7 +376,9 @@ class Trainer:
         # the next collective), which steady-state steps do not have (none in steps 4-10 of a 583M run). So the
         # collector runs just before the profiled step, on every rank, and pauses during it.
         was_enabled = gc.isenabled()
+        started = time.monotonic()
         gc.collect()
+        collected = time.monotonic()
         gc.disable()
         try:
             with profile(activities=acts, record_shapes=False) as prof:
@@ -377,6 +388,7 @@ class Trainer:
         finally:
             if was_enabled:
                 gc.enable()
+        exporting = time.monotonic()
         out = self.run_dir / "profile"
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"rank{self.rank}_step{self.step}"
@@ -386,6 +398,11 @@ class Trainer:
                                                                  max_name_column_width=60))
         if self.rank == 0:
             print(f"profiled step {self.step}: {stem}.txt and {stem}.json", flush=True)
+        # the collection before the step and the export after it (seconds: a trace of every op) are not training:
+        # left out of tokens/s like evaluation and saves (the step itself still runs under the profiler)
+        untimed = torch.tensor([(collected - started) + (time.monotonic() - exporting)], dtype=torch.float64)
+        # the slowest rank's: the others wait for it at the next step's first collective
+        res["untimed_s"] = self._all_reduce(untimed, dist.ReduceOp.MAX).item()
         return res
 
     def _gather_metrics(self, res: dict[str, Any]) -> tuple[dict[str, float], dict[int, list[int]], dict[int, dict]]:
@@ -398,8 +415,28 @@ class Trainer:
             dropped, assigned, entropy = row[e:].tolist()
             micro_batches = self.world * self.batches.grad_accum_steps  # entropy is a per-micro-batch mean
             stats[i] = {"dropped_frac": dropped / max(assigned, 1), "entropy": entropy / micro_batches}
+        for i, ratio in self._ep_rank_imbalance(res["layers"]).items():
+            stats[i]["ep_rank_max_over_mean"] = ratio
         vals = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), sums.tolist()))
         return vals, counts, stats
+
+    def _ep_rank_imbalance(self, layers: dict[int, torch.Tensor]) -> dict[int, float]:
+        """Per MoE layer: within each EP group, the rows of the rank whose experts got the most this step over
+        the group's mean rank (what that group's all-to-alls wait for), averaged over the EP groups. From the
+        world's summed counts instead, two groups unbalanced in opposite directions read as balanced.
+        Collective (two small all-reduces)."""
+        ep, e = self.cfg.parallel.ep_size, self.model.moe_cfg.num_experts
+        order = sorted(layers)
+        if ep == 1 or not order:
+            return {}
+        # this rank's tokens' rows per expert [L, E], summed over its micro-batches, then over its EP group
+        rows = torch.stack([layers[i][:e] for i in order]).to(self.device, torch.float64)
+        dist.all_reduce(rows, group=self.ep_group)  # communication: the group's rows per expert
+        per_rank = rows.view(len(order), ep, e // ep).sum(2)  # [L, ep] rows each EP rank's experts received
+        mean = per_rank.mean(1)
+        ratio = torch.where(mean > 0, per_rank.max(1).values / mean.clamp_min(1e-12), torch.zeros_like(mean))
+        ratio = self._all_reduce(ratio).cpu() / self.world  # each group counted by its ep ranks: the groups' mean
+        return dict(zip(order, ratio.tolist()))
 
     def _rss_peaks_mb(self) -> list[float]:
         """Peak resident memory of every rank so far (MiB, index = rank): host RAM is where offloaded states live."""
@@ -434,15 +471,16 @@ class Trainer:
         if val is None:
             return None
         t = self.cfg.train
-        n = min(t.micro_batch_size * t.eval_batches * self.world,
-                (val.num_windows // (t.micro_batch_size * self.world)) * t.micro_batch_size * self.world)
-        loader = DistributedBatches(val, n, t.micro_batch_size, self.rank, self.world, seed=0, shuffle=False)
+        per_round = t.micro_batch_size * self.world
+        n = eval_windows(t.eval_batches, t.batch_size, val.num_windows, per_round)
+        # one micro-batch per rank at a time (the first n windows in all): never the whole evaluation in memory
+        loader = DistributedBatches(val, per_round, t.micro_batch_size, self.rank, self.world, seed=0, shuffle=False)
         self.engine.eval()
         # [summed token losses, counted targets]: the mean over every counted target of the held-out windows,
         # so a micro-batch with fewer counted targets (EOS masking) weighs less and one with none not at all
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
-            for x, y in loader.next():
+            for x, y in (mb for _ in range(n // per_round) for mb in loader.next()):
                 counted = int((self._loss_targets(x, y) != -100).sum())
                 total += torch.tensor([self._forward(x, y).lm_loss.item() * counted, counted], dtype=torch.float64)
         loss, counted = self._all_reduce(total).cpu().tolist()
@@ -482,6 +520,15 @@ class Trainer:
                       f"{self.cfg.data.seq_len}): {', '.join(unevaluated)}; no val_loss for "
                       f"{'the run' if every else 'them'}. Build the data with --val-fraction > 0 (data_prep_tool) "
                       "or set train.eval_interval 0", flush=True)
+            if t.eval_interval > 0:
+                per_round = t.micro_batch_size * self.world
+                sizes = {src.label: eval_windows(t.eval_batches, t.batch_size, val.num_windows, per_round)
+                         for src in self.sources if (val := self._val_windows(src.path)) is not None}
+                if sizes:
+                    print(f"evaluation every {t.eval_interval} steps: the first "
+                          + ", ".join(f"{n:,} windows of {label!r}" for label, n in sizes.items())
+                          + f" (train.eval_batches {t.eval_batches} x batch_size {t.batch_size}, or what the split "
+                          "holds)", flush=True)
             if len(self.sources) > 1:  # what the weights mean for this run, before it starts
                 planned = self.blend.samples_per_source(t.max_steps * t.batch_size)
                 shares = [share for _, share in mixture_key(self.sources)]
@@ -495,6 +542,7 @@ class Trainer:
         while self.step < t.max_steps:
             before = self.batches.consumed_samples
             res = self.profiled_step() if self.step + 1 == t.profile_step else self.train_step()
+            t_log += res.get("untimed_s", 0.0)
             self._log_data_position(before)
             if self.consecutive_skips >= t.max_consecutive_skips:
                 path = self.save()  # weights are those of the last good step: skipped steps change nothing

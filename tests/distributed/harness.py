@@ -19,7 +19,7 @@ def read_losses(run_dir) -> dict[int, float]:
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
+            out[rec["step"]] = float("nan") if rec["loss"] is None else rec["loss"]  # null: a non-finite step
     return out
 
 

@@ -86,3 +86,43 @@ def test_expert_parallel_generation_refuses_an_uneven_split(sharp_hf) -> None:
     msgs = run_distributed(_refused, 3, sharp_hf, timeout=240)
     for m in msgs:  # every rank gets the error (none is left waiting for the others)
         assert "over 3 processes" in m and "its 4 experts per MoE layer" in m and "divides moe.num_experts (4)" in m, m
+
+
+def _outcome(rank: int, world: int, folder: Path, prompts_differ: bool) -> str:
+    try:
+        model = load(folder, ep_group=dist.group.WORLD).model
+        p = _prompts()
+        generate_tokens(model, p[rank:] if prompts_differ else p, 2, group=dist.group.WORLD)
+    except ValueError as e:
+        return str(e)
+    return "generated"
+
+
+def test_a_failure_on_one_rank_stops_every_rank(sharp_hf, tmp_path) -> None:
+    """Rank 1 alone reads experts 2 and 3; when expert 3's weight is not where the index says, rank 1 fails while
+    reading and rank 0 (which had loaded its share) must fail too, not wait in the first all-to-all for the
+    process group's timeout. Different prompts on the ranks are refused on both, before any step."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(sharp_hf, folder)
+    single = folder / "model.safetensors"
+    tensors = load_file(str(single))
+    single.unlink()
+    names = sorted(tensors)
+    moved = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    assert moved in tensors, names  # save_pretrained writes the Hub's per-expert names
+    a = {k: tensors[k] for k in names if k != moved}
+    save_file(a, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({"unused": torch.zeros(1)}, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in a}
+    weight_map[moved] = "model-00002-of-00002.safetensors"  # exists, but does not hold it
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    out = run_distributed(_outcome, 2, folder, False, timeout=240)
+    assert "experts.3.w1" in out[1] and out[0].startswith("rank 1 of the expert-parallel group: "), out
+    out = run_distributed(_outcome, 2, sharp_hf, True, timeout=240)
+    assert all("asked for different generations" in o and "rank(s) [1]" in o for o in out), out

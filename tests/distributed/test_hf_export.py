@@ -29,12 +29,13 @@ def val_records(run: Path) -> list[dict]:
 
 
 def trainer_eval_loss(model: torch.nn.Module, cfg, data: Path) -> float:
-    """Trainer.evaluate's number from ``model``: the same held-out windows (the first eval_batches micro-batches
-    of every rank), the mean over every counted target, written out by the single-process reference."""
+    """Trainer.evaluate's number from ``model``: the same held-out windows (the first eval_batches global batches,
+    cut to whole rounds of a micro-batch per rank), the mean over every counted target, written out by the
+    single-process reference."""
     t = cfg.train
     val = TokenWindows(data, "val", cfg.data.seq_len)
-    n = min(t.micro_batch_size * t.eval_batches * WORLD,
-            (val.num_windows // (t.micro_batch_size * WORLD)) * t.micro_batch_size * WORLD)
+    per_round = t.micro_batch_size * WORLD
+    n = min(t.batch_size * t.eval_batches, val.num_windows // per_round * per_round)
     return val_loss(model, val, n, None, cfg)
 
 

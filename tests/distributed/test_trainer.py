@@ -118,6 +118,17 @@ def test_zero3_offload_ep_matches_single_process(tmp_path, built, reference, npr
                 assert local == math.ceil(logical / nproc), name
     assert "expert cv" in out and "saved checkpoint" in out
     assert ("gathered a block at a time: 2 blocks" in out) == (ckpt != "full-module-gather")  # parallel.zero3_gather
+    # The busiest EP rank's rows over the mean rank's, per layer: measured within each EP group. With one group
+    # (2 processes) it is the figure from the world's counts; with two (4 processes) at least that (groups
+    # unbalanced in opposite directions cancel in the world's sum, not in the per-group mean).
+    recs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "expert_counts" in r]
+    assert recs
+    for r in recs:
+        for layer, counts in r["expert_counts"].items():
+            first, second = sum(counts[:len(counts) // 2]), sum(counts[len(counts) // 2:])
+            whole = max(first, second) / ((first + second) / 2)
+            got = r["moe"][layer]["ep_rank_max_over_mean"]
+            assert (abs(got - whole) < 1e-9) if nproc == 2 else (got >= whole - 1e-9), (r["step"], layer, got, whole)
 
 
 VARIANT = ["--expert_bias_update_rate", "0.01", "--cv_loss_weight", "0.05", "--router_entropy_loss_weight", "0.02",

@@ -217,7 +217,7 @@ def test_without_per_expert_stats_the_collapse_watch_and_layer_scalars_stay(tmp_
 
     from ep_train.train.metrics import CollapseWatch, MetricsLogger
 
-    rec = {"step": 1, "tokens": 900, "loss": 5.0, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": None,
+    rec = {"step": 1, "tokens": 900, "loss": 5.0, "lm_loss": 4.9, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": None,
            "tokens_per_sec": 100.0}
     log = MetricsLogger(tmp_path / "run", True, 10, collapse=CollapseWatch(threshold=0.1, intervals=1))
     log.log(rec, {1: [500, 490, 5, 5]}, {1: {"entropy": 0.7, "dropped_frac": 0.25}}, per_expert=False)
@@ -262,7 +262,7 @@ def test_expert_load_logs_the_busiest_ep_rank(tmp_path, capsys) -> None:
     assert expert_summary(np.asarray(counts, dtype=float), 2)["ep_rank_max_over_mean"] == 500 / 450
     assert expert_summary(np.asarray(counts, dtype=float), 4)["ep_rank_max_over_mean"] == 400 / 225
     assert expert_summary(np.asarray(counts, dtype=float))["ep_rank_max_over_mean"] == 1.0  # one rank holds all
-    rec = {"step": 1, "tokens": 900, "loss": 5.0, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": 1.0,
+    rec = {"step": 1, "tokens": 900, "loss": 5.0, "lm_loss": 4.9, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": 1.0,
            "tokens_per_sec": 100.0}
     stats = {1: {"entropy": 1.5, "dropped_frac": 0.0}, 3: {"entropy": 1.5, "dropped_frac": 0.0}}
     log = MetricsLogger(tmp_path / "ep2", True, 10, ep_size=2)
@@ -396,7 +396,7 @@ def test_metrics_past_the_resumed_step_move_aside(tmp_path) -> None:
     lines = [json.dumps({"step": s, "loss": 10.0 - s}) for s in range(1, 8)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 8, "lo')
     m = MetricsLogger(tmp_path, True, 10)
-    assert m.resume_at(4) == 4
+    assert m.resume_at(4, 400) == 4
     m.log_memory(4, "setup", [1.0, 2.0])  # the resumed run's own records follow
     m.close()
     kept = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -404,8 +404,79 @@ def test_metrics_past_the_resumed_step_move_aside(tmp_path) -> None:
     gone = (tmp_path / "metrics.abandoned.jsonl").read_text().splitlines()
     assert gone == lines[4:] + ['{"step": 8, "lo']
     again = MetricsLogger(tmp_path, True, 10)
-    assert again.resume_at(4) == 0  # nothing past it: the file stays as it is
+    assert again.resume_at(4, 400) == 0  # nothing past it: the file stays as it is
     again.close()
+
+
+def test_tensorboard_drops_the_abandoned_history_on_resume(tmp_path) -> None:
+    """A run logged steps 1-6 (600 tokens each), crashed, and resumes at its step-3 checkpoint: TensorBoard's
+    reader must show steps 4-6 once, from the resumed run (it showed both histories, 1-6 then 4-6 again), on
+    the step axis and on the tokens axis alike, as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ep_train.train.metrics import MetricsLogger
+
+    def rec(step: int, loss: float) -> dict:
+        return {"step": step, "tokens": 600 * step, "loss": loss, "lm_loss": loss, "aux_loss": 0.0, "z_loss": 0.0,
+                "lr": 1e-3, "grad_norm": 1.0, "tokens_per_sec": 1.0}
+
+    first = MetricsLogger(tmp_path, True, 6)
+    for step in range(1, 7):
+        first.log(rec(step, 10.0 + step), {}, {})
+    first.close()  # the crash
+    again = MetricsLogger(tmp_path, True, 6)
+    again.resume_at(3, 1800)
+    for step in range(4, 7):
+        again.log(rec(step, 20.0 + step), {}, {})
+    again.close()
+    by_step = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/loss")
+    assert [(e.step, e.value) for e in by_step] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
+    by_tokens = EventAccumulator(str(tmp_path / "tensorboard" / "by_tokens")).Reload().Scalars("train_by_tokens/loss")
+    assert [(e.step, e.value) for e in by_tokens] == [(600 * s, v) for s, v in
+                                                       ((1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0))]
+
+
+def test_a_run_begun_with_one_tensorboard_folder_keeps_its_tokens_curve_there(tmp_path) -> None:
+    """A run that logged before the by-tokens series had their own folder (both in RUN/tensorboard) keeps
+    writing them there after a resume, unpurged: a purge by step would drop its whole tokens curve (its
+    x-axis is tokens), and a new folder would split it in two."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ep_train.train.metrics import MetricsLogger
+
+    old = SummaryWriter(str(tmp_path / "tensorboard"))  # the earlier layout: one folder
+    for step in (1, 2):
+        old.add_scalar("train/loss", 10.0 + step, step)
+        old.add_scalar("train_by_tokens/loss", 10.0 + step, 600 * step)
+    old.close()
+    log = MetricsLogger(tmp_path, True, 6)
+    log.resume_at(2, 1200)
+    log.log({"step": 3, "tokens": 1800, "loss": 13.0, "lm_loss": 13.0, "aux_loss": 0.0, "z_loss": 0.0, "lr": 1e-3,
+             "grad_norm": 1.0, "tokens_per_sec": 1.0}, {}, {})
+    log.close()
+    assert not (tmp_path / "tensorboard" / "by_tokens").exists()
+    acc = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [e.step for e in acc.Scalars("train_by_tokens/loss")] == [600, 1200, 1800]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_metrics_jsonl_stays_json_when_a_step_is_not_finite(tmp_path, capsys) -> None:
+    """A skipped step's loss and grad norm are NaN / inf: metrics.jsonl wrote NaN and Infinity, which JSON does not
+    have (jq, JSON.parse and Go refuse the file); they are null now, with nonfinite saying why."""
+    from ep_train.train.metrics import MetricsLogger
+
+    log = MetricsLogger(tmp_path, True, 10)
+    log.log({"step": 3, "tokens": 30, "loss": float("nan"), "lm_loss": float("nan"), "aux_loss": 0.5, "z_loss": 0.1,
+             "lr": 1e-3, "grad_norm": float("inf"), "tokens_per_sec": 1.0, "nonfinite": True},
+            {1: [3, 1]}, {1: {"entropy": float("nan"), "dropped_frac": 0.0}})
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[-1]
+    assert "NaN" not in line and "Infinity" not in line, line
+    got = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert got["loss"] is None and got["grad_norm"] is None and got["nonfinite"] is True
+    assert got["aux_loss"] == 0.5 and got["moe"]["1"] == {"entropy": None, "dropped_frac": 0.0}
+    assert "| loss nan | lm nan |" in capsys.readouterr().out  # the console still shows what happened
 
 
 def test_a_truncated_file_is_named_as_unreadable_not_as_foreign(tmp_path) -> None:
