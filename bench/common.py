@@ -116,10 +116,10 @@ def peer_args() -> tuple[object, list[str]]:
     return ap.parse_known_args()
 
 
-def loss_of(rec: dict) -> float:
-    """A metrics.jsonl record's loss: null (a step whose loss was not finite; the record's nonfinite says so)
+def loss_of(rec: dict, key: str = "loss") -> float:
+    """A metrics.jsonl record's loss (or ``key``): null (a value that was not finite; metrics.jsonl has no NaN)
     read as NaN, so the figures and checks that follow see a non-finite number, as the run did."""
-    return float("nan") if rec["loss"] is None else float(rec["loss"])
+    return float("nan") if rec[key] is None else float(rec[key])
 
 
 def busiest_rank_load(counts: dict[str, list[int]], ep_size: int) -> float:

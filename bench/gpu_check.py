@@ -50,6 +50,7 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import loss_of  # noqa: E402
 from bench.targets import TARGETS, beside  # noqa: E402  (the one table of targets)
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s. First match on the
@@ -138,7 +139,7 @@ def read_losses(metrics_jsonl: Path) -> list[float]:
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "loss" in r]
     rows.sort(key=lambda r: r["step"])
-    return [float("nan") if r["loss"] is None else float(r["loss"]) for r in rows]  # null: a non-finite step
+    return [loss_of(r) for r in rows]
 
 
 def median_ms(samples: list[float]) -> tuple[float, float, float]:

@@ -45,12 +45,14 @@ def shapes(experts: int, top_k: int, small: bool) -> dict[str, list[str]]:
 
 
 def run(name: str, extra: list[str], data: Path, tok: Path, out: Path, steps: int) -> dict:
+    # --eval_batches 4: 4 global batches of 16 = the 64 validation windows the committed table was measured on
+    # (before 2026-11-29 eval_batches counted micro-batches per rank, and this passed 8: 8 x 4 x 2 processes)
     run_dir = out / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "ep_train.train", "--config",
            str(ROOT / "configs/demo.yaml"), "--run-dir", str(run_dir), "--data_dir", str(data), "--tokenizer",
            str(tok), "--max_steps", str(steps), "--warmup_steps", str(max(1, min(20, steps // 10))),
-           "--log_interval", "1", "--eval_interval", str(max(1, steps // 10)), "--eval_batches", "8",
+           "--log_interval", "1", "--eval_interval", str(max(1, steps // 10)), "--eval_batches", "4",
            "--save_interval", "0", *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     if p.returncode:
@@ -63,7 +65,8 @@ def run(name: str, extra: list[str], data: Path, tok: Path, out: Path, steps: in
     from ep_train.sizes import model_size
 
     size = model_size(config_from_dict(json.loads((run_dir / "config.json").read_text())))
-    return {"train": [(r["tokens"], loss_of(r)) for r in train], "val": [(r["tokens"], r["val_loss"]) for r in val],
+    return {"train": [(r["tokens"], loss_of(r)) for r in train],
+            "val": [(r["tokens"], loss_of(r, "val_loss")) for r in val],
             "tok_s": statistics.median(r["tokens_per_sec"] for r in train[min(3, len(train) - 1):]),
             "total": size.total, "active": size.active}
 

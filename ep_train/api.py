@@ -132,19 +132,22 @@ def resolve(path: str | Path) -> tuple[Config, ValueSource, Path, list[Path]]:
 
 
 def _on_every_rank(group: dist.ProcessGroup, fn: Callable[[], T]) -> T:
-    """``fn()`` on every rank of ``group``; if it raised on any rank, every rank raises a ``ValueError`` (its
-    own failure's message, else the first failed rank's), instead of going on into a collective the failed
-    rank never reaches (and waiting there for the process group's timeout). Collective: one all_gather of the
-    error texts."""
+    """``fn()`` on every rank of ``group``; if it raised on any rank, every rank raises: the failed rank its own
+    exception (traceback and all), the others a ``ValueError`` naming the first failed rank and its error,
+    instead of going on into a collective the failed rank never reaches (and waiting there for the process
+    group's timeout). Collective: one all_gather of the error texts."""
+    failure: BaseException | None = None
     try:
-        out, err = fn(), ""
+        out = fn()
     except Exception as e:  # whatever it is (a converter's RuntimeError, a damaged file) must reach every rank
-        out, err = None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        out, failure = None, e
+    mine = None if failure is None else (str(failure) or type(failure).__name__) if isinstance(failure, ValueError) \
+        else f"{type(failure).__name__}: {failure}"
     errors: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, err, group=group)  # communication
-    if err:  # this rank's own failure first
-        raise ValueError(err)
-    failed = [(r, e) for r, e in enumerate(errors) if e]
+    dist.all_gather_object(errors, mine, group=group)  # communication
+    if failure is not None:
+        raise failure
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
         raise ValueError(f"rank {failed[0][0]} of the expert-parallel group: {failed[0][1]}")
     return out  # type: ignore[return-value]

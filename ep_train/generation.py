@@ -367,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
     from ep_train.api import load
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # torchrun's workers (TORCHELASTIC_RUN_ID): a WORLD_SIZE alone may be a training job's environment (a
+    # Kubeflow pod, a job script) in which a plain `ep-train generate` must still run as one process
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "TORCHELASTIC_RUN_ID" in os.environ else 1
     joined = world > 1 and not dist.is_initialized()
     device, group = (args.device, None) if world == 1 else _join_launch(args.device)
     try:

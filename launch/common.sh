@@ -101,9 +101,13 @@ trainer_args() {
 check_config() {
   local py="$1" world="$2"; shift 2
   local args=(-m ep_train.cli check)
-  "$py" -c 'import ep_train' 2>/dev/null || die "the Python '$py' cannot import ep_train: run tools/setup_env.sh \
-in the ep-train folder (it makes .venv, which the launch scripts use), or set EP_TRAIN_PYTHON to a Python that has \
-ep-train installed (on a cluster: one the compute nodes can run)"
+  local missing  # what the trainer needs, looked up without importing (ep_train itself is found in the repo folder)
+  missing="$("$py" -c 'import importlib.util as u
+print(" ".join(n for n in ("ep_train", "yaml", "torch", "deepspeed") if u.find_spec(n) is None))' 2>/dev/null)" \
+    || missing="(the Python does not run)"
+  [ -z "$missing" ] || die "the Python '$py' lacks $missing: run tools/setup_env.sh in the ep-train folder (it \
+makes .venv, which the launch scripts use), or set EP_TRAIN_PYTHON to a Python that has ep-train installed (on a \
+cluster: one the compute nodes can run)"
   [ -z "$world" ] || args+=(--world-size "$world")
   "$py" "${args[@]}" "$@" >/dev/null || exit 2
 }

@@ -25,7 +25,7 @@ sys.exit(any(u.find_spec(m) is None for m in ("ep_train", "torch", "deepspeed"))
 # Re-install when the package's metadata or this script (its pins) changed since the last install, or when
 # what it installed is gone.
 if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt tools/setup_env.sh ] \
-    && .venv/bin/python -c "$installed" 2>/dev/null; then
+    && .venv/bin/python -I -c "$installed" 2>/dev/null; then  # -I: not the ep_train sources in this folder
   exit 0
 fi
 echo "[setup] installing torch==2.13.0, then ep-train[test] into .venv"
@@ -35,6 +35,7 @@ echo "[setup] installing torch==2.13.0, then ep-train[test] into .venv"
 # DeepSpeed JIT-builds CPU Adam on first use; ep_train keeps such builds in .venv/torch_extensions (one
 # folder per environment, see ep_train/__init__.py). Build it now, once, so the first training run
 # and the first test that trains do not spend the minute (on 2 cores) inside their time limits.
+# The stamp is written only once CPU Adam is built: a setup run again (after installing a compiler) tries again.
 cxx="${CXX:-c++}"
 if ! command -v "$cxx" >/dev/null 2>&1; then
   echo "[setup] WARNING: no C++ compiler ('$cxx' not found): DeepSpeed cannot build CPU Adam, which optimizer" \
@@ -43,8 +44,12 @@ if ! command -v "$cxx" >/dev/null 2>&1; then
 else
   echo "[setup] building DeepSpeed's CPU Adam into .venv/torch_extensions (once, about a minute)"
   log=.venv/cpu_adam_build.log
-  .venv/bin/python -c "import ep_train; from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()" \
-    >"$log" 2>&1 || { echo "[setup] note: CPU Adam did not build now (the first training run tries again); the" \
-    "build's last lines ($log):" >&2; tail -n 15 "$log" >&2; }
+  build='import ep_train; from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'
+  if .venv/bin/python -c "$build" >"$log" 2>&1; then
+    touch "$stamp"
+  else
+    echo "[setup] note: CPU Adam did not build now (the first training run tries again; so does tools/setup_env.sh);" \
+      "the build's last lines ($log):" >&2
+    tail -n 15 "$log" >&2
+  fi
 fi
-touch "$stamp"

@@ -217,7 +217,8 @@ def test_without_per_expert_stats_the_collapse_watch_and_layer_scalars_stay(tmp_
 
     from ep_train.train.metrics import CollapseWatch, MetricsLogger
 
-    rec = {"step": 1, "tokens": 900, "loss": 5.0, "lm_loss": 4.9, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": None,
+    rec = {"step": 1, "tokens": 900, "loss": 5.0, "lm_loss": 4.9, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3,
+           "grad_norm": None,
            "tokens_per_sec": 100.0}
     log = MetricsLogger(tmp_path / "run", True, 10, collapse=CollapseWatch(threshold=0.1, intervals=1))
     log.log(rec, {1: [500, 490, 5, 5]}, {1: {"entropy": 0.7, "dropped_frac": 0.25}}, per_expert=False)
@@ -262,7 +263,8 @@ def test_expert_load_logs_the_busiest_ep_rank(tmp_path, capsys) -> None:
     assert expert_summary(np.asarray(counts, dtype=float), 2)["ep_rank_max_over_mean"] == 500 / 450
     assert expert_summary(np.asarray(counts, dtype=float), 4)["ep_rank_max_over_mean"] == 400 / 225
     assert expert_summary(np.asarray(counts, dtype=float))["ep_rank_max_over_mean"] == 1.0  # one rank holds all
-    rec = {"step": 1, "tokens": 900, "loss": 5.0, "lm_loss": 4.9, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3, "grad_norm": 1.0,
+    rec = {"step": 1, "tokens": 900, "loss": 5.0, "lm_loss": 4.9, "aux_loss": 1.0, "z_loss": 0.1, "lr": 1e-3,
+           "grad_norm": 1.0,
            "tokens_per_sec": 100.0}
     stats = {1: {"entropy": 1.5, "dropped_frac": 0.0}, 3: {"entropy": 1.5, "dropped_frac": 0.0}}
     log = MetricsLogger(tmp_path / "ep2", True, 10, ep_size=2)
@@ -432,8 +434,8 @@ def test_tensorboard_drops_the_abandoned_history_on_resume(tmp_path) -> None:
     by_step = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/loss")
     assert [(e.step, e.value) for e in by_step] == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
     by_tokens = EventAccumulator(str(tmp_path / "tensorboard" / "by_tokens")).Reload().Scalars("train_by_tokens/loss")
-    assert [(e.step, e.value) for e in by_tokens] == [(600 * s, v) for s, v in
-                                                       ((1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0))]
+    want = [(1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
+    assert [(e.step, e.value) for e in by_tokens] == [(600 * s, v) for s, v in want]
 
 
 def test_a_run_begun_with_one_tensorboard_folder_keeps_its_tokens_curve_there(tmp_path) -> None:
