@@ -31,6 +31,18 @@ STEPS = 10
 COMMON = ["--seq_len", "32", "--max_steps", str(STEPS), "--warmup_steps", "4", "--ep_size", "1",
           "--mixed_precision", "fp32"]
 AIO_MISSING = aio_unavailable_reason()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aio_op_built() -> None:
+    """DeepSpeed JIT-compiles its async_io op on first use: over 5 minutes on a 2-core AMD EPYC. Built here once,
+    in this process, before any test's timed distributed run: a build that a run's timeout kills leaves torch's
+    build lock behind, and every later run then waits on that lock for ever (seen in CI: one timeout, then every
+    NVMe test hung to its own)."""
+    if AIO_MISSING is None:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        AsyncIOBuilder().load(verbose=False)  # into ep-train's torch_extensions folder (ep_train/__init__.py)
 # DeepSpeed swaps only partitions of at least 1 MiB (swap_tensor.utils.MIN_AIO_BYTES) to NVMe and keeps
 # smaller ones in CPU RAM, so the tiny model alone would never touch the disk: widen it until the embedding,
 # the LM head and the experts (>= 262,144 fp32 elements per rank) are swapped; attention and norms stay in RAM.
